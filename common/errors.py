@@ -1,0 +1,36 @@
+"""The error hierarchy. Every message names what was wrong, the value found, and what is allowed."""
+
+from __future__ import annotations
+
+
+class FedtuneError(Exception):
+    """Base class of every error fedtune raises on purpose."""
+
+
+class ConfigError(FedtuneError):
+    """A configuration value (file, flag, run_config or node_config) is invalid.
+
+    Carries every problem found, so a user fixes them all in one go.
+    """
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class DataError(FedtuneError):
+    """Local data cannot be used: missing file or column, bad row, unknown label."""
+
+
+class UpdateError(FedtuneError):
+    """A site update (or a message on the wire) breaks the protocol: keys, shapes, dtypes, values."""
+
+
+class PrivacyBudgetError(FedtuneError):
+    """Training would spend more privacy than the site's budget allows; raised before any training."""
+
+    def __init__(self, message: str, *, budget: float, spent: float, requested: float) -> None:
+        self.budget = budget
+        self.spent = spent
+        self.requested = requested
+        super().__init__(message)

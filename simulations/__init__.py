@@ -1,0 +1,1 @@
+"""Researcher entry points: N simulated sites on one machine through Flower's simulation engine."""
