@@ -1,0 +1,118 @@
+"""One round at a site: find its data, check and charge the privacy budget, train, report.
+
+Order matters for privacy: the budget check and the ledger charge happen before any training,
+so a refused round trains nothing and a crash mid-round still counts as spent.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Context
+from torch.utils.data import TensorDataset
+
+from fedtune.common.accounting import Segment
+from fedtune.common.config import RunConfig
+from fedtune.common.data import TextTable, check_labels, fingerprint, load_table
+from fedtune.common.errors import ConfigError
+from fedtune.common.sitedata import SiteExamples, load_config_table, simulated_split, site_examples
+
+from .ledger import PrivacyLedger
+from .site import SiteSettings, resolve_site
+from .train import DPSettings, StepPlan, train_local
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedSite:
+    settings: SiteSettings
+    examples: SiteExamples
+    dataset_id: str  # fingerprint of the site's training examples: the ledger key
+
+
+def prepare_site(run: RunConfig, context: Context, *, run_dir: str, labels: list[str]) -> PreparedSite:
+    settings = resolve_site(dict(context.node_config), run, run_dir=run_dir)
+    if settings.simulated:
+        table = load_config_table(settings.data)
+        split = simulated_split(table, settings.data, num_sites=settings.num_partitions or run.federation.sites, seed=run.seed)
+        if settings.partition is None or settings.partition >= len(split.sites):
+            raise ConfigError(f"partition-id {settings.partition} is outside the {len(split.sites)} simulated sites.")
+        indices = split.sites[settings.partition]
+    else:
+        table = load_table(settings.data.path, text_column=settings.data.text_column, label_column=settings.data.label_column)
+        check_labels(table, labels)
+        indices = list(range(len(table.labels)))
+    examples = site_examples(table, indices, val_fraction=run.data.val_fraction, seed=run.seed + (settings.partition or 0))
+    # The ledger is keyed by the data actually trained on, so the same records keep their
+    # spending whichever path, run or restart they come through.
+    train_table = TextTable(texts=examples.train_texts, labels=examples.train_labels, source=table.source)
+    return PreparedSite(settings=settings, examples=examples, dataset_id=fingerprint(train_table))
+
+
+def train_round(
+    model: torch.nn.Module,
+    dataset: TensorDataset,
+    *,
+    site: PreparedSite,
+    run: RunConfig,
+    run_id: str,
+    server_round: int,
+    num_rounds: int,
+    seed: int,
+) -> dict[str, float | int]:
+    """Train one round; returns the scalar metrics the site reports."""
+    n = len(dataset)
+    plan = StepPlan.for_dataset(n, run.train)
+    privacy = run.privacy
+    settings = site.settings
+    dp: DPSettings | None = None
+    epsilon_spent = 0.0
+    if privacy.enabled:
+        ledger = PrivacyLedger(settings.state_dir)
+        if privacy.noise_multiplier > 0:
+            z = privacy.noise_multiplier
+        else:
+            z = ledger.plan_noise(
+                site.dataset_id,
+                run=run_id,
+                sample_rate=plan.sample_rate,
+                steps_per_round=plan.steps,
+                rounds=num_rounds,
+                target_epsilon=privacy.target_epsilon,
+                budget_epsilon=settings.budget_epsilon,
+                delta=settings.delta,
+                accountant=privacy.accountant,
+            ).noise_multiplier
+        epsilon_spent = ledger.charge(
+            site.dataset_id,
+            run=run_id,
+            round=server_round,
+            segment=Segment(sample_rate=plan.sample_rate, noise_multiplier=z, steps=plan.steps),
+            clip_norm=privacy.clip_norm,
+            delta=settings.delta,
+            budget_epsilon=settings.budget_epsilon,
+            accountant=privacy.accountant,
+        )
+        dp = DPSettings(noise_multiplier=z, clip_norm=privacy.clip_norm)
+    result = train_local(model, dataset, train=run.train, plan=plan, dp=dp, seed=seed)
+    logger.info(
+        "%s round %d: %d steps at q=%.3f, loss %.4f, epsilon %.3f/%g",
+        settings.name, server_round, plan.steps, plan.sample_rate, result.loss, epsilon_spent, settings.budget_epsilon,
+    )
+    return {
+        "num-examples": n,
+        "train-loss": result.loss,
+        "dp": int(privacy.enabled),
+        "epsilon": epsilon_spent,
+        "budget-epsilon": settings.budget_epsilon if privacy.enabled else 0.0,
+        "delta": settings.delta if privacy.enabled else 0.0,
+        "noise-multiplier": dp.noise_multiplier if dp else 0.0,
+        "clip-norm": dp.clip_norm if dp else 0.0,
+        "sample-rate": plan.sample_rate,
+        "steps": plan.steps,
+        "clipped-fraction": result.clipped_fraction,
+        "train-seconds": result.seconds,
+    }

@@ -1,0 +1,89 @@
+"""Who this site is, where its data and ledger live, and what it may spend.
+
+A deployed site takes all of this from its own ``node_config`` (written by ``fedtune site``):
+nothing the coordinator sends can point it at other files or raise its budget. A simulated site
+(Flower sets ``partition-id``) takes its partition of the run's table and keeps its ledger inside
+the run directory, so a new simulation starts fresh while a resumed one continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedtune.common.config import DataConfig, RunConfig
+from fedtune.common.errors import ConfigError
+
+# node_config keys a deployed site must set.
+NODE_KEYS = ("site-name", "data-path", "state-dir", "budget-epsilon")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteSettings:
+    """A site's own settings.
+
+    Attributes:
+        name: The site's name in logs and summaries.
+        data: Its data file and columns (simulated sites: the run's shared table).
+        state_dir: Folder of the persistent privacy ledger.
+        budget_epsilon: Lifetime epsilon budget per dataset; a site setting only.
+        delta: delta of the site's guarantee.
+        partition: Index of the simulated site's partition, None when deployed.
+        num_partitions: Number of simulated sites.
+    """
+
+    name: str
+    data: DataConfig
+    state_dir: Path
+    budget_epsilon: float
+    delta: float
+    partition: int | None = None
+    num_partitions: int | None = None
+
+    @property
+    def simulated(self) -> bool:
+        return self.partition is not None
+
+
+def resolve_site(node_config: Mapping[str, Any], run: RunConfig, *, run_dir: str) -> SiteSettings:
+    """Build the site's settings from Flower's node_config (and, in simulation, the run config)."""
+    if "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        name = f"site-{pid}"
+        return SiteSettings(
+            name=name,
+            data=run.data,
+            state_dir=Path(run_dir) / "sites" / name,
+            budget_epsilon=run.privacy.target_epsilon,
+            delta=run.privacy.delta,
+            partition=pid,
+            num_partitions=int(node_config.get("num-partitions", run.federation.sites)),
+        )
+    missing = [k for k in NODE_KEYS if k not in node_config]
+    if missing:
+        raise ConfigError(
+            f"this site's node-config lacks {missing}; start it with `fedtune site start`, which sets {list(NODE_KEYS)}."
+        )
+    try:
+        budget = float(node_config["budget-epsilon"])
+        delta = float(node_config.get("delta", run.privacy.delta))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"node-config budget-epsilon/delta must be numbers: {err}") from None
+    if budget <= 0:
+        raise ConfigError(f"node-config budget-epsilon must be > 0, got {budget}.")
+    data = dataclasses.replace(
+        run.data,
+        path=str(node_config["data-path"]),
+        text_column=str(node_config.get("text-column", run.data.text_column)),
+        label_column=str(node_config.get("label-column", run.data.label_column)),
+        partition="iid",
+    )
+    return SiteSettings(
+        name=str(node_config["site-name"]),
+        data=data,
+        state_dir=Path(str(node_config["state-dir"])),
+        budget_epsilon=budget,
+        delta=delta,
+    )

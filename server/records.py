@@ -1,0 +1,132 @@
+"""The run directory: per-round metrics, the summary, and the report plot.
+
+```
+RUN_DIR/
+  config.toml              the resolved config
+  metrics.jsonl            one JSON line per round
+  checkpoints/round-N/     the global adapter after round N (PEFT format)
+  adapter/                 the final global adapter (PEFT format)
+  summary.json             the run's result, privacy per site
+  report.png               accuracy and epsilon per round
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtune.common.io import append_jsonl, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteRecord:
+    """What the coordinator knows of one site's privacy, from its replies (never averaged)."""
+
+    site: str
+    examples: int = 0
+    epsilon: float = 0.0
+    budget_epsilon: float = 0.0
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+    clip_norm: float = 0.0
+    sample_rate: float = 0.0
+    steps: int = 0
+    rounds: int = 0
+    epsilon_by_round: dict[int, float] = field(default_factory=dict)
+
+    def update(self, server_round: int, metrics: dict[str, Any]) -> None:
+        self.examples = int(metrics["num-examples"])
+        self.epsilon = float(metrics["epsilon"])
+        self.budget_epsilon = float(metrics["budget-epsilon"])
+        self.delta = float(metrics["delta"])
+        self.noise_multiplier = float(metrics["noise-multiplier"])
+        self.clip_norm = float(metrics["clip-norm"])
+        self.sample_rate = float(metrics["sample-rate"])
+        self.steps += int(metrics["steps"])
+        self.rounds += 1
+        self.epsilon_by_round[server_round] = self.epsilon
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "examples": self.examples,
+            "epsilon": self.epsilon,
+            "budget_epsilon": self.budget_epsilon,
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "clip_norm": self.clip_norm,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "rounds": self.rounds,
+        }
+
+
+class RunRecorder:
+    """Appends round lines and writes the summary and plot of one run directory."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.rounds: list[dict[str, Any]] = []
+        self.sites: dict[str, SiteRecord] = {}
+
+    def site(self, name: str) -> SiteRecord:
+        return self.sites.setdefault(name, SiteRecord(site=name))
+
+    def add_round(self, line: dict[str, Any]) -> None:
+        self.rounds.append(line)
+        append_jsonl(self.run_dir / "metrics.jsonl", line)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        summary["sites"] = [s.to_json() for s in sorted(self.sites.values(), key=lambda s: s.site)]
+        atomic_write_json(self.run_dir / "summary.json", summary)
+
+    def plot(self, *, dp: bool) -> Path | None:
+        """Accuracy (and, under DP, epsilon per site) per round, to ``report.png``."""
+        if not self.rounds:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(10, 4))
+        rounds = [r["round"] for r in self.rounds]
+        for key, label in (("accuracy", "site validation (weighted)"), ("test_accuracy", "held-out test")):
+            ys = [r.get(key) for r in self.rounds]
+            if any(y is not None for y in ys):
+                ax_acc.plot(rounds, ys, marker="o", label=label)
+        ax_acc.set(xlabel="round", ylabel="accuracy", title="Global adapter accuracy")
+        ax_acc.grid(alpha=0.3)
+        ax_acc.legend()
+        if dp:
+            for site in sorted(self.sites.values(), key=lambda s: s.site):
+                xs = sorted(site.epsilon_by_round)
+                ax_eps.plot(xs, [site.epsilon_by_round[x] for x in xs], marker="o", label=site.site)
+            budgets = {s.budget_epsilon for s in self.sites.values()}
+            for b in budgets:
+                ax_eps.axhline(b, color="grey", linestyle="--", linewidth=1)
+            ax_eps.set(xlabel="round", ylabel="epsilon spent (cumulative)", title="Privacy spent per site")
+            if self.sites:
+                ax_eps.legend()
+        else:
+            ax_eps.text(0.5, 0.5, "trained WITHOUT differential privacy", ha="center", va="center", fontsize=12)
+            ax_eps.set_axis_off()
+        ax_eps.grid(alpha=0.3)
+        fig.tight_layout()
+        path = self.run_dir / "report.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
