@@ -153,10 +153,11 @@ def calibrate_noise_multiplier(
     """The smallest noise multiplier z that keeps the whole history within `target_epsilon`.
 
     Finds z such that epsilon(spent + [Segment(q, z, T)]) <= target_epsilon at `delta`, and
-    epsilon at z * (1 - 1e-3) would exceed it. Epsilon falls as z grows, so a bisection whose
-    answer is the bracket's upper end never overshoots the target. A site calls this once before
-    its first round with T = rounds x local steps, so the target is reached when the planned rounds
-    end; a resumed site passes what it has already `spent` to re-plan the remaining budget.
+    epsilon at z * (1 - 1e-3) would exceed it (unless z = 1e-3 already meets the target). Epsilon
+    falls as z grows, so a bracketing search whose answer is the bracket's upper end never
+    overshoots the target. A site calls this once before its first round with T = rounds x local
+    steps, so the target is reached when the planned rounds end; a resumed site passes what it has
+    already `spent` to re-plan the remaining budget.
 
     Args:
         target_epsilon: the budget for the whole history, > 0.
@@ -186,8 +187,8 @@ def calibrate_noise_multiplier(
     if problems:
         raise ConfigError(problems)
 
-    spent = tuple(spent)
-    already = epsilon(spent, delta=delta, accountant=accountant)
+    history = tuple(spent)
+    already = epsilon(history, delta=delta, accountant=accountant)
     if already >= target_epsilon:
         raise ConfigError(
             f"`target_epsilon` is {target_epsilon!r}, but the spent segments already use epsilon="
@@ -200,7 +201,7 @@ def calibrate_noise_multiplier(
         # that is expected and says nothing about the answer, which is checked below unmuted.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the")
-            return compute(spent + (Segment(sample_rate, z, steps),), delta)
+            return compute(history + (Segment(sample_rate, z, steps),), delta)
 
     # Bracket the answer with steps of 8x from z = 1, then shrink the bracket with the Illinois
     # variant of false position on log(eps) against log(z), which is close to a straight line: a
@@ -236,8 +237,9 @@ def calibrate_noise_multiplier(
             hi, e_hi = lo, e_lo
     z = _shrink_bracket(eps_at, target_epsilon, lo, e_lo, hi, e_hi)
     # Once more without the filter, so a grid-edge warning about the answer reaches the caller.
-    compute(spent + (Segment(sample_rate, z, steps),), delta)
+    compute(history + (Segment(sample_rate, z, steps),), delta)
     return z
+
 
 def _shrink_bracket(
     eps_at: Callable[[float], float],
@@ -247,7 +249,10 @@ def _shrink_bracket(
     hi: float,
     e_hi: float,
 ) -> float:
-    """Shrinks [lo, hi] to relative width `_Z_RTOL` keeping eps(lo) > target >= eps(hi); returns hi."""
+    """Shrinks [lo, hi] to relative width `_Z_RTOL`, keeping eps(lo) > target >= eps(hi).
+
+    Returns hi, the end that meets the target.
+    """
 
     def gap(e: float) -> float:
         # log(eps / target), finite even where eps is 0 or inf, so interpolation stays defined.

@@ -108,7 +108,8 @@ def adapter_state(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
-    return OrderedDict((k, v.detach().cpu().contiguous()) for k, v in sorted(state.items()))
+    # A copy: callers keep it as a snapshot while training goes on in place.
+    return OrderedDict((k, v.detach().cpu().clone()) for k, v in sorted(state.items()))
 
 
 def load_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -144,11 +145,17 @@ def check_adapter_state(
             raise UpdateError(f"{source}: tensor {name} has NaN or Inf values")
 
 
-def save_adapter(model: torch.nn.Module, folder: Path) -> None:
+METADATA_FILE = "fedtune.json"
+
+
+def save_adapter(model: torch.nn.Module, folder: Path, *, metadata: dict | None = None) -> None:  # type: ignore[type-arg]
     """Save in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``), atomically.
 
-    Written to a sibling temporary folder and renamed, so a crash never leaves half a checkpoint.
+    ``metadata`` (labels, max length, base model) goes to ``fedtune.json`` beside them, so the
+    folder alone is enough to predict. Written to a sibling temporary folder and renamed, so a
+    crash never leaves half a checkpoint.
     """
+    import json
     import os
     import shutil
     import tempfile
@@ -157,6 +164,8 @@ def save_adapter(model: torch.nn.Module, folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
+        if metadata is not None:
+            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)

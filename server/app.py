@@ -71,9 +71,11 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
             res = evaluate(model, test_set, len(labels))
             return TestScore(accuracy=res.accuracy, macro_f1=res.macro_f1, loss=res.loss)
 
+    metadata = {"labels": labels, "max_length": run.model.max_length, "base_model": str(resolve_base_model(run.model))}
+
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         load_adapter_state(model, arrays.to_torch_state_dict())
-        save_adapter(model, checkpoint_dir(run_dir, server_round))
+        save_adapter(model, checkpoint_dir(run_dir, server_round), metadata={**metadata, "round": server_round})
 
     recorder = RunRecorder(run_dir)
     round_config = ConfigRecord(
@@ -97,7 +99,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         echo=lambda line: print(line, flush=True),
     )
     load_adapter_state(model, final.to_torch_state_dict())
-    save_adapter(model, run_dir / "adapter")
+    save_adapter(model, run_dir / "adapter", metadata={**metadata, "round": run.federation.rounds})
     last = recorder.rounds[-1] if recorder.rounds else {}
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_state(model).values())
     base_params = count_parameters(model)["total"]

@@ -68,7 +68,7 @@ def test_epsilon_matches_value_pinned_from_dp_accounting(q, z, steps, delta, exp
 
 def test_epsilon_matches_dp_accounting_live_on_random_points_and_a_mixed_history():
     # Prepare: seeded points from a region where the best order lies inside both grids (1,000
-    # such draws differed by at most 0.08%).
+    # such draws differed by at most 0.41%, where Opacus, lacking order 11, is the looser).
     dp_accounting = pytest.importorskip("dp_accounting")
     rng = np.random.default_rng(20240601)
     points = [
@@ -113,7 +113,9 @@ def test_rdp_curve_at_full_batch_is_the_gaussian_closed_form(z, steps):
     np.testing.assert_allclose(curve, steps * alphas / (2 * z**2), rtol=1e-12)
 
 
-@pytest.mark.parametrize(("z", "steps", "delta"), [(0.7, 1, 1e-5), (1.0, 50, 1e-6), (3.0, 2000, 1e-3)])
+@pytest.mark.parametrize(
+    ("z", "steps", "delta"), [(0.7, 1, 1e-5), (1.0, 50, 1e-6), (3.0, 2000, 1e-3)]
+)
 def test_epsilon_at_full_batch_is_the_conversion_of_the_closed_form_curve(z, steps, delta):
     # Prepare: Balle et al. 2020, Theorem 21, applied to T * alpha / (2 z^2), written out here.
     a = np.array(RDP_ORDERS)
@@ -282,7 +284,9 @@ def test_replanning_after_spent_segments_keeps_total_within_target_and_needs_mor
 def test_replanning_midway_through_a_calibrated_plan_returns_the_same_noise():
     # Prepare: a site planned 3,000 steps, ran 1,200, restarted.
     q, target, delta = 0.01, 3.0, 1e-6
-    planned = calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=q, steps=3000)
+    planned = calibrate_noise_multiplier(
+        target_epsilon=target, delta=delta, sample_rate=q, steps=3000
+    )
 
     # Execute
     replanned = calibrate_noise_multiplier(
@@ -341,7 +345,8 @@ def test_calibration_refuses_a_target_below_what_the_accountant_can_certify():
 )
 def test_calibration_refuses_out_of_range_knob_naming_it_and_its_value(knob, value):
     # Prepare
-    knobs = {"target_epsilon": 2.0, "delta": 1e-5, "sample_rate": 0.01, "steps": 100} | {knob: value}
+    knobs = {"target_epsilon": 2.0, "delta": 1e-5, "sample_rate": 0.01, "steps": 100}
+    knobs[knob] = value
 
     # Execute
     with pytest.raises(ConfigError) as caught:

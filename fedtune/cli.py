@@ -1,0 +1,235 @@
+"""The ``fedtune`` command line.
+
+Heavy libraries (torch, transformers, Flower) are imported inside commands, so ``--help`` is instant.
+Errors print one line naming the fix and exit non-zero; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fedtune import __version__
+from fedtune.common.errors import FedtuneError
+
+
+class _Group(click.Group):
+    """Turns fedtune's own errors into one line on stderr (traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FedtuneError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"fedtune: error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="fedtune")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Federated, differentially private LoRA fine-tuning of pre-trained transformers.
+
+    Sites train LoRA adapters on their own data with DP-SGD (Opacus); a Flower coordinator
+    averages them. Only adapter tensors and scalar metrics ever leave a site.
+
+    \b
+    Researchers:   fedtune simulate            (N sites on this machine)
+    Everyone:      fedtune evaluate / predict  (use a trained adapter)
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _offline_env() -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    """Map CLI flags onto the nested config; flags left unset do not override the config file."""
+    mapping = {
+        "data": ("data", "path"),
+        "text_column": ("data", "text_column"),
+        "label_column": ("data", "label_column"),
+        "labels": ("data", "labels"),
+        "partition": ("data", "partition"),
+        "sites": ("federation", "sites"),
+        "rounds": ("federation", "rounds"),
+        "min_sites": ("federation", "min_sites"),
+        "fraction_train": ("federation", "fraction_train"),
+        "local_epochs": ("train", "local_epochs"),
+        "batch_size": ("train", "batch_size"),
+        "learning_rate": ("train", "learning_rate"),
+        "epsilon": ("privacy", "target_epsilon"),
+        "delta": ("privacy", "delta"),
+        "clip_norm": ("privacy", "clip_norm"),
+        "lora_rank": ("lora", "rank"),
+        "base_model": ("model", "base_model"),
+        "max_length": ("model", "max_length"),
+        "seed": (None, "seed"),
+        "out": (None, "out"),
+    }
+    nested: dict[str, Any] = {}
+    for flag, value in flags.items():
+        if value is None or flag not in mapping:
+            continue
+        section, key = mapping[flag]
+        if section is None:
+            nested[key] = value
+        else:
+            nested.setdefault(section, {})[key] = value
+    if flags.get("no_dp"):
+        nested.setdefault("privacy", {})["enabled"] = False
+    return nested
+
+
+def _run_options(f: Any) -> Any:
+    """Options shared by every command that starts a federated run."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file; flags override it."),
+        click.option("--data", help="CSV, JSONL or Parquet with a text and a label column (default: packaged clinical demo; 'demo:bank_intents' for the bank demo)."),
+        click.option("--text-column", help="Text column name [text]."),
+        click.option("--label-column", help="Label column name [label]."),
+        click.option("--rounds", type=int, help="Federated rounds [5]."),
+        click.option("--local-epochs", type=float, help="Local passes over each site's data per round [1]."),
+        click.option("--batch-size", type=int, help="Expected logical batch (Poisson sampling rate q = batch/n) [64]."),
+        click.option("--learning-rate", type=float, help="AdamW learning rate [3e-3]."),
+        click.option("--epsilon", type=float, help="Target epsilon per site, reached after the planned rounds [8]."),
+        click.option("--delta", type=float, help="delta of each site's (epsilon, delta) guarantee [1e-5]."),
+        click.option("--clip-norm", type=float, help="Per-example gradient clip norm C [1.0]."),
+        click.option("--no-dp", is_flag=True, default=False, help="Train WITHOUT differential privacy (baselines only)."),
+        click.option("--lora-rank", type=int, help="LoRA rank r [8]."),
+        click.option("--base-model", type=click.Path(file_okay=False), help="Local Hugging Face model folder (default: packaged all-MiniLM-L6-v2)."),
+        click.option("--max-length", type=int, help="Tokens per example [64]."),
+        click.option("--seed", type=int, help="Seed for splits, initialisation and sampling [0]."),
+        click.option("--out", type=click.Path(file_okay=False), help="Run directory [runs/<command>-<time>]."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _resolve_config(config_file: str | None, prefix: str, **flags: Any):  # type: ignore[no-untyped-def]
+    from fedtune.common.config import RunConfig, from_dict, load_toml
+
+    base = load_toml(config_file) if config_file else RunConfig()
+    run = from_dict(_overrides(**flags), base=base)
+    if not run.out:
+        run = from_dict({"out": f"runs/{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"}, base=run)
+    return run
+
+
+@main.command()
+@_run_options
+@click.option("--sites", type=int, help="Number of simulated sites [3].")
+@click.option("--partition", help="How sites split the data: iid | dirichlet:ALPHA | column:NAME [iid].")
+@click.option("--min-sites", type=int, help="Minimum sites per round [2].")
+@click.option("--fraction-train", type=float, help="Fraction of sites sampled each round [1.0].")
+def simulate(config_file: str | None, **flags: Any) -> None:
+    """Simulate N sites on this machine through Flower's simulation engine.
+
+    With no flags: the packaged clinical triage demo, 3 sites, DP on (epsilon 8, delta 1e-5).
+    Writes the run directory: adapter/, checkpoints/round-N/, metrics.jsonl, summary.json,
+    config.toml and report.png.
+    """
+    _offline_env()
+    run = _resolve_config(config_file, "sim", **flags)
+    from fedtune.simulations.simulate import run_simulation
+
+    run_dir = run_simulation(run)
+    _print_summary(run_dir)
+
+
+def _print_summary(run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    console = Console()
+    if not summary["dp"]:
+        console.print("[bold red]This run trained WITHOUT differential privacy: no privacy guarantee.[/]")
+    test = summary.get("test") or {}
+    if test.get("accuracy") is not None:
+        console.print(f"held-out test: accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}")
+    if summary["dp"]:
+        table = Table(title="Privacy per site (sample-level DP-SGD)")
+        for col in ("site", "examples", "epsilon", "budget", "delta", "z", "C", "q", "steps"):
+            table.add_column(col, justify="right")
+        for s in summary["sites"]:
+            table.add_row(
+                s["site"], str(s["examples"]), f"{s['epsilon']:.3f}", f"{s['budget_epsilon']:g}", f"{s['delta']:g}",
+                f"{s['noise_multiplier']:.3f}", f"{s['clip_norm']:g}", f"{s['sample_rate']:.3f}", str(s["steps"]),
+            )
+        console.print(table)
+        console.print(f"max epsilon over sites: {summary['max_epsilon']:.3f}")
+    ratio = summary["bytes_up"] / max(1, summary["rounds"] * max(1, len(summary["sites"]))) / summary["full_model_bytes"]
+    console.print(
+        f"bytes up {summary['bytes_up'] / 1e6:.2f} MB, down {summary['bytes_down'] / 1e6:.2f} MB "
+        f"(per site per round {ratio:.2%} of the full model); {summary['seconds']:.0f}s"
+    )
+    console.print(f"run directory: {run_dir}")
+
+
+def _load_adapter(adapter: str, base_model: str | None):  # type: ignore[no-untyped-def]
+    from fedtune.inference import load_adapter
+
+    return load_adapter(Path(adapter), base_model=base_model)
+
+
+@main.command("evaluate")
+@click.option("--adapter", required=True, type=click.Path(file_okay=False), help="Adapter folder (a run's adapter/ or checkpoints/round-N/).")
+@click.option("--data", required=True, help="CSV, JSONL or Parquet with text and label columns.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--base-model", type=click.Path(file_okay=False), help="Base model folder (default: the one the run used).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics to this JSON file.")
+def evaluate_cmd(adapter: str, data: str, text_column: str, label_column: str, base_model: str | None, json_out: str | None) -> None:
+    """Accuracy and macro-F1 of a trained adapter on labeled data."""
+    _offline_env()
+    from fedtune.common.data import check_labels, load_table
+    from fedtune.common.tasks import encode, evaluate
+
+    loaded = _load_adapter(adapter, base_model)
+    table = load_table(data, text_column=text_column, label_column=label_column)
+    check_labels(table, loaded.labels)
+    dataset = encode(loaded.tokenizer, table.texts, table.labels, loaded.labels, max_length=loaded.max_length)
+    result = evaluate(loaded.model, dataset, len(loaded.labels))
+    out = {"examples": result.examples, "accuracy": result.accuracy, "macro_f1": result.macro_f1, "loss": result.loss}
+    click.echo(f"examples {result.examples}  accuracy {result.accuracy:.4f}  macro-F1 {result.macro_f1:.4f}  loss {result.loss:.4f}")
+    click.echo(json.dumps(out))
+    if json_out:
+        Path(json_out).write_text(json.dumps(out, indent=2) + "\n")
+
+
+@main.command()
+@click.option("--adapter", required=True, type=click.Path(file_okay=False), help="Adapter folder (a run's adapter/).")
+@click.option("--base-model", type=click.Path(file_okay=False), help="Base model folder (default: the one the run used).")
+@click.argument("texts", nargs=-1, required=True)
+def predict(adapter: str, base_model: str | None, texts: tuple[str, ...]) -> None:
+    """Label and probability for each TEXT."""
+    _offline_env()
+    from fedtune.common.tasks import encode, predict_proba
+
+    loaded = _load_adapter(adapter, base_model)
+    dataset = encode(loaded.tokenizer, list(texts), [loaded.labels[0]] * len(texts), loaded.labels, max_length=loaded.max_length)
+    probs = predict_proba(loaded.model, dataset)
+    for text, p in zip(texts, probs):
+        k = int(p.argmax())
+        click.echo(f"{loaded.labels[k]}\t{p[k]:.3f}\t{text}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
