@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from fedtune.common.config import RunConfig
+from fedtune.common.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,24 @@ def backend_config(num_sites: int) -> dict:  # type: ignore[type-arg]
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": max(1, min(cpus, num_sites)), "include_dashboard": False},
     }
+
+
+def preflight(run: RunConfig) -> None:
+    """Check the model folder, the data and the split before any process starts.
+
+    Errors then reach the user as one clear line, not as a failure inside a Ray worker.
+    """
+    from fedtune.common.data import check_labels
+    from fedtune.common.model import resolve_base_model
+    from fedtune.common.sitedata import load_config_table, run_labels, simulated_split
+
+    resolve_base_model(run.model)
+    table = load_config_table(run.data)
+    labels = run_labels(run.data, table)
+    check_labels(table, labels)
+    if len(labels) < 2:
+        raise ConfigError(f"{table.source}: found only the label(s) {labels}; classification needs at least 2.")
+    simulated_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
 
 
 def run_simulation(run: RunConfig) -> Path:
@@ -38,7 +57,10 @@ def run_simulation(run: RunConfig) -> Path:
     from fedtune.client.app import build_client_app
     from fedtune.server.app import build_server_app, resolve_run_dir
 
+    preflight(run)
     run_dir = resolve_run_dir(run, 0)
+    if (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"run directory {run_dir} already holds a run (metrics.jsonl); choose another --out.")
     flat = run.to_flat()
     flat["out"] = str(run_dir)
     with warnings.catch_warnings():

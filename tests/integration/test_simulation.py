@@ -1,0 +1,121 @@
+"""A real federated run through Flower's simulation engine (Ray), with a tiny model.
+
+Marked slow (about a minute): `make test` runs it; `make test-fast` skips it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedtune.common.config import from_dict
+from fedtune.common.model import adapter_state, build_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedtune.simulations.simulate import run_simulation
+
+    out = tmp_path_factory.mktemp("sim") / "run"
+    run = from_dict(
+        {
+            "model": {"base_model": str(tiny_model_dir), "max_length": 32},
+            "federation": {"sites": 2, "rounds": 2, "min_sites": 2},
+            "privacy": {"target_epsilon": 8.0},
+            "out": str(out),
+        }
+    )
+    return run_simulation(run)
+
+
+def test_run_directory_is_complete(run_dir: Path) -> None:
+    for name in ("adapter", "checkpoints/round-1", "checkpoints/round-2", "metrics.jsonl", "summary.json", "config.toml", "report.png"):
+        assert (run_dir / name).exists(), name
+    for folder in ("adapter", "checkpoints/round-1"):
+        assert (run_dir / folder / "adapter_config.json").is_file()
+        assert (run_dir / folder / "adapter_model.safetensors").is_file()
+
+
+def test_metrics_recorded_once_per_round(run_dir: Path) -> None:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    for line in lines:
+        assert line["sites_sampled"] == 2 and line["sites_replied"] == 2
+        assert line["accuracy"] is not None and line["test_accuracy"] is not None
+        assert line["bytes_up"] > 0 and line["seconds"] > 0
+        assert 0 < line["max_epsilon"] <= 8.0
+
+
+def test_each_site_epsilon_is_positive_and_within_target(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dp"] is True
+    assert [s["site"] for s in summary["sites"]] == ["site-0", "site-1"]
+    for site in summary["sites"]:
+        assert 0 < site["epsilon"] <= 8.0
+        assert site["epsilon"] == pytest.approx(8.0, rel=0.01), "calibrated to land on the target after the planned rounds"
+        assert site["noise_multiplier"] > 0 and site["steps"] > 0 and 0 < site["sample_rate"] <= 1
+    for key in ("rounds", "base_model", "task", "labels", "test", "bytes_up", "bytes_down", "seconds"):
+        assert key in summary
+    assert set(summary["test"]) == {"accuracy", "macro_f1"}
+
+
+def test_site_ledgers_live_in_the_run_directory_and_match_the_summary(run_dir: Path) -> None:
+    from fedtune.client.ledger import PrivacyLedger
+
+    summary = {s["site"]: s for s in json.loads((run_dir / "summary.json").read_text())["sites"]}
+    for name, site in summary.items():
+        ledger = PrivacyLedger(run_dir / "sites" / name)
+        (dataset,) = ledger.summary().keys()
+        assert len(ledger.charges(dataset)) == 2
+        assert ledger.spent_epsilon(dataset, delta=site["delta"]) == pytest.approx(site["epsilon"])
+
+
+def test_global_adapter_changed_and_loads_with_peft(run_dir: Path, tiny_model_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    run = from_dict({"model": {"base_model": str(tiny_model_dir), "max_length": 32}})
+    initial = adapter_state(build_model(run.model, run.lora, len(summary["labels"]), seed=run.seed).model)
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=len(summary["labels"]))
+    loaded = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    final = adapter_state(loaded)
+
+    assert final.keys() == initial.keys()
+    changed = [k for k in final if not torch.allclose(final[k], initial[k])]
+    assert any("lora_B" in k for k in changed) and any("classifier" in k for k in changed)
+
+
+def test_cli_evaluate_and_predict_use_the_trained_adapter(run_dir: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fedtune.cli import main
+    from fedtune.common.sitedata import demo_data_path
+
+    runner = CliRunner()
+    out_json = tmp_path / "eval.json"
+    result = runner.invoke(main, ["evaluate", "--adapter", str(run_dir / "adapter"), "--data", str(demo_data_path()), "--json", str(out_json)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out_json.read_text())
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1 and metrics["examples"] == 1500
+
+    result = runner.invoke(main, ["predict", "--adapter", str(run_dir / "adapter"), "chest pain radiating to the left arm", "sudden numbness"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in result.output.strip().splitlines()[-2:]]
+    labels = json.loads((run_dir / "summary.json").read_text())["labels"]
+    assert all(row[0] in labels and 0 < float(row[1]) <= 1 for row in rows)
+
+
+def test_existing_run_directory_is_not_overwritten(run_dir: Path, tiny_model_dir: Path) -> None:
+    from fedtune.common.errors import ConfigError
+    from fedtune.simulations.simulate import run_simulation
+
+    run = from_dict({"model": {"base_model": str(tiny_model_dir)}, "federation": {"sites": 2, "rounds": 1}, "out": str(run_dir)})
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_simulation(run)
