@@ -79,7 +79,11 @@ def train_local(
     torch.manual_seed(seed)  # dropout
     sampler_rng = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    optimizer: torch.optim.Optimizer
+    if train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=train.learning_rate, momentum=0.9, weight_decay=train.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     expected_batch = max(1, round(plan.sample_rate * len(dataset)))
     model.train()
     start = time.perf_counter()

@@ -49,6 +49,8 @@ class LoraSettings:
         dropout: Dropout on the LoRA input.
         target_modules: Names of the linear layers that get adapters.
         train_head: Train (and exchange) the task head; without it a fresh head stays random.
+        top_layers: Adapt only the top K transformer layers (0: all). Under DP fewer trained
+            parameters mean less total noise, and backpropagation stops at the lowest adapted layer.
     """
 
     rank: int = 8
@@ -56,6 +58,7 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("query", "value")
     train_head: bool = True
+    top_layers: int = 2
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -63,6 +66,7 @@ class LoraSettings:
         _check(p, self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}.")
         _check(p, 0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}.")
         _check(p, len(self.target_modules) > 0, "lora.target_modules must name at least one module, got none.")
+        _check(p, self.top_layers >= 0, f"lora.top_layers must be >= 0 (0: all layers), got {self.top_layers}.")
         return p
 
 
@@ -108,6 +112,7 @@ class DataConfig:
 
 
 ACCOUNTANTS = ("rdp",)
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,15 +156,17 @@ class TrainConfig:
         local_epochs: Passes over the local training split per round (steps = epochs / q).
         batch_size: Expected logical batch size; q = batch_size / n under Poisson sampling.
         physical_batch_size: Bound on examples in memory at once.
-        learning_rate: AdamW learning rate.
-        weight_decay: AdamW weight decay.
+        learning_rate: Step size of the optimizer.
+        weight_decay: Weight decay.
+        optimizer: 'adamw', or 'sgd' (with momentum 0.9).
     """
 
-    local_epochs: float = 1.0
-    batch_size: int = 64
+    local_epochs: float = 2.0
+    batch_size: int = 256
     physical_batch_size: int = 32
-    learning_rate: float = 3e-3
+    learning_rate: float = 5e-2
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -168,6 +175,7 @@ class TrainConfig:
         _check(p, self.physical_batch_size >= 1, f"train.physical_batch_size must be >= 1, got {self.physical_batch_size}.")
         _check(p, self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}.")
         _check(p, self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}.")
+        _check(p, self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}.")
         return p
 
 

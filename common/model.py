@@ -74,7 +74,9 @@ def build_model(
         base = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels)
     finally:
         hf_logging.set_verbosity(verbosity)
+    layers = _top_layers(base, lora.top_layers, path)
     peft_config = LoraConfig(
+        layers_to_transform=layers,
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -94,6 +96,17 @@ def build_model(
                 param.requires_grad_(True)
     exchanged = tuple(adapter_state(model).keys())
     return ModelBundle(model=model, exchanged=exchanged)
+
+
+def _top_layers(model: torch.nn.Module, top: int, path: Path) -> list[int] | None:
+    if top == 0:
+        return None
+    total = getattr(model.config, "num_hidden_layers", None)
+    if not isinstance(total, int):
+        raise ConfigError(f"lora.top_layers is set but {path} does not say how many layers it has (num_hidden_layers).")
+    if top > total:
+        raise ConfigError(f"lora.top_layers must be <= {total} (the layers of {path}), got {top}.")
+    return list(range(total - top, total))
 
 
 def _head_name(model: torch.nn.Module) -> str:

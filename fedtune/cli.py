@@ -97,24 +97,28 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 
 
 def _run_options(f: Any) -> Any:
-    """Options shared by every command that starts a federated run."""
+    """Options shared by every command that starts a federated run; [defaults] come from the config."""
+    from fedtune.common.config import RunConfig
+
+    d = RunConfig()
     options = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file; flags override it."),
         click.option("--data", help="CSV, JSONL or Parquet with a text and a label column (default: packaged clinical demo; 'demo:bank_intents' for the bank demo)."),
-        click.option("--text-column", help="Text column name [text]."),
-        click.option("--label-column", help="Label column name [label]."),
-        click.option("--rounds", type=int, help="Federated rounds [5]."),
-        click.option("--local-epochs", type=float, help="Local passes over each site's data per round [1]."),
-        click.option("--batch-size", type=int, help="Expected logical batch (Poisson sampling rate q = batch/n) [64]."),
-        click.option("--learning-rate", type=float, help="AdamW learning rate [3e-3]."),
-        click.option("--epsilon", type=float, help="Target epsilon per site, reached after the planned rounds [8]."),
-        click.option("--delta", type=float, help="delta of each site's (epsilon, delta) guarantee [1e-5]."),
-        click.option("--clip-norm", type=float, help="Per-example gradient clip norm C [1.0]."),
+        click.option("--text-column", help=f"Text column name [{d.data.text_column}]."),
+        click.option("--label-column", help=f"Label column name [{d.data.label_column}]."),
+        click.option("--labels", help="The run's label set, comma-separated [the labels found in the data]."),
+        click.option("--rounds", type=int, help=f"Federated rounds [{d.federation.rounds}]."),
+        click.option("--local-epochs", type=float, help=f"Local passes over each site's data per round [{d.train.local_epochs:g}]."),
+        click.option("--batch-size", type=int, help=f"Expected logical batch; Poisson sampling rate q = min(1, batch/n) [{d.train.batch_size}]."),
+        click.option("--learning-rate", type=float, help=f"Learning rate [{d.train.learning_rate:g}]."),
+        click.option("--epsilon", type=float, help=f"Target epsilon per site, reached after the planned rounds [{d.privacy.target_epsilon:g}]."),
+        click.option("--delta", type=float, help=f"delta of each site's (epsilon, delta) guarantee [{d.privacy.delta:g}]."),
+        click.option("--clip-norm", type=float, help=f"Per-example gradient clip norm C [{d.privacy.clip_norm:g}]."),
         click.option("--no-dp", is_flag=True, default=False, help="Train WITHOUT differential privacy (baselines only)."),
-        click.option("--lora-rank", type=int, help="LoRA rank r [8]."),
+        click.option("--lora-rank", type=int, help=f"LoRA rank r [{d.lora.rank}]."),
         click.option("--base-model", type=click.Path(file_okay=False), help="Local Hugging Face model folder (default: packaged all-MiniLM-L6-v2)."),
-        click.option("--max-length", type=int, help="Tokens per example [64]."),
-        click.option("--seed", type=int, help="Seed for splits, initialisation and sampling [0]."),
+        click.option("--max-length", type=int, help=f"Tokens per example [{d.model.max_length}]."),
+        click.option("--seed", type=int, help=f"Seed for splits, initialisation and sampling [{d.seed}]."),
         click.option("--out", type=click.Path(file_okay=False), help="Run directory [runs/<command>-<time>]."),
     ]
     for option in reversed(options):
@@ -136,8 +140,8 @@ def _resolve_config(config_file: str | None, prefix: str, **flags: Any):  # type
 @_run_options
 @click.option("--sites", type=int, help="Number of simulated sites [3].")
 @click.option("--partition", help="How sites split the data: iid | dirichlet:ALPHA | column:NAME [iid].")
-@click.option("--min-sites", type=int, help="Minimum sites per round [2].")
-@click.option("--fraction-train", type=float, help="Fraction of sites sampled each round [1.0].")
+@click.option("--min-sites", type=int, help="Minimum sites sampled per round [2].")
+@click.option("--fraction-train", type=float, help="Fraction of sites sampled each round [1].")
 def simulate(config_file: str | None, **flags: Any) -> None:
     """Simulate N sites on this machine through Flower's simulation engine.
 

@@ -95,7 +95,11 @@ class RunRecorder:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        from matplotlib.ticker import MaxNLocator
+
         fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(10, 4))
+        for ax in (ax_acc, ax_eps):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         rounds = [r["round"] for r in self.rounds]
         for key, label in (("accuracy", "site validation (weighted)"), ("test_accuracy", "held-out test")):
             ys = [r.get(key) for r in self.rounds]
