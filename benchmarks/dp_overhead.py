@@ -35,7 +35,7 @@ def _worker(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     labels = label_set(table.labels)
     data = encode(load_tokenizer(model_cfg), table.texts[: args.examples], table.labels[: args.examples], labels, max_length=64)
     model = build_model(model_cfg, LoraSettings(), len(labels)).model
-    train = TrainConfig(batch_size=args.batch, physical_batch_size=32)
+    train = TrainConfig(batch_size=args.batch, physical_batch_size=32, learning_rate=1e-2)
     dp = DPSettings(noise_multiplier=1.0, clip_norm=1.0) if args.worker == "dp" else None
     q = args.batch / len(data)
     train_local(model, data, train=train, plan=StepPlan(sample_rate=q, steps=1), dp=dp, seed=0)  # warm-up

@@ -97,7 +97,7 @@ def train_round(
             accountant=privacy.accountant,
         )
         dp = DPSettings(noise_multiplier=z, clip_norm=privacy.clip_norm)
-    result = train_local(model, dataset, train=run.train, plan=plan, dp=dp, seed=seed)
+    result = train_local(model, dataset, train=run.train, plan=plan, dp=dp, seed=seed, learning_rate=run.learning_rate)
     logger.info(
         "%s round %d: %d steps at q=%.3f, loss %.4f, epsilon %.3f/%g",
         settings.name, server_round, plan.steps, plan.sample_rate, result.loss, epsilon_spent, settings.budget_epsilon,

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.common.config import TrainConfig
+from fedtune.common.errors import ConfigError
 from fedtune.common.tasks import forward_loss
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def train_local(
     plan: StepPlan,
     dp: DPSettings | None,
     seed: int,
+    learning_rate: float | None = None,
 ) -> TrainResult:
     """Run ``plan.steps`` logical steps on ``dataset``; with ``dp`` they are DP-SGD steps.
 
@@ -79,11 +81,14 @@ def train_local(
     torch.manual_seed(seed)  # dropout
     sampler_rng = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    lr = learning_rate or train.learning_rate
+    if lr <= 0:
+        raise ConfigError(f"train.learning_rate must be > 0 here, got {lr}.")
     optimizer: torch.optim.Optimizer
     if train.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=train.learning_rate, momentum=0.9, weight_decay=train.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=train.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
     expected_batch = max(1, round(plan.sample_rate * len(dataset)))
     model.train()
     start = time.perf_counter()

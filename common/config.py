@@ -112,6 +112,8 @@ class DataConfig:
 
 
 ACCOUNTANTS = ("rdp",)
+DP_LEARNING_RATE = 5e-2
+PLAIN_LEARNING_RATE = 1e-2
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -156,7 +158,8 @@ class TrainConfig:
         local_epochs: Passes over the local training split per round (steps = epochs / q).
         batch_size: Expected logical batch size; q = batch_size / n under Poisson sampling.
         physical_batch_size: Bound on examples in memory at once.
-        learning_rate: Step size of the optimizer.
+        learning_rate: Step size of the optimizer; 0 picks the tuned default for the privacy
+            mode (see :meth:`RunConfig.learning_rate`).
         weight_decay: Weight decay.
         optimizer: 'adamw', or 'sgd' (with momentum 0.9).
     """
@@ -164,7 +167,7 @@ class TrainConfig:
     local_epochs: float = 2.0
     batch_size: int = 256
     physical_batch_size: int = 32
-    learning_rate: float = 5e-2
+    learning_rate: float = 0.0
     weight_decay: float = 0.0
     optimizer: str = "adamw"
 
@@ -173,7 +176,7 @@ class TrainConfig:
         _check(p, self.local_epochs > 0, f"train.local_epochs must be > 0, got {self.local_epochs}.")
         _check(p, self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}.")
         _check(p, self.physical_batch_size >= 1, f"train.physical_batch_size must be >= 1, got {self.physical_batch_size}.")
-        _check(p, self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}.")
+        _check(p, self.learning_rate >= 0, f"train.learning_rate must be >= 0 (0: default), got {self.learning_rate}.")
         _check(p, self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}.")
         _check(p, self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}.")
         return p
@@ -231,6 +234,17 @@ class RunConfig:
             problems.append(f"federation.min_sites ({fed.min_sites}) must be <= federation.sites ({fed.sites}).")
         if problems:
             raise ConfigError(problems)
+
+    @property
+    def learning_rate(self) -> float:
+        """The configured learning rate, or the default tuned for the privacy mode.
+
+        DP noise inflates Adam's second-moment estimate, which shrinks the effective step on the
+        signal; the DP default is therefore larger (benchmarks/utility.py sweeps both).
+        """
+        if self.train.learning_rate > 0:
+            return self.train.learning_rate
+        return DP_LEARNING_RATE if self.privacy.enabled else PLAIN_LEARNING_RATE
 
     def sections(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if dataclasses.is_dataclass(getattr(self, f.name))}
