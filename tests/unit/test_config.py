@@ -75,5 +75,10 @@ def test_shipped_scenarios_and_pyproject_app_config_load() -> None:
     for path in scenarios:
         load_toml(path)
     app_config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    flat = {f"{section}.{k}": v for section, table in app_config.items() for k, v in table.items()}
-    from_flat(flat)
+    flat = {
+        **{f"{section}.{k}": v for section, table in app_config.items() if isinstance(table, dict) for k, v in table.items()},
+        **{k: v for k, v in app_config.items() if not isinstance(v, dict)},
+    }
+    # `flwr run` only accepts overrides of declared keys: declare every key, with fedtune's defaults.
+    assert flat == RunConfig().to_flat()
+    assert from_flat(flat) == RunConfig()
