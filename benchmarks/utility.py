@@ -1,7 +1,7 @@
 """Utility under DP: federated runs with and without DP on the same data, split and settings.
 
     python benchmarks/utility.py [--datasets demo,real] [--sites 4] [--partition dirichlet:0.5]
-                                 [--rounds 5] [--learning-rates 0.05] [--batch-sizes 256]
+                                 [--rounds 5] [--learning-rates 0,0.02] [--batch-sizes 256]
                                  [--epsilon 8] [--real-rows 3000] [--out benchmarks/out/utility]
 
 For every (dataset, learning rate, batch size) it runs `fedtune simulate` twice, with DP at the
@@ -52,8 +52,10 @@ def run_one(data: str, out: Path, *, dp: bool, args: argparse.Namespace, lr: flo
     cmd = [
         sys.executable, "-m", "fedtune.cli", "simulate", "--data", data, "--sites", str(args.sites),
         "--partition", args.partition, "--rounds", str(args.rounds), "--epsilon", str(args.epsilon),
-        "--learning-rate", str(lr), "--batch-size", str(batch), "--seed", str(args.seed), "--out", str(out),
+        "--batch-size", str(batch), "--seed", str(args.seed), "--out", str(out),
     ]
+    if lr > 0:  # 0: each mode's own default
+        cmd += ["--learning-rate", str(lr)]
     if not dp:
         cmd.append("--no-dp")
     started = time.perf_counter()
@@ -76,7 +78,7 @@ def main() -> None:
     parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epsilon", type=float, default=8.0)
-    parser.add_argument("--learning-rates", default="0.05")
+    parser.add_argument("--learning-rates", default="0,0.02", help="0 means each mode's default (0.05 with DP, 0.01 without)")
     parser.add_argument("--batch-sizes", default="256")
     parser.add_argument("--real-rows", type=int, default=3000)
     parser.add_argument("--real-labels", default=DEFAULT_REAL_LABELS)

@@ -21,8 +21,6 @@ import base64
 import binascii
 import hashlib
 import logging
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedtune.common.errors import ConfigError
+from fedtune.common.io import write_file_exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +76,8 @@ def create_node_key(out_dir: Path, *, overwrite: bool = False) -> NodeKeyPaths:
     if not out_dir.exists():
         out_dir.mkdir(parents=True, mode=0o700)
     # Private key first: a public key without its private key would register a node that can never connect.
-    _write_file(paths.private_key, private, mode=0o600, overwrite=overwrite)
-    _write_file(paths.public_key, public + b"\n", mode=0o644, overwrite=overwrite)
+    write_file_exclusive(paths.private_key, private, mode=0o600, overwrite=overwrite)
+    write_file_exclusive(paths.public_key, public + b"\n", mode=0o644, overwrite=overwrite)
     logger.info("Wrote node key %s (%s).", paths.public_key, public_key_fingerprint(paths.public_key))
     return paths
 
@@ -113,33 +112,3 @@ def public_key_fingerprint(pub_path: Path) -> str:
         raise ConfigError(f"{pub_path} is not an OpenSSH public key ({err}); {expected}.") from None
     digest = base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
     return f"SHA256:{digest}"
-
-
-def _write_file(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
-    """Write ``data`` whole to ``path`` with ``mode``; never readable by others, even briefly.
-
-    The bytes go to a fresh temporary file created 0600 (O_EXCL, so no one can have planted it),
-    get their final mode, and then appear at ``path`` in one step: ``os.replace`` when overwriting,
-    otherwise ``os.link``, which refuses an existing ``path`` atomically.
-    (The same helper as in ``fedtune.server.pki``: client and server never import each other.)
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view, written = memoryview(data), 0
-            while written < len(data):  # os.write may write less than asked
-                written += os.write(fd, view[written:])
-            os.fchmod(fd, mode)  # the umask never loosens or tightens what we meant
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise ConfigError(f"{path} already exists; pass overwrite=True (`--overwrite`) to replace it.") from None
-    finally:
-        tmp.unlink(missing_ok=True)

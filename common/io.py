@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -35,3 +38,32 @@ def append_jsonl(path: Path, obj: Any) -> None:
         f.write(json.dumps(obj, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_file_exclusive(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
+    """Write ``data`` whole to ``path`` with ``mode``; never readable by others, even briefly.
+
+    The bytes go to a fresh temporary file created 0600 (O_EXCL, so no one can have planted it),
+    get their final mode, and then appear at ``path`` in one step: ``os.replace`` when overwriting,
+    otherwise ``os.link``, which refuses an existing ``path`` atomically.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view, written = memoryview(data), 0
+            while written < len(data):  # os.write may write less than asked
+                written += os.write(fd, view[written:])
+            os.fchmod(fd, mode)  # the umask never loosens or tightens what we meant
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise ConfigError(f"{path} already exists; pass overwrite=True (`--overwrite`) to replace it.") from None
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from fedtune.common.errors import ConfigError
+from fedtune.common.io import write_file_exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -155,10 +155,10 @@ def init_certificates(
     if not out_dir.exists():
         out_dir.mkdir(parents=True, mode=0o700)
     # Keys first: a certificate without its key is useless, a key without its certificate harmless.
-    _write_file(paths.ca_key, _private_pem(ca_key), mode=0o600, overwrite=overwrite)
-    _write_file(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644, overwrite=overwrite)
-    _write_file(paths.server_key, _private_pem(server_key), mode=0o600, overwrite=overwrite)
-    _write_file(
+    write_file_exclusive(paths.ca_key, _private_pem(ca_key), mode=0o600, overwrite=overwrite)
+    write_file_exclusive(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644, overwrite=overwrite)
+    write_file_exclusive(paths.server_key, _private_pem(server_key), mode=0o600, overwrite=overwrite)
+    write_file_exclusive(
         paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), mode=0o644, overwrite=overwrite
     )
     logger.info("Wrote a CA and a server certificate for %s to %s (valid %d days).", ", ".join(names), out_dir, days)
@@ -323,32 +323,3 @@ def _load_cert(path: Path) -> x509.Certificate:
         return x509.load_pem_x509_certificate(data)
     except ValueError as err:
         raise ConfigError(f"{path} is not a PEM certificate: {err}.") from None
-
-
-def _write_file(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
-    """Write ``data`` whole to ``path`` with ``mode``; never readable by others, even briefly.
-
-    The bytes go to a fresh temporary file created 0600 (O_EXCL, so no one can have planted it),
-    get their final mode, and then appear at ``path`` in one step: ``os.replace`` when overwriting,
-    otherwise ``os.link``, which refuses an existing ``path`` atomically.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view, written = memoryview(data), 0
-            while written < len(data):  # os.write may write less than asked
-                written += os.write(fd, view[written:])
-            os.fchmod(fd, mode)  # the umask never loosens or tightens what we meant
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise ConfigError(f"{path} already exists; pass overwrite=True (`--overwrite`) to replace it.") from None
-    finally:
-        tmp.unlink(missing_ok=True)
