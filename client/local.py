@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 class PreparedSite:
     settings: SiteSettings
     examples: SiteExamples
-    dataset_id: str  # fingerprint of the site's training examples: the ledger key
+    dataset_id: str  # fingerprint of the site's local dataset: the ledger key
 
 
 def prepare_site(run: RunConfig, context: Context, *, run_dir: str, labels: list[str]) -> PreparedSite:
@@ -46,10 +46,10 @@ def prepare_site(run: RunConfig, context: Context, *, run_dir: str, labels: list
         check_labels(table, labels)
         indices = list(range(len(table.labels)))
     examples = site_examples(table, indices, val_fraction=run.data.val_fraction, seed=run.seed + (settings.partition or 0))
-    # The ledger is keyed by the data actually trained on, so the same records keep their
-    # spending whichever path, run or restart they come through.
-    train_table = TextTable(texts=examples.train_texts, labels=examples.train_labels, source=table.source)
-    return PreparedSite(settings=settings, examples=examples, dataset_id=fingerprint(train_table))
+    # The ledger key is the site's whole local dataset, never anything the run chooses (seed,
+    # validation fraction): a coordinator must not be able to reset a budget by reshuffling.
+    local = TextTable(texts=[table.texts[i] for i in indices], labels=[table.labels[i] for i in indices], source=table.source)
+    return PreparedSite(settings=settings, examples=examples, dataset_id=fingerprint(local))
 
 
 def train_round(

@@ -7,6 +7,7 @@ Errors print one line naming the fix and exit non-zero; ``--debug`` shows the tr
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import click
 
 from fedtune import __version__
-from fedtune.common.errors import FedtuneError
+from fedtune.common.errors import ConfigError, FedtuneError
 
 
 class _Group(click.Group):
@@ -42,8 +43,10 @@ def main(ctx: click.Context, debug: bool) -> None:
     averages them. Only adapter tensors and scalar metrics ever leave a site.
 
     \b
-    Researchers:   fedtune simulate            (N sites on this machine)
-    Everyone:      fedtune evaluate / predict  (use a trained adapter)
+    Researchers:   fedtune simulate                     (N sites on this machine)
+    Coordinators:  fedtune certs init, coordinator start, coordinator add-site, run, status, logs, stop
+    Site operators: fedtune site init, site check, site start, site ledger
+    Everyone:      fedtune evaluate / predict           (use a trained adapter)
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -52,10 +55,10 @@ def main(ctx: click.Context, debug: bool) -> None:
 def _offline_env() -> None:
     import os
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from fedtune.common.environment import OFFLINE
+
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -157,6 +160,43 @@ def simulate(config_file: str | None, **flags: Any) -> None:
     _print_summary(run_dir)
 
 
+@main.command("run")
+@_run_options
+@click.option("--coordinator", "address", default="127.0.0.1:9093", show_default=True, help="The coordinator's HOST:PORT.")
+@click.option("--certs", type=click.Path(file_okay=False, path_type=Path), help="Folder holding the coordinator's ca.crt.")
+@click.option("--insecure", is_flag=True, help="Plain-text connection (local experiments only).")
+@click.option("--min-sites", type=int, help="Minimum sites per round [2].")
+@click.option("--fraction-train", type=float, help="Fraction of sites sampled each round [1].")
+def run_cmd(config_file: str | None, address: str, certs: Path | None, insecure: bool, **flags: Any) -> None:
+    """Submit a federated run to the coordinator and stream one line per round.
+
+    --labels (comma-separated, or a file with one label per line) is required: every site checks
+    its data against it. The run directory (adapter/, checkpoints/, metrics.jsonl, summary.json,
+    report.png) is written by the coordinator at --out, a path on the coordinator's machine.
+    """
+    from fedtune.cli_deploy import _connect
+    from fedtune.common.config import RunConfig, from_dict
+    from fedtune.server.coordinator import app_dir, flwr_command, run_config_args
+
+    labels = flags.get("labels")
+    if not labels:
+        raise ConfigError("--labels is required: the run's label set, as L1,L2,... or a file with one label per line.")
+    if Path(labels).is_file():
+        flags["labels"] = ",".join(line.strip() for line in Path(labels).read_text(encoding="utf-8").splitlines() if line.strip())
+    run = _resolve_config(config_file, "run", **flags)
+    run = from_dict({"simulation": False, "out": str(Path(run.out).resolve())}, base=run)
+    conn, env = _connect(address, certs, insecure)
+    app = app_dir(RunConfig().to_flat())
+    cmd = flwr_command("run", str(app), conn, *run_config_args(run.to_flat()), "--stream")
+    code = subprocess.call(cmd, env=env)
+    if code:
+        sys.exit(code)
+    if (Path(run.out) / "summary.json").exists():
+        _print_summary(Path(run.out))
+    else:
+        click.echo(f"run submitted; its run directory is {run.out} on the coordinator's machine.")
+
+
 def _print_summary(run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -234,6 +274,15 @@ def predict(adapter: str, base_model: str | None, texts: tuple[str, ...]) -> Non
         k = int(p.argmax())
         click.echo(f"{loaded.labels[k]}\t{p[k]:.3f}\t{text}")
 
+
+def _register_deployment_commands() -> None:
+    from fedtune import cli_deploy
+
+    for command in (cli_deploy.certs, cli_deploy.site, cli_deploy.coordinator, cli_deploy.status, cli_deploy.logs, cli_deploy.stop):
+        main.add_command(command)
+
+
+_register_deployment_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

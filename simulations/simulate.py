@@ -45,11 +45,10 @@ def preflight(run: RunConfig) -> None:
 
 def run_simulation(run: RunConfig) -> Path:
     """Run a whole federated simulation; returns the run directory."""
-    # No hub and no per-run dependency installation, ever.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from fedtune.common.environment import OFFLINE
+
+    for key, value in OFFLINE.items():  # no hub and no per-run dependency installation, ever
+        os.environ.setdefault(key, value)
     import warnings
 
     from flwr.simulation import run_simulation as flwr_run_simulation

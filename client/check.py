@@ -1,0 +1,94 @@
+"""`fedtune site check`: everything a site operator should know before starting the daemon."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from fedtune.common.errors import FedtuneError
+
+from .daemon import SiteConfig
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _check_data(site: SiteConfig) -> str:
+    from fedtune.common.data import fingerprint, label_set, load_table
+
+    table = load_table(site.data_path, text_column=site.text_column, label_column=site.label_column)
+    labels = label_set(table.labels)
+    counts = {lab: table.labels.count(lab) for lab in labels}
+    if len(labels) < 2:
+        raise FedtuneError(f"{site.data_path}: only the label(s) {labels}; training needs at least 2.")
+    return f"{len(table.labels)} rows, {len(labels)} labels {counts}, dataset {fingerprint(table)[:12]}"
+
+
+def _check_model(site: SiteConfig) -> str:
+    from fedtune.common.config import ModelConfig
+    from fedtune.common.model import load_tokenizer, resolve_base_model
+
+    path = resolve_base_model(ModelConfig())
+    load_tokenizer(ModelConfig())
+    return f"default base model loads from {path}"
+
+
+def _check_keys(site: SiteConfig) -> str:
+    if site.insecure:
+        raise FedtuneError("site.insecure = true: no TLS and no node authentication (local experiments only).")
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    assert site.ca is not None and site.node_key is not None
+    ca = x509.load_pem_x509_certificate(site.ca.read_bytes())
+    mode = site.node_key.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise FedtuneError(f"{site.node_key} is readable by others (mode {mode:o}); run chmod 600 {site.node_key}.")
+    load_ssh_private_key(site.node_key.read_bytes(), None)
+    return f"CA {ca.subject.rfc4514_string()} (until {ca.not_valid_after_utc:%Y-%m-%d}); node key {site.node_key} (0600)"
+
+
+def _check_ledger(site: SiteConfig) -> str:
+    from fedtune.common.data import fingerprint, load_table
+
+    from .ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(site.state_dir)
+    dataset = fingerprint(load_table(site.data_path, text_column=site.text_column, label_column=site.label_column))
+    spent = ledger.spent_epsilon(dataset, delta=site.delta)
+    return (f"{ledger.path}: epsilon spent {spent:.3f} of budget {site.budget_epsilon:g} (delta {site.delta:g}), "
+            f"left {max(0.0, site.budget_epsilon - spent):.3f}; {len(ledger.charges(dataset))} rounds recorded")
+
+
+def _check_coordinator(site: SiteConfig, timeout: float = 5.0) -> str:
+    host, _, port = site.coordinator.rpartition(":")
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+        if site.insecure:
+            return f"{site.coordinator} accepts TCP connections (no TLS: insecure)"
+        context = ssl.create_default_context(cafile=str(site.ca))
+        with context.wrap_socket(sock, server_hostname=host.strip("[]")) as tls:
+            return f"{site.coordinator} reachable over {tls.version()}, certificate verified against {site.ca}"
+
+
+CHECKS: tuple[tuple[str, Callable[[SiteConfig], str]], ...] = (
+    ("data", _check_data),
+    ("model", _check_model),
+    ("certificates", _check_keys),
+    ("privacy ledger", _check_ledger),
+    ("coordinator", _check_coordinator),
+)
+
+
+def run_checks(site: SiteConfig) -> Iterator[CheckResult]:
+    """Run every check; a failure is reported with its reason and the others still run."""
+    for name, check in CHECKS:
+        try:
+            yield CheckResult(name, True, check(site))
+        except (FedtuneError, OSError, ValueError, ssl.SSLError) as err:
+            yield CheckResult(name, False, f"{type(err).__name__}: {err}")

@@ -1,0 +1,180 @@
+"""The site daemon: its own config file (``site.toml``), and the flower-supernode it runs.
+
+Everything that decides what a site trains on and how much privacy it may spend lives in this
+file on the site's premises and reaches the ClientApp only through Flower's ``node_config``:
+nothing the coordinator sends can point the site at other files or raise its budget.
+
+```toml
+[site]
+name = "hospital-a"
+coordinator = "coordinator.example.org:9093"
+ca = "ca.crt"                 # the coordinator's CA certificate (public)
+node_key = "node-key"         # this site's node-authentication private key (secret, 0600)
+state_dir = "state"           # the privacy ledger; keep it
+[data]
+path = "/data/notes.csv"
+text_column = "text"
+label_column = "label"
+[privacy]
+budget_epsilon = 8.0          # lifetime epsilon per dataset
+delta = 1e-5
+```
+Relative paths are relative to the folder holding ``site.toml``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune.common.environment import flower_tool
+from fedtune.common.errors import ConfigError
+
+SITE_FILE = "site.toml"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteConfig:
+    """A deployed site's own settings, as read from ``site.toml`` (paths made absolute)."""
+
+    name: str
+    coordinator: str
+    ca: Path | None
+    node_key: Path | None
+    state_dir: Path
+    data_path: Path
+    text_column: str = "text"
+    label_column: str = "label"
+    budget_epsilon: float = 8.0
+    delta: float = 1e-5
+    insecure: bool = False
+
+    def node_config(self) -> dict[str, str | float]:
+        """What the ClientApp sees as ``context.node_config`` (see ``client/site.py``)."""
+        return {
+            "site-name": self.name,
+            "data-path": str(self.data_path),
+            "state-dir": str(self.state_dir),
+            "budget-epsilon": float(self.budget_epsilon),
+            "delta": float(self.delta),
+            "text-column": self.text_column,
+            "label-column": self.label_column,
+        }
+
+
+def _host_port(value: str, where: str) -> list[str]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return [f"{where} must be HOST:PORT, got {value!r}."]
+    return []
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate ``site.toml``; every problem is reported at once, naming the file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"site config {path} does not exist; create it with `fedtune site init`.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"site config {path} is not valid TOML: {err}.") from None
+    base = path.resolve().parent
+    problems: list[str] = []
+    site: dict[str, Any] = raw.get("site", {})
+    data: dict[str, Any] = raw.get("data", {})
+    privacy: dict[str, Any] = raw.get("privacy", {})
+    allowed = {"site": {"name", "coordinator", "ca", "node_key", "state_dir", "insecure"},
+               "data": {"path", "text_column", "label_column"}, "privacy": {"budget_epsilon", "delta"}}
+    for section, keys in allowed.items():
+        for key in raw.get(section, {}):
+            if key not in keys:
+                problems.append(f"unknown key {section}.{key}; allowed: {sorted(keys)}.")
+    for section in raw:
+        if section not in allowed:
+            problems.append(f"unknown section [{section}]; allowed: {sorted(allowed)}.")
+    for key, table in (("site.name", site.get("name")), ("site.coordinator", site.get("coordinator")), ("data.path", data.get("path"))):
+        if not isinstance(table, str) or not table:
+            problems.append(f"{key} is required (a non-empty string), got {table!r}.")
+    name = str(site.get("name", ""))
+    if name and (not name.replace("-", "").replace("_", "").replace(".", "").isalnum()):
+        problems.append(f"site.name may hold letters, digits, '-', '_' and '.', got {name!r}.")
+    if isinstance(site.get("coordinator"), str) and site["coordinator"]:
+        problems += _host_port(site["coordinator"], "site.coordinator")
+    insecure = bool(site.get("insecure", False))
+    if not insecure:
+        for key in ("ca", "node_key"):
+            if not site.get(key):
+                problems.append(f"site.{key} is required unless site.insecure = true.")
+    try:
+        budget = float(privacy.get("budget_epsilon", 8.0))
+        delta = float(privacy.get("delta", 1e-5))
+    except (TypeError, ValueError) as err:
+        problems.append(f"privacy.budget_epsilon and privacy.delta must be numbers: {err}.")
+        budget, delta = 0.0, 0.0
+    if budget <= 0:
+        problems.append(f"privacy.budget_epsilon must be > 0, got {privacy.get('budget_epsilon')!r}.")
+    if not 0 < delta < 1:
+        problems.append(f"privacy.delta must be in (0, 1), got {privacy.get('delta')!r}.")
+    if problems:
+        raise ConfigError([f"{path}: {p}" for p in problems])
+
+    def resolve(value: Any) -> Path:
+        p = Path(str(value)).expanduser()
+        return p if p.is_absolute() else base / p
+
+    return SiteConfig(
+        name=name,
+        coordinator=site["coordinator"],
+        ca=resolve(site["ca"]) if site.get("ca") else None,
+        node_key=resolve(site["node_key"]) if site.get("node_key") else None,
+        state_dir=resolve(site.get("state_dir", "state")),
+        data_path=resolve(data["path"]),
+        text_column=str(data.get("text_column", "text")),
+        label_column=str(data.get("label_column", "label")),
+        budget_epsilon=budget,
+        delta=delta,
+        insecure=insecure,
+    )
+
+
+def write_site_config(out_dir: Path, *, name: str, coordinator: str, ca: Path, data: Path, text_column: str,
+                      label_column: str, budget_epsilon: float, delta: float, overwrite: bool = False) -> Path:
+    """Write ``out_dir/site.toml`` (validated by reading it back)."""
+    import tomli_w
+
+    from fedtune.common.io import write_file_exclusive
+
+    doc = {
+        "site": {"name": name, "coordinator": coordinator, "ca": str(ca.resolve()), "node_key": "node-key", "state_dir": "state"},
+        "data": {"path": str(data.resolve()), "text_column": text_column, "label_column": label_column},
+        "privacy": {"budget_epsilon": float(budget_epsilon), "delta": float(delta)},
+    }
+    path = out_dir / SITE_FILE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_file_exclusive(path, tomli_w.dumps(doc).encode("utf-8"), mode=0o644, overwrite=overwrite)
+    load_site_config(path)
+    return path
+
+
+def _quote(value: str) -> str:
+    """A TOML basic string, as Flower parses node-config values."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def supernode_command(site: SiteConfig, *, runtime_port: int = 9094, max_retries: int | None = None) -> list[str]:
+    """The ``flower-supernode`` command line for this site."""
+    node_config = " ".join(
+        f"{k}={_quote(v) if isinstance(v, str) else repr(v)}" for k, v in site.node_config().items()
+    )
+    cmd = [flower_tool("flower-supernode"), "--superlink", site.coordinator, "--node-config", node_config, "--port", str(runtime_port)]
+    if site.insecure:
+        cmd.append("--insecure")
+    else:
+        if site.ca is None or site.node_key is None:
+            raise ConfigError(f"site {site.name}: TLS needs site.ca and site.node_key (or site.insecure = true).")
+        cmd += ["--root-certificates", str(site.ca), "--auth-supernode-private-key", str(site.node_key)]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    return cmd

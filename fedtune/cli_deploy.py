@@ -1,0 +1,242 @@
+"""Deployment commands: certificates, site daemons, the coordinator, and federated runs.
+
+Every command wraps a real Flower process or control call; heavy imports stay inside commands.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fedtune.common.errors import ConfigError
+
+DEFAULT_COORDINATOR = "127.0.0.1:9093"
+
+
+def _warn_insecure() -> None:
+    click.secho(
+        "WARNING: --insecure: no TLS and no node authentication. Updates and metrics travel in plain "
+        "text and anyone who can reach the port can join. Use only for local experiments.",
+        fg="yellow", err=True,
+    )
+
+
+def _exec(cmd: list[str], env: dict[str, str]) -> None:
+    """Replace this process with ``cmd`` so signals (systemd stop, Ctrl-C) reach Flower directly."""
+    click.echo("+ " + " ".join(cmd), err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(cmd[0], cmd, env)
+
+
+# --------------------------------------------------------------------------------------- certs
+@click.group()
+def certs() -> None:
+    """Certificates for the coordinator's TLS."""
+
+
+@certs.command("init")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for ca.crt, ca.key, server.crt, server.key.")
+@click.option("--host", "hosts", multiple=True, help="Name or IP sites dial, repeatable; localhost and 127.0.0.1 are always included.")
+@click.option("--days", type=int, default=825, show_default=True, help="Validity of both certificates.")
+@click.option("--overwrite", is_flag=True, help="Replace existing files.")
+def certs_init(out: Path, hosts: tuple[str, ...], days: int, overwrite: bool) -> None:
+    """Create a private CA and the coordinator's TLS certificate (keys 0600)."""
+    from fedtune.server.pki import init_certificates
+
+    # The SuperLink's own helper dials 127.0.0.1: the certificate must name it whatever else it names.
+    names = list(dict.fromkeys(["localhost", "127.0.0.1", *hosts]))
+    paths = init_certificates(out, hosts=names, days=days, overwrite=overwrite)
+    click.echo(f"CA certificate (public, give to every site): {paths.ca_cert}")
+    click.echo(f"CA key (secret, keep offline):               {paths.ca_key}")
+    click.echo(f"coordinator certificate for {', '.join(names)}: {paths.server_cert}")
+    click.echo(f"coordinator key (secret):                    {paths.server_key}")
+
+
+# ---------------------------------------------------------------------------------------- site
+@click.group()
+def site() -> None:
+    """The site daemon: set up, check and run on the site's own premises."""
+
+
+@site.command("init")
+@click.option("--name", required=True, help="This site's name, e.g. hospital-a.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The site's local labeled data (CSV, JSONL, Parquet).")
+@click.option("--coordinator", required=True, help="The coordinator's HOST:PORT.")
+@click.option("--ca", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The coordinator's ca.crt.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for site.toml and the node key.")
+@click.option("--budget-epsilon", type=float, default=8.0, show_default=True, help="Lifetime epsilon budget per dataset.")
+@click.option("--delta", type=float, default=1e-5, show_default=True, help="delta of the site's guarantee.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing site.toml and key pair.")
+def site_init(name: str, data: Path, coordinator: str, ca: Path, out: Path, budget_epsilon: float, delta: float,
+              text_column: str, label_column: str, overwrite: bool) -> None:
+    """Write site.toml and this site's node-authentication key pair."""
+    from fedtune.client.daemon import write_site_config
+    from fedtune.client.identity import create_node_key, public_key_fingerprint
+
+    if not ca.is_file():
+        raise ConfigError(f"--ca {ca} does not exist; it is ca.crt from the coordinator's `fedtune certs init`.")
+    config = write_site_config(out, name=name, coordinator=coordinator, ca=ca, data=data, text_column=text_column,
+                               label_column=label_column, budget_epsilon=budget_epsilon, delta=delta, overwrite=overwrite)
+    keys = create_node_key(out, overwrite=overwrite)
+    click.echo(f"site config: {config}")
+    click.echo(f"node key (secret, stays here): {keys.private_key}")
+    click.echo(f"hand this file to the coordinator: {keys.public_key}  ({public_key_fingerprint(keys.public_key)})")
+    click.echo(f"  they run: fedtune coordinator add-site {keys.public_key} --name {name}")
+    click.echo(f"then: fedtune site check --config {config}")
+
+
+@site.command("check")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The site's site.toml.")
+def site_check(config_path: Path) -> None:
+    """Check data, model, certificates, privacy ledger and the coordinator; non-zero exit on any failure."""
+    from fedtune.cli import _offline_env
+    from fedtune.client.check import run_checks
+    from fedtune.client.daemon import load_site_config
+
+    _offline_env()
+    config = load_site_config(config_path)
+    failed = 0
+    for result in run_checks(config):
+        mark = click.style("ok  ", fg="green") if result.ok else click.style("FAIL", fg="red")
+        click.echo(f"{mark} {result.name:<15} {result.detail}")
+        failed += not result.ok
+    if failed:
+        click.echo(f"{failed} check(s) failed.", err=True)
+        sys.exit(1)
+
+
+@site.command("start")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The site's site.toml.")
+@click.option("--runtime-port", type=int, default=9094, show_default=True, help="Local port of the daemon's runtime API (loopback).")
+@click.option("--max-retries", type=int, default=None, help="Give up after this many failed connection attempts [never].")
+def site_start(config_path: Path, runtime_port: int, max_retries: int | None) -> None:
+    """Run the site daemon (flower-supernode) with TLS and node authentication."""
+    from fedtune.client.daemon import load_site_config, supernode_command
+    from fedtune.common.environment import flower_environment
+
+    config = load_site_config(config_path)
+    if config.insecure:
+        _warn_insecure()
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    env = flower_environment()
+    env["FLWR_HOME"] = str(config.state_dir / "flower")  # Flower's own files stay in the site's state folder
+    _exec(supernode_command(config, runtime_port=runtime_port, max_retries=max_retries), env)
+
+
+@site.command("ledger")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The site's site.toml.")
+def site_ledger(config_path: Path) -> None:
+    """Print this site's privacy ledger: every round charged, per dataset."""
+    from fedtune.client.daemon import load_site_config
+    from fedtune.client.ledger import PrivacyLedger
+    from fedtune.common.accounting import epsilon
+
+    config = load_site_config(config_path)
+    ledger = PrivacyLedger(config.state_dir)
+    datasets = ledger.summary()
+    if not datasets:
+        click.echo(f"{ledger.path}: nothing spent yet (budget {config.budget_epsilon:g} per dataset).")
+    for dataset, entry in datasets.items():
+        charges = ledger.charges(dataset)
+        spent = epsilon([c.segment for c in charges], delta=config.delta)
+        click.echo(f"dataset {dataset[:12]}: epsilon {spent:.3f} of {config.budget_epsilon:g} (delta {config.delta:g}), {len(charges)} rounds")
+        for c in charges:
+            click.echo(f"  run {c.run} round {c.round}: q={c.sample_rate:.4f} z={c.noise_multiplier:.4f} steps={c.steps} C={c.clip_norm:g}")
+
+
+# --------------------------------------------------------------------------------- coordinator
+@click.group()
+def coordinator() -> None:
+    """The coordinator (flower-superlink)."""
+
+
+@coordinator.command("start")
+@click.option("--certs", type=click.Path(file_okay=False, path_type=Path), help="Folder from `fedtune certs init`.")
+@click.option("--state", required=True, type=click.Path(file_okay=False, path_type=Path), help="Persistent state folder (database of sites and runs).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=9093, show_default=True, help="Port for sites and for `fedtune run`.")
+@click.option("--insecure", is_flag=True, help="No TLS, no node authentication (local experiments only).")
+def coordinator_start(certs: Path | None, state: Path, host: str, port: int, insecure: bool) -> None:
+    """Run the coordinator with TLS, node authentication and persistent state."""
+    from fedtune.common.environment import flower_environment
+    from fedtune.server.coordinator import superlink_command
+
+    if insecure:
+        _warn_insecure()
+    elif certs is None:
+        raise ConfigError("--certs DIR is required (or --insecure for local experiments).")
+    env = flower_environment()
+    env["FLWR_HOME"] = str(state.resolve() / "flower")  # installed app bundles stay in the state folder
+    _exec(superlink_command(certs=None if insecure else certs, state=state, host=host, port=port), env)
+
+
+def _connection_options(f: Any) -> Any:
+    f = click.option("--insecure", is_flag=True, help="Plain-text connection (local experiments only).")(f)
+    f = click.option("--certs", type=click.Path(file_okay=False, path_type=Path), help="Folder holding the coordinator's ca.crt.")(f)
+    f = click.option("--coordinator", "address", default=DEFAULT_COORDINATOR, show_default=True, help="The coordinator's HOST:PORT.")(f)
+    return f
+
+
+def _connect(address: str, certs: Path | None, insecure: bool) -> tuple[str, dict[str, str]]:
+    from fedtune.server.coordinator import connection
+
+    if insecure:
+        _warn_insecure()
+        return connection(address, ca=None)
+    if certs is None:
+        raise ConfigError("--certs DIR (holding ca.crt) is required, or --insecure for local experiments.")
+    return connection(address, ca=certs / "ca.crt")
+
+
+def _flwr(args: list[str], env: dict[str, str]) -> None:
+    from fedtune.server.coordinator import flwr_command
+
+    code = subprocess.call(flwr_command(*args), env=env)
+    if code:
+        sys.exit(code)
+
+
+@coordinator.command("add-site")
+@click.argument("pubkey", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="The site's name.")
+@_connection_options
+def coordinator_add_site(pubkey: Path, name: str, address: str, certs: Path | None, insecure: bool) -> None:
+    """Register a site's public key (node-key.pub) so its daemon may connect."""
+    if not pubkey.is_file():
+        raise ConfigError(f"{pubkey} does not exist; it is node-key.pub from the site's `fedtune site init`.")
+    conn, env = _connect(address, certs, insecure)
+    _flwr(["supernode", "register", str(pubkey), conn, "--name", name], env)
+
+
+@click.command("status")
+@_connection_options
+def status(address: str, certs: Path | None, insecure: bool) -> None:
+    """List runs on the coordinator (flwr ls)."""
+    conn, env = _connect(address, certs, insecure)
+    _flwr(["ls", conn], env)
+
+
+@click.command("logs")
+@click.argument("run_id")
+@_connection_options
+def logs(run_id: str, address: str, certs: Path | None, insecure: bool) -> None:
+    """Show a run's logs (flwr log)."""
+    conn, env = _connect(address, certs, insecure)
+    _flwr(["log", run_id, conn, "--show"], env)
+
+
+@click.command("stop")
+@click.argument("run_id")
+@_connection_options
+def stop(run_id: str, address: str, certs: Path | None, insecure: bool) -> None:
+    """Stop a run (flwr stop)."""
+    conn, env = _connect(address, certs, insecure)
+    _flwr(["stop", run_id, conn], env)
