@@ -1,0 +1,160 @@
+"""Real deployment on 127.0.0.1: coordinator (flower-superlink) and two site daemons (flower-supernode)
+over TLS with node authentication, driven only through `fedtune` commands. Marked slow (a few minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from .deployment import Processes, fedtune, free_port, wait_for_tls, write_site_data
+
+pytestmark = pytest.mark.slow
+
+LABELS = "cardiology,gastroenterology,neurology,orthopedics,pulmonology"
+
+
+class Deployment:
+    def __init__(self, root: Path, tiny_model: Path) -> None:
+        self.root = root
+        self.tiny_model = tiny_model
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "FEDTUNE_HOME": str(root / "fedtune-home")}
+        self.certs = root / "certs"
+        (root / "logs").mkdir()
+        self.procs = Processes(root / "logs")
+
+    def site_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def init_site(self, name: str, rows: slice, *, budget: float = 8.0) -> Path:
+        data = write_site_data(self.root / f"{name}.csv", rows)
+        fedtune("site", "init", "--name", name, "--data", str(data), "--coordinator", self.address, "--ca", str(self.certs / "ca.crt"),
+                "--out", str(self.site_dir(name)), "--budget-epsilon", str(budget), env=self.env)
+        return self.site_dir(name) / "site.toml"
+
+    def start_site(self, name: str) -> None:
+        self.procs.start(name, ["site", "start", "--config", str(self.site_dir(name) / "site.toml"),
+                                "--runtime-port", str(free_port()), "--max-retries", "3"], self.env)
+
+    def run(self, out: Path, *extra: str, timeout: float = 420) -> subprocess.CompletedProcess[str]:
+        return fedtune("run", "--coordinator", self.address, "--certs", str(self.certs), "--labels", LABELS,
+                       "--base-model", str(self.tiny_model), "--max-length", "32", "--out", str(out), *extra,
+                       env=self.env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Deployment]:
+    dep = Deployment(tmp_path_factory.mktemp("deployment"), tiny_model_dir)
+    try:
+        fedtune("certs", "init", "--out", str(dep.certs), env=dep.env)
+        dep.procs.start("coordinator", ["coordinator", "start", "--certs", str(dep.certs), "--state", str(dep.root / "coordinator-state"),
+                                        "--port", str(dep.port)], dep.env)
+        wait_for_tls(dep.port, dep.certs / "ca.crt")
+        for name, rows in (("site-a", slice(0, 120)), ("site-b", slice(120, 240))):
+            dep.init_site(name, rows)
+            fedtune("coordinator", "add-site", str(dep.site_dir(name) / "node-key.pub"), "--name", name,
+                    "--coordinator", dep.address, "--certs", str(dep.certs), env=dep.env)
+            dep.start_site(name)
+        yield dep
+    finally:
+        dep.procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def first_run(deployment: Deployment) -> Path:
+    out = deployment.root / "run-1"
+    deployment.run(out, "--rounds", "2", "--epsilon", "3")
+    return out
+
+
+def test_site_check_passes_every_check(deployment: Deployment) -> None:
+    result = fedtune("site", "check", "--config", str(deployment.site_dir("site-a") / "site.toml"), env=deployment.env)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 5 and all(line.startswith("ok") for line in lines), result.stdout
+    assert "TLS" in result.stdout
+
+
+def test_federated_run_writes_the_complete_run_directory(first_run: Path) -> None:
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoints/round-1", "checkpoints/round-2",
+                 "metrics.jsonl", "summary.json", "config.toml", "report.png"):
+        assert (first_run / name).exists(), name
+    assert len((first_run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_adapter_from_deployment_loads_with_peft(first_run: Path, deployment: Deployment) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(deployment.tiny_model), num_labels=5)
+    model = PeftModel.from_pretrained(base, str(first_run / "adapter"))
+    assert any("lora_B" in n for n, _ in model.named_parameters())
+
+
+def test_epsilon_per_site_is_in_the_summary_and_in_each_site_ledger(first_run: Path, deployment: Deployment) -> None:
+    from fedtune.client.ledger import PrivacyLedger
+
+    summary = json.loads((first_run / "summary.json").read_text())
+    assert summary["dp"] is True
+    sites = {s["site"]: s for s in summary["sites"]}
+    assert set(sites) == {"site-a", "site-b"}
+    for name, site in sites.items():
+        assert 0 < site["epsilon"] <= 3.0
+        ledger = PrivacyLedger(deployment.site_dir(name) / "state")
+        (dataset,) = ledger.summary()
+        assert ledger.spent_epsilon(dataset, delta=site["delta"]) == pytest.approx(site["epsilon"])
+
+
+def test_ledger_survives_a_daemon_restart(first_run: Path, deployment: Deployment) -> None:
+    from fedtune.client.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(deployment.site_dir("site-a") / "state")
+    (dataset,) = ledger.summary()
+    before = ledger.spent_epsilon(dataset, delta=1e-5)
+    deployment.procs.stop("site-a")
+    deployment.start_site("site-a")
+
+    out = deployment.root / "run-2"
+    deployment.run(out, "--rounds", "1", "--epsilon", "5")
+
+    charges = ledger.charges(dataset)
+    assert len({c.run for c in charges}) == 2, "both runs are on the same ledger"
+    after = ledger.spent_epsilon(dataset, delta=1e-5)
+    assert before < after <= 5.0 + 1e-9
+    summary = {s["site"]: s for s in json.loads((out / "summary.json").read_text())["sites"]}
+    assert summary["site-a"]["epsilon"] == pytest.approx(after), "the second run reports the lifetime epsilon, not a restart at zero"
+
+
+def test_site_whose_key_is_not_registered_is_refused(deployment: Deployment) -> None:
+    deployment.init_site("site-unregistered", slice(240, 300))
+    proc = deployment.procs.start("site-unregistered", ["site", "start", "--config", str(deployment.site_dir("site-unregistered") / "site.toml"),
+                                                        "--runtime-port", str(free_port()), "--max-retries", "1"], deployment.env)
+    assert proc.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in deployment.procs.log("site-unregistered")
+    deployment.procs.stop("site-unregistered")
+
+
+def test_client_without_the_ca_cannot_connect(deployment: Deployment) -> None:
+    context = ssl.create_default_context()  # the system's CAs, not the consortium's
+    with socket.create_connection(("127.0.0.1", deployment.port), timeout=10) as sock:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def test_plain_text_connection_is_refused(deployment: Deployment) -> None:
+    with socket.create_connection(("127.0.0.1", deployment.port), timeout=10) as sock:
+        sock.settimeout(10)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        try:
+            reply = sock.recv(1024)
+        except (ConnectionResetError, TimeoutError):
+            reply = b""
+    assert not reply.startswith(b"HTTP/"), f"a plain-text request got an HTTP answer: {reply[:80]!r}"
