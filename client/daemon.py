@@ -163,11 +163,12 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def supernode_command(site: SiteConfig, *, runtime_port: int = 9094, max_retries: int | None = None) -> list[str]:
+def supernode_command(
+    site: SiteConfig, *, runtime_port: int = 9094, max_retries: int | None = None, extra_node_config: dict[str, str] | None = None
+) -> list[str]:
     """The ``flower-supernode`` command line for this site."""
-    node_config = " ".join(
-        f"{k}={_quote(v) if isinstance(v, str) else repr(v)}" for k, v in site.node_config().items()
-    )
+    items = {**site.node_config(), **(extra_node_config or {})}
+    node_config = " ".join(f"{k}={_quote(v) if isinstance(v, str) else repr(v)}" for k, v in items.items())
     cmd = [flower_tool("flower-supernode"), "--superlink", site.coordinator, "--node-config", node_config, "--port", str(runtime_port)]
     if site.insecure:
         cmd.append("--insecure")
@@ -178,3 +179,55 @@ def supernode_command(site: SiteConfig, *, runtime_port: int = 9094, max_retries
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     return cmd
+
+
+def run_daemon(config_path: Path, *, runtime_port: int, max_retries: int | None, warm_worker: bool = True) -> int:
+    """Run the site daemon: the warm worker (optional) and flower-supernode, stopped together.
+
+    Returns flower-supernode's exit code. SIGTERM or SIGINT stops both processes.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fedtune.common.environment import flower_environment
+
+    from .worker import prepare_worker, worker_paths
+
+    site = load_site_config(config_path)
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    env = flower_environment()
+    env["FLWR_HOME"] = str(site.state_dir / "flower")  # Flower's own files stay in the site's state folder
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def stop(*_: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    extra: dict[str, str] = {}
+    try:
+        if warm_worker:
+            extra = prepare_worker(site)
+            procs.append(subprocess.Popen([sys.executable, "-m", "fedtune.cli", "site", "worker", "--config", str(config_path)], env=env))
+            address, _ = worker_paths(site.state_dir)
+            deadline = time.monotonic() + 120
+            while not address.exists():
+                if procs[0].poll() is not None or time.monotonic() > deadline:
+                    raise ConfigError(f"the site's warm worker did not start (exit code {procs[0].poll()}); see the log above.")
+                time.sleep(0.2)
+        cmd = supernode_command(site, runtime_port=runtime_port, max_retries=max_retries, extra_node_config=extra)
+        print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+        supernode = subprocess.Popen(cmd, env=env)
+        procs.append(supernode)
+        return supernode.wait()
+    finally:
+        stop()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
-from flwr.app import Context
 from torch.utils.data import TensorDataset
 
 from fedtune.common.accounting import Segment
@@ -33,8 +33,8 @@ class PreparedSite:
     dataset_id: str  # fingerprint of the site's local dataset: the ledger key
 
 
-def prepare_site(run: RunConfig, context: Context, *, run_dir: str, labels: list[str]) -> PreparedSite:
-    settings = resolve_site(dict(context.node_config), run, run_dir=run_dir)
+def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str, labels: list[str]) -> PreparedSite:
+    settings = resolve_site(node_config, run, run_dir=run_dir)
     if settings.simulated:
         table = load_config_table(settings.data)
         split = simulated_split(table, settings.data, num_sites=settings.num_partitions or run.federation.sites, seed=run.seed)

@@ -117,18 +117,31 @@ def site_check(config_path: Path) -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The site's site.toml.")
 @click.option("--runtime-port", type=int, default=9094, show_default=True, help="Local port of the daemon's runtime API (loopback).")
 @click.option("--max-retries", type=int, default=None, help="Give up after this many failed connection attempts [never].")
-def site_start(config_path: Path, runtime_port: int, max_retries: int | None) -> None:
+@click.option("--no-warm-worker", is_flag=True, help="Load model and libraries in every message's process instead of one warm worker.")
+def site_start(config_path: Path, runtime_port: int, max_retries: int | None, no_warm_worker: bool) -> None:
     """Run the site daemon (flower-supernode) with TLS and node authentication."""
-    from fedtune.client.daemon import load_site_config, supernode_command
-    from fedtune.common.environment import flower_environment
+    from fedtune.client.daemon import load_site_config, run_daemon
 
-    config = load_site_config(config_path)
-    if config.insecure:
+    if load_site_config(config_path).insecure:
         _warn_insecure()
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    env = flower_environment()
-    env["FLWR_HOME"] = str(config.state_dir / "flower")  # Flower's own files stay in the site's state folder
-    _exec(supernode_command(config, runtime_port=runtime_port, max_retries=max_retries), env)
+    sys.exit(run_daemon(config_path, runtime_port=runtime_port, max_retries=max_retries, warm_worker=not no_warm_worker))
+
+
+@site.command("worker", hidden=True)
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def site_worker(config_path: Path) -> None:
+    """The warm worker `site start` runs beside flower-supernode (internal)."""
+    import logging
+
+    from fedtune.cli import _offline_env
+    from fedtune.client.daemon import load_site_config
+    from fedtune.client.worker import serve
+
+    _offline_env()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    import fedtune.client.handlers  # noqa: F401  (pay the torch/PEFT/Opacus imports before the first round)
+
+    serve(load_site_config(config_path))
 
 
 @site.command("ledger")

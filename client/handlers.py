@@ -1,0 +1,108 @@
+"""What a site does for one message, on plain data: no Flower types, so a warm worker can run it too.
+
+The model is built once per process and the full adapter is loaded into it on every request, so a
+process that serves many messages (a simulation actor, the site's warm worker) pays the base-model
+load once.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedtune.common.config import RunConfig, from_flat
+from fedtune.common.errors import FedtuneError
+from fedtune.common.model import ModelBundle, adapter_state, build_model, load_adapter_state, load_tokenizer
+from fedtune.common.tasks import encode, evaluate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteRequest:
+    """One train or evaluate message, as plain data.
+
+    Attributes:
+        kind: 'train' or 'evaluate'.
+        run_config: Flower's flat run config.
+        node_config: The site's node config (its data, ledger and budget; see ``site.py``).
+        run_id: Flower's run id (keys the noise plan in the ledger).
+        config: The message's config: server-round, num-rounds, labels, run-dir.
+        arrays: The global adapter, by tensor name.
+    """
+
+    kind: str
+    run_config: dict[str, Any]
+    node_config: dict[str, Any]
+    run_id: int
+    config: dict[str, Any]
+    arrays: "OrderedDict[str, np.ndarray]"
+
+
+@dataclass(frozen=True)
+class SiteReply:
+    """What goes back: the adapter (train only), scalar metrics, and the site's name."""
+
+    site: str
+    metrics: dict[str, int | float]
+    arrays: "OrderedDict[str, np.ndarray] | None" = None
+
+
+_MODELS: dict[Any, ModelBundle] = {}
+_TOKENIZERS: dict[Any, Any] = {}
+
+
+def _model(run: RunConfig, num_labels: int) -> ModelBundle:
+    key = (run.model, run.lora, num_labels)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = build_model(run.model, run.lora, num_labels, seed=run.seed)
+    return _MODELS[key]
+
+
+def _tokenizer(run: RunConfig):  # type: ignore[no-untyped-def]
+    if run.model not in _TOKENIZERS:
+        _TOKENIZERS[run.model] = load_tokenizer(run.model)
+    return _TOKENIZERS[run.model]
+
+
+def _site_seed(seed: int, name: str, server_round: int) -> int:
+    """A per-site, per-round seed that is stable across processes (unlike ``hash``)."""
+    return zlib.crc32(f"{seed}/{name}/{server_round}".encode()) & 0x7FFFFFFF
+
+
+def handle(req: SiteRequest) -> SiteReply:
+    """Serve one request. Raises FedtuneError (budget, data, protocol) for a typed refusal."""
+    from .local import prepare_site, train_round
+
+    run = from_flat(req.run_config)
+    labels = [str(x) for x in req.config["labels"]]
+    server_round = int(req.config["server-round"])
+    site = prepare_site(run, req.node_config, run_dir=str(req.config["run-dir"]), labels=labels)
+    bundle = _model(run, len(labels))
+    load_adapter_state(bundle.model, {k: torch.from_numpy(np.asarray(v)) for k, v in req.arrays.items()})
+    tokenizer = _tokenizer(run)
+    if req.kind == "train":
+        dataset = encode(tokenizer, site.examples.train_texts, site.examples.train_labels, labels, max_length=run.model.max_length)
+        metrics = train_round(
+            bundle.model, dataset, site=site, run=run, run_id=str(req.run_id), server_round=server_round,
+            num_rounds=int(req.config["num-rounds"]), seed=_site_seed(run.seed, site.settings.name, server_round),
+        )
+        arrays = OrderedDict((k, v.numpy()) for k, v in adapter_state(bundle.model).items())
+        return SiteReply(site=site.settings.name, metrics=metrics, arrays=arrays)
+    if req.kind == "evaluate":
+        if not site.examples.val_texts:
+            raise FedtuneError(f"site {site.settings.name} has no validation examples (data.val_fraction is 0).")
+        dataset = encode(tokenizer, site.examples.val_texts, site.examples.val_labels, labels, max_length=run.model.max_length)
+        result = evaluate(bundle.model, dataset, len(labels))
+        return SiteReply(
+            site=site.settings.name,
+            metrics={"num-examples": result.examples, "loss": result.loss, "accuracy": result.accuracy, "macro-f1": result.macro_f1},
+        )
+    raise FedtuneError(f"unknown request kind {req.kind!r}; expected 'train' or 'evaluate'.")
