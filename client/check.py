@@ -45,7 +45,8 @@ def _check_keys(site: SiteConfig) -> str:
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-    assert site.ca is not None and site.node_key is not None
+    if site.ca is None or site.node_key is None:
+        raise FedtuneError("site.ca and site.node_key are required unless site.insecure = true.")
     ca = x509.load_pem_x509_certificate(site.ca.read_bytes())
     mode = site.node_key.stat().st_mode & 0o777
     if mode & 0o077:

@@ -24,13 +24,13 @@ Relative paths are relative to the folder holding ``site.toml``.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedtune.common.environment import flower_tool
 from fedtune.common.errors import ConfigError
+from fedtune.common.io import read_toml
 
 SITE_FILE = "site.toml"
 
@@ -74,12 +74,7 @@ def _host_port(value: str, where: str) -> list[str]:
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate ``site.toml``; every problem is reported at once, naming the file."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"site config {path} does not exist; create it with `fedtune site init`.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"site config {path} is not valid TOML: {err}.") from None
+    raw = read_toml(path, what="site config", missing_hint="create it with `fedtune site init`")
     base = path.resolve().parent
     problems: list[str] = []
     site: dict[str, Any] = raw.get("site", {})
@@ -159,8 +154,10 @@ def write_site_config(out_dir: Path, *, name: str, coordinator: str, ca: Path, d
 
 
 def _quote(value: str) -> str:
-    """A TOML basic string, as Flower parses node-config values."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A TOML basic string, as Flower parses node-config values (its parser knows no escaped quotes)."""
+    if '"' in value:
+        raise ConfigError(f"node-config value {value!r} contains a double quote, which Flower cannot pass; rename the file or folder.")
+    return '"' + value.replace("\\", "\\\\") + '"'
 
 
 def supernode_command(

@@ -8,7 +8,6 @@ validates itself, and :func:`from_dict` reports *every* problem in one :class:`C
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -372,13 +371,10 @@ def from_flat(flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
 
 def load_toml(path: str | Path, *, base: RunConfig | None = None) -> RunConfig:
     """Load a TOML config file; errors name the file."""
+    from .io import read_toml
+
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist.") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid TOML: {err}.") from None
+    data = read_toml(path, what="config file")
     try:
         return from_dict(data, base=base)
     except ConfigError as err:

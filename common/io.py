@@ -27,6 +27,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def read_toml(path: Path, *, what: str, missing_hint: str = "") -> dict[str, Any]:
+    """Parse a TOML file; a ConfigError names ``what`` and the file when it is missing or malformed."""
+    import tomllib
+
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist{'; ' + missing_hint if missing_hint else ''}.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} {path} is not valid TOML: {err}.") from None
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
