@@ -42,7 +42,7 @@ DEFAULT_SEED = 0
 METHOD = (
     "loss-threshold membership inference (Yeom et al. 2018): score = -cross-entropy loss of the final "
     "global adapter on each labeled example; AUC is rank-based (Mann-Whitney U, ties count half); "
-    "TPR at {fpr:g} FPR uses the best threshold that flags at most {fpr:g} of non-members "
+    "TPR at {fpr:.0%} FPR uses the best threshold that flags at most {fpr:.0%} of non-members "
     "(Carlini et al. 2022); {confidence:.0%} intervals are percentile bootstrap with {resamples} "
     "resamples, members and non-members resampled independently, seed {seed}."
 )
@@ -213,21 +213,21 @@ def per_example_losses(model: Any, dataset: Any, *, batch_size: int = 64) -> np.
     return np.concatenate(out) if out else np.empty(0)
 
 
-def _load_side(path: Path, flag: str, *, text_column: str, label_column: str, labels: list[str],
-               max_examples: int | None, seed: int) -> tuple[list[str], list[str]]:
-    from fedtune.common.data import check_labels, load_table
-
+def _flagged(flag: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; a DataError gets the flag it came from in front, so the user knows which file."""
     try:
-        table = load_table(path, text_column=text_column, label_column=label_column)
-        check_labels(table, labels)
+        return fn()
     except DataError as err:
         raise DataError(f"{flag}: {err}") from None
-    texts, labs = list(table.texts), list(table.labels)
+
+
+def _subsample(table: Any, max_examples: int | None, seed: int) -> tuple[list[str], list[str]]:
+    texts, labels = list(table.texts), list(table.labels)
     if max_examples is not None and len(texts) > max_examples:
         # A seeded sample, not the first N: files are often sorted by label or by source.
         keep = sorted(random.Random(seed).sample(range(len(texts)), max_examples))
-        texts, labs = [texts[i] for i in keep], [labs[i] for i in keep]
-    return texts, labs
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+    return texts, labels
 
 
 def run_audit(
@@ -249,19 +249,27 @@ def run_audit(
         DataError: a missing or empty data file, or a label outside the run's label set, named with
             its flag (``--members`` / ``--non-members``).
     """
-    from fedtune.common.tasks import encode
-    from fedtune.inference import load_adapter
+    from fedtune.common.data import check_labels, load_table
 
     if max_examples is not None and max_examples < 1:
         raise ConfigError(f"--max-examples must be >= 1, got {max_examples}.")
     adapter_dir = Path(run_dir) / "adapter"
     if not adapter_dir.is_dir():
         raise ConfigError(f"{adapter_dir}: no such folder; RUN_DIR must be a finished run directory holding adapter/.")
+    # Data first: a wrong path or an empty file should not wait for a model to load.
+    paths = {"--members": Path(members), "--non-members": Path(non_members)}
+    tables = {
+        flag: _flagged(flag, lambda p=path: load_table(p, text_column=text_column, label_column=label_column))
+        for flag, path in paths.items()
+    }
+    from fedtune.common.tasks import encode  # torch: only once the data is known good
+    from fedtune.inference import load_adapter
+
     loaded = load_adapter(adapter_dir, base_model=base_model)
     sides = {}
-    for flag, path in (("--members", members), ("--non-members", non_members)):
-        sides[flag] = _load_side(Path(path), flag, text_column=text_column, label_column=label_column,
-                                 labels=loaded.labels, max_examples=max_examples, seed=seed)
+    for flag, table in tables.items():
+        _flagged(flag, lambda t=table: check_labels(t, loaded.labels))
+        sides[flag] = _subsample(table, max_examples, seed)
     (m_texts, m_labels), (n_texts, n_labels) = sides["--members"], sides["--non-members"]
     # Identical (text, label) rows on both sides make the attack look weaker than it is.
     overlap = len(set(zip(m_texts, m_labels)) & set(zip(n_texts, n_labels)))

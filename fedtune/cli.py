@@ -46,6 +46,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     Researchers:   fedtune simulate                     (N sites on this machine)
     Coordinators:  fedtune certs init, coordinator start, coordinator add-site, run, status, logs, stop
     Site operators: fedtune site init, site check, site start, site ledger
+    Auditors:      fedtune report RUN_DIR, audit RUN_DIR    (privacy report, membership inference)
     Everyone:      fedtune evaluate / predict           (use a trained adapter)
     """
     ctx.ensure_object(dict)
@@ -275,14 +276,15 @@ def predict(adapter: str, base_model: str | None, texts: tuple[str, ...]) -> Non
         click.echo(f"{loaded.labels[k]}\t{p[k]:.3f}\t{text}")
 
 
-def _register_deployment_commands() -> None:
-    from fedtune import cli_deploy
+def _register_commands() -> None:
+    from fedtune import cli_deploy, cli_privacy
 
-    for command in (cli_deploy.certs, cli_deploy.site, cli_deploy.coordinator, cli_deploy.status, cli_deploy.logs, cli_deploy.stop):
+    for command in (cli_deploy.certs, cli_deploy.site, cli_deploy.coordinator, cli_deploy.status, cli_deploy.logs,
+                    cli_deploy.stop, cli_privacy.report, cli_privacy.audit):
         main.add_command(command)
 
 
-_register_deployment_commands()
+_register_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -44,6 +44,7 @@ def report(run_dir: Path) -> None:
     the adapter's model card RUN_DIR/adapter/README.md. Figures are per site and their maximum,
     never a mean.
     """
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -55,10 +56,12 @@ def report(run_dir: Path) -> None:
     console = Console()
     if not rep["dp"]:
         console.print(f"[bold red]{rep['guarantee']}[/]")
-    table = Table(title=f"Privacy per site ({rep['level']})")
-    for col in ("site", "examples", "epsilon spent", "budget", "delta", "z", "C", "q", "steps", "rounds", "accountant"):
-        # Fold, never truncate: a hidden digit or site name would defeat the table's purpose.
-        table.add_column(col, justify="left" if col in ("site", "accountant") else "right", overflow="fold")
+    table = Table(title=f"Privacy per site ({rep['level']})", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  caption="n: training examples, z: noise multiplier, C: clip norm, q: sample rate")
+    for col in ("site", "n", "epsilon", "budget", "delta", "z", "C", "q", "steps", "accountant"):
+        # Fold, never truncate with an ellipsis: a hidden digit would defeat the table's purpose.
+        table.add_column(col, justify="left" if col in ("site", "accountant") else "right", overflow="fold",
+                         no_wrap=col in ("site", "epsilon"))
 
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -67,7 +70,7 @@ def report(run_dir: Path) -> None:
         table.add_row(
             s["site"], str(s["examples"]), fmt(s["epsilon_spent"], ".3f"), fmt(s["budget_epsilon"], "g"),
             fmt(s["delta"], "g"), fmt(s["noise_multiplier"], ".3f"), fmt(s["clip_norm"], "g"),
-            fmt(s["sample_rate"], ".3f"), str(s["steps"]), str(s["rounds"]), s["accountant"] or "-",
+            fmt(s["sample_rate"], ".3f"), str(s["steps"]), s["accountant"] or "-",
         )
     console.print(table)
     if rep["dp"]:
@@ -88,8 +91,8 @@ def report(run_dir: Path) -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results to this JSON file.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
-@click.option("--max-examples", type=int, help="Use at most N examples of each set (a seeded sample).")
-@click.option("--resamples", type=int, default=1000, show_default=True, help="Bootstrap resamples for the 95% intervals.")
+@click.option("--max-examples", type=click.IntRange(min=1), help="Use at most N examples of each set (a seeded sample).")
+@click.option("--resamples", type=click.IntRange(min=1), default=1000, show_default=True, help="Bootstrap resamples for the 95% intervals.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subsample and the bootstrap.")
 @click.option("--base-model", type=click.Path(file_okay=False), help="Base model folder (default: the one the run used).")
 def audit(run_dir: Path, members: Path, non_members: Path, json_out: Path | None, text_column: str, label_column: str,

@@ -126,6 +126,10 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     }
     recorder.write_summary(summary)
     recorder.plot(dp=run.privacy.enabled)
+    from .report import write_model_card, write_privacy_report
+
+    write_privacy_report(run_dir)
+    write_model_card(run_dir)  # the adapter folder says what it is and what privacy it carries
     print(f"fedtune: done in {summary['seconds']:.0f}s; adapter in {run_dir / 'adapter'}", flush=True)
     return run_dir
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from fedtune.common.errors import ConfigError
-from fedtune.common.io import atomic_write_bytes, atomic_write_json
+from fedtune.common.io import atomic_write_bytes, atomic_write_json, read_toml
 from fedtune.server.records import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -68,9 +67,10 @@ def _config_accountant(run_dir: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8")).get("privacy", {}).get("accountant")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        logger.warning("%s is not valid TOML (%s); accountant taken from summary.json only.", path, err)
+        return read_toml(path, what="run config").get("privacy", {}).get("accountant")
+    except ConfigError as err:
+        # Only a fallback: the summary is the record; a broken config must not hide the report.
+        logger.warning("%s; accountant taken from summary.json only.", err)
         return None
 
 
@@ -291,7 +291,7 @@ def model_card(summary: dict[str, Any], *, accountant: str | None = None) -> str
     if test.get("accuracy") is not None:
         lines += ["", "## Evaluation", "",
                   f"Held-out test split (never trained on): accuracy {test['accuracy']:.3f}, "
-                  f"macro-F1 {test.get('macro_f1') or float('nan'):.3f}."]
+                  + (f"macro-F1 {test['macro_f1']:.3f}." if test.get("macro_f1") is not None else "macro-F1 not recorded.")]
     lines += [
         "",
         "## How to load",

@@ -158,3 +158,19 @@ def test_plain_text_connection_is_refused(deployment: Deployment) -> None:
         except (ConnectionResetError, TimeoutError):
             reply = b""
     assert not reply.startswith(b"HTTP/"), f"a plain-text request got an HTTP answer: {reply[:80]!r}"
+
+
+def test_sites_refuse_a_run_whose_labels_do_not_match_their_data(deployment: Deployment) -> None:
+    out = deployment.root / "run-wrong-labels"
+    fedtune("run", "--coordinator", deployment.address, "--certs", str(deployment.certs), "--labels", "cardiology,oncology",
+            "--base-model", str(deployment.tiny_model), "--rounds", "1", "--out", str(out), env=deployment.env, timeout=420)
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["sites_replied"] == 0
+    reasons = {r["site"]: r["reason"] for r in line["sites_rejected"]}
+    assert len(reasons) == 2
+    assert all("DataError" in r and "is not one of ['cardiology', 'oncology']" in r for r in reasons.values()), reasons
+
+
+def test_status_lists_the_runs(first_run: Path, deployment: Deployment) -> None:
+    result = fedtune("status", "--coordinator", deployment.address, "--certs", str(deployment.certs), env=deployment.env)
+    assert "finished" in result.stdout.lower()

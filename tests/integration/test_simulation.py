@@ -34,11 +34,20 @@ def run_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def test_run_directory_is_complete(run_dir: Path) -> None:
-    for name in ("adapter", "checkpoints/round-1", "checkpoints/round-2", "metrics.jsonl", "summary.json", "config.toml", "report.png"):
+    for name in ("adapter", "checkpoints/round-1", "checkpoints/round-2", "metrics.jsonl", "summary.json", "config.toml", "report.png",
+                 "privacy.json", "privacy.png"):
         assert (run_dir / name).exists(), name
     for folder in ("adapter", "checkpoints/round-1"):
         assert (run_dir / folder / "adapter_config.json").is_file()
         assert (run_dir / folder / "adapter_model.safetensors").is_file()
+
+
+def test_adapter_folder_carries_a_model_card_with_the_privacy_guarantee(run_dir: Path) -> None:
+    card = (run_dir / "adapter" / "README.md").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "differential privacy" in card.lower()
+    assert all(label in card for label in summary["labels"])
+    assert "site-0" in card and "site-1" in card
 
 
 def test_metrics_recorded_once_per_round(run_dir: Path) -> None:
