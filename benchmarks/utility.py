@@ -9,7 +9,8 @@ target epsilon and with --no-dp, and prints held-out test accuracy, macro-F1, th
 wall time as a table (also written as JSON lines and a PNG beside them). Prints figures, asserts
 nothing.
 
-"real" is human-written text (see benchmarks/real_data.py for source and licence): Health News in
+"demo-xK" is the demo generator (same seed and mix) with K times the rows per hospital, generated
+into --out. "real" is human-written text (see benchmarks/real_data.py for source and licence): Health News in
 Twitter, the --real-labels outlets, subsampled to --real-rows rows (seeded).
 """
 
@@ -91,6 +92,11 @@ def main() -> None:
     for name in args.datasets.split(","):
         if name == "demo":
             datasets[name] = "demo:clinical_triage"
+        elif name.startswith("demo-x"):  # the same generator and seed, K times the rows per hospital
+            folder = args.out / name
+            subprocess.run([sys.executable, str(HERE.parent / "common" / "demo_data" / "generate.py"), "--scale", name[6:],
+                            "--out-dir", str(folder)], check=True)
+            datasets[name] = str(folder / "clinical_triage.csv")
         elif name == "real":
             datasets[name] = str(real_subset(args.out, args.real_rows, args.real_labels.split(","), args.seed))
         else:

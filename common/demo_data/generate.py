@@ -809,10 +809,18 @@ def main() -> None:
     parser.add_argument(
         "--check", action="store_true", help="print label counts and a bag-of-words baseline accuracy"
     )
+    parser.add_argument(
+        "--scale", type=int, default=1,
+        help="rows per hospital/branch times this (benchmarks only; the shipped files use 1)",
+    )
     args = parser.parse_args()
+    if args.scale < 1:
+        parser.error(f"--scale must be >= 1, got {args.scale}")
+    hospitals = {k: (n * args.scale, w) for k, (n, w) in HOSPITALS.items()}
+    branches = {k: (n * args.scale, w) for k, (n, w) in BRANCHES.items()}
 
-    clinical, clinical_tally = build(HOSPITALS, CLINICAL_LABELS, clinical_note, random.Random(SEED))
-    bank, bank_tally = build(BRANCHES, BANK_LABELS, bank_message, random.Random(SEED + 1))
+    clinical, clinical_tally = build(hospitals, CLINICAL_LABELS, clinical_note, random.Random(SEED))
+    bank, bank_tally = build(branches, BANK_LABELS, bank_message, random.Random(SEED + 1))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(args.out_dir / "clinical_triage.csv", ["text", "label", "hospital"], clinical)
     write_csv(args.out_dir / "bank_intents.csv", ["text", "label", "branch"], bank)
