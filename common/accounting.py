@@ -17,11 +17,23 @@ The orders (alphas) are Opacus's `RDPAccountant.DEFAULT_ALPHAS`, so a figure her
 Opacus `PrivacyEngine` with the RDP accountant reports for the same history. The grid stops at
 alpha = 63, which puts a floor under the epsilon it can certify (about 0.18 at delta = 1e-7, however
 large z is); below that, calibration reports the target as unreachable.
+
+The PRV accountant ("prv") is tighter (5-45% below RDP at typical DP-SGD settings):
+
+- Gopi, Lee, Wutschitz, "Numerical Composition of Differential Privacy", NeurIPS 2021: the privacy
+  loss random variable (PRV) of each mechanism is truncated to [-L, L] and discretised on a mesh,
+  the PRVs are composed by FFT, and epsilon is read off the composed distribution together with a
+  rigorous error bound (Theorem 5.5; the domain size L is their Remark 5.6).
+
+It calls Opacus's `accountants/analysis/prv` functions, with the same error budget and domain as
+Opacus's `PRVAccountant`, so a figure here matches (to ~1e-9) what a `PrivacyEngine` with the PRV
+accountant reports, while epsilon stays below about 10 (see `_PRV_EPS_ERROR` for beyond that).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import operator
 import warnings
@@ -29,10 +41,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import prv as opacus_prv
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 RDP_ORDERS: tuple[float, ...] = tuple(float(a) for a in RDPAccountant.DEFAULT_ALPHAS)
 """The RDP orders (alphas) every curve is evaluated on: Opacus's RDPAccountant default."""
@@ -42,6 +58,21 @@ _Z_MIN = 1e-3
 _Z_MAX = 1e4
 # Relative width of the final bracket: the answer is at most this much larger than the exact one.
 _Z_RTOL = 1e-3
+
+# PRV error budget (Gopi et al. 2021, Theorem 5.5). eps_error is absolute: 0.01 and delta / 1000 are
+# Opacus's PrivacyEngine defaults. The mesh shrinks as eps_error / sqrt(T), so above epsilon ~ 10
+# eps_error grows to 1e-3 x the domain's half-width L (~0.1% of epsilon), and past a mesh of 2^22
+# points (32 MiB per array, a few seconds) it grows to fit that mesh: memory and time stay bounded
+# for any T, and the figure stays an upper bound, only a looser one.
+_PRV_EPS_ERROR = 0.01
+_PRV_EPS_ERROR_PER_L = 1e-3
+_PRV_DELTA_ERROR_FRACTION = 1e-3
+_PRV_MAX_POINTS = 2**22
+# Where PRV is not run, the RDP bound (also an upper bound) is reported: past eps_error = 1 the
+# domain bound that Opacus and the authors' code use is not known to hold (Opacus, domain.py FIXME),
+# and past L = 700 exp(t) overflows in float64 (epsilon would be in the hundreds anyway).
+_PRV_MAX_EPS_ERROR = 1.0
+_PRV_MAX_L = 700.0
 
 
 @dataclass(frozen=True)
@@ -111,8 +142,83 @@ def _rdp_epsilon(segments: Sequence[Segment], delta: float) -> float:
     return max(0.0, float(eps))
 
 
-# One entry per accountant: (history, delta) -> epsilon. A PRV accountant joins here as "prv".
-_ACCOUNTANTS: dict[str, Callable[[Sequence[Segment], float], float]] = {"rdp": _rdp_epsilon}
+def _prv_epsilon(segments: Sequence[Segment], delta: float) -> float:
+    """An upper bound on epsilon at delta by numerical composition of PRVs (Gopi et al. 2021).
+
+    Segments with the same (q, z) are one PRV composed with itself sum(T) times (composition
+    commutes); distinct ones compose by convolution. The domain half-width L and the mesh follow
+    Opacus's `PRVAccountant` (Remark 5.6 and Theorem 5.5 of the paper), with L from the RDP bound at
+    delta_error / 4 (the whole history) and at delta_error / (8 sum T) (one step of each PRV).
+
+    Of the estimate and its two bounds this returns the *upper* one: epsilon of the discretised
+    composition at delta - delta_error, plus eps_error. The mechanism is (epsilon, delta)-DP with
+    that value; it is never optimistic, and exceeds the exact epsilon by at most ~2 eps_error.
+    Where the discretisation would not be sound or affordable (see `_PRV_MAX_EPS_ERROR`,
+    `_PRV_MAX_L`, tiny delta), it returns the RDP bound instead, which is also an upper bound.
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for segment in segments:
+        if segment.steps > 0:
+            key = (segment.sample_rate, segment.noise_multiplier)
+            merged[key] = merged.get(key, 0) + segment.steps
+    history = [Segment(q, z, steps) for (q, z), steps in merged.items()]
+    total_steps = sum(merged.values())
+    delta_error = _PRV_DELTA_ERROR_FRACTION * delta
+
+    with warnings.catch_warnings():
+        # A best order at the grid's end makes L larger than needed: a wider domain, never a less
+        # sound one. The warning would speak of a bound that is not the one reported.
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        one_step = [Segment(s.sample_rate, s.noise_multiplier, 1) for s in history]
+        l_max = max(
+            _rdp_epsilon(history, delta_error / 4),
+            *(_rdp_epsilon([step], delta_error / (8 * total_steps)) for step in one_step),
+        )
+    # Mesh factor of Theorem 5.5: mesh = eps_error / spread.
+    spread = math.sqrt(total_steps * math.log(12 / delta_error) / 2)
+    eps_error = max(_PRV_EPS_ERROR, _PRV_EPS_ERROR_PER_L * l_max)
+    half_width = max(l_max, eps_error) + 3
+    eps_error = max(eps_error, 2 * half_width * spread / _PRV_MAX_POINTS)
+    if not (half_width <= _PRV_MAX_L and eps_error <= _PRV_MAX_EPS_ERROR):
+        logger.info(
+            "PRV accountant: domain half-width %.4g, eps_error %.3g out of range for %d steps at "
+            "delta=%g; reporting the RDP bound instead.", half_width, eps_error, total_steps, delta,
+        )
+        return _rdp_epsilon(segments, delta)
+
+    # Widen the domain (never less sound) to an even 5-smooth number of points: at a size with a
+    # large prime factor the FFT is up to 10x slower. With (k - 1/2) mesh steps each side, Opacus's
+    # alignment gives 2k + 2 points, whatever the rounding.
+    mesh = eps_error / spread
+    points = 2 * scipy.fft.next_fast_len(math.ceil(half_width / mesh) + 2, real=True)
+    half_width = (points / 2 - 1.5) * mesh
+    domain = opacus_prv.Domain.create_aligned(-half_width, half_width, mesh)
+    with np.errstate(divide="ignore"):  # log(1 - q) = -inf at q = 1 is intended
+        discretised = [
+            opacus_prv.discretize(
+                opacus_prv.TruncatedPrivacyRandomVariable(
+                    opacus_prv.PoissonSubsampledGaussianPRV(s.sample_rate, s.noise_multiplier),
+                    domain.t_min,
+                    domain.t_max,
+                ),
+                domain,
+            )
+            for s in history
+        ]
+    composed = opacus_prv.compose_heterogeneous(discretised, [s.steps for s in history])
+    try:
+        _lower, _estimate, upper = composed.compute_epsilon(delta, delta_error, eps_error)
+    except ValueError as err:  # delta too small for float64 sums over this many points
+        logger.info("PRV accountant: %s; reporting the RDP bound instead.", err)
+        return _rdp_epsilon(segments, delta)
+    return max(0.0, float(upper))
+
+
+# One entry per accountant: (history, delta) -> epsilon.
+_ACCOUNTANTS: dict[str, Callable[[Sequence[Segment], float], float]] = {
+    "rdp": _rdp_epsilon,
+    "prv": _prv_epsilon,
+}
 ACCOUNTANTS: tuple[str, ...] = tuple(_ACCOUNTANTS)
 """The accountant names `epsilon` and `calibrate_noise_multiplier` accept."""
 
@@ -121,7 +227,9 @@ def epsilon(segments: Sequence[Segment], *, delta: float, accountant: str = "rdp
     """Epsilon at `delta` of the adaptive composition of all `segments`.
 
     With the RDP accountant: sum over segments of T * RDP_q,z(alpha) on the shared grid of orders,
-    then the smallest epsilon over alpha of the Balle et al. (2020) conversion at delta.
+    then the smallest epsilon over alpha of the Balle et al. (2020) conversion at delta. With the
+    PRV accountant: the upper end of the numerical bound of Gopi et al. (2021), never below the
+    exact epsilon and above it by about 0.01 (about 0.1% of epsilon above ~10); see `_prv_epsilon`.
 
     Args:
         segments: the DP-SGD history; segments may have different q, z and T.

@@ -110,7 +110,7 @@ class DataConfig:
         return p
 
 
-ACCOUNTANTS = ("rdp",)
+ACCOUNTANTS = ("rdp", "prv")
 DP_LEARNING_RATE = 5e-2
 PLAIN_LEARNING_RATE = 1e-2
 OPTIMIZERS = ("adamw", "sgd")

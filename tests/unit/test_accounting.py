@@ -196,11 +196,11 @@ def test_epsilon_lets_opacus_warning_through_when_best_order_is_at_the_grid_end(
 def test_unknown_accountant_is_refused_with_the_allowed_names():
     # Execute
     with pytest.raises(ConfigError) as caught:
-        epsilon([Segment(0.1, 1.0, 10)], delta=1e-5, accountant="prv")
+        epsilon([Segment(0.1, 1.0, 10)], delta=1e-5, accountant="gdp")
 
     # Assert
     message = str(caught.value)
-    assert "`accountant`" in message and "'prv'" in message
+    assert "`accountant`" in message and "'gdp'" in message
     assert all(repr(name) in message for name in ACCOUNTANTS)
 
 
