@@ -147,6 +147,37 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClientDPConfig:
+    """Client-level DP at the coordinator: DP-FedAvg (McMahan et al. 2018, arXiv:1710.06963).
+
+    Each site's update is clipped to norm S, the clipped updates are summed, Gaussian noise of
+    std z*S is added and the sum is divided by the expected number of sampled sites. It protects
+    whole sites, on top of (not instead of) each site's sample-level DP.
+
+    Attributes:
+        enabled: Turn it on.
+        clip_norm: S, the bound on each site's update norm.
+        noise_multiplier: z; 0 means calibrate it so ``target_epsilon`` holds after the planned rounds.
+        target_epsilon: Client-level epsilon after the planned rounds (when z is calibrated).
+        delta: delta of the client-level guarantee.
+    """
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _check(p, self.clip_norm > 0, f"client_dp.clip_norm must be > 0, got {self.clip_norm}.")
+        _check(p, self.noise_multiplier >= 0, f"client_dp.noise_multiplier must be >= 0, got {self.noise_multiplier}.")
+        _check(p, self.target_epsilon > 0, f"client_dp.target_epsilon must be > 0, got {self.target_epsilon}.")
+        _check(p, 0 < self.delta < 1, f"client_dp.delta must be in (0, 1), got {self.delta}.")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Local training at each site.
 
@@ -222,6 +253,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
     seed: int = 0
     out: str = ""
     simulation: bool = True
@@ -274,6 +306,7 @@ _SECTION_TYPES: dict[str, type] = {
     "privacy": PrivacyConfig,
     "train": TrainConfig,
     "federation": FederationConfig,
+    "client_dp": ClientDPConfig,
 }
 
 

@@ -81,6 +81,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "delta": ("privacy", "delta"),
         "clip_norm": ("privacy", "clip_norm"),
         "lora_rank": ("lora", "rank"),
+        "client_dp_epsilon": ("client_dp", "target_epsilon"),
+        "client_dp_clip_norm": ("client_dp", "clip_norm"),
         "base_model": ("model", "base_model"),
         "max_length": ("model", "max_length"),
         "seed": (None, "seed"),
@@ -97,6 +99,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
             nested.setdefault(section, {})[key] = value
     if flags.get("no_dp"):
         nested.setdefault("privacy", {})["enabled"] = False
+    if flags.get("client_dp"):
+        nested.setdefault("client_dp", {})["enabled"] = True
     return nested
 
 
@@ -119,6 +123,9 @@ def _run_options(f: Any) -> Any:
         click.option("--delta", type=float, help=f"delta of each site's (epsilon, delta) guarantee [{d.privacy.delta:g}]."),
         click.option("--clip-norm", type=float, help=f"Per-example gradient clip norm C [{d.privacy.clip_norm:g}]."),
         click.option("--no-dp", is_flag=True, default=False, help="Train WITHOUT differential privacy (baselines only)."),
+        click.option("--client-dp", is_flag=True, default=False, help="Add client-level DP at the coordinator (DP-FedAvg: clip each site's update, add noise)."),
+        click.option("--client-dp-epsilon", type=float, help=f"Client-level target epsilon after the planned rounds [{d.client_dp.target_epsilon:g}]."),
+        click.option("--client-dp-clip-norm", type=float, help=f"Bound S on each site's update norm [{d.client_dp.clip_norm:g}]."),
         click.option("--lora-rank", type=int, help=f"LoRA rank r [{d.lora.rank}]."),
         click.option("--base-model", type=click.Path(file_okay=False), help="Local Hugging Face model folder (default: packaged all-MiniLM-L6-v2)."),
         click.option("--max-length", type=int, help=f"Tokens per example [{d.model.max_length}]."),
@@ -220,6 +227,13 @@ def _print_summary(run_dir: Path) -> None:
             )
         console.print(table)
         console.print(f"max epsilon over sites: {summary['max_epsilon']:.3f}")
+    client = summary.get("client_level")
+    if client:
+        console.print(
+            f"client-level DP (DP-FedAvg): epsilon {client['epsilon']:.3f} at delta {client['delta']:g}; "
+            f"S={client['clip_norm']:g}, z={client['noise_multiplier']:.3f}, {client['expected_sites']} of {client['sites']} sites "
+            f"per round, {client['rounds']} rounds ({client['sampling']})"
+        )
     ratio = summary["bytes_up"] / max(1, summary["rounds"] * max(1, len(summary["sites"]))) / summary["full_model_bytes"]
     console.print(
         f"bytes up {summary['bytes_up'] / 1e6:.2f} MB, down {summary['bytes_down'] / 1e6:.2f} MB "

@@ -11,27 +11,58 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from fedtune.common.config import FederationConfig, RunConfig, dump_toml, from_flat
+from fedtune.common.config import RunConfig, dump_toml, from_flat
 from fedtune.common.errors import ConfigError
 from fedtune.common.model import adapter_state, build_model, count_parameters, load_adapter_state, resolve_base_model, save_adapter
 from fedtune.common.sitedata import load_config_table, resolve_data_path, run_labels, simulated_split
 from fedtune.common.tasks import encode, evaluate
 
+from .client_dp import ClientLevelDP, calibrate_client_noise, client_level_epsilon, fedavg_sample_size
 from .records import RunRecorder
 from .rounds import TestScore, checkpoint_dir, run_rounds
 
 logger = logging.getLogger(__name__)
 
 
-def make_strategy(fed: FederationConfig) -> Strategy:
-    """FedAvg weighted by examples (McMahan et al. 2017); the seam for other strategies."""
-    return FedAvg(
+def make_strategy(run: RunConfig) -> Strategy:
+    """FedAvg weighted by examples (McMahan et al. 2017), wrapped in client-level DP when on."""
+    fed = run.federation
+    strategy: Strategy = FedAvg(
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_sites,
         min_evaluate_nodes=fed.min_sites if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.min_sites,
     )
+    if run.client_dp.enabled:
+        plan = client_dp_plan(run)
+        strategy = ClientLevelDP(strategy, clip_norm=run.client_dp.clip_norm, noise_multiplier=plan["noise_multiplier"],
+                                 expected_sites=plan["expected_sites"])
+    return strategy
+
+
+def client_dp_plan(run: RunConfig) -> dict[str, Any]:
+    """Client-level DP's mechanism and guarantee for the planned rounds (summary.json's record of it)."""
+    fed, cdp = run.federation, run.client_dp
+    m = fedavg_sample_size(sites=fed.sites, fraction_train=fed.fraction_train, min_train_nodes=fed.min_sites)
+    q = min(1.0, m / fed.sites)
+    z = cdp.noise_multiplier or calibrate_client_noise(
+        target_epsilon=cdp.target_epsilon, delta=cdp.delta, sample_rate=q, rounds=fed.rounds, accountant=run.privacy.accountant
+    )
+    return {
+        "mechanism": "DP-FedAvg (McMahan et al. 2018): per-site update clipping, Gaussian noise, fixed denominator",
+        "clip_norm": cdp.clip_norm,
+        "noise_multiplier": z,
+        "expected_sites": m,
+        "sites": fed.sites,
+        "sample_rate": q,
+        "rounds": fed.rounds,
+        "delta": cdp.delta,
+        "accountant": run.privacy.accountant,
+        "epsilon": client_level_epsilon(sample_rate=q, noise_multiplier=z, rounds=fed.rounds, delta=cdp.delta,
+                                        accountant=run.privacy.accountant),
+        "sampling": "q = 1: exact" if q >= 1 else "fixed-size sampling of sites, accounted as Poisson sampling",
+    }
 
 
 def resolve_run_dir(run: RunConfig, run_id: int) -> Path:
@@ -82,13 +113,14 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         {"num-rounds": run.federation.rounds, "labels": labels, "run-dir": str(run_dir)}
     )
     print(
-        f"fedtune: {run.federation.rounds} rounds, {'DP epsilon ' + format(run.privacy.target_epsilon, 'g') + ' delta ' + format(run.privacy.delta, 'g') if run.privacy.enabled else 'NO differential privacy'}, "
-        f"labels {labels}, run dir {run_dir}",
+        f"fedtune: {run.federation.rounds} rounds, "
+        f"{'sample-level DP at each site, target epsilon ' + format(run.privacy.target_epsilon, 'g') + ' delta ' + format(run.privacy.delta, 'g') if run.privacy.enabled else 'NO sample-level differential privacy'}"
+        f"{', client-level DP (DP-FedAvg)' if run.client_dp.enabled else ''}, labels {labels}, run dir {run_dir}",
         flush=True,
     )
     final, totals = run_rounds(
         grid,
-        make_strategy(run.federation),
+        make_strategy(run),
         initial=initial,
         num_rounds=run.federation.rounds,
         round_config=round_config,
@@ -115,6 +147,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
             if run.privacy.enabled
             else {"level": "NONE: trained without differential privacy"}
         ),
+        "client_level": client_dp_plan(run) if run.client_dp.enabled else None,
         "max_epsilon": max((s.epsilon for s in recorder.sites.values()), default=0.0) if run.privacy.enabled else None,
         "test": {"accuracy": last.get("test_accuracy"), "macro_f1": last.get("test_macro_f1")} if test_fn else None,
         "validation": {"accuracy": last.get("accuracy"), "macro_f1": last.get("macro_f1")},

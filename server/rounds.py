@@ -70,12 +70,13 @@ def run_rounds(
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
         accepted, rejected = screen_train_replies(replies, arrays)
         up = sum(arrays_nbytes(m.content.array_records["arrays"]) for m in accepted)
-        if accepted:
-            new_arrays, _ = strategy.aggregate_train(server_round, accepted)
-            if new_arrays is not None:
-                arrays = new_arrays
-        else:
-            logger.warning("round %d: no usable update (%d sites sampled); the global adapter is unchanged", server_round, len(messages))
+        if not accepted:
+            logger.warning("round %d: no usable update (%d sites sampled)", server_round, len(messages))
+        # Called even with no update: a DP strategy must still release a noised adapter, or an
+        # unchanged one would reveal that no sampled site took part.
+        new_arrays, strategy_metrics = strategy.aggregate_train(server_round, accepted)
+        if new_arrays is not None:
+            arrays = new_arrays
         for msg in accepted:
             recorder.site(site_name(msg)).update(server_round, dict(msg.content.metric_records["metrics"]))
 
@@ -101,6 +102,8 @@ def run_rounds(
             "test_macro_f1": score.macro_f1 if score else None,
             "epsilon_by_site": epsilons,
             "max_epsilon": max(epsilons.values()) if epsilons else None,
+            # Only the strategy's own figures: a mean of the sites' epsilons would mislead.
+            "client_dp": {k: v for k, v in dict(strategy_metrics or {}).items() if str(k).startswith("client-dp-")} or None,
             "bytes_up": up,
             "bytes_down": down,
             "seconds": round(time.perf_counter() - started, 3),

@@ -128,3 +128,25 @@ def test_existing_run_directory_is_not_overwritten(run_dir: Path, tiny_model_dir
     run = from_dict({"model": {"base_model": str(tiny_model_dir)}, "federation": {"sites": 2, "rounds": 1}, "out": str(run_dir)})
     with pytest.raises(ConfigError, match="already holds a run"):
         run_simulation(run)
+
+
+def test_client_level_dp_run_records_its_guarantee(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from fedtune.server.client_dp import client_level_epsilon
+    from fedtune.simulations.simulate import run_simulation
+
+    run = from_dict(
+        {
+            "model": {"base_model": str(tiny_model_dir), "max_length": 32},
+            "federation": {"sites": 2, "rounds": 1, "min_sites": 2},
+            "client_dp": {"enabled": True, "target_epsilon": 5.0, "clip_norm": 0.5},
+            "out": str(tmp_path / "cdp"),
+        }
+    )
+    run_dir = run_simulation(run)
+
+    client = json.loads((run_dir / "summary.json").read_text())["client_level"]
+    assert client["clip_norm"] == 0.5 and client["expected_sites"] == 2 and client["sample_rate"] == 1.0
+    assert client["epsilon"] <= 5.0
+    assert client["epsilon"] == pytest.approx(client_level_epsilon(sample_rate=1.0, noise_multiplier=client["noise_multiplier"], rounds=1, delta=1e-5))
+    line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["client_dp"]["client-dp-sites"] == 2 and line["client_dp"]["client-dp-noise-std"] > 0
