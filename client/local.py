@@ -63,7 +63,11 @@ def train_round(
     num_rounds: int,
     seed: int,
 ) -> dict[str, float | int]:
-    """Train one round; returns the scalar metrics the site reports."""
+    """Train one round; returns the scalar metrics the site reports.
+
+    A deployed site ignores ``seed`` and draws its sampling and noise from OS entropy
+    (see ``train_local``); a simulated site uses it, so simulations are reproducible.
+    """
     n = len(dataset)
     plan = StepPlan.for_dataset(n, run.train)
     privacy = run.privacy
@@ -97,7 +101,9 @@ def train_round(
             accountant=privacy.accountant,
         )
         dp = DPSettings(noise_multiplier=z, clip_norm=privacy.clip_norm)
-    result = train_local(model, dataset, train=run.train, plan=plan, dp=dp, seed=seed, learning_rate=run.learning_rate)
+    result = train_local(
+        model, dataset, train=run.train, plan=plan, dp=dp, seed=seed if settings.simulated else None, learning_rate=run.learning_rate
+    )
     logger.info(
         "%s round %d: %d steps at q=%.3f, loss %.4f, epsilon %.3f/%g",
         settings.name, server_round, plan.steps, plan.sample_rate, result.loss, epsilon_spent, settings.budget_epsilon,

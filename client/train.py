@@ -70,14 +70,26 @@ def train_local(
     train: TrainConfig,
     plan: StepPlan,
     dp: DPSettings | None,
-    seed: int,
+    seed: int | None,
     learning_rate: float | None = None,
 ) -> TrainResult:
     """Run ``plan.steps`` logical steps on ``dataset``; with ``dp`` they are DP-SGD steps.
 
     Both paths draw the same Poisson batches from ``seed`` and normalise by the expected batch
     size q*n, so DP with z=0 and a clip norm that never binds equals plain training.
+
+    ``seed=None`` is production mode (deployed sites): every generator (Poisson sampling, noise,
+    dropout) is seeded from the operating system's CSPRNG (``secrets``) for this call, and Opacus's
+    ``secure_mode`` sums 2n Gaussian draws per coordinate against floating-point attacks (Holohan
+    et al. 2021, arXiv:2107.10138). The generators themselves are PyTorch's Mersenne Twister, not
+    a CSPRNG (torchcsprng does not build for current PyTorch): an attacker would have to recover
+    an unobserved 19937-bit state from noised outputs. Simulations pass a seed, for reproducibility.
     """
+    secure = seed is None
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbits(62)
     torch.manual_seed(seed)  # dropout
     sampler_rng = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -97,7 +109,7 @@ def train_local(
         clipped = 0.0
     else:
         loss, seen, clipped = _train_dp(
-            model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, dp, seed
+            model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, dp, seed, secure
         )
     return TrainResult(
         loss=loss, steps=plan.steps, examples_seen=seen, clipped_fraction=clipped, seconds=time.perf_counter() - start
@@ -119,7 +131,7 @@ def _train_plain(model, dataset, optimizer, plan, rng, physical, expected_batch)
     return total_loss / max(seen, 1), seen
 
 
-def _train_dp(model, dataset, optimizer, plan, rng, physical, expected_batch, dp, seed):  # type: ignore[no-untyped-def]
+def _train_dp(model, dataset, optimizer, plan, rng, physical, expected_batch, dp, seed, secure):  # type: ignore[no-untyped-def]
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -132,6 +144,7 @@ def _train_dp(model, dataset, optimizer, plan, rng, physical, expected_batch, dp
         expected_batch_size=expected_batch,
         loss_reduction="mean",
         generator=torch.Generator().manual_seed(seed + 1),
+        secure_mode=secure,
     )
     loader = DataLoader(dataset, batch_sampler=_poisson_batches(len(dataset), plan, rng))
     total_loss, seen, clipped = 0.0, 0, 0

@@ -77,6 +77,15 @@ def report(run_dir: Path) -> None:
         if rep["max_epsilon"] is not None:
             console.print(f"max epsilon over sites: {rep['max_epsilon']:.3f} ({rep['max_epsilon_site']})")
         console.print(rep["guarantee"], soft_wrap=True)
+    client = rep.get("client_level")
+    if client:
+        console.print(
+            f"client-level DP (DP-FedAvg): each site as a whole is protected with epsilon {client['epsilon']:.3f} "
+            f"at delta {client['delta']:g} (S={client['clip_norm']:g}, z={client['noise_multiplier']:.3f}, "
+            f"{client['expected_sites']} of {client['sites']} sites per round, {client['rounds']} rounds, {client['accountant']}; "
+            f"{client['sampling']})",
+            soft_wrap=True,
+        )
     for warning in rep["warnings"]:
         console.print(f"[yellow]warning: {warning}[/]")
     click.echo(f"wrote {json_path}, {run_dir / PLOT_FILE}" + (f", {card}" if card else " (no adapter/: no model card)"))

@@ -158,6 +158,7 @@ def build_privacy_report(run_dir: Path) -> dict[str, Any]:
         "max_epsilon": max_epsilon,
         "max_epsilon_site": max_site,
         "epsilon_by_round": epsilon_by_round,
+        "client_level": summary.get("client_level"),
         "warnings": warnings,
     }
 

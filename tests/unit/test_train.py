@@ -90,3 +90,12 @@ def test_step_plan_uses_poisson_rate_batch_over_n() -> None:
     assert plan.sample_rate == pytest.approx(0.16)
     assert plan.steps == round(2.0 / 0.16)
     assert StepPlan.for_dataset(10, TrainConfig(batch_size=64)).sample_rate == 1.0
+
+
+def test_production_mode_draws_fresh_noise_each_time(tiny_model_dir: Path, dataset) -> None:  # type: ignore[no-untyped-def]
+    first, second = _model(tiny_model_dir), _model(tiny_model_dir)
+    dp = DPSettings(noise_multiplier=1.0, clip_norm=1.0)
+    train_local(first, dataset, train=TRAIN, plan=StepPlan(sample_rate=0.2, steps=3), dp=dp, seed=None)
+    train_local(second, dataset, train=TRAIN, plan=StepPlan(sample_rate=0.2, steps=3), dp=dp, seed=None)
+    a, b = adapter_state(first), adapter_state(second)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4, "unseeded (production) runs must not repeat their noise"
