@@ -14,6 +14,9 @@ OFFLINE = {
     "TOKENIZERS_PARALLELISM": "false",
     # Flower would otherwise install each run's app dependencies (an unpinned, multi-GB torch).
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # SuperExec looks for new ServerApp/ClientApp tasks every 1 s by default; each message of a
+    # round waits for that poll, so poll faster (the SuperNode's and Grid's own 3 s polls are fixed).
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 
 
