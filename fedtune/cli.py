@@ -74,6 +74,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "rounds": ("federation", "rounds"),
         "min_sites": ("federation", "min_sites"),
         "fraction_train": ("federation", "fraction_train"),
+        "fraction_evaluate": ("federation", "fraction_evaluate"),
         "local_epochs": ("train", "local_epochs"),
         "batch_size": ("train", "batch_size"),
         "learning_rate": ("train", "learning_rate"),
@@ -177,6 +178,7 @@ def simulate(config_file: str | None, **flags: Any) -> None:
 @click.option("--insecure", is_flag=True, help="Plain-text connection (local experiments only).")
 @click.option("--min-sites", type=int, help="Minimum sites per round [2].")
 @click.option("--fraction-train", type=float, help="Fraction of sites sampled each round [1].")
+@click.option("--fraction-evaluate", type=float, help="Fraction of sites asked to evaluate each round; 0 halves the messages per round [1].")
 def run_cmd(config_file: str | None, address: str, certs: Path | None, insecure: bool, **flags: Any) -> None:
     """Submit a federated run to the coordinator and stream one line per round.
 
