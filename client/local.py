@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from fedtune.common.accounting import Segment
 from fedtune.common.config import RunConfig
-from fedtune.common.data import TextTable, check_labels, fingerprint, load_table
+from fedtune.common.data import TextTable, check_labels, fingerprint
 from fedtune.common.errors import ConfigError
 from fedtune.common.sitedata import SiteExamples, load_config_table, simulated_split, site_examples
 
@@ -35,14 +35,13 @@ class PreparedSite:
 
 def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str, labels: list[str]) -> PreparedSite:
     settings = resolve_site(node_config, run, run_dir=run_dir)
+    table = load_config_table(settings.data)  # cached per process (a warm worker reads its file once)
     if settings.simulated:
-        table = load_config_table(settings.data)
         split = simulated_split(table, settings.data, num_sites=settings.num_partitions or run.federation.sites, seed=run.seed)
         if settings.partition is None or settings.partition >= len(split.sites):
             raise ConfigError(f"partition-id {settings.partition} is outside the {len(split.sites)} simulated sites.")
         indices = split.sites[settings.partition]
     else:
-        table = load_table(settings.data.path, text_column=settings.data.text_column, label_column=settings.data.label_column)
         check_labels(table, labels)
         indices = list(range(len(table.labels)))
     examples = site_examples(table, indices, val_fraction=run.data.val_fraction, seed=run.seed + (settings.partition or 0))

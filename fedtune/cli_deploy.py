@@ -157,7 +157,7 @@ def site_ledger(config_path: Path) -> None:
     datasets = ledger.summary()
     if not datasets:
         click.echo(f"{ledger.path}: nothing spent yet (budget {config.budget_epsilon:g} per dataset).")
-    for dataset, entry in datasets.items():
+    for dataset in datasets:
         charges = ledger.charges(dataset)
         spent = epsilon([c.segment for c in charges], delta=config.delta)
         click.echo(f"dataset {dataset[:12]}: epsilon {spent:.3f} of {config.budget_epsilon:g} (delta {config.delta:g}), {len(charges)} rounds")
