@@ -189,9 +189,3 @@ def save_adapter(model: torch.nn.Module, folder: Path, *, metadata: dict | None 
             os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable}

@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedtune.common.config import RunConfig, dump_toml, from_flat
 from fedtune.common.errors import ConfigError
-from fedtune.common.model import adapter_state, build_model, count_parameters, load_adapter_state, resolve_base_model, save_adapter
+from fedtune.common.model import adapter_state, build_model, load_adapter_state, resolve_base_model, save_adapter
 from fedtune.common.sitedata import load_config_table, resolve_data_path, run_labels, simulated_split
 from fedtune.common.tasks import encode, evaluate
 
@@ -65,6 +65,12 @@ def client_dp_plan(run: RunConfig) -> dict[str, Any]:
     }
 
 
+def _describe_privacy(run: RunConfig) -> str:
+    p = run.privacy
+    text = f"sample-level DP at each site (target epsilon {p.target_epsilon:g}, delta {p.delta:g})" if p.enabled else "NO sample-level differential privacy"
+    return text + (", client-level DP (DP-FedAvg)" if run.client_dp.enabled else "")
+
+
 def resolve_run_dir(run: RunConfig, run_id: int) -> Path:
     return Path(run.out or f"runs/run-{run_id}").resolve()
 
@@ -112,12 +118,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     round_config = ConfigRecord(
         {"num-rounds": run.federation.rounds, "labels": labels, "run-dir": str(run_dir)}
     )
-    print(
-        f"fedtune: {run.federation.rounds} rounds, "
-        f"{'sample-level DP at each site, target epsilon ' + format(run.privacy.target_epsilon, 'g') + ' delta ' + format(run.privacy.delta, 'g') if run.privacy.enabled else 'NO sample-level differential privacy'}"
-        f"{', client-level DP (DP-FedAvg)' if run.client_dp.enabled else ''}, labels {labels}, run dir {run_dir}",
-        flush=True,
-    )
+    print(f"fedtune: {run.federation.rounds} rounds, {_describe_privacy(run)}, labels {labels}, run dir {run_dir}", flush=True)
     final, totals = run_rounds(
         grid,
         make_strategy(run),
@@ -134,7 +135,8 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     save_adapter(model, run_dir / "adapter", metadata={**metadata, "round": run.federation.rounds})
     last = recorder.rounds[-1] if recorder.rounds else {}
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_state(model).values())
-    base_params = count_parameters(model)["total"]
+    # The frozen base model alone: neither the LoRA matrices nor PEFT's trainable copy of the head.
+    base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
     summary: dict[str, Any] = {
         "rounds": run.federation.rounds,
         "base_model": str(resolve_base_model(run.model)),
