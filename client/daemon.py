@@ -18,6 +18,7 @@ label_column = "label"
 [privacy]
 budget_epsilon = 8.0          # lifetime epsilon per dataset
 delta = 1e-5
+allow_no_dp = false           # refuse runs without DP (they would spend privacy no ledger counts)
 ```
 Relative paths are relative to the folder holding ``site.toml``.
 """
@@ -49,6 +50,7 @@ class SiteConfig:
     label_column: str = "label"
     budget_epsilon: float = 8.0
     delta: float = 1e-5
+    allow_no_dp: bool = False
     insecure: bool = False
 
     def node_config(self) -> dict[str, str | float]:
@@ -61,6 +63,7 @@ class SiteConfig:
             "delta": float(self.delta),
             "text-column": self.text_column,
             "label-column": self.label_column,
+            "allow-no-dp": "true" if self.allow_no_dp else "false",
         }
 
 
@@ -81,7 +84,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     data: dict[str, Any] = raw.get("data", {})
     privacy: dict[str, Any] = raw.get("privacy", {})
     allowed = {"site": {"name", "coordinator", "ca", "node_key", "state_dir", "insecure"},
-               "data": {"path", "text_column", "label_column"}, "privacy": {"budget_epsilon", "delta"}}
+               "data": {"path", "text_column", "label_column"}, "privacy": {"budget_epsilon", "delta", "allow_no_dp"}}
     for section, keys in allowed.items():
         for key in raw.get(section, {}):
             if key not in keys:
@@ -130,6 +133,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         label_column=str(data.get("label_column", "label")),
         budget_epsilon=budget,
         delta=delta,
+        allow_no_dp=bool(privacy.get("allow_no_dp", False)),
         insecure=insecure,
     )
 

@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 from fedtune.common.accounting import Segment
 from fedtune.common.config import RunConfig
 from fedtune.common.data import TextTable, check_labels, fingerprint
-from fedtune.common.errors import ConfigError
+from fedtune.common.errors import ConfigError, PrivacyBudgetError
 from fedtune.common.sitedata import SiteExamples, load_config_table, simulated_split, site_examples
 
 from .ledger import PrivacyLedger
@@ -73,6 +73,12 @@ def train_round(
     settings = site.settings
     dp: DPSettings | None = None
     epsilon_spent = 0.0
+    if not privacy.enabled and not settings.allow_no_dp:
+        raise PrivacyBudgetError(
+            f"site {settings.name} trains only with differential privacy; this run has privacy.enabled = false "
+            "(the site operator can set [privacy] allow_no_dp = true in site.toml).",
+            budget=settings.budget_epsilon, spent=0.0, requested=float("inf"),
+        )
     if privacy.enabled:
         ledger = PrivacyLedger(settings.state_dir)
         if privacy.noise_multiplier > 0:

@@ -96,3 +96,25 @@ def test_malformed_global_adapter_is_refused(tiny_model_dir: Path, tmp_path: Pat
     reply = _send(build_client_app(), MessageType.TRAIN, broken, config, context)
     assert reply.has_error()
     assert "UpdateError" in reply.error.reason and "missing" in reply.error.reason
+
+
+def _deployed_context(tiny_model_dir: Path, tmp_path: Path, run_flat: dict, *, allow_no_dp: str) -> Context:  # type: ignore[type-arg]
+    from fedtune.common.sitedata import demo_data_path
+
+    node_config = {
+        "site-name": "hospital-a", "data-path": str(demo_data_path()), "state-dir": str(tmp_path / "state"),
+        "budget-epsilon": 8.0, "delta": 1e-5, "text-column": "text", "label-column": "label", "allow-no-dp": allow_no_dp,
+    }
+    return Context(run_id=9, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_flat)
+
+
+def test_deployed_site_refuses_a_run_without_dp_unless_its_operator_allows_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run, labels, initial, config, _ = _setup(tiny_model_dir, tmp_path)
+    flat = {**run.to_flat(), "privacy.enabled": False, "simulation": False}
+
+    refused = _send(build_client_app(), MessageType.TRAIN, initial, config, _deployed_context(tiny_model_dir, tmp_path, flat, allow_no_dp="false"))
+    allowed = _send(build_client_app(), MessageType.TRAIN, initial, config, _deployed_context(tiny_model_dir, tmp_path, flat, allow_no_dp="true"))
+
+    assert refused.has_error() and "trains only with differential privacy" in refused.error.reason
+    assert not allowed.has_error(), allowed.error
+    assert allowed.content["metrics"]["dp"] == 0

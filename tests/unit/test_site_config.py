@@ -29,7 +29,7 @@ def test_written_site_config_round_trips_with_absolute_paths(tmp_path: Path) -> 
     assert site.node_key == (tmp_path / "site" / "node-key").resolve() and site.state_dir.is_absolute()
     assert site.node_config() == {
         "site-name": "hospital-a", "data-path": str((tmp_path / "notes.csv").resolve()), "state-dir": str(site.state_dir),
-        "budget-epsilon": 4.0, "delta": 1e-6, "text-column": "note", "label-column": "dept",
+        "budget-epsilon": 4.0, "delta": 1e-6, "text-column": "note", "label-column": "dept", "allow-no-dp": "false",
     }
 
 
