@@ -182,6 +182,17 @@ def supernode_command(
     return cmd
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the supervising daemon dies (Linux), so nothing is orphaned."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_daemon(config_path: Path, *, runtime_port: int, max_retries: int | None, warm_worker: bool = True) -> int:
     """Run the site daemon: the warm worker (optional) and flower-supernode, stopped together.
 
@@ -202,9 +213,12 @@ def run_daemon(config_path: Path, *, runtime_port: int, max_retries: int | None,
     env["FLWR_HOME"] = str(site.state_dir / "flower")  # Flower's own files stay in the site's state folder
     procs: list[subprocess.Popen[bytes]] = []
 
+    signalled: set[int] = set()
+
     def stop(*_: object) -> None:
         for proc in procs:
-            if proc.poll() is None:
+            if proc.poll() is None and proc.pid not in signalled:
+                signalled.add(proc.pid)
                 proc.terminate()
 
     signal.signal(signal.SIGTERM, stop)
@@ -213,7 +227,11 @@ def run_daemon(config_path: Path, *, runtime_port: int, max_retries: int | None,
     try:
         if warm_worker:
             extra = prepare_worker(site)
-            procs.append(subprocess.Popen([sys.executable, "-m", "fedtune.cli", "site", "worker", "--config", str(config_path)], env=env))
+            # Own sessions: a signal to the daemon's group reaches only this supervisor, which sends
+            # each child exactly one SIGTERM (a second one cuts short the SuperNode's deactivation,
+            # and the coordinator then refuses the restarted site until its heartbeat expires).
+            procs.append(subprocess.Popen([sys.executable, "-m", "fedtune.cli", "site", "worker", "--config", str(config_path)],
+                                          env=env, start_new_session=True, preexec_fn=_die_with_parent))
             address, _ = worker_paths(site.state_dir)
             deadline = time.monotonic() + 120
             while not address.exists():
@@ -222,7 +240,7 @@ def run_daemon(config_path: Path, *, runtime_port: int, max_retries: int | None,
                 time.sleep(0.2)
         cmd = supernode_command(site, runtime_port=runtime_port, max_retries=max_retries, extra_node_config=extra)
         print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-        supernode = subprocess.Popen(cmd, env=env)
+        supernode = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         procs.append(supernode)
         return supernode.wait()
     finally:
