@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from fedtune.common.errors import FedtuneError
+from fedtune.common.io import parse_host_port
 
 from .daemon import SiteConfig
 
@@ -68,12 +69,12 @@ def _check_ledger(site: SiteConfig) -> str:
 
 
 def _check_coordinator(site: SiteConfig, timeout: float = 5.0) -> str:
-    host, _, port = site.coordinator.rpartition(":")
-    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+    host, port = parse_host_port(site.coordinator, where="site.coordinator")
+    with socket.create_connection((host, port), timeout=timeout) as sock:
         if site.insecure:
             return f"{site.coordinator} accepts TCP connections (no TLS: insecure)"
         context = ssl.create_default_context(cafile=str(site.ca))
-        with context.wrap_socket(sock, server_hostname=host.strip("[]")) as tls:
+        with context.wrap_socket(sock, server_hostname=host) as tls:
             return f"{site.coordinator} reachable over {tls.version()}, certificate verified against {site.ca}"
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from fedtune.common.environment import flower_tool
 from fedtune.common.errors import ConfigError
-from fedtune.common.io import read_toml
+from fedtune.common.io import parse_host_port, read_toml
 
 SITE_FILE = "site.toml"
 
@@ -67,13 +67,6 @@ class SiteConfig:
         }
 
 
-def _host_port(value: str, where: str) -> list[str]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return [f"{where} must be HOST:PORT, got {value!r}."]
-    return []
-
-
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate ``site.toml``; every problem is reported at once, naming the file."""
     path = Path(path)
@@ -99,7 +92,10 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if name and (not name.replace("-", "").replace("_", "").replace(".", "").isalnum()):
         problems.append(f"site.name may hold letters, digits, '-', '_' and '.', got {name!r}.")
     if isinstance(site.get("coordinator"), str) and site["coordinator"]:
-        problems += _host_port(site["coordinator"], "site.coordinator")
+        try:
+            parse_host_port(site["coordinator"], where="site.coordinator")
+        except ConfigError as err:
+            problems += err.problems
     insecure = bool(site.get("insecure", False))
     if not insecure:
         for key in ("ca", "node_key"):

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedtune.common.errors import ConfigError
-from fedtune.common.io import write_file_exclusive
+from fedtune.common.io import read_bytes, write_file_exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +95,7 @@ def public_key_fingerprint(pub_path: Path) -> str:
         ConfigError: the file is missing or is not an OpenSSH public key.
     """
     pub_path = Path(pub_path)
-    try:
-        text = pub_path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{pub_path} does not exist.") from None
-    except OSError as err:
-        raise ConfigError(f"{pub_path} cannot be read: {err.strerror}.") from None
+    text = read_bytes(pub_path)
     fields = text.split()
     expected = "expected one OpenSSH public key line such as 'ecdsa-sha2-nistp384 AAAA...'"
     if len(fields) < 2:

@@ -27,6 +27,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes; a ConfigError names the file when it is missing or unreadable."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist.") from None
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read: {err.strerror}.") from None
+
+
+def parse_host_port(value: str, *, where: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (an IPv6 host in brackets); ConfigError names ``where`` and the value."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where} must be HOST:PORT, got {value!r}.")
+    return host.strip("[]"), int(port)
+
+
 def read_toml(path: Path, *, what: str, missing_hint: str = "") -> dict[str, Any]:
     """Parse a TOML file; a ConfigError names ``what`` and the file when it is missing or malformed."""
     import tomllib

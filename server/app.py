@@ -24,8 +24,8 @@ from .rounds import TestScore, checkpoint_dir, run_rounds
 logger = logging.getLogger(__name__)
 
 
-def make_strategy(run: RunConfig) -> Strategy:
-    """FedAvg weighted by examples (McMahan et al. 2017), wrapped in client-level DP when on."""
+def make_strategy(run: RunConfig, client_plan: dict[str, Any] | None = None) -> Strategy:
+    """FedAvg weighted by examples (McMahan et al. 2017), wrapped in client-level DP when planned."""
     fed = run.federation
     strategy: Strategy = FedAvg(
         fraction_train=fed.fraction_train,
@@ -34,10 +34,9 @@ def make_strategy(run: RunConfig) -> Strategy:
         min_evaluate_nodes=fed.min_sites if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.min_sites,
     )
-    if run.client_dp.enabled:
-        plan = client_dp_plan(run)
-        strategy = ClientLevelDP(strategy, clip_norm=run.client_dp.clip_norm, noise_multiplier=plan["noise_multiplier"],
-                                 expected_sites=plan["expected_sites"])
+    if client_plan is not None:
+        strategy = ClientLevelDP(strategy, clip_norm=client_plan["clip_norm"], noise_multiplier=client_plan["noise_multiplier"],
+                                 expected_sites=client_plan["expected_sites"])
     return strategy
 
 
@@ -114,6 +113,8 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         load_adapter_state(model, arrays.to_torch_state_dict())
         save_adapter(model, checkpoint_dir(run_dir, server_round), metadata={**metadata, "round": server_round})
 
+    # Calibrated once: the same plan drives the strategy and is recorded in the summary.
+    client_plan = client_dp_plan(run) if run.client_dp.enabled else None
     recorder = RunRecorder(run_dir)
     round_config = ConfigRecord(
         {"num-rounds": run.federation.rounds, "labels": labels, "run-dir": str(run_dir)}
@@ -121,7 +122,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     print(f"fedtune: {run.federation.rounds} rounds, {_describe_privacy(run)}, labels {labels}, run dir {run_dir}", flush=True)
     final, totals = run_rounds(
         grid,
-        make_strategy(run),
+        make_strategy(run, client_plan),
         initial=initial,
         num_rounds=run.federation.rounds,
         round_config=round_config,
@@ -149,7 +150,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
             if run.privacy.enabled
             else {"level": "NONE: trained without differential privacy"}
         ),
-        "client_level": client_dp_plan(run) if run.client_dp.enabled else None,
+        "client_level": client_plan,
         "max_epsilon": max((s.epsilon for s in recorder.sites.values()), default=0.0) if run.privacy.enabled else None,
         "test": {"accuracy": last.get("test_accuracy"), "macro_f1": last.get("test_macro_f1")} if test_fn else None,
         "validation": {"accuracy": last.get("accuracy"), "macro_f1": last.get("macro_f1")},

@@ -18,15 +18,9 @@ from typing import Mapping
 
 from fedtune.common.environment import flower_environment, flower_tool
 from fedtune.common.errors import ConfigError
+from fedtune.common.io import parse_host_port
 
 CERT_FILES = ("ca.crt", "server.crt", "server.key")
-
-
-def check_address(value: str, flag: str = "--coordinator") -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{flag} must be HOST:PORT, got {value!r}.")
-    return host, int(port)
 
 
 def superlink_command(*, certs: Path | None, state: Path, host: str, port: int) -> list[str]:
@@ -67,7 +61,7 @@ def connection(coordinator: str, *, ca: Path | None) -> tuple[str, dict[str, str
 
     ``ca`` None means a plain-text connection (``--insecure``).
     """
-    host, port = check_address(coordinator)
+    host, port = parse_host_port(coordinator, where="--coordinator")
     if ca is not None and not ca.is_file():
         raise ConfigError(f"CA certificate {ca} does not exist; it is DIR/ca.crt from `fedtune certs init`.")
     name = "fedtune-" + re.sub(r"[^A-Za-z0-9]+", "-", f"{host}-{port}").strip("-")

@@ -40,7 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from fedtune.common.errors import ConfigError
-from fedtune.common.io import write_file_exclusive
+from fedtune.common.io import read_bytes, write_file_exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -313,12 +313,7 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _load_cert(path: Path) -> x509.Certificate:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist.") from None
-    except OSError as err:
-        raise ConfigError(f"{path} cannot be read: {err.strerror}.") from None
+    data = read_bytes(path)
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError as err:
