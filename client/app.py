@@ -22,40 +22,52 @@ logger = logging.getLogger(__name__)
 
 # A site's refusal (budget, data, protocol) travels as a typed error reply, never a crash.
 FEDTUNE_ERROR_CODE = 100
+# The record Flower's SecAgg+ protocol messages carry (flwr's RECORD_KEY_CONFIGS), checked
+# without importing the protocol module on the plain path.
+SECAGG_RECORD = "secaggplus_configs"
 
 
-def _request(msg: Message, context: Context, kind: str, overrides: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _request(context: Context, kind: str, overrides: dict[str, Any], arrays: OrderedDict[str, Any], config: dict[str, Any]):  # type: ignore[no-untyped-def]
     from .handlers import SiteRequest
 
-    arrays = msg.content["arrays"]
     return SiteRequest(
         kind=kind,
         # Flower forbids changing context.run_config on the client side: injected config merges here.
         run_config={**dict(context.run_config), **overrides},
         node_config=dict(context.node_config),
         run_id=int(context.run_id),
-        config=dict(msg.content["config"]),
-        arrays=OrderedDict((k, arr.numpy()) for k, arr in arrays.items()),
+        config=config,
+        arrays=arrays,
     )
+
+
+def site_reply(context: Context, kind: str, overrides: dict[str, Any], arrays: OrderedDict[str, Any], config: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """The site's answer as plain data (a SiteReply); raises FedtuneError for a typed refusal."""
+    request = _request(context, kind, overrides, arrays, config)
+    if "worker-address" in context.node_config:
+        from .worker import call_worker
+
+        return call_worker(context.node_config, request)
+    from .handlers import handle
+
+    return handle(request)
+
+
+def refusal(msg: Message, kind: str, err: Exception) -> Message:
+    """A typed error reply: the coordinator logs the reason and the round goes on without this site."""
+    reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"  # a worker's refusal carries its own
+    logger.warning("refused %s: %s", kind, reason)
+    return Message(Error(code=FEDTUNE_ERROR_CODE, reason=reason), reply_to=msg)
 
 
 def _serve(msg: Message, context: Context, kind: str, overrides: dict[str, Any]) -> Message:
     from fedtune.common.errors import FedtuneError
 
-    request = _request(msg, context, kind, overrides)
+    arrays = OrderedDict((k, arr.numpy()) for k, arr in msg.content["arrays"].items())
     try:
-        if "worker-address" in context.node_config:
-            from .worker import call_worker
-
-            reply = call_worker(context.node_config, request)
-        else:
-            from .handlers import handle
-
-            reply = handle(request)
+        reply = site_reply(context, kind, overrides, arrays, dict(msg.content["config"]))
     except FedtuneError as err:
-        reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"  # a worker's refusal carries its own
-        logger.warning("refused %s: %s", kind, reason)
-        return Message(Error(code=FEDTUNE_ERROR_CODE, reason=reason), reply_to=msg)
+        return refusal(msg, kind, err)
     records: dict[str, Any] = {"metrics": MetricRecord(reply.metrics), "site": ConfigRecord({"name": reply.site})}
     if reply.arrays is not None:
         records["arrays"] = ArrayRecord(OrderedDict((k, Array.from_numpy_ndarray(v)) for k, v in reply.arrays.items()))
@@ -73,6 +85,10 @@ def build_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
+        if SECAGG_RECORD in msg.content.config_records:  # a SecAgg+ round (see client/secure_agg.py)
+            from .secure_agg import secure_train
+
+            return secure_train(msg, context, overrides)
         return _serve(msg, context, "train", overrides)
 
     @client_app.evaluate()

@@ -21,6 +21,8 @@ from fedtune.common.errors import FedtuneError
 from fedtune.common.model import ModelBundle, adapter_state, build_model, load_adapter_state, load_tokenizer
 from fedtune.common.tasks import encode, evaluate
 
+from .secure_agg import MAX_WEIGHT_KEY
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,7 +44,7 @@ class SiteRequest:
     node_config: dict[str, Any]
     run_id: int
     config: dict[str, Any]
-    arrays: "OrderedDict[str, np.ndarray]"
+    arrays: OrderedDict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class SiteReply:
 
     site: str
     metrics: dict[str, int | float]
-    arrays: "OrderedDict[str, np.ndarray] | None" = None
+    arrays: OrderedDict[str, np.ndarray] | None = None
 
 
 _MODELS: dict[Any, ModelBundle] = {}
@@ -89,6 +91,13 @@ def handle(req: SiteRequest) -> SiteReply:
     load_adapter_state(bundle.model, {k: torch.from_numpy(np.asarray(v)) for k, v in req.arrays.items()})
     tokenizer = _tokenizer(run)
     if req.kind == "train":
+        max_weight = req.config.get(MAX_WEIGHT_KEY)
+        if max_weight is not None and len(site.examples.train_texts) > float(max_weight):
+            # Checked before training: a refused secure round must not spend privacy budget.
+            raise FedtuneError(
+                f"site {site.settings.name} has {len(site.examples.train_texts)} training examples, above the "
+                f"secure-aggregation max weight {float(max_weight):g}; the coordinator must raise secure_agg.max_weight"
+            )
         dataset = encode(tokenizer, site.examples.train_texts, site.examples.train_labels, labels, max_length=run.model.max_length)
         metrics = train_round(
             bundle.model, dataset, site=site, run=run, run_id=str(req.run_id), server_round=server_round,

@@ -178,6 +178,35 @@ class ClientDPConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SecureAggConfig:
+    """Secure aggregation with Flower's SecAgg+ (Bell et al. 2020, arXiv:2009.00651).
+
+    The coordinator learns only the example-weighted sum of the sampled sites' adapters. Each
+    site quantizes its (weighted) adapter into integers, adds pairwise and private masks, and
+    secret-shares its mask keys with the other sampled sites; a majority of them
+    (floor(n/2) + 1, at least 2) is needed to remove the masks, so a round survives sites
+    dropping out as long as that many remain. A round the protocol cannot finish fails the run.
+
+    Attributes:
+        enabled: Turn it on (train exchanges only; evaluation sends the global adapter as usual).
+        clipping_range: Bound on every adapter value before quantization; a site whose adapter
+            leaves [-clipping_range, clipping_range] refuses the round rather than be clipped.
+        max_weight: Bound on a site's number of training examples (its FedAvg weight); a larger
+            site refuses the round. Smaller bounds quantize more finely.
+    """
+
+    enabled: bool = False
+    clipping_range: float = 8.0
+    max_weight: int = 100_000
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _check(p, self.clipping_range > 0, f"secure_agg.clipping_range must be > 0, got {self.clipping_range}.")
+        _check(p, self.max_weight >= 1, f"secure_agg.max_weight must be >= 1, got {self.max_weight}.")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Local training at each site.
 
@@ -254,6 +283,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
+    secure_agg: SecureAggConfig = field(default_factory=SecureAggConfig)
     seed: int = 0
     out: str = ""
     simulation: bool = True
@@ -263,6 +293,13 @@ class RunConfig:
         fed = self.federation
         if fed.min_sites > fed.sites:
             problems.append(f"federation.min_sites ({fed.min_sites}) must be <= federation.sites ({fed.sites}).")
+        if self.secure_agg.enabled and self.client_dp.enabled:
+            problems.append(
+                "secure_agg and client_dp cannot be combined: client-level DP clips each site's update at the "
+                "coordinator, and secure aggregation hides those updates from it."
+            )
+        if self.secure_agg.enabled and fed.min_sites < 2:
+            problems.append(f"secure_agg needs federation.min_sites >= 2 (a sum over one site is that site's update), got {fed.min_sites}.")
         if problems:
             raise ConfigError(problems)
 
@@ -307,6 +344,7 @@ _SECTION_TYPES: dict[str, type] = {
     "train": TrainConfig,
     "federation": FederationConfig,
     "client_dp": ClientDPConfig,
+    "secure_agg": SecureAggConfig,
 }
 
 

@@ -103,6 +103,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         nested.setdefault("privacy", {})["enabled"] = False
     if flags.get("client_dp"):
         nested.setdefault("client_dp", {})["enabled"] = True
+    if flags.get("secure_agg"):
+        nested.setdefault("secure_agg", {})["enabled"] = True
     return nested
 
 
@@ -129,6 +131,7 @@ def _run_options(f: Any) -> Any:
         click.option("--client-dp", is_flag=True, default=False, help="Add client-level DP at the coordinator (DP-FedAvg: clip each site's update, add noise)."),
         click.option("--client-dp-epsilon", type=float, help=f"Client-level target epsilon after the planned rounds [{d.client_dp.target_epsilon:g}]."),
         click.option("--client-dp-clip-norm", type=float, help=f"Bound S on each site's update norm [{d.client_dp.clip_norm:g}]."),
+        click.option("--secure-agg", is_flag=True, default=False, help="Secure aggregation (SecAgg+): the coordinator learns only the weighted mean of the sites' adapters."),
         click.option("--lora-rank", type=int, help=f"LoRA rank r [{d.lora.rank}]."),
         click.option("--base-model", type=click.Path(file_okay=False), help="Local Hugging Face model folder (default: packaged all-MiniLM-L6-v2)."),
         click.option("--max-length", type=int, help=f"Tokens per example [{d.model.max_length}]."),
@@ -238,6 +241,8 @@ def _print_summary(run_dir: Path) -> None:
             f"S={client['clip_norm']:g}, z={client['noise_multiplier']:.3f}, {client['expected_sites']} of {client['sites']} sites "
             f"per round, {client['rounds']} rounds ({client['sampling']})"
         )
+    if summary.get("secure_aggregation"):
+        console.print("secure aggregation (SecAgg+): the coordinator saw only the weighted mean of the site updates")
     ratio = summary["bytes_up"] / max(1, summary["rounds"] * max(1, len(summary["sites"]))) / summary["full_model_bytes"]
     console.print(
         f"bytes up {summary['bytes_up'] / 1e6:.2f} MB, down {summary['bytes_down'] / 1e6:.2f} MB "

@@ -86,6 +86,10 @@ def report(run_dir: Path) -> None:
             f"{client['sampling']})",
             soft_wrap=True,
         )
+    if rep.get("secure_aggregation"):
+        from fedtune.server.report import SECURE_AGG_SENTENCE
+
+        console.print(SECURE_AGG_SENTENCE, soft_wrap=True)
     for warning in rep["warnings"]:
         console.print(f"[yellow]warning: {warning}[/]")
     click.echo(f"wrote {json_path}, {run_dir / PLOT_FILE}" + (f", {card}" if card else " (no adapter/: no model card)"))
@@ -113,8 +117,8 @@ def audit(run_dir: Path, members: Path, non_members: Path, json_out: Path | None
     intervals. AUC 0.5 and TPR 0.01 are chance. A weak attack finding nothing is not a proof of
     privacy; the DP guarantee is the proof, the audit a sanity check.
     """
-    from fedtune.cli import _offline_env
     from fedtune.audit import run_audit
+    from fedtune.cli import _offline_env
 
     _offline_env()
     result = run_audit(run_dir, members=members, non_members=non_members, text_column=text_column,

@@ -67,7 +67,8 @@ def client_dp_plan(run: RunConfig) -> dict[str, Any]:
 def _describe_privacy(run: RunConfig) -> str:
     p = run.privacy
     text = f"sample-level DP at each site (target epsilon {p.target_epsilon:g}, delta {p.delta:g})" if p.enabled else "NO sample-level differential privacy"
-    return text + (", client-level DP (DP-FedAvg)" if run.client_dp.enabled else "")
+    text += ", client-level DP (DP-FedAvg)" if run.client_dp.enabled else ""
+    return text + (", secure aggregation (SecAgg+)" if run.secure_agg.enabled else "")
 
 
 def resolve_run_dir(run: RunConfig, run_id: int) -> Path:
@@ -130,6 +131,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         recorder=recorder,
         checkpoint=checkpoint,
         test_fn=test_fn,
+        secure=run.secure_agg,
         echo=lambda line: print(line, flush=True),
     )
     load_adapter_state(model, final.to_torch_state_dict())
@@ -151,6 +153,11 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
             else {"level": "NONE: trained without differential privacy"}
         ),
         "client_level": client_plan,
+        "secure_aggregation": (
+            {"protocol": "SecAgg+ (Flower)", "clipping_range": run.secure_agg.clipping_range, "max_weight": run.secure_agg.max_weight,
+             "threshold": "a strict majority of the sampled sites (at least 2)"}
+            if run.secure_agg.enabled else None
+        ),
         "max_epsilon": max((s.epsilon for s in recorder.sites.values()), default=0.0) if run.privacy.enabled else None,
         "test": {"accuracy": last.get("test_accuracy"), "macro_f1": last.get("test_macro_f1")} if test_fn else None,
         "validation": {"accuracy": last.get("accuracy"), "macro_f1": last.get("macro_f1")},

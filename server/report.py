@@ -159,8 +159,16 @@ def build_privacy_report(run_dir: Path) -> dict[str, Any]:
         "max_epsilon_site": max_site,
         "epsilon_by_round": epsilon_by_round,
         "client_level": summary.get("client_level"),
+        "secure_aggregation": summary.get("secure_aggregation"),
         "warnings": warnings,
     }
+
+
+SECURE_AGG_SENTENCE = (
+    "Secure aggregation (Flower's SecAgg+) was on: in every round the coordinator saw only masked site "
+    "updates and their example-weighted mean, never one site's adapter. It hides updates from the "
+    "coordinator; it adds no differential privacy of its own."
+)
 
 
 def _guarantee(dp: bool, max_epsilon: float | None, sites: list[dict[str, Any]], accountant: str | None) -> str:
@@ -286,6 +294,8 @@ def model_card(summary: dict[str, Any], *, accountant: str | None = None) -> str
         lines += [f"**WARNING: {NO_DP_WARNING}**"]
         lines += ["", "| site | training examples |", "|---|---:|"]
         lines += [f"| {s['site']} | {s['examples']} |" for s in sites]
+    if summary.get("secure_aggregation"):
+        lines += ["", SECURE_AGG_SENTENCE]
     lines += ["", f"Total training examples: {sum(int(s['examples']) for s in sites)}.", "", "## Labels", ""]
     lines += [f"{i}. `{name}`" for i, name in enumerate(labels)] or ["(not recorded)"]
     test = summary.get("test") or {}

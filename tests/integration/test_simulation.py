@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fedtune.common.config import from_dict
 from fedtune.common.model import adapter_state, build_model
 
@@ -103,9 +102,9 @@ def test_global_adapter_changed_and_loads_with_peft(run_dir: Path, tiny_model_di
 
 def test_cli_evaluate_and_predict_use_the_trained_adapter(run_dir: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
+    from fedtune.common.sitedata import demo_data_path
 
     from fedtune.cli import main
-    from fedtune.common.sitedata import demo_data_path
 
     runner = CliRunner()
     out_json = tmp_path / "eval.json"
@@ -150,3 +149,36 @@ def test_client_level_dp_run_records_its_guarantee(tiny_model_dir: Path, tmp_pat
     assert client["epsilon"] == pytest.approx(client_level_epsilon(sample_rate=1.0, noise_multiplier=client["noise_multiplier"], rounds=1, delta=1e-5))
     line = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert line["client_dp"]["client-dp-sites"] == 2 and line["client_dp"]["client-dp-noise-std"] > 0
+
+
+def test_secure_aggregation_run_matches_the_plain_run(run_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The same run with SecAgg+ through Flower's engine: the same global adapter, up to quantization."""
+    from fedtune.simulations.simulate import run_simulation
+    from safetensors.numpy import load_file
+
+    run = from_dict(
+        {
+            "model": {"base_model": str(tiny_model_dir), "max_length": 32},
+            "federation": {"sites": 2, "rounds": 2, "min_sites": 2},
+            "privacy": {"target_epsilon": 8.0},
+            "secure_agg": {"enabled": True},
+            "out": str(tmp_path / "secure"),
+        }
+    )
+    secure_dir = run_simulation(run)
+
+    lines = [json.loads(x) for x in (secure_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    for line in lines:
+        assert line["secure_agg"]["protocol"] == "SecAgg+" and line["secure_agg"]["threshold"] == 2
+        assert line["sites_replied"] == 2 and not line["sites_rejected"]
+        assert 0 < line["max_epsilon"] <= 8.0
+    bound = lines[0]["secure_agg"]["quantization_error_bound"]
+    assert bound < 1e-5
+    plain = load_file(str(run_dir / "checkpoints" / "round-1" / "adapter_model.safetensors"))
+    secure = load_file(str(secure_dir / "checkpoints" / "round-1" / "adapter_model.safetensors"))
+    assert plain.keys() == secure.keys()
+    # float32 FedAvg on one side, float64 unmasking on the other: quantization plus float32 rounding.
+    assert max(float(abs(plain[k] - secure[k]).max()) for k in plain) <= bound + 1e-6
+    summary = json.loads((secure_dir / "summary.json").read_text())
+    assert summary["secure_aggregation"]["protocol"].startswith("SecAgg+")
