@@ -174,3 +174,17 @@ def test_sites_refuse_a_run_whose_labels_do_not_match_their_data(deployment: Dep
 def test_status_lists_the_runs(first_run: Path, deployment: Deployment) -> None:
     result = fedtune("status", "--coordinator", deployment.address, "--certs", str(deployment.certs), env=deployment.env)
     assert "finished" in result.stdout.lower()
+
+
+def test_secure_aggregation_runs_across_real_site_daemons(deployment: Deployment) -> None:
+    """SecAgg+ over TLS: four protocol exchanges per round through the SuperLink, context kept by each SuperNode."""
+    out = deployment.root / "run-secure"
+    result = deployment.run(out, "--rounds", "1", "--epsilon", "8", "--secure-agg")
+
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["secure_agg"]["protocol"] == "SecAgg+", result.stdout
+    assert line["sites_replied"] == 2 and not line["sites_rejected"]
+    assert set(line["epsilon_by_site"]) == {"site-a", "site-b"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["secure_aggregation"] is not None
+    assert "secure aggregation" in (out / "adapter" / "README.md").read_text().lower()
