@@ -50,6 +50,9 @@ def secure_train(msg: Message, context: Context, overrides: dict[str, Any]) -> M
     """Answer one SecAgg+ message; the protocol state lives in ``context.state`` between messages."""
     from flwr.client.mod import secaggplus_mod
 
+    from fedtune.common.masks import install
+
+    install()  # 256-bit mask generator on both ends (see common/masks.py)
     def fit(fit_msg: Message, ctxt: Context) -> Message:
         return Message(_fit(fit_msg.content, ctxt, overrides), reply_to=fit_msg)
 

@@ -118,6 +118,9 @@ class _RecordingGrid:
 
 def _legacy_pieces():  # type: ignore[no-untyped-def]
     """Flower's legacy types, imported when a secure round runs (they pull in the legacy server)."""
+    from fedtune.common.masks import install
+
+    install()  # 256-bit mask generator on both ends (see common/masks.py)
     from flwr.common import FitIns, Parameters
     from flwr.server.compat.grid_client_proxy import GridClientProxy
     from flwr.server.compat.legacy_context import LegacyContext
