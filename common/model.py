@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LoraSettings, ModelConfig
+from .config import POOLINGS, LoraSettings, ModelConfig
 from .errors import ConfigError, UpdateError
 
 logger = logging.getLogger(__name__)
@@ -63,17 +63,10 @@ def build_model(
     the initial adapter, so sites never rely on that.
     """
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     path = resolve_base_model(model_config)
     torch.manual_seed(seed)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
-    try:
-        base = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    base = load_classifier(path, num_labels, pooling=model_config.pooling)
     layers = _top_layers(base, lora.top_layers, path)
     peft_config = LoraConfig(
         layers_to_transform=layers,
@@ -96,6 +89,78 @@ def build_model(
                 param.requires_grad_(True)
     exchanged = tuple(adapter_state(model).keys())
     return ModelBundle(model=model, exchanged=exchanged)
+
+
+def load_classifier(path: Path, num_labels: int, *, pooling: str, **config_kwargs: object) -> torch.nn.Module:
+    """The base model with a fresh task head reading ``pooling`` ('mean' or 'cls', see ModelConfig).
+
+    ``config_kwargs`` (``id2label``, ...) go to the model's config. The head's initial weights come
+    from torch's global generator: seed it first for a reproducible head.
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    try:
+        if pooling == "cls":
+            return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, **config_kwargs)
+        if pooling == "mean":
+            encoder = AutoModel.from_pretrained(str(path), num_labels=num_labels, **config_kwargs)
+            return MeanPoolingClassifier(encoder, num_labels)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    raise ConfigError(f"model.pooling must be one of {list(POOLINGS)}, got {pooling!r}.")
+
+
+class MeanPoolingClassifier(torch.nn.Module):
+    """A linear task head over the attention-mask-weighted mean of an encoder's last hidden state.
+
+    Sentence encoders such as all-MiniLM-L6-v2 are trained to be read this way (Reimers and
+    Gurevych 2019, arXiv:1908.10084), so a head on the mean starts from a far better feature than
+    one on the [CLS] pooler, which matters most under DP, where every step is noisy. The head is
+    named ``classifier`` so PEFT trains and saves it as it does a transformers head, and it is a
+    plain ``nn.Linear``, for which Opacus computes per-example gradients.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config  # PEFT reads the base model's config
+        cfg = encoder.config
+        dropout = getattr(cfg, "classifier_dropout", None)
+        if dropout is None:
+            dropout = getattr(cfg, "hidden_dropout_prob", 0.0)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.classifier = torch.nn.Linear(cfg.hidden_size, num_labels)
+        # The transformers convention for a fresh head: N(0, initializer_range), zero bias.
+        torch.nn.init.normal_(self.classifier.weight, std=getattr(cfg, "initializer_range", 0.02))
+        torch.nn.init.zeros_(self.classifier.bias)
+
+    def forward(  # type: ignore[no-untyped-def]
+        self, input_ids=None, attention_mask=None, labels=None, return_dict=None, **kwargs
+    ):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        pooled = mean_pool(out.last_hidden_state, attention_mask)
+        logits = self.classifier(self.dropout(pooled))
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``hidden`` (batch, tokens, features) over the tokens the mask keeps."""
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def pooling_of(model: torch.nn.Module) -> str:
+    """'mean' if the (PEFT-wrapped) model's head reads the mean pool, else 'cls'."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "mean" if isinstance(base, MeanPoolingClassifier) else "cls"
 
 
 def _top_layers(model: torch.nn.Module, top: int, path: Path) -> list[int] | None:
@@ -164,8 +229,8 @@ METADATA_FILE = "fedtune.json"
 def save_adapter(model: torch.nn.Module, folder: Path, *, metadata: dict | None = None) -> None:  # type: ignore[type-arg]
     """Save in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``), atomically.
 
-    ``metadata`` (labels, max length, base model) goes to ``fedtune.json`` beside them, so the
-    folder alone is enough to predict. Written to a sibling temporary folder and renamed, so a
+    ``metadata`` (labels, max length, base model) and the head's pooling go to ``fedtune.json``
+    beside them, so the folder alone is enough to predict. Written to a sibling temporary folder and renamed, so a
     crash never leaves half a checkpoint.
     """
     import json
@@ -178,6 +243,8 @@ def save_adapter(model: torch.nn.Module, folder: Path, *, metadata: dict | None 
     try:
         model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
         if metadata is not None:
+            # The head's pooling is part of the model: inference must rebuild the same one.
+            metadata = {**metadata, "pooling": pooling_of(model)}
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fedtune.common.errors import ConfigError
-from fedtune.common.model import METADATA_FILE
+from fedtune.common.model import METADATA_FILE, load_classifier
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,7 @@ class LoadedAdapter:
 def load_adapter(folder: Path, *, base_model: str | None = None) -> LoadedAdapter:
     """Base model + ``PeftModel.from_pretrained(folder)``; labels come from the folder's metadata."""
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
     if not (folder / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter {folder} has no adapter_config.json; give a run's adapter/ or checkpoints/round-N/ folder.")
@@ -37,9 +36,10 @@ def load_adapter(folder: Path, *, base_model: str | None = None) -> LoadedAdapte
     if not (base / "config.json").is_file():
         raise ConfigError(f"base model folder {base} not found; pass --base-model DIR.")
     labels = list(meta["labels"])
-    hf_logging.set_verbosity_error()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(base), num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}
+    # Adapters written before the pooling setting existed used the model's own [CLS] head.
+    pooling = meta.get("pooling", "cls")
+    model = load_classifier(
+        base, len(labels), pooling=pooling, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)}
     )
     model = PeftModel.from_pretrained(model, str(folder))
     model.eval()
