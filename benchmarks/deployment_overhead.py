@@ -42,7 +42,7 @@ def simulation(root: Path, model: str, rounds: int) -> list[float]:
     return round_seconds(out)
 
 
-def deployment(root: Path, model: str, rounds: int, *, warm: bool) -> list[float]:
+def deployment(root: Path, model: str, rounds: int, *, warm: bool, threads: int = 1) -> list[float]:
     tag = "warm" if warm else "cold"
     port = free_port()
     env = {**os.environ, "FEDTUNE_HOME": str(root / f"home-{tag}")}
@@ -57,7 +57,8 @@ def deployment(root: Path, model: str, rounds: int, *, warm: bool) -> list[float
             site = root / f"{name}-{tag}"
             fedtune("site", "init", "--name", name, "--data", str(data), "--coordinator", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"), "--out", str(site), env=env)
             fedtune("coordinator", "add-site", str(site / "node-key.pub"), "--name", name, "--coordinator", f"127.0.0.1:{port}", "--certs", str(certs), env=env)
-            args = ["site", "start", "--config", str(site / "site.toml"), "--runtime-port", str(free_port())]
+            # Both sites share this machine: split its cores (see `fedtune site start --threads`).
+            args = ["site", "start", "--config", str(site / "site.toml"), "--runtime-port", str(free_port()), "--threads", str(threads)]
             procs.start(name, args if warm else [*args, "--no-warm-worker"], env)
         out = root / f"run-{tag}"
         fedtune("run", "--coordinator", f"127.0.0.1:{port}", "--certs", str(certs), "--labels", LABELS, "--base-model", model,

@@ -28,7 +28,7 @@ SECAGG_RECORD = "secaggplus_configs"
 
 
 def _request(context: Context, kind: str, overrides: dict[str, Any], arrays: OrderedDict[str, Any], config: dict[str, Any]):  # type: ignore[no-untyped-def]
-    from .handlers import SiteRequest
+    from .site_request import SiteRequest
 
     return SiteRequest(
         kind=kind,

@@ -25,11 +25,11 @@ Relative paths are relative to the folder holding ``site.toml``.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.common.environment import flower_tool
 from fedtune.common.errors import ConfigError
 from fedtune.common.io import parse_host_port, read_toml
 
@@ -166,7 +166,8 @@ def supernode_command(
     """The ``flower-supernode`` command line for this site."""
     items = {**site.node_config(), **(extra_node_config or {})}
     node_config = " ".join(f"{k}={_quote(v) if isinstance(v, str) else repr(v)}" for k, v in items.items())
-    cmd = [flower_tool("flower-supernode"), "--superlink", site.coordinator, "--node-config", node_config, "--port", str(runtime_port)]
+    # Flower's own flower-supernode, with its idle poll shortened (see client/supernode.py).
+    cmd = [sys.executable, "-m", "fedtune.client.supernode", "--superlink", site.coordinator, "--node-config", node_config, "--port", str(runtime_port)]
     if site.insecure:
         cmd.append("--insecure")
     else:
@@ -189,9 +190,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_daemon(config_path: Path, *, runtime_port: int, max_retries: int | None, warm_worker: bool = True) -> int:
+def run_daemon(
+    config_path: Path, *, runtime_port: int, max_retries: int | None, warm_worker: bool = True, threads: int | None = None
+) -> int:
     """Run the site daemon: the warm worker (optional) and flower-supernode, stopped together.
 
+    ``threads`` caps the CPU threads of training (the worker, or each message's process); sites
+    sharing a machine must split its cores, or spinning thread pools make every step many times slower.
     Returns flower-supernode's exit code. SIGTERM or SIGINT stops both processes.
     """
     import signal
@@ -207,6 +212,8 @@ def run_daemon(config_path: Path, *, runtime_port: int, max_retries: int | None,
     site.state_dir.mkdir(parents=True, exist_ok=True)
     env = flower_environment()
     env["FLWR_HOME"] = str(site.state_dir / "flower")  # Flower's own files stay in the site's state folder
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)  # read by torch at import
     procs: list[subprocess.Popen[bytes]] = []
 
     signalled: set[int] = set()

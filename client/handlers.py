@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,41 +18,12 @@ import torch
 from fedtune.common.config import RunConfig, from_flat
 from fedtune.common.errors import FedtuneError
 from fedtune.common.model import ModelBundle, adapter_state, build_model, load_adapter_state, load_tokenizer
+from fedtune.common.protocol import MAX_WEIGHT_KEY, VALIDATE_FIRST_KEY
 from fedtune.common.tasks import encode, evaluate
 
-from .secure_agg import MAX_WEIGHT_KEY
+from .site_request import SiteReply, SiteRequest
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SiteRequest:
-    """One train or evaluate message, as plain data.
-
-    Attributes:
-        kind: 'train' or 'evaluate'.
-        run_config: Flower's flat run config.
-        node_config: The site's node config (its data, ledger and budget; see ``site.py``).
-        run_id: Flower's run id (keys the noise plan in the ledger).
-        config: The message's config: server-round, num-rounds, labels, run-dir.
-        arrays: The global adapter, by tensor name.
-    """
-
-    kind: str
-    run_config: dict[str, Any]
-    node_config: dict[str, Any]
-    run_id: int
-    config: dict[str, Any]
-    arrays: OrderedDict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class SiteReply:
-    """What goes back: the adapter (train only), scalar metrics, and the site's name."""
-
-    site: str
-    metrics: dict[str, int | float]
-    arrays: OrderedDict[str, np.ndarray] | None = None
 
 
 _MODELS: dict[Any, ModelBundle] = {}
@@ -79,6 +49,15 @@ def _site_seed(seed: int, name: str, server_round: int) -> int:
     return zlib.crc32(f"{seed}/{name}/{server_round}".encode()) & 0x7FFFFFFF
 
 
+def _validate(bundle: ModelBundle, tokenizer: Any, site: Any, labels: list[str], run: RunConfig) -> dict[str, int | float]:
+    """Loss, accuracy and macro-F1 of the loaded adapter on the site's validation split (none: {})."""
+    if not site.examples.val_texts:
+        return {}
+    dataset = encode(tokenizer, site.examples.val_texts, site.examples.val_labels, labels, max_length=run.model.max_length)
+    result = evaluate(bundle.model, dataset, len(labels))
+    return {"val-examples": result.examples, "val-loss": result.loss, "val-accuracy": result.accuracy, "val-macro-f1": result.macro_f1}
+
+
 def handle(req: SiteRequest) -> SiteReply:
     """Serve one request. Raises FedtuneError (budget, data, protocol) for a typed refusal."""
     from .local import prepare_site, train_round
@@ -98,13 +77,16 @@ def handle(req: SiteRequest) -> SiteReply:
                 f"site {site.settings.name} has {len(site.examples.train_texts)} training examples, above the "
                 f"secure-aggregation max weight {float(max_weight):g}; the coordinator must raise secure_agg.max_weight"
             )
+        # The received global adapter is validated here, before training, in the same message: a
+        # separate evaluate exchange would cost a second ClientApp process start every round.
+        validation = _validate(bundle, tokenizer, site, labels, run) if req.config.get(VALIDATE_FIRST_KEY) else {}
         dataset = encode(tokenizer, site.examples.train_texts, site.examples.train_labels, labels, max_length=run.model.max_length)
         metrics = train_round(
             bundle.model, dataset, site=site, run=run, run_id=str(req.run_id), server_round=server_round,
             num_rounds=int(req.config["num-rounds"]), seed=_site_seed(run.seed, site.settings.name, server_round),
         )
         arrays = OrderedDict((k, v.numpy()) for k, v in adapter_state(bundle.model).items())
-        return SiteReply(site=site.settings.name, metrics=metrics, arrays=arrays)
+        return SiteReply(site=site.settings.name, metrics={**metrics, **validation}, arrays=arrays)
     if req.kind == "evaluate":
         if not site.examples.val_texts:
             raise FedtuneError(f"site {site.settings.name} has no validation examples (data.val_fraction is 0).")

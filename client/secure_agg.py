@@ -22,24 +22,14 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
 from fedtune.common.errors import FedtuneError
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from fedtune.common.protocol import ARRAY_NAMES_KEY, MAX_WEIGHT_KEY
 
 from .app import refusal, site_reply
 
 logger = logging.getLogger(__name__)
-
-ARRAY_NAMES_KEY = "fedtune.array-names"  # same key as fedtune.server.secure_agg
-# Handed to the train handler: the protocol's bound on this site's FedAvg weight.
-MAX_WEIGHT_KEY = "fedtune.secure-agg-max-weight"
 
 
 class SecureAggRefusal(FedtuneError):

@@ -55,7 +55,8 @@ def prepare_worker(site: SiteConfig) -> dict[str, str]:
 
 def serve(site: SiteConfig) -> None:
     """Serve requests until killed (one at a time: a site trains one message at a time)."""
-    from .handlers import SiteReply, handle
+    from .handlers import handle
+    from .site_request import SiteReply
 
     address, key_file = worker_paths(site.state_dir)
     key = key_file.read_text().strip().encode()

@@ -223,6 +223,9 @@ def _print_summary(run_dir: Path) -> None:
     test = summary.get("test") or {}
     if test.get("accuracy") is not None:
         console.print(f"held-out test: accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}")
+    val = summary.get("validation") or {}
+    if val.get("accuracy") is not None:
+        console.print(f"site validation ({val['sites']} sites): accuracy {val['accuracy']:.3f}, macro-F1 {val['macro_f1']:.3f}")
     if summary["dp"]:
         table = Table(title="Privacy per site (sample-level DP-SGD)")
         for col in ("site", "examples", "epsilon", "budget", "delta", "z", "C", "q", "steps"):

@@ -132,6 +132,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         checkpoint=checkpoint,
         test_fn=test_fn,
         secure=run.secure_agg,
+        validate=run.federation.fraction_evaluate > 0,
         echo=lambda line: print(line, flush=True),
     )
     load_adapter_state(model, final.to_torch_state_dict())
@@ -160,7 +161,8 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         ),
         "max_epsilon": max((s.epsilon for s in recorder.sites.values()), default=0.0) if run.privacy.enabled else None,
         "test": {"accuracy": last.get("test_accuracy"), "macro_f1": last.get("test_macro_f1")} if test_fn else None,
-        "validation": {"accuracy": last.get("accuracy"), "macro_f1": last.get("macro_f1")},
+        # Federated validation of the final adapter on the sites' validation splits.
+        "validation": totals.final_validation,
         "bytes_up": totals.bytes_up,
         "bytes_down": totals.bytes_down,
         "adapter_bytes": adapter_bytes,
@@ -168,7 +170,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         "seconds": round(time.perf_counter() - started, 2),
     }
     recorder.write_summary(summary)
-    recorder.plot(dp=run.privacy.enabled)
+    recorder.plot(dp=run.privacy.enabled, final_validation=totals.final_validation)
     from .report import write_model_card, write_privacy_report
 
     write_privacy_report(run_dir)

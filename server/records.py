@@ -86,7 +86,7 @@ class RunRecorder:
         summary["sites"] = [s.to_json() for s in sorted(self.sites.values(), key=lambda s: s.site)]
         atomic_write_json(self.run_dir / "summary.json", summary)
 
-    def plot(self, *, dp: bool) -> Path | None:
+    def plot(self, *, dp: bool, final_validation: dict[str, Any] | None = None) -> Path | None:
         """Accuracy (and, under DP, epsilon per site) per round, to ``report.png``."""
         if not self.rounds:
             return None
@@ -100,12 +100,17 @@ class RunRecorder:
         fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(10, 4))
         for ax in (ax_acc, ax_eps):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        rounds = [r["round"] for r in self.rounds]
-        for key, label in (("accuracy", "site validation (weighted)"), ("test_accuracy", "held-out test")):
-            ys = [r.get(key) for r in self.rounds]
-            if any(y is not None for y in ys):
-                ax_acc.plot(rounds, ys, marker="o", label=label)
-        ax_acc.set(xlabel="round", ylabel="accuracy", title="Global adapter accuracy")
+        # x = the round after which the adapter was measured (0: the initial adapter). Sites
+        # validate the adapter they receive, so round r's line holds the adapter after round r-1.
+        val = [(r["validated_round"], r["accuracy"]) for r in self.rounds if r.get("validated_round") is not None and r.get("accuracy") is not None]
+        if final_validation and final_validation.get("accuracy") is not None:
+            val.append((final_validation["round"], final_validation["accuracy"]))
+        if val:
+            ax_acc.plot([x for x, _ in val], [y for _, y in val], marker="o", label="site validation (weighted)")
+        test = [(r["round"], r["test_accuracy"]) for r in self.rounds if r.get("test_accuracy") is not None]
+        if test:
+            ax_acc.plot([x for x, _ in test], [y for _, y in test], marker="o", label="held-out test")
+        ax_acc.set(xlabel="after round", ylabel="accuracy", title="Global adapter accuracy")
         ax_acc.grid(alpha=0.3)
         ax_acc.legend()
         if dp:

@@ -14,12 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune.common.config import SecureAggConfig
+from fedtune.common.protocol import VALIDATE_FIRST_KEY
 
+from .exchange import send_and_receive
 from .records import RunRecorder
 from .screening import Rejection, arrays_nbytes, screen_train_replies, site_name
 
@@ -37,12 +39,66 @@ class TestScore:
 class RoundTotals:
     bytes_up: int = 0
     bytes_down: int = 0
+    # Federated validation of the final adapter (one evaluate exchange after the last round).
+    final_validation: dict[str, float | None] | None = None
 
 
-def _weighted(metrics: list[dict], key: str) -> float | None:  # type: ignore[type-arg]
-    pairs = [(float(m[key]), int(m["num-examples"])) for m in metrics if key in m]
+@dataclass
+class TrainExchange:
+    """One round's training exchange, plain or secure."""
+
+    arrays: ArrayRecord | None  # the new global adapter (None: keep the old one)
+    updates: list[tuple[str, dict]]  # (site, scalar metrics) of every update used  # type: ignore[type-arg]
+    rejected: list[Rejection]
+    bytes_up: int
+    bytes_down: int
+    strategy_metrics: dict | None = None  # type: ignore[type-arg]
+    secure: dict | None = None  # type: ignore[type-arg]
+
+
+def _weighted(metrics: list[dict], key: str, weight: str = "num-examples") -> float | None:  # type: ignore[type-arg]
+    pairs = [(float(m[key]), int(m[weight])) for m in metrics if key in m and weight in m]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else None
+
+
+def _plain_exchange(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, messages: list[Message], timeout: float) -> TrainExchange:
+    down = arrays_nbytes(arrays) * len(messages)
+    replies = send_and_receive(grid, messages, timeout=timeout) if messages else []
+    accepted, rejected = screen_train_replies(replies, arrays)
+    if not accepted:
+        logger.warning("round %d: no usable update (%d sites sampled)", server_round, len(messages))
+    # Called even with no update: a DP strategy must still release a noised adapter, or an
+    # unchanged one would reveal that no sampled site took part.
+    new_arrays, strategy_metrics = strategy.aggregate_train(server_round, accepted)
+    return TrainExchange(
+        arrays=new_arrays,
+        updates=[(site_name(m), dict(m.content.metric_records["metrics"])) for m in accepted],
+        rejected=rejected,
+        bytes_up=sum(arrays_nbytes(m.content.array_records["arrays"]) for m in accepted),
+        bytes_down=down,
+        strategy_metrics=dict(strategy_metrics or {}),
+    )
+
+
+def _secure_exchange(grid: Grid, server_round: int, arrays: ArrayRecord, messages: list[Message], timeout: float, secure: SecureAggConfig) -> TrainExchange:
+    from .secure_agg import secure_train_round
+
+    outcome = secure_train_round(grid, messages, server_round=server_round, expected=arrays, settings=secure, timeout=timeout)
+    return TrainExchange(
+        arrays=outcome.aggregate,
+        updates=[(site_name(m), dict(m.content.config_records["fitres.metrics"])) for m in outcome.updates],
+        rejected=[Rejection(site_name(m), f"site error: {m.error.reason}") for m in outcome.errors],
+        bytes_up=outcome.bytes_up,
+        bytes_down=outcome.bytes_down,
+        secure={
+            "protocol": "SecAgg+",
+            "sites_sampled": len(messages),
+            "threshold": outcome.threshold,
+            "quantization_range": outcome.quantization_range,
+            "quantization_error_bound": outcome.error_bound,
+        },
+    )
 
 
 def run_rounds(
@@ -57,9 +113,15 @@ def run_rounds(
     checkpoint: Callable[[int, ArrayRecord], None],
     test_fn: Callable[[ArrayRecord], TestScore] | None = None,
     secure: SecureAggConfig | None = None,
+    validate: bool = True,
     echo: Callable[[str], None] = print,
 ) -> tuple[ArrayRecord, RoundTotals]:
     """Run ``num_rounds`` rounds; returns the final global adapter and the bytes exchanged.
+
+    One message exchange per round: each sampled site first validates the global adapter it
+    receives, then trains (``validate``). Round r's ``loss``/``accuracy``/``macro_f1`` are
+    therefore the federated validation of the adapter after round r-1 (``validated_round``); one
+    evaluate exchange after the last round validates the final adapter.
 
     With ``secure`` enabled, each training exchange runs as SecAgg+ and its unmasked mean replaces
     the strategy's aggregation (a weighted mean is all the protocol yields); a round the protocol
@@ -67,78 +129,71 @@ def run_rounds(
     """
     arrays = initial
     totals = RoundTotals()
+    train_config = {**dict(round_config), VALIDATE_FIRST_KEY: validate}
     for server_round in range(1, num_rounds + 1):
         started = time.perf_counter()
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(round_config)), grid))
-        secure_record = None
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
         if secure is not None and secure.enabled:
-            from .secure_agg import secure_train_round
-
-            outcome = secure_train_round(
-                grid, messages, server_round=server_round, expected=arrays, settings=secure, timeout=timeout
-            )
-            arrays = outcome.aggregate
-            updates = [(site_name(m), dict(m.content.config_records["fitres.metrics"])) for m in outcome.updates]
-            rejected = [Rejection(site_name(m), f"site error: {m.error.reason}") for m in outcome.errors]
-            up, down = outcome.bytes_up, outcome.bytes_down
-            strategy_metrics = None
-            secure_record = {
-                "protocol": "SecAgg+",
-                "sites_sampled": len(messages),
-                "threshold": outcome.threshold,
-                "quantization_range": outcome.quantization_range,
-                "quantization_error_bound": outcome.error_bound,
-            }
+            exchange = _secure_exchange(grid, server_round, arrays, messages, timeout, secure)
         else:
-            down = arrays_nbytes(arrays) * len(messages)
-            replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-            accepted, rejected = screen_train_replies(replies, arrays)
-            up = sum(arrays_nbytes(m.content.array_records["arrays"]) for m in accepted)
-            if not accepted:
-                logger.warning("round %d: no usable update (%d sites sampled)", server_round, len(messages))
-            # Called even with no update: a DP strategy must still release a noised adapter, or an
-            # unchanged one would reveal that no sampled site took part.
-            new_arrays, strategy_metrics = strategy.aggregate_train(server_round, accepted)
-            if new_arrays is not None:
-                arrays = new_arrays
-            updates = [(site_name(m), dict(m.content.metric_records["metrics"])) for m in accepted]
-        for name, metrics in updates:
+            exchange = _plain_exchange(grid, strategy, server_round, arrays, messages, timeout)
+        if exchange.arrays is not None:
+            arrays = exchange.arrays
+        for name, metrics in exchange.updates:
             recorder.site(name).update(server_round, metrics)
-
-        eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(round_config)), grid))
-        down += arrays_nbytes(arrays) * len(eval_messages)
-        eval_replies = [m for m in grid.send_and_receive(eval_messages, timeout=timeout) if not m.has_error()] if eval_messages else []
-        evaluations = [dict(m.content.metric_records["metrics"]) for m in eval_replies]
-        trained = [metrics for _, metrics in updates]
 
         score = test_fn(arrays) if test_fn else None
         checkpoint(server_round, arrays)
-        totals.bytes_up += up
-        totals.bytes_down += down
-        epsilons = {name: float(metrics["epsilon"]) for name, metrics in updates}
+        totals.bytes_up += exchange.bytes_up
+        totals.bytes_down += exchange.bytes_down
+        trained = [metrics for _, metrics in exchange.updates]
+        epsilons = {name: float(metrics["epsilon"]) for name, metrics in exchange.updates}
+        validated = any("val-accuracy" in m for m in trained)
         line = {
             "round": server_round,
             "sites_sampled": len(messages),
-            "sites_replied": len(updates),
-            "sites_rejected": [{"site": r.site, "reason": r.reason} for r in rejected],
+            "sites_replied": len(exchange.updates),
+            "sites_rejected": [{"site": r.site, "reason": r.reason} for r in exchange.rejected],
             "train_loss": _weighted(trained, "train-loss"),
-            "loss": _weighted(evaluations, "loss"),
-            "accuracy": _weighted(evaluations, "accuracy"),
-            "macro_f1": _weighted(evaluations, "macro-f1"),
+            "validated_round": server_round - 1 if validated else None,
+            "loss": _weighted(trained, "val-loss", "val-examples"),
+            "accuracy": _weighted(trained, "val-accuracy", "val-examples"),
+            "macro_f1": _weighted(trained, "val-macro-f1", "val-examples"),
             "test_accuracy": score.accuracy if score else None,
             "test_macro_f1": score.macro_f1 if score else None,
             "epsilon_by_site": epsilons,
             "max_epsilon": max(epsilons.values()) if epsilons else None,
             # Only the strategy's own figures: a mean of the sites' epsilons would mislead.
-            "client_dp": {k: v for k, v in dict(strategy_metrics or {}).items() if str(k).startswith("client-dp-")} or None,
-            "secure_agg": secure_record,
-            "bytes_up": up,
-            "bytes_down": down,
+            "client_dp": {k: v for k, v in (exchange.strategy_metrics or {}).items() if str(k).startswith("client-dp-")} or None,
+            "secure_agg": exchange.secure,
+            "bytes_up": exchange.bytes_up,
+            "bytes_down": exchange.bytes_down,
             "seconds": round(time.perf_counter() - started, 3),
         }
         recorder.add_round(line)
         echo(_round_line(line, num_rounds))
+    if validate:
+        totals.final_validation = _final_validation(grid, strategy, num_rounds, arrays, round_config, timeout, totals)
     return arrays, totals
+
+
+def _final_validation(
+    grid: Grid, strategy: Strategy, num_rounds: int, arrays: ArrayRecord, round_config: ConfigRecord, timeout: float, totals: RoundTotals
+) -> dict[str, float | None] | None:
+    """The final adapter's federated validation: one evaluate exchange after the last round."""
+    messages = list(strategy.configure_evaluate(num_rounds, arrays, ConfigRecord(dict(round_config)), grid))
+    if not messages:
+        return None
+    totals.bytes_down += arrays_nbytes(arrays) * len(messages)
+    replies = [m for m in send_and_receive(grid, messages, timeout=timeout) if not m.has_error()]
+    results = [dict(m.content.metric_records["metrics"]) for m in replies]
+    return {
+        "round": num_rounds,
+        "sites": len(results),
+        "loss": _weighted(results, "loss"),
+        "accuracy": _weighted(results, "accuracy"),
+        "macro_f1": _weighted(results, "macro-f1"),
+    }
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -146,11 +201,12 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def _round_line(line: dict, num_rounds: int) -> str:  # type: ignore[type-arg]
-    acc = line["test_accuracy"] if line["test_accuracy"] is not None else line["accuracy"]
+    test = f"  test-accuracy {line['test_accuracy']:.3f}" if line["test_accuracy"] is not None else ""
     return (
         f"round {line['round']}/{num_rounds}  sites {line['sites_replied']}/{line['sites_sampled']}"
-        f"  train-loss {_fmt(line['train_loss'], '.4f')}  val-loss {_fmt(line['loss'], '.4f')}"
-        f"  accuracy {_fmt(acc, '.3f')}  max-epsilon {_fmt(line['max_epsilon'], '.2f')}"
+        f"  train-loss {_fmt(line['train_loss'], '.4f')}"
+        f"  val-accuracy(round {_fmt(line['validated_round'], 'd')}) {_fmt(line['accuracy'], '.3f')}{test}"
+        f"  max-epsilon {_fmt(line['max_epsilon'], '.2f')}"
         f"  up {line['bytes_up'] / 1e3:.0f} kB  down {line['bytes_down'] / 1e3:.0f} kB  {line['seconds']:.1f}s"
     )
 

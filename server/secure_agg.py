@@ -25,14 +25,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
 from fedtune.common.config import SecureAggConfig
 from fedtune.common.errors import FedtuneError
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from fedtune.common.protocol import ARRAY_NAMES_KEY
+
+from .exchange import send_and_receive
 
 logger = logging.getLogger(__name__)
 
-# Names of the round's tensors, in the order of the legacy Parameters list (both ends check it).
-ARRAY_NAMES_KEY = "fedtune.array-names"
 # Flower's SecAgg+ masks live modulo 2**32.
 MODULUS = 2**32
 
@@ -107,7 +109,7 @@ class _RecordingGrid:
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         self.bytes_down += sum(content_nbytes(m.content) for m in messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = send_and_receive(self._grid, messages, timeout=timeout)
         self.bytes_up += sum(content_nbytes(r.content) for r in replies if not r.has_error())
         self.replies.extend(replies)
         return replies

@@ -42,7 +42,8 @@ class Deployment:
         return self.site_dir(name) / "site.toml"
 
     def start_site(self, name: str) -> None:
-        self.procs.start(name, ["site", "start", "--config", str(self.site_dir(name) / "site.toml"),
+        # Two sites share this machine's cores: one training thread each.
+        self.procs.start(name, ["site", "start", "--config", str(self.site_dir(name) / "site.toml"), "--threads", "1",
                                 "--runtime-port", str(free_port()), "--max-retries", "3"], self.env)
 
     def run(self, out: Path, *extra: str, timeout: float = 420) -> subprocess.CompletedProcess[str]:

@@ -55,6 +55,7 @@ def test_metrics_recorded_once_per_round(run_dir: Path) -> None:
     for line in lines:
         assert line["sites_sampled"] == 2 and line["sites_replied"] == 2
         assert line["accuracy"] is not None and line["test_accuracy"] is not None
+        assert line["validated_round"] == line["round"] - 1, "sites validate the adapter they receive"
         assert line["bytes_up"] > 0 and line["seconds"] > 0
         assert 0 < line["max_epsilon"] <= 8.0
 
@@ -70,6 +71,8 @@ def test_each_site_epsilon_is_positive_and_within_target(run_dir: Path) -> None:
     for key in ("rounds", "base_model", "task", "labels", "test", "bytes_up", "bytes_down", "seconds"):
         assert key in summary
     assert set(summary["test"]) == {"accuracy", "macro_f1"}
+    assert summary["validation"]["round"] == 2 and summary["validation"]["sites"] == 2, "the final adapter is validated too"
+    assert 0 <= summary["validation"]["accuracy"] <= 1
 
 
 def test_site_ledgers_live_in_the_run_directory_and_match_the_summary(run_dir: Path) -> None:

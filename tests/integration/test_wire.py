@@ -118,3 +118,15 @@ def test_deployed_site_refuses_a_run_without_dp_unless_its_operator_allows_it(ti
     assert refused.has_error() and "trains only with differential privacy" in refused.error.reason
     assert not allowed.has_error(), allowed.error
     assert allowed.content["metrics"]["dp"] == 0
+
+
+def test_train_message_validates_the_received_adapter_before_training(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """One message per round: the validation a separate evaluate message would give, in the train reply."""
+    _, _, initial, config, context = _setup(tiny_model_dir, tmp_path)
+    evaluated = _send(build_client_app(), MessageType.EVALUATE, initial, config, context).content["metrics"]
+    config["validate-first"] = True
+    trained = _send(build_client_app(), MessageType.TRAIN, initial, config, context).content["metrics"]
+
+    assert trained["val-examples"] == evaluated["num-examples"]
+    for key in ("loss", "accuracy", "macro-f1"):
+        assert trained[f"val-{key}"] == pytest.approx(evaluated[key], abs=1e-6), "measured on the adapter received, not the one trained"

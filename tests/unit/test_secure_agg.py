@@ -7,6 +7,7 @@ site (the transport is the only stand-in; the protocol, its cryptography and the
 from __future__ import annotations
 
 import copy
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fedtune.client.app import SECAGG_RECORD, build_client_app
-from fedtune.client.handlers import SiteReply
+from fedtune.client.site_request import SiteReply
 from fedtune.common.config import SecureAggConfig, from_dict
 from fedtune.common.errors import ConfigError, FedtuneError
 from fedtune.server.secure_agg import (
@@ -53,19 +54,33 @@ class InProcessGrid:
         self.drop = drop
         self.sent: list[Message] = []
         self.replies: list[Message] = []
+        self._waiting: list[Message] = []
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Any) -> list[str]:
+        """Deliver at once; the replies wait for ``pull_messages`` as on a real SuperLink."""
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # the SuperLink assigns ids on push
+            ids.append(msg.metadata.message_id)
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
             stage = str(msg.content.config_records[SECAGG_RECORD].get("stage", "")) if SECAGG_RECORD in msg.content.config_records else ""
             if self.drop(node, stage):
                 continue
             # A copy, as a real transport delivers: the mod edits what it receives.
-            replies.append(self.app(copy.deepcopy(msg), self.sites[node]))
-        self.replies += replies
-        return replies
+            self._waiting.append(self.app(copy.deepcopy(msg), self.sites[node]))
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> list[Message]:
+        ready = [m for m in self._waiting if m.metadata.reply_to_message_id in set(message_ids)]
+        self._waiting = [m for m in self._waiting if m not in ready]
+        self.replies += ready
+        return ready
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        from fedtune.server.exchange import send_and_receive
+
+        return send_and_receive(self, messages, timeout=timeout)
 
 
 def _contexts(nodes: list[int], node_config: Callable[[int], dict[str, Any]] = lambda n: {}) -> dict[int, Context]:
@@ -221,8 +236,8 @@ def test_masks_that_do_not_cancel_fail_loudly(stub_sites: dict[int, Any]) -> Non
     nodes = [11, 22, 33]
 
     class Tampering(InProcessGrid):
-        def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-            replies = super().send_and_receive(messages, timeout=timeout)
+        def pull_messages(self, message_ids: Any) -> list[Message]:
+            replies = super().pull_messages(message_ids)
             for reply in replies:
                 cfg = reply.content.config_records[SECAGG_RECORD]
                 if Key.MASKED_PARAMETERS in cfg and reply.metadata.src_node_id == 22:

@@ -87,3 +87,16 @@ def test_flower_app_folder_declares_every_run_config_key() -> None:
     assert app["components"] == {"serverapp": "fedtune.server.app:app", "clientapp": "fedtune.client.app:app"}
     declared = {f"{s}.{k}" for s, t in app["config"].items() if isinstance(t, dict) for k in t} | {k for k, v in app["config"].items() if not isinstance(v, dict)}
     assert declared == set(RunConfig().to_flat())
+
+
+def test_supernode_command_runs_flowers_supernode_through_the_poll_entry_point(tmp_path: Path) -> None:
+    import sys
+
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    path = _write(tmp_path, '[site]\nname = "a"\ncoordinator = "127.0.0.1:9093"\nca = "ca.crt"\nnode_key = "node-key"\n'
+                            '[data]\npath = "d.csv"\n')
+    cmd = supernode_command(load_site_config(path), runtime_port=9100, max_retries=3)
+    assert cmd[:3] == [sys.executable, "-m", "fedtune.client.supernode"]
+    args = _parse_args_run_supernode().parse_args(cmd[3:])  # what flower-supernode itself accepts
+    assert args.superlink == "127.0.0.1:9093" and args.max_retries == 3
