@@ -34,12 +34,12 @@ class ModelConfig:
         pooling: What the task head reads. 'mean': the attention-mask-weighted mean of the last
             hidden state (how sentence encoders such as all-MiniLM-L6-v2 were trained; their
             [CLS] pooler is weak). 'cls': the architecture's own sequence-classification head
-            (BERT: a tanh pooler over the [CLS] token).
+            (BERT: a tanh pooler over the [CLS] token), what adapters saved before this setting used.
     """
 
     base_model: str = ""
     max_length: int = 64
-    pooling: str = "cls"
+    pooling: str = "mean"
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -54,7 +54,10 @@ class LoraSettings:
 
     Attributes:
         rank: r, the rank of each update B A.
-        alpha: The scaling numerator; the update is scaled by alpha / r.
+        alpha: The scaling numerator; the update is scaled by alpha / r. Kept small (2 / 8 =
+            0.25) for DP: Adam moves every coordinate of B by about the learning rate per step
+            whether it carries signal or only noise, and alpha / r multiplies that noise into the
+            adapted weights (the sweep in the README's "Utility under DP").
         dropout: Dropout on the LoRA input.
         target_modules: Names of the linear layers that get adapters.
         train_head: Train (and exchange) the task head; without it a fresh head stays random.
@@ -63,7 +66,7 @@ class LoraSettings:
     """
 
     rank: int = 8
-    alpha: float = 16.0
+    alpha: float = 2.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("query", "value")
     train_head: bool = True
