@@ -55,7 +55,8 @@ def deployment(root: Path, model: str, rounds: int, *, warm: bool, threads: int 
         wait_for_tls(port, certs / "ca.crt")
         for name, data in (("site-a", root / "a.csv"), ("site-b", root / "b.csv")):
             site = root / f"{name}-{tag}"
-            fedtune("site", "init", "--name", name, "--data", str(data), "--coordinator", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"), "--out", str(site), env=env)
+            fedtune("site", "init", "--name", name, "--data", str(data), "--coordinator", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
+                    "--out", str(site), "--base-model", model, env=env)
             fedtune("coordinator", "add-site", str(site / "node-key.pub"), "--name", name, "--coordinator", f"127.0.0.1:{port}", "--certs", str(certs), env=env)
             # Both sites share this machine: split its cores (see `fedtune site start --threads`).
             args = ["site", "start", "--config", str(site / "site.toml"), "--runtime-port", str(free_port()), "--threads", str(threads)]

@@ -52,6 +52,7 @@ class SiteConfig:
     delta: float = 1e-5
     allow_no_dp: bool = False
     insecure: bool = False
+    base_model: Path | None = None  # None: the packaged all-MiniLM-L6-v2
 
     def node_config(self) -> dict[str, str | float]:
         """What the ClientApp sees as ``context.node_config`` (see ``client/site.py``)."""
@@ -64,6 +65,7 @@ class SiteConfig:
             "text-column": self.text_column,
             "label-column": self.label_column,
             "allow-no-dp": "true" if self.allow_no_dp else "false",
+            "base-model": str(self.base_model) if self.base_model else "",
         }
 
 
@@ -77,7 +79,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
     data: dict[str, Any] = raw.get("data", {})
     privacy: dict[str, Any] = raw.get("privacy", {})
     allowed = {"site": {"name", "coordinator", "ca", "node_key", "state_dir", "insecure"},
-               "data": {"path", "text_column", "label_column"}, "privacy": {"budget_epsilon", "delta", "allow_no_dp"}}
+               "data": {"path", "text_column", "label_column"}, "privacy": {"budget_epsilon", "delta", "allow_no_dp"},
+               "model": {"base_model"}}
     for section, keys in allowed.items():
         for key in raw.get(section, {}):
             if key not in keys:
@@ -131,11 +134,13 @@ def load_site_config(path: str | Path) -> SiteConfig:
         delta=delta,
         allow_no_dp=bool(privacy.get("allow_no_dp", False)),
         insecure=insecure,
+        base_model=resolve(raw["model"]["base_model"]) if raw.get("model", {}).get("base_model") else None,
     )
 
 
 def write_site_config(out_dir: Path, *, name: str, coordinator: str, ca: Path, data: Path, text_column: str,
-                      label_column: str, budget_epsilon: float, delta: float, overwrite: bool = False) -> Path:
+                      label_column: str, budget_epsilon: float, delta: float, overwrite: bool = False,
+                      base_model: Path | None = None) -> Path:
     """Write ``out_dir/site.toml`` (validated by reading it back)."""
     import tomli_w
 
@@ -146,6 +151,8 @@ def write_site_config(out_dir: Path, *, name: str, coordinator: str, ca: Path, d
         "data": {"path": str(data.resolve()), "text_column": text_column, "label_column": label_column},
         "privacy": {"budget_epsilon": float(budget_epsilon), "delta": float(delta)},
     }
+    if base_model is not None:
+        doc["model"] = {"base_model": str(base_model.resolve())}
     path = out_dir / SITE_FILE
     out_dir.mkdir(parents=True, exist_ok=True)
     write_file_exclusive(path, tomli_w.dumps(doc).encode("utf-8"), mode=0o644, overwrite=overwrite)

@@ -7,6 +7,7 @@ load once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zlib
 from collections import OrderedDict
@@ -17,8 +18,8 @@ import torch
 
 from fedtune.common.config import RunConfig, from_flat
 from fedtune.common.errors import FedtuneError
-from fedtune.common.model import ModelBundle, adapter_state, build_model, load_adapter_state, load_tokenizer
-from fedtune.common.protocol import MAX_WEIGHT_KEY, VALIDATE_FIRST_KEY
+from fedtune.common.model import ModelBundle, adapter_state, base_model_id, build_model, load_adapter_state, load_tokenizer, resolve_base_model
+from fedtune.common.protocol import BASE_MODEL_ID_KEY, MAX_WEIGHT_KEY, VALIDATE_FIRST_KEY
 from fedtune.common.tasks import encode, evaluate
 
 from .site_request import SiteReply, SiteRequest
@@ -49,6 +50,19 @@ def _site_seed(seed: int, name: str, server_round: int) -> int:
     return zlib.crc32(f"{seed}/{name}/{server_round}".encode()) & 0x7FFFFFFF
 
 
+def _site_model(run: RunConfig, settings: Any, expected_id: Any) -> RunConfig:
+    """A deployed site loads its own base model (site.toml), never a folder the coordinator names,
+    and refuses a run whose model differs from it."""
+    if settings.base_model is not None:
+        run = dataclasses.replace(run, model=dataclasses.replace(run.model, base_model=settings.base_model))
+    if expected_id is not None and base_model_id(run.model) != str(expected_id):
+        raise FedtuneError(
+            f"site {settings.name}: its base model ({resolve_base_model(run.model)}, id {base_model_id(run.model)}) "
+            f"is not the run's (id {expected_id}); set [model] base_model in site.toml to the run's model folder."
+        )
+    return run
+
+
 def _validate(bundle: ModelBundle, tokenizer: Any, site: Any, labels: list[str], run: RunConfig) -> dict[str, int | float]:
     """Loss, accuracy and macro-F1 of the loaded adapter on the site's validation split (none: {})."""
     if not site.examples.val_texts:
@@ -66,6 +80,7 @@ def handle(req: SiteRequest) -> SiteReply:
     labels = [str(x) for x in req.config["labels"]]
     server_round = int(req.config["server-round"])
     site = prepare_site(run, req.node_config, run_dir=str(req.config["run-dir"]), labels=labels)
+    run = _site_model(run, site.settings, req.config.get(BASE_MODEL_ID_KEY))
     bundle = _model(run, len(labels))
     load_adapter_state(bundle.model, {k: torch.from_numpy(np.asarray(v)) for k, v in req.arrays.items()})
     tokenizer = _tokenizer(run)

@@ -34,6 +34,8 @@ class SiteSettings:
         delta: delta of the site's guarantee.
         partition: Index of the simulated site's partition, None when deployed.
         num_partitions: Number of simulated sites.
+        base_model: A deployed site's own base model folder ("": the packaged default); None in
+            simulation, where the run's model is used. The coordinator never picks a site's files.
     """
 
     name: str
@@ -44,6 +46,7 @@ class SiteSettings:
     allow_no_dp: bool = False
     partition: int | None = None
     num_partitions: int | None = None
+    base_model: str | None = None
 
     @property
     def simulated(self) -> bool:
@@ -91,4 +94,5 @@ def resolve_site(node_config: Mapping[str, Any], run: RunConfig, *, run_dir: str
         budget_epsilon=budget,
         delta=delta,
         allow_no_dp=str(node_config.get("allow-no-dp", "false")).lower() == "true",
+        base_model=str(node_config.get("base-model", "")),
     )

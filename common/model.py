@@ -39,6 +39,14 @@ def resolve_base_model(config: ModelConfig) -> Path:
     return path
 
 
+def base_model_id(config: ModelConfig) -> str:
+    """A short fingerprint of the base model's ``config.json``: coordinator and sites compare it,
+    since each loads the model from its own folder."""
+    import hashlib
+
+    return hashlib.sha256((resolve_base_model(config) / "config.json").read_bytes()).hexdigest()[:16]
+
+
 def load_tokenizer(config: ModelConfig):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 

@@ -4,6 +4,10 @@
 # per-round federated validation, without a second message).
 VALIDATE_FIRST_KEY = "validate-first"
 
+# The fingerprint of the run's base model (common.model.base_model_id): a site whose own model
+# differs refuses the round.
+BASE_MODEL_ID_KEY = "base-model-id"
+
 # Secure aggregation: the names of the round's tensors, in the order of the legacy Parameters
 # list that SecAgg+ masks (both ends check them).
 ARRAY_NAMES_KEY = "fedtune.array-names"

@@ -74,17 +74,23 @@ def site() -> None:
 @click.option("--delta", type=float, default=1e-5, show_default=True, help="delta of the site's guarantee.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
+@click.option("--base-model", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="This site's copy of the base model (a local Hugging Face folder) [the packaged all-MiniLM-L6-v2]. "
+                   "Runs must use the same model; the site never loads a folder the coordinator names.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing site.toml and key pair.")
 def site_init(name: str, data: Path, coordinator: str, ca: Path, out: Path, budget_epsilon: float, delta: float,
-              text_column: str, label_column: str, overwrite: bool) -> None:
+              text_column: str, label_column: str, base_model: Path | None, overwrite: bool) -> None:
     """Write site.toml and this site's node-authentication key pair."""
     from fedtune.client.daemon import write_site_config
     from fedtune.client.identity import create_node_key, public_key_fingerprint
 
     if not ca.is_file():
         raise ConfigError(f"--ca {ca} does not exist; it is ca.crt from the coordinator's `fedtune certs init`.")
+    if base_model is not None and not (base_model / "config.json").is_file():
+        raise ConfigError(f"--base-model {base_model} has no config.json; give a local Hugging Face model folder.")
     config = write_site_config(out, name=name, coordinator=coordinator, ca=ca, data=data, text_column=text_column,
-                               label_column=label_column, budget_epsilon=budget_epsilon, delta=delta, overwrite=overwrite)
+                               label_column=label_column, budget_epsilon=budget_epsilon, delta=delta, overwrite=overwrite,
+                               base_model=base_model)
     keys = create_node_key(out, overwrite=overwrite)
     click.echo(f"site config: {config}")
     click.echo(f"node key (secret, stays here): {keys.private_key}")

@@ -13,7 +13,8 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedtune.common.config import RunConfig, dump_toml, from_flat
 from fedtune.common.errors import ConfigError
-from fedtune.common.model import adapter_state, build_model, load_adapter_state, resolve_base_model, save_adapter
+from fedtune.common.model import adapter_state, base_model_id, build_model, load_adapter_state, resolve_base_model, save_adapter
+from fedtune.common.protocol import BASE_MODEL_ID_KEY
 from fedtune.common.sitedata import load_config_table, resolve_data_path, run_labels, simulated_split
 from fedtune.common.tasks import encode, evaluate
 
@@ -118,7 +119,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     client_plan = client_dp_plan(run) if run.client_dp.enabled else None
     recorder = RunRecorder(run_dir)
     round_config = ConfigRecord(
-        {"num-rounds": run.federation.rounds, "labels": labels, "run-dir": str(run_dir)}
+        {"num-rounds": run.federation.rounds, "labels": labels, "run-dir": str(run_dir), BASE_MODEL_ID_KEY: base_model_id(run.model)}
     )
     print(f"fedtune: {run.federation.rounds} rounds, {_describe_privacy(run)}, labels {labels}, run dir {run_dir}", flush=True)
     final, totals = run_rounds(

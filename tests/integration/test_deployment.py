@@ -38,7 +38,7 @@ class Deployment:
     def init_site(self, name: str, rows: slice, *, budget: float = 8.0) -> Path:
         data = write_site_data(self.root / f"{name}.csv", rows)
         fedtune("site", "init", "--name", name, "--data", str(data), "--coordinator", self.address, "--ca", str(self.certs / "ca.crt"),
-                "--out", str(self.site_dir(name)), "--budget-epsilon", str(budget), env=self.env)
+                "--out", str(self.site_dir(name)), "--budget-epsilon", str(budget), "--base-model", str(self.tiny_model), env=self.env)
         return self.site_dir(name) / "site.toml"
 
     def start_site(self, name: str) -> None:

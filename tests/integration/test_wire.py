@@ -104,6 +104,7 @@ def _deployed_context(tiny_model_dir: Path, tmp_path: Path, run_flat: dict, *, a
     node_config = {
         "site-name": "hospital-a", "data-path": str(demo_data_path()), "state-dir": str(tmp_path / "state"),
         "budget-epsilon": 8.0, "delta": 1e-5, "text-column": "text", "label-column": "label", "allow-no-dp": allow_no_dp,
+        "base-model": str(tiny_model_dir),
     }
     return Context(run_id=9, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_flat)
 
@@ -130,3 +131,22 @@ def test_train_message_validates_the_received_adapter_before_training(tiny_model
     assert trained["val-examples"] == evaluated["num-examples"]
     for key in ("loss", "accuracy", "macro-f1"):
         assert trained[f"val-{key}"] == pytest.approx(evaluated[key], abs=1e-6), "measured on the adapter received, not the one trained"
+
+
+def test_deployed_site_loads_its_own_base_model_and_refuses_a_different_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from fedtune.common.model import base_model_id
+    from fedtune.common.tiny import make_tiny_bert
+
+    run, _, initial, config, _ = _setup(tiny_model_dir, tmp_path)
+    # The coordinator names a folder the site does not have: the site uses the one in its own site.toml.
+    flat = {**run.to_flat(), "model.base_model": str(tmp_path / "coordinator-only-folder"), "simulation": False}
+    config["base-model-id"] = base_model_id(run.model)
+    ok = _send(build_client_app(), MessageType.TRAIN, initial, config, _deployed_context(tiny_model_dir, tmp_path, flat, allow_no_dp="false"))
+    assert not ok.has_error(), ok.error
+
+    other = make_tiny_bert(tmp_path / "other-model", hidden_size=48)
+    context = _deployed_context(tiny_model_dir, tmp_path, flat, allow_no_dp="false")
+    context.node_config["base-model"] = str(other)
+    refused = _send(build_client_app(), MessageType.TRAIN, initial, config, context)
+    assert refused.has_error()
+    assert "is not the run's" in refused.error.reason and str(other) in refused.error.reason

@@ -30,6 +30,7 @@ def test_written_site_config_round_trips_with_absolute_paths(tmp_path: Path) -> 
     assert site.node_config() == {
         "site-name": "hospital-a", "data-path": str((tmp_path / "notes.csv").resolve()), "state-dir": str(site.state_dir),
         "budget-epsilon": 4.0, "delta": 1e-6, "text-column": "note", "label-column": "dept", "allow-no-dp": "false",
+        "base-model": "",
     }
 
 
@@ -100,3 +101,16 @@ def test_supernode_command_runs_flowers_supernode_through_the_poll_entry_point(t
     assert cmd[:3] == [sys.executable, "-m", "fedtune.client.supernode"]
     args = _parse_args_run_supernode().parse_args(cmd[3:])  # what flower-supernode itself accepts
     assert args.superlink == "127.0.0.1:9093" and args.max_retries == 3
+
+
+def test_a_site_can_pin_its_own_base_model_folder(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[site]\nname = "a"\ncoordinator = "127.0.0.1:9093"\ninsecure = true\n[data]\npath = "d.csv"\n'
+                            '[model]\nbase_model = "models/minilm"\n')
+    site = load_site_config(path)
+    assert site.base_model == tmp_path / "models" / "minilm"
+    assert site.node_config()["base-model"] == str(tmp_path / "models" / "minilm")
+
+
+def test_without_a_pinned_model_the_site_uses_the_packaged_one(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[site]\nname = "a"\ncoordinator = "127.0.0.1:9093"\ninsecure = true\n[data]\npath = "d.csv"\n')
+    assert load_site_config(path).node_config()["base-model"] == ""
