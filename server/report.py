@@ -240,8 +240,12 @@ def write_privacy_report(run_dir: Path) -> Path:
     return path
 
 
-def model_card(summary: dict[str, Any], *, accountant: str | None = None) -> str:
-    """A README.md for the adapter folder: what it is, who trained it on how much, its privacy, how to load it."""
+def model_card(summary: dict[str, Any], *, accountant: str | None = None, pooling: str = "cls") -> str:
+    """A README.md for the adapter folder: what it is, who trained it on how much, its privacy, how to load it.
+
+    ``pooling`` is the head's (the adapter's ``fedtune.json``): a mean-pooling head is not a
+    transformers class, so its card loads the adapter through fedtune.
+    """
     dp = bool(summary.get("dp"))
     privacy = summary.get("privacy") or {}
     accountant = privacy.get("accountant") or accountant
@@ -303,6 +307,26 @@ def model_card(summary: dict[str, Any], *, accountant: str | None = None) -> str
         lines += ["", "## Evaluation", "",
                   f"Held-out test split (never trained on): accuracy {test['accuracy']:.3f}, "
                   + (f"macro-F1 {test['macro_f1']:.3f}." if test.get("macro_f1") is not None else "macro-F1 not recorded.")]
+    if pooling == "mean":
+        lines += [
+            "",
+            "## How to load",
+            "",
+            "The head reads the attention-mask-weighted mean of the last hidden state (`pooling: mean` in "
+            "`fedtune.json`), which no transformers class does; fedtune rebuilds it and loads the adapter with "
+            "`PeftModel.from_pretrained`:",
+            "",
+            "```python",
+            "from pathlib import Path",
+            "from fedtune.inference import load_adapter",
+            "",
+            'loaded = load_adapter(Path("path/to/this/adapter"))  # .model, .tokenizer, .labels',
+            "```",
+            "",
+            'Or: `fedtune predict --adapter path/to/this/adapter "some text"`.',
+            "",
+        ]
+        return "\n".join(lines)
     lines += [
         "",
         "## How to load",
@@ -334,5 +358,8 @@ def write_model_card(run_dir: Path) -> Path:
         raise ConfigError(f"{adapter} not found; RUN_DIR must be a finished run directory holding adapter/.")
     summary = _read_summary(run_dir)
     path = adapter / CARD_FILE
-    atomic_write_bytes(path, model_card(summary, accountant=_config_accountant(run_dir)).encode("utf-8"))
+    meta_path = adapter / "fedtune.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    card = model_card(summary, accountant=_config_accountant(run_dir), pooling=str(meta.get("pooling", "cls")))
+    atomic_write_bytes(path, card.encode("utf-8"))
     return path

@@ -93,9 +93,11 @@ def test_federated_run_writes_the_complete_run_directory(first_run: Path) -> Non
 
 def test_adapter_from_deployment_loads_with_peft(first_run: Path, deployment: Deployment) -> None:
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
 
-    base = AutoModelForSequenceClassification.from_pretrained(str(deployment.tiny_model), num_labels=5)
+    from fedtune.common.model import load_classifier
+
+    pooling = json.loads((first_run / "adapter" / "fedtune.json").read_text())["pooling"]
+    base = load_classifier(deployment.tiny_model, 5, pooling=pooling)
     model = PeftModel.from_pretrained(base, str(first_run / "adapter"))
     assert any("lora_B" in n for n, _ in model.named_parameters())
 

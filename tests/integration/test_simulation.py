@@ -88,13 +88,17 @@ def test_site_ledgers_live_in_the_run_directory_and_match_the_summary(run_dir: P
 
 def test_global_adapter_changed_and_loads_with_peft(run_dir: Path, tiny_model_dir: Path) -> None:
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+
+    from fedtune.common.model import load_classifier
 
     summary = json.loads((run_dir / "summary.json").read_text())
     run = from_dict({"model": {"base_model": str(tiny_model_dir), "max_length": 32}})
     initial = adapter_state(build_model(run.model, run.lora, len(summary["labels"]), seed=run.seed).model)
 
-    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=len(summary["labels"]))
+    # The head reads the pooling the run used, as recorded beside the adapter.
+    pooling = json.loads((run_dir / "adapter" / "fedtune.json").read_text())["pooling"]
+    assert pooling == run.model.pooling
+    base = load_classifier(tiny_model_dir, len(summary["labels"]), pooling=pooling)
     loaded = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     final = adapter_state(loaded)
 

@@ -217,3 +217,13 @@ def test_report_command_on_a_folder_without_summary_is_one_line(tmp_path: Path) 
 
     assert result.exit_code == 2
     assert "summary.json not found" in result.output and "Traceback" not in result.output
+
+
+def test_card_of_a_mean_pooling_adapter_loads_it_through_fedtune_not_a_transformers_head(tmp_path: Path) -> None:
+    run = _make_run(tmp_path)
+    (run / "adapter" / "fedtune.json").write_text(json.dumps({"labels": LABELS, "max_length": 64, "pooling": "mean"}))
+
+    text = write_model_card(run).read_text()
+
+    assert "load_adapter(" in text and "pooling: mean" in text
+    assert "AutoModelForSequenceClassification" not in text
