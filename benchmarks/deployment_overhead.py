@@ -96,7 +96,7 @@ def main() -> None:
         "deployment, no warm worker": deployment(root, model, args.rounds, warm=False),
     }
     steady = {k: statistics.mean(v[1:] or v) for k, v in results.items()}
-    print(f"\n2 sites, {args.rounds} rounds (train + evaluate each), model {model}")
+    print(f"\n2 sites, {args.rounds} rounds (one message per site per round), model {model}")
     print(f"{'mode':<28} {'s/round (after round 1)':>24} {'overhead vs simulation':>24}")
     for mode, seconds in steady.items():
         print(f"{mode:<28} {seconds:>24.1f} {seconds - steady['simulation']:>24.1f}")
