@@ -18,7 +18,15 @@ import torch
 
 from fedtune.common.config import RunConfig, from_flat
 from fedtune.common.errors import FedtuneError
-from fedtune.common.model import ModelBundle, adapter_state, base_model_id, build_model, load_adapter_state, load_tokenizer, resolve_base_model
+from fedtune.common.model import (
+    ModelBundle,
+    adapter_state,
+    base_model_id,
+    build_model,
+    load_adapter_state,
+    load_tokenizer,
+    resolve_base_model,
+)
 from fedtune.common.protocol import BASE_MODEL_ID_KEY, MAX_WEIGHT_KEY, VALIDATE_FIRST_KEY
 from fedtune.common.tasks import encode, evaluate
 
