@@ -71,13 +71,15 @@ def _site_model(run: RunConfig, settings: Any, expected_id: Any) -> RunConfig:
     return run
 
 
-def _validate(bundle: ModelBundle, tokenizer: Any, site: Any, labels: list[str], run: RunConfig) -> dict[str, int | float]:
-    """Loss, accuracy and macro-F1 of the loaded adapter on the site's validation split (none: {})."""
+def _validate(bundle: ModelBundle, tokenizer: Any, site: Any, labels: list[str], run: RunConfig, *, prefix: str = "") -> dict[str, int | float]:
+    """Examples, loss, accuracy and macro-F1 of the loaded adapter on the site's validation split
+    (keys prefixed with ``prefix``; none: {})."""
     if not site.examples.val_texts:
         return {}
     dataset = encode(tokenizer, site.examples.val_texts, site.examples.val_labels, labels, max_length=run.model.max_length)
     result = evaluate(bundle.model, dataset, len(labels))
-    return {"val-examples": result.examples, "val-loss": result.loss, "val-accuracy": result.accuracy, "val-macro-f1": result.macro_f1}
+    values = {"examples": result.examples, "loss": result.loss, "accuracy": result.accuracy, "macro-f1": result.macro_f1}
+    return {prefix + k: v for k, v in values.items()}
 
 
 def handle(req: SiteRequest) -> SiteReply:
@@ -102,7 +104,7 @@ def handle(req: SiteRequest) -> SiteReply:
             )
         # The received global adapter is validated here, before training, in the same message: a
         # separate evaluate exchange would cost a second ClientApp process start every round.
-        validation = _validate(bundle, tokenizer, site, labels, run) if req.config.get(VALIDATE_FIRST_KEY) else {}
+        validation = _validate(bundle, tokenizer, site, labels, run, prefix="val-") if req.config.get(VALIDATE_FIRST_KEY) else {}
         dataset = encode(tokenizer, site.examples.train_texts, site.examples.train_labels, labels, max_length=run.model.max_length)
         metrics = train_round(
             bundle.model, dataset, site=site, run=run, run_id=str(req.run_id), server_round=server_round,
@@ -111,12 +113,9 @@ def handle(req: SiteRequest) -> SiteReply:
         arrays = OrderedDict((k, v.numpy()) for k, v in adapter_state(bundle.model).items())
         return SiteReply(site=site.settings.name, metrics={**metrics, **validation}, arrays=arrays)
     if req.kind == "evaluate":
-        if not site.examples.val_texts:
+        scores = _validate(bundle, tokenizer, site, labels, run)
+        if not scores:
             raise FedtuneError(f"site {site.settings.name} has no validation examples (data.val_fraction is 0).")
-        dataset = encode(tokenizer, site.examples.val_texts, site.examples.val_labels, labels, max_length=run.model.max_length)
-        result = evaluate(bundle.model, dataset, len(labels))
-        return SiteReply(
-            site=site.settings.name,
-            metrics={"num-examples": result.examples, "loss": result.loss, "accuracy": result.accuracy, "macro-f1": result.macro_f1},
-        )
+        scores["num-examples"] = scores.pop("examples")
+        return SiteReply(site=site.settings.name, metrics=scores)
     raise FedtuneError(f"unknown request kind {req.kind!r}; expected 'train' or 'evaluate'.")

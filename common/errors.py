@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class FedtuneError(Exception):
     """Base class of every error fedtune raises on purpose."""
@@ -24,6 +26,18 @@ class DataError(FedtuneError):
 
 class UpdateError(FedtuneError):
     """A site update (or a message on the wire) breaks the protocol: keys, shapes, dtypes, values."""
+
+
+def check_tensor_names(expected: Iterable[str], got: Iterable[str], *, source: str) -> None:
+    """Raise UpdateError unless ``got`` names exactly the ``expected`` tensors (the first few of each kind named)."""
+    want, have = set(expected), set(got)
+    missing, extra = sorted(want - have), sorted(have - want)
+    if missing or extra:
+        raise UpdateError(
+            f"{source} has {len(have)} tensors, expected {len(want)}; "
+            f"missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            f"unexpected: {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
 
 
 class PrivacyBudgetError(FedtuneError):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import POOLINGS, LoraSettings, ModelConfig
-from .errors import ConfigError, UpdateError
+from .errors import ConfigError, UpdateError, check_tensor_names
 
 logger = logging.getLogger(__name__)
 
@@ -213,14 +213,7 @@ def check_adapter_state(
     expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], *, source: str
 ) -> None:
     """Raise UpdateError unless ``got`` has exactly the expected names, shapes, dtypes, finite values."""
-    missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
-    if missing or extra:
-        raise UpdateError(
-            f"{source} has {len(got)} tensors, expected {len(expected)}; "
-            f"missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-            f"unexpected: {extra[:5]}{'...' if len(extra) > 5 else ''}"
-        )
+    check_tensor_names(expected, got, source=source)
     for name, ref in expected.items():
         t = got[name]
         if tuple(t.shape) != tuple(ref.shape):

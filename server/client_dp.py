@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune.common.accounting import Segment, calibrate_noise_multiplier, epsilon
-from fedtune.common.errors import ConfigError, UpdateError
+from fedtune.common.errors import ConfigError, UpdateError, check_tensor_names
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,7 @@ def update_delta(update: Arrays, global_arrays: Arrays) -> dict[str, np.ndarray]
     Raises:
         UpdateError: the names or shapes differ.
     """
-    missing = sorted(set(global_arrays) - set(update))
-    extra = sorted(set(update) - set(global_arrays))
-    if missing or extra:
-        raise UpdateError(
-            f"update has {len(update)} tensors, expected {len(global_arrays)}; "
-            f"missing: {missing[:5]}; unexpected: {extra[:5]}"
-        )
+    check_tensor_names(global_arrays, update, source="update")
     delta = {}
     for name, ref in global_arrays.items():
         got = np.asarray(update[name])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, Message
 
-from fedtune.common.errors import UpdateError
+from fedtune.common.errors import UpdateError, check_tensor_names
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +48,7 @@ def check_train_reply(msg: Message, expected: ArrayRecord) -> None:
     n = metrics["num-examples"]
     if not isinstance(n, int) or n <= 0:
         raise UpdateError(f"num-examples must be a positive integer, got {n!r}")
-    missing = sorted(set(expected.keys()) - set(got.keys()))
-    extra = sorted(set(got.keys()) - set(expected.keys()))
-    if missing or extra:
-        raise UpdateError(
-            f"sent {len(got)} adapter tensors, expected {len(expected)}; missing: {missing[:5]}; unexpected: {extra[:5]}"
-        )
+    check_tensor_names(expected.keys(), got.keys(), source="the update")
     for name, ref in expected.items():
         arr = got[name]
         if tuple(arr.shape) != tuple(ref.shape) or arr.dtype != ref.dtype:

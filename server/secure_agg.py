@@ -2,7 +2,8 @@
 
 Flower ships SecAgg+ (``SecAggPlusWorkflow``) only for its legacy path: the workflow reads a
 ``LegacyContext`` and asks a legacy strategy for fit instructions and for the final aggregate.
-This module is the bridge, kept to what the protocol needs:
+This module (with ``secagg_legacy.py``, Flower's legacy pieces it imports only for a secure
+round) is the bridge, kept to what the protocol needs:
 
 - the sites and their instructions come from fedtune's own strategy (``configure_train``), so
   sampling stays where it is; a tiny legacy strategy just hands them to the workflow and catches
@@ -32,6 +33,7 @@ from fedtune.common.errors import FedtuneError
 from fedtune.common.protocol import ARRAY_NAMES_KEY
 
 from .exchange import send_and_receive
+from .screening import arrays_nbytes, site_name
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +87,7 @@ class SecureRound:
 
 def content_nbytes(content: RecordDict) -> int:
     """Bytes of tensors and byte strings in a message (the masked vectors travel as bytes)."""
-    total = 0
-    for record in content.array_records.values():
-        total += sum(len(arr.data) for arr in record.values())
+    total = sum(arrays_nbytes(record) for record in content.array_records.values())
     for record in content.config_records.values():
         for value in record.values():
             if isinstance(value, bytes):
@@ -118,68 +118,6 @@ class _RecordingGrid:
         return getattr(self._grid, name)
 
 
-def _legacy_pieces():  # type: ignore[no-untyped-def]
-    """Flower's legacy types, imported when a secure round runs (they pull in the legacy server)."""
-    from fedtune.common.masks import install
-
-    install()  # 256-bit mask generator on both ends (see common/masks.py)
-    from flwr.common import FitIns, Parameters
-    from flwr.server.compat.grid_client_proxy import GridClientProxy
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.strategy import Strategy as LegacyStrategy
-    from flwr.server.workflow import SecAggPlusWorkflow
-    from flwr.server.workflow.secure_aggregation.secaggplus_workflow import (
-        WorkflowState,
-    )
-
-    class HandOver(LegacyStrategy):
-        """Gives the workflow the instructions fedtune's strategy made; keeps the unmasked mean."""
-
-        def __init__(self, instructions: list[tuple[Any, Any]]) -> None:
-            self.instructions = instructions
-            self.aggregate: Parameters | None = None
-
-        def initialize_parameters(self, client_manager):  # type: ignore[no-untyped-def]
-            return None
-
-        def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
-            return self.instructions
-
-        def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
-            # The workflow hands every result the same unmasked weighted mean.
-            self.aggregate = results[0][1].parameters if results else None
-            return self.aggregate, {}
-
-        def configure_evaluate(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
-            return []
-
-        def aggregate_evaluate(self, server_round, results, failures):  # type: ignore[no-untyped-def]
-            return None, {}
-
-        def evaluate(self, server_round, parameters):  # type: ignore[no-untyped-def]
-            return None
-
-    class LoudSecAggPlus(SecAggPlusWorkflow):
-        """Flower's workflow, stage by stage, raising where Flower would only log and return."""
-
-        def __call__(self, grid, context) -> None:  # type: ignore[no-untyped-def]
-            state = WorkflowState()
-            stages = (
-                ("setup", self.setup_stage),
-                ("share keys", self.share_keys_stage),
-                ("collect masked vectors", self.collect_masked_vectors_stage),
-                ("unmask", self.unmask_stage),
-            )
-            for name, stage in stages:
-                if not stage(grid, context, state):
-                    raise SecureAggregationError(
-                        f"secure aggregation failed at stage '{name}': {len(state.active_node_ids)} of "
-                        f"{len(state.sampled_node_ids)} sampled sites still taking part, {state.threshold} needed"
-                    )
-
-    return FitIns, Parameters, GridClientProxy, LegacyContext, HandOver, LoudSecAggPlus
-
-
 def secure_train_round(
     grid: Any,
     messages: list[Message],
@@ -190,9 +128,14 @@ def secure_train_round(
     timeout: float,
 ) -> SecureRound:
     """Run the round's training exchange (``messages`` from the strategy) under SecAgg+."""
-    FitIns, Parameters, GridClientProxy, LegacyContext, HandOver, LoudSecAggPlus = _legacy_pieces()
+    # Flower's legacy server, imported only for a secure round.
+    from flwr.common import FitIns, Parameters
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
     from flwr.server.workflow.constant import Key as WorkflowKey
+
+    from .secagg_legacy import HandOver, LoudSecAggPlus
 
     if len(messages) < 2:
         raise SecureAggregationError(
@@ -235,8 +178,6 @@ def secure_train_round(
     try:
         workflow(recording, context)
     except SecureAggregationError as err:
-        from .screening import site_name
-
         reasons = "; ".join(f"{site_name(m)}: {m.error.reason}" for m in recording.replies if m.has_error())
         raise SecureAggregationError(f"round {server_round}: {err}" + (f"; site errors: {reasons}" if reasons else "")) from None
     if hand_over.aggregate is None:
