@@ -1,4 +1,5 @@
-"""A site's local labeled text data: load CSV, JSON Lines or Parquet into a `TextTable`, check labels, fingerprint.
+"""A site's local labeled text data: load CSV, JSON Lines or Parquet into a `TextTable`, check labels, fingerprint,
+digest each record (the privacy ledger's key).
 
 Row numbers. Every message names the file and a 1-based *data row*: the n-th record, header excluded for CSV,
 blank lines skipped. It equals the table index + 1, so `load_table` and `check_labels` count alike. For CSV
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.common.errors import ConfigError, DataError
+from fedtune.common.errors import ConfigError, DataError, LabelsMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def check_labels(table: TextTable, allowed: Sequence[str]) -> None:
     first = bad_rows[0]
     unknown = label_set(table.labels[i] for i in bad_rows)
     shown = f"{unknown[:10]!r}" + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
-    raise DataError(
+    raise LabelsMismatchError(
         f"{table.source} row {first + 1}: label {table.labels[first]!r} is not one of {list(allowed)!r}; "
         f"{len(bad_rows)} of {len(table)} rows have labels outside that set: {shown}."
     )
@@ -153,6 +154,43 @@ def fingerprint(table: TextTable) -> str:
     for row_digest in row_digests:
         digest.update(row_digest)
     return digest.hexdigest()
+
+
+RECORD_DIGEST_CHARS = 32
+"""Length of a record digest in hex characters (128 bits of SHA-256: collisions are out of reach)."""
+
+
+def record_digests(texts: Sequence[str], labels: Sequence[str]) -> list[str]:
+    """One digest per row, the key under which the privacy ledger accounts each record's spend.
+
+    SHA-256 over a domain tag and the length-prefixed UTF-8 of (text, label), hex, truncated to
+    `RECORD_DIGEST_CHARS`. Like `fingerprint`, it depends only on the row's content: the file's
+    path, format, row order and extra columns do not change it, so re-saving or reordering the
+    file keeps every record's history, while an edited row is a new record (with no spend).
+
+    Identical rows share a digest and are treated as one record: they are indistinguishable to
+    the ledger, which therefore charges them as one. Group privacy is out of scope: an individual
+    who appears in several *distinct* rows is protected per row, not as a person (their combined
+    epsilon can be up to the sum over their rows); a site that needs that must key its rows per
+    person upstream.
+
+    Args:
+        texts: One text per row.
+        labels: One label per row, aligned with `texts`.
+
+    Returns:
+        The digests, aligned with the rows.
+
+    Raises:
+        DataError: if `texts` and `labels` differ in length.
+    """
+    if len(texts) != len(labels):
+        raise DataError(f"record_digests: {len(texts)} texts but {len(labels)} labels; they must be row-aligned.")
+    tag = b"fedtune.record.v1\0"
+    return [
+        hashlib.sha256(tag + _framed(text) + _framed(label)).hexdigest()[:RECORD_DIGEST_CHARS]
+        for text, label in zip(texts, labels)
+    ]
 
 
 def _framed(value: str) -> bytes:

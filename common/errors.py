@@ -6,7 +6,13 @@ from collections.abc import Iterable
 
 
 class FedtuneError(Exception):
-    """Base class of every error fedtune raises on purpose."""
+    """Base class of every error fedtune raises on purpose.
+
+    ``code`` is what a site sends when this error refuses a message (a value of
+    ``common.messages.RefusalCode``); the message itself stays in the site's log.
+    """
+
+    code = "internal-error"
 
 
 class ConfigError(FedtuneError):
@@ -14,6 +20,8 @@ class ConfigError(FedtuneError):
 
     Carries every problem found, so a user fixes them all in one go.
     """
+
+    code = "site-config"
 
     def __init__(self, problems: list[str] | str) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
@@ -23,9 +31,19 @@ class ConfigError(FedtuneError):
 class DataError(FedtuneError):
     """Local data cannot be used: missing file or column, bad row, unknown label."""
 
+    code = "data-unavailable"
+
+
+class LabelsMismatchError(DataError):
+    """The site's labels are not the run's label set."""
+
+    code = "labels-mismatch"
+
 
 class UpdateError(FedtuneError):
     """A site update (or a message on the wire) breaks the protocol: keys, shapes, dtypes, values."""
+
+    code = "bad-request"
 
 
 def check_tensor_names(expected: Iterable[str], got: Iterable[str], *, source: str) -> None:
@@ -43,8 +61,21 @@ def check_tensor_names(expected: Iterable[str], got: Iterable[str], *, source: s
 class PrivacyBudgetError(FedtuneError):
     """Training would spend more privacy than the site's budget allows; raised before any training."""
 
+    code = "budget-exhausted"
+
     def __init__(self, message: str, *, budget: float, spent: float, requested: float) -> None:
         self.budget = budget
         self.spent = spent
         self.requested = requested
+        super().__init__(message)
+
+
+class PolicyRefusal(FedtuneError):
+    """A run asks for more than the site's policy allows (or something the site refuses to do).
+
+    ``code`` is the RefusalCode sent; the message (setting, limit, value asked) stays on the site.
+    """
+
+    def __init__(self, code: object, message: str) -> None:
+        self.code = str(getattr(code, "value", code))  # type: ignore[misc]
         super().__init__(message)
