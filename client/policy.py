@@ -211,3 +211,11 @@ def simulation_policy(statistics: str) -> SitePolicy:
         min_secure_agg_threshold=2, min_secure_agg_participants=2, max_steps_per_round=10**9, max_sample_rate=1.0,
         statistics=statistics,
     )
+
+
+def policy_for(node_config: Mapping[str, Any], *, simulation_statistics: str = "dp") -> SitePolicy:
+    """The policy of the site a node_config describes: a simulated site (Flower sets
+    ``partition-id``) or a deployed one (its daemon writes ``policy.*``)."""
+    if "partition-id" in node_config:
+        return simulation_policy(simulation_statistics)
+    return policy_from_node_config(node_config)
