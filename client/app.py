@@ -1,7 +1,9 @@
 """The site's Flower ClientApp: a thin adapter between Flower messages and the site's handlers.
 
-What leaves the site is exactly: the adapter tensors (LoRA A/B and the trained head), scalar
-metrics, and the site's name. Never text, token ids, labels or per-example values.
+What leaves the site is exactly what ``common/messages.py`` declares: the adapter tensors (LoRA
+A/B and the trained head), the round's privacy parameters, statistics only as the site's policy
+releases them, and the site's name; or a refusal code. Never text, token ids, labels, per-example
+values, file paths or tracebacks: those stay in the site's own log.
 
 Deployed, Flower starts a fresh process for every message. When the site daemon runs a warm
 worker (``node_config["worker-address"]``), this module forwards the message to it and stays
@@ -20,8 +22,8 @@ from flwr.clientapp import ClientApp
 
 logger = logging.getLogger(__name__)
 
-# A site's refusal (budget, data, protocol) travels as a typed error reply, never a crash.
-FEDTUNE_ERROR_CODE = 100
+# A site's refusal (budget, data, protocol, policy) travels as a typed error reply, never a crash.
+FEDTUNE_ERROR_CODE = 100  # common.messages.REFUSAL_ERROR_CODE, kept here so this module stays light
 # The record Flower's SecAgg+ protocol messages carry (flwr's RECORD_KEY_CONFIGS), checked
 # without importing the protocol module on the plain path.
 SECAGG_RECORD = "secaggplus_configs"
@@ -53,21 +55,46 @@ def site_reply(context: Context, kind: str, overrides: dict[str, Any], arrays: O
     return handle(request)
 
 
-def refusal(msg: Message, kind: str, err: Exception) -> Message:
-    """A typed error reply: the coordinator logs the reason and the round goes on without this site."""
-    reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"  # a worker's refusal carries its own
-    logger.warning("refused %s: %s", kind, reason)
-    return Message(Error(code=FEDTUNE_ERROR_CODE, reason=reason), reply_to=msg)
+def site_label(node_config: Any) -> str:
+    """The site's name as the coordinator knows it (never a path or anything read from data)."""
+    if "site-name" in node_config:
+        return str(node_config["site-name"])
+    if "partition-id" in node_config:
+        return f"site-{int(node_config['partition-id'])}"
+    return "site"
+
+
+def refusal(msg: Message, kind: str, err: Exception, context: Context | None = None) -> Message:
+    """A typed error reply carrying only a refusal code and the site's name.
+
+    The details (setting, limit, value asked; a data file's row; a traceback) go to this site's
+    log only: a refusal must not become a query the coordinator can run on private data.
+    """
+    from fedtune.common.messages import Refusal, RefusalCode
+
+    code_value = str(getattr(err, "code", RefusalCode.INTERNAL_ERROR.value))
+    try:
+        code = RefusalCode(code_value)
+    except ValueError:
+        code = RefusalCode.INTERNAL_ERROR
+    site = site_label(context.node_config) if context is not None else "site"
+    if code is RefusalCode.INTERNAL_ERROR and not hasattr(err, "code"):
+        logger.error("refused %s (%s): internal error", kind, code.value, exc_info=err)
+    else:
+        logger.warning("refused %s (%s): %s", kind, code.value, getattr(err, "detail", None) or err)
+    return Message(Error(code=FEDTUNE_ERROR_CODE, reason=Refusal(site=site, code=code).reason()), reply_to=msg)
 
 
 def _serve(msg: Message, context: Context, kind: str, overrides: dict[str, Any]) -> Message:
-    from fedtune.common.errors import FedtuneError
+    from fedtune.common.messages import check_outgoing_metrics
 
-    arrays = OrderedDict((k, arr.numpy()) for k, arr in msg.content["arrays"].items())
     try:
+        arrays = OrderedDict((k, arr.numpy()) for k, arr in msg.content["arrays"].items())
         reply = site_reply(context, kind, overrides, arrays, dict(msg.content["config"]))
-    except FedtuneError as err:
-        return refusal(msg, kind, err)
+        # The last check before anything leaves: the reply must be the declared message type.
+        check_outgoing_metrics(kind, reply.metrics)
+    except Exception as err:  # every failure, ours or a library's, leaves as a code only
+        return refusal(msg, kind, err, context)
     records: dict[str, Any] = {"metrics": MetricRecord(reply.metrics), "site": ConfigRecord({"name": reply.site})}
     if reply.arrays is not None:
         records["arrays"] = ArrayRecord(OrderedDict((k, Array.from_numpy_ndarray(v)) for k, v in reply.arrays.items()))
@@ -89,6 +116,12 @@ def build_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
             from .secure_agg import secure_train
 
             return secure_train(msg, context, overrides)
+        try:
+            from .policy import policy_for
+
+            policy_for(context.node_config).check_plain_train()  # a site may insist on secure aggregation
+        except Exception as err:
+            return refusal(msg, "train", err, context)
         return _serve(msg, context, "train", overrides)
 
     @client_app.evaluate()

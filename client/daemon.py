@@ -15,10 +15,13 @@ state_dir = "state"           # the privacy ledger; keep it
 path = "/data/notes.csv"
 text_column = "text"
 label_column = "label"
+val_fraction = 0.1            # this site's own validation split (a run cannot shrink it)
 [privacy]
 budget_epsilon = 8.0          # lifetime epsilon per dataset
 delta = 1e-5
-allow_no_dp = false           # refuse runs without DP (they would spend privacy no ledger counts)
+[policy]                      # limits no run can loosen; see client/policy.py for every key
+require_dp = true             # refuse runs without DP (they would spend privacy no ledger counts)
+statistics = "none"           # none | dp | clear: what may leave besides the adapter
 ```
 Relative paths are relative to the folder holding ``site.toml``.
 """
@@ -26,12 +29,16 @@ Relative paths are relative to the folder holding ``site.toml``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedtune.common.errors import ConfigError
 from fedtune.common.io import parse_host_port, read_toml
+
+from .app_guard import AppPolicy, app_policy_from_mapping
+from .policy import SitePolicy, policy_from_mapping
 
 SITE_FILE = "site.toml"
 
@@ -53,6 +60,9 @@ class SiteConfig:
     allow_no_dp: bool = False
     insecure: bool = False
     base_model: Path | None = None  # None: the packaged all-MiniLM-L6-v2
+    policy: SitePolicy = SitePolicy()
+    apps: AppPolicy = AppPolicy()  # which app bundles a run may ship (see client/app_guard.py)
+    val_fraction: float = 0.1
 
     def node_config(self) -> dict[str, str | float]:
         """What the ClientApp sees as ``context.node_config`` (see ``client/site.py``)."""
@@ -64,8 +74,9 @@ class SiteConfig:
             "delta": float(self.delta),
             "text-column": self.text_column,
             "label-column": self.label_column,
-            "allow-no-dp": "true" if self.allow_no_dp else "false",
             "base-model": str(self.base_model) if self.base_model else "",
+            "val-fraction": float(self.val_fraction),
+            **self.policy.to_node_config(),
         }
 
 
@@ -79,8 +90,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
     data: dict[str, Any] = raw.get("data", {})
     privacy: dict[str, Any] = raw.get("privacy", {})
     allowed = {"site": {"name", "coordinator", "ca", "node_key", "state_dir", "insecure"},
-               "data": {"path", "text_column", "label_column"}, "privacy": {"budget_epsilon", "delta", "allow_no_dp"},
-               "model": {"base_model"}}
+               "data": {"path", "text_column", "label_column", "val_fraction"}, "privacy": {"budget_epsilon", "delta", "allow_no_dp"},
+               "policy": set(SitePolicy.__dataclass_fields__),
+               "model": {"base_model"}, "apps": {"trusted_hashes", "trusted_signers"}}
     for section, keys in allowed.items():
         for key in raw.get(section, {}):
             if key not in keys:
@@ -114,6 +126,15 @@ def load_site_config(path: str | Path) -> SiteConfig:
         problems.append(f"privacy.budget_epsilon must be > 0, got {privacy.get('budget_epsilon')!r}.")
     if not 0 < delta < 1:
         problems.append(f"privacy.delta must be in (0, 1), got {privacy.get('delta')!r}.")
+    legacy = privacy.get("allow_no_dp")
+    policy, policy_problems = policy_from_mapping(raw.get("policy", {}), legacy_allow_no_dp=None if legacy is None else bool(legacy))
+    problems += [p for p in policy_problems if not p.startswith("unknown key")]  # unknown keys are reported above
+    apps, app_problems = app_policy_from_mapping(raw.get("apps", {}), base=base)
+    problems += [p for p in app_problems if not p.startswith("unknown key")]
+    val_fraction = data.get("val_fraction", 0.1)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        problems.append(f"data.val_fraction must be a number in [0, 1), got {val_fraction!r}.")
+        val_fraction = 0.1
     if problems:
         raise ConfigError([f"{path}: {p}" for p in problems])
 
@@ -132,7 +153,10 @@ def load_site_config(path: str | Path) -> SiteConfig:
         label_column=str(data.get("label_column", "label")),
         budget_epsilon=budget,
         delta=delta,
-        allow_no_dp=bool(privacy.get("allow_no_dp", False)),
+        allow_no_dp=not policy.require_dp,
+        policy=policy,
+        apps=apps,
+        val_fraction=float(val_fraction),
         insecure=insecure,
         base_model=resolve(raw["model"]["base_model"]) if raw.get("model", {}).get("base_model") else None,
     )
@@ -168,13 +192,24 @@ def _quote(value: str) -> str:
 
 
 def supernode_command(
-    site: SiteConfig, *, runtime_port: int = 9094, max_retries: int | None = None, extra_node_config: dict[str, str] | None = None
+    site: SiteConfig, *, runtime_port: int = 9094, max_retries: int | None = None, extra_node_config: dict[str, str] | None = None,
+    site_config: Path | None = None, writable: Sequence[Path] = (),
 ) -> list[str]:
-    """The ``flower-supernode`` command line for this site."""
+    """The ``flower-supernode`` command line for this site.
+
+    ``site_config`` gives the SuperNode the site's ``[apps]`` policy (without it, the default:
+    config-only bundles naming fedtune's ClientApp); ``writable`` lists the only folders the
+    SuperNode and its ClientApp processes may write (see client/supernode.py).
+    """
     items = {**site.node_config(), **(extra_node_config or {})}
     node_config = " ".join(f"{k}={_quote(v) if isinstance(v, str) else repr(v)}" for k, v in items.items())
-    # Flower's own flower-supernode, with its idle poll shortened (see client/supernode.py).
-    cmd = [sys.executable, "-m", "fedtune.client.supernode", "--superlink", site.coordinator, "--node-config", node_config, "--port", str(runtime_port)]
+    # Flower's own flower-supernode, with the app gate, the write sandbox and a short idle poll (see client/supernode.py).
+    cmd = [sys.executable, "-m", "fedtune.client.supernode"]
+    if site_config is not None:
+        cmd += ["--fedtune-site-config", str(site_config)]
+    for folder in writable:
+        cmd += ["--fedtune-writable", str(folder)]
+    cmd += ["--superlink", site.coordinator, "--node-config", node_config, "--port", str(runtime_port)]
     if site.insecure:
         cmd.append("--insecure")
     else:
@@ -248,9 +283,22 @@ def run_daemon(
                 if procs[0].poll() is not None or time.monotonic() > deadline:
                     raise ConfigError(f"the site's warm worker did not start (exit code {procs[0].poll()}); see the log above.")
                 time.sleep(0.2)
-        cmd = supernode_command(site, runtime_port=runtime_port, max_retries=max_retries, extra_node_config=extra)
+        supernode_env = dict(env)
+        writable: list[Path] = []
+        if warm_worker:
+            # The worker (not sandboxed) trains and owns the ledger, so Flower's processes need to
+            # write only their own home; temporary files go there too, never to a shared /tmp.
+            flower_home = Path(env["FLWR_HOME"])
+            (flower_home / "tmp").mkdir(parents=True, exist_ok=True)
+            supernode_env["TMPDIR"] = str(flower_home / "tmp")
+            writable = [flower_home]
+        else:
+            print("note: without the warm worker each ClientApp process trains and writes the ledger itself: "
+                  "no write sandbox for Flower's processes.", file=sys.stderr, flush=True)
+        cmd = supernode_command(site, runtime_port=runtime_port, max_retries=max_retries, extra_node_config=extra,
+                                site_config=Path(config_path), writable=writable)
         print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-        supernode = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        supernode = subprocess.Popen(cmd, env=supernode_env, start_new_session=True, preexec_fn=_die_with_parent)
         procs.append(supernode)
         return supernode.wait()
     finally:

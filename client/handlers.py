@@ -17,7 +17,16 @@ import numpy as np
 import torch
 
 from fedtune.common.config import RunConfig, from_flat
-from fedtune.common.errors import FedtuneError
+from fedtune.common.errors import PolicyRefusal, UpdateError
+from fedtune.common.messages import (
+    EvaluateReply,
+    RefusalCode,
+    RoundInstructions,
+    TrainingStats,
+    TrainReply,
+    ValidationStats,
+    round_significant,
+)
 from fedtune.common.model import (
     ModelBundle,
     adapter_state,
@@ -27,9 +36,10 @@ from fedtune.common.model import (
     load_tokenizer,
     resolve_base_model,
 )
-from fedtune.common.protocol import BASE_MODEL_ID_KEY, MAX_WEIGHT_KEY, VALIDATE_FIRST_KEY
-from fedtune.common.tasks import encode, evaluate
+from fedtune.common.messages import MAX_WEIGHT_KEY
+from fedtune.common.tasks import encode
 
+from .local import PreparedSite
 from .site_request import SiteReply, SiteRequest
 
 logger = logging.getLogger(__name__)
@@ -58,64 +68,84 @@ def _site_seed(seed: int, name: str, server_round: int) -> int:
     return zlib.crc32(f"{seed}/{name}/{server_round}".encode()) & 0x7FFFFFFF
 
 
-def _site_model(run: RunConfig, settings: Any, expected_id: Any) -> RunConfig:
+def _site_model(run: RunConfig, settings: Any, expected_id: str) -> RunConfig:
     """A deployed site loads its own base model (site.toml), never a folder the coordinator names,
     and refuses a run whose model differs from it."""
     if settings.base_model is not None:
         run = dataclasses.replace(run, model=dataclasses.replace(run.model, base_model=settings.base_model))
-    if expected_id is not None and base_model_id(run.model) != str(expected_id):
-        raise FedtuneError(
+    if expected_id and base_model_id(run.model) != expected_id:
+        raise PolicyRefusal(
+            RefusalCode.MODEL_MISMATCH,
             f"site {settings.name}: its base model ({resolve_base_model(run.model)}, id {base_model_id(run.model)}) "
-            f"is not the run's (id {expected_id}); set [model] base_model in site.toml to the run's model folder."
+            f"is not the run's (id {expected_id}); set [model] base_model in site.toml to the run's model folder.",
         )
     return run
 
 
-def _validate(bundle: ModelBundle, tokenizer: Any, site: Any, labels: list[str], run: RunConfig, *, prefix: str = "") -> dict[str, int | float]:
-    """Examples, loss, accuracy and macro-F1 of the loaded adapter on the site's validation split
-    (keys prefixed with ``prefix``; none: {})."""
-    if not site.examples.val_texts:
-        return {}
-    dataset = encode(tokenizer, site.examples.val_texts, site.examples.val_labels, labels, max_length=run.model.max_length)
-    result = evaluate(bundle.model, dataset, len(labels))
-    values = {"examples": result.examples, "loss": result.loss, "accuracy": result.accuracy, "macro-f1": result.macro_f1}
-    return {prefix + k: v for k, v in values.items()}
+def _round_seed(run: RunConfig, site: PreparedSite, server_round: int, salt: str = "") -> int | None:
+    """Simulated sites are reproducible; deployed ones draw from OS entropy (None)."""
+    return _site_seed(run.seed, site.settings.name + salt, server_round) if site.settings.simulated else None
+
+
+def _validation(bundle: ModelBundle, tokenizer: Any, site: PreparedSite, labels: list[str], run: RunConfig, *,
+                run_id: str, server_round: int, required: bool) -> ValidationStats | None:
+    """Validation of the loaded adapter on the site's own validation split, as its policy releases it."""
+    from .ledger import PrivacyLedger
+    from .statistics import ReleaseContext, noise_generator, release_validation
+
+    ex = site.examples
+    dataset = encode(tokenizer, ex.val_texts, ex.val_labels, labels, max_length=run.model.max_length)
+    charge = ReleaseContext(
+        ledger=PrivacyLedger(site.settings.state_dir), records=site.val_records, run=run_id, round=server_round,
+        delta=site.settings.delta, budget_epsilon=site.settings.budget_epsilon, accountant=run.privacy.accountant,
+    )
+    return release_validation(bundle.model, dataset, len(labels), policy=site.settings.policy, charge=charge,
+                              rng=noise_generator(_round_seed(run, site, server_round, "/statistics")), required=required)
 
 
 def handle(req: SiteRequest) -> SiteReply:
-    """Serve one request. Raises FedtuneError (budget, data, protocol) for a typed refusal."""
+    """Serve one request. Raises FedtuneError (policy, budget, data, protocol) for a typed refusal."""
     from .local import prepare_site, train_round
 
     run = from_flat(req.run_config)
-    labels = [str(x) for x in req.config["labels"]]
-    server_round = int(req.config["server-round"])
-    site = prepare_site(run, req.node_config, run_dir=str(req.config["run-dir"]), labels=labels)
-    run = _site_model(run, site.settings, req.config.get(BASE_MODEL_ID_KEY))
+    instructions = RoundInstructions.from_config(req.config)
+    labels = list(instructions.labels)
+    server_round = instructions.server_round
+    site = prepare_site(run, req.node_config, run_dir=instructions.run_dir, labels=labels)
+    run = _site_model(run, site.settings, instructions.base_model_id)
     bundle = _model(run, len(labels))
     load_adapter_state(bundle.model, {k: torch.from_numpy(np.asarray(v)) for k, v in req.arrays.items()})
     tokenizer = _tokenizer(run)
+    run_id = str(req.run_id)
     if req.kind == "train":
+        n = len(site.examples.train_texts)
         max_weight = req.config.get(MAX_WEIGHT_KEY)
-        if max_weight is not None and len(site.examples.train_texts) > float(max_weight):
+        if max_weight is not None and n > float(max_weight):
             # Checked before training: a refused secure round must not spend privacy budget.
-            raise FedtuneError(
-                f"site {site.settings.name} has {len(site.examples.train_texts)} training examples, above the "
-                f"secure-aggregation max weight {float(max_weight):g}; the coordinator must raise secure_agg.max_weight"
-            )
+            raise PolicyRefusal(RefusalCode.SECURE_AGG_MAX_WEIGHT, f"site {site.settings.name} has {n} training examples, above "
+                                f"the secure-aggregation max weight {float(max_weight):g}; the coordinator must raise secure_agg.max_weight")
         # The received global adapter is validated here, before training, in the same message: a
         # separate evaluate exchange would cost a second ClientApp process start every round.
-        validation = _validate(bundle, tokenizer, site, labels, run, prefix="val-") if req.config.get(VALIDATE_FIRST_KEY) else {}
+        validation = (_validation(bundle, tokenizer, site, labels, run, run_id=run_id, server_round=server_round, required=False)
+                      if instructions.validate_first else None)
         dataset = encode(tokenizer, site.examples.train_texts, site.examples.train_labels, labels, max_length=run.model.max_length)
-        metrics = train_round(
-            bundle.model, dataset, site=site, run=run, run_id=str(req.run_id), server_round=server_round,
-            num_rounds=int(req.config["num-rounds"]), seed=_site_seed(run.seed, site.settings.name, server_round),
+        privacy, result = train_round(
+            bundle.model, dataset, site=site, run=run, run_id=run_id, server_round=server_round,
+            num_rounds=instructions.num_rounds, seed=_site_seed(run.seed, site.settings.name, server_round),
+        )
+        clear = site.settings.policy.statistics == "clear"
+        reply = TrainReply(
+            site=site.settings.name,
+            weight=max(1, int(round_significant(n))),
+            privacy=privacy,
+            validation=validation,
+            training=TrainingStats(loss=result.loss, clipped_fraction=result.clipped_fraction, seconds=result.seconds) if clear else None,
         )
         arrays = OrderedDict((k, v.numpy()) for k, v in adapter_state(bundle.model).items())
-        return SiteReply(site=site.settings.name, metrics={**metrics, **validation}, arrays=arrays)
+        return SiteReply(site=site.settings.name, metrics=reply.to_metrics(), arrays=arrays)
     if req.kind == "evaluate":
-        scores = _validate(bundle, tokenizer, site, labels, run)
-        if not scores:
-            raise FedtuneError(f"site {site.settings.name} has no validation examples (data.val_fraction is 0).")
-        scores["num-examples"] = scores.pop("examples")
-        return SiteReply(site=site.settings.name, metrics=scores)
-    raise FedtuneError(f"unknown request kind {req.kind!r}; expected 'train' or 'evaluate'.")
+        stats = _validation(bundle, tokenizer, site, labels, run, run_id=run_id, server_round=server_round, required=True)
+        if stats is None:  # required=True refuses instead; kept for the type checker
+            raise PolicyRefusal(RefusalCode.STATISTICS, "no validation statistics to release.")
+        return SiteReply(site=site.settings.name, metrics=EvaluateReply(site=site.settings.name, validation=stats).to_metrics())
+    raise UpdateError(f"unknown request kind {req.kind!r}; expected 'train' or 'evaluate'.")

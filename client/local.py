@@ -1,13 +1,14 @@
 """One round at a site: find its data, check and charge the privacy budget, train, report.
 
-Order matters for privacy: the budget check and the ledger charge happen before any training,
-so a refused round trains nothing and a crash mid-round still counts as spent.
+Order matters for privacy: the site's policy, the budget check and the ledger charge all come
+before any training, so a refused round trains nothing and a crash mid-round still counts as spent.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -15,22 +16,57 @@ from torch.utils.data import TensorDataset
 
 from fedtune.common.accounting import Segment
 from fedtune.common.config import RunConfig
-from fedtune.common.data import TextTable, check_labels, fingerprint
-from fedtune.common.errors import ConfigError, PrivacyBudgetError
+from fedtune.common.data import check_labels, record_digests
+from fedtune.common.errors import ConfigError, PolicyRefusal
+from fedtune.common.messages import PrivacyParams, RefusalCode, round_significant
 from fedtune.common.sitedata import SiteExamples, load_config_table, simulated_split, site_examples
 
 from .ledger import PrivacyLedger
 from .site import SiteSettings, resolve_site
-from .train import DPSettings, StepPlan, train_local
+from .train import DPSettings, StepPlan, TrainResult, train_local
 
 logger = logging.getLogger(__name__)
+
+VALIDATION_SEED_FILE = "validation-seed"
 
 
 @dataclass(frozen=True)
 class PreparedSite:
     settings: SiteSettings
     examples: SiteExamples
-    dataset_id: str  # fingerprint of the site's local dataset: the ledger key
+    # Digests of the rows (common.data.record_digests): the ledger accounts every record's spend
+    # under its digest, so editing or adding rows never gives the others a fresh budget.
+    train_records: list[str]
+    val_records: list[str]
+
+
+def validation_seed(state_dir: Path) -> int:
+    """The site's own secret seed for its validation split, drawn once and kept in its state folder.
+
+    The run's seed never picks a deployed site's validation rows: a coordinator that could would
+    choose which records each evaluation touches.
+    """
+    path = state_dir / VALIDATION_SEED_FILE
+    if not path.exists():
+        import secrets
+
+        from fedtune.common.io import write_file_exclusive
+
+        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            write_file_exclusive(path, str(secrets.randbits(62)).encode(), mode=0o600, overwrite=False)
+        except ConfigError:  # another process drew it first: use theirs
+            pass
+    return int(path.read_text().strip())
+
+
+def check_delta(delta: float, n: int, *, site: str) -> None:
+    """delta must be far below 1/n: a mechanism that reveals one random record outright is (0, 1/n)-DP."""
+    if n and delta >= 1.0 / n:
+        raise ConfigError(f"site {site}: delta {delta:g} is not below 1/n = {1.0 / n:.3g} for its {n} records; "
+                          "set [privacy] delta in site.toml well below it (e.g. 1/(10 n) or less).")
+    if n and delta > 1.0 / (10 * n):
+        logger.warning("site %s: delta %g is above 1/(10 n) = %.3g; a smaller delta is advisable", site, delta, 1.0 / (10 * n))
 
 
 def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str, labels: list[str]) -> PreparedSite:
@@ -41,14 +77,22 @@ def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str
         if settings.partition is None or settings.partition >= len(split.sites):
             raise ConfigError(f"partition-id {settings.partition} is outside the {len(split.sites)} simulated sites.")
         indices = split.sites[settings.partition]
+        seed = run.seed + settings.partition
     else:
+        if run.data.val_fraction < settings.val_fraction:
+            # A tiny validation split turns each evaluation into a query on a few records.
+            raise PolicyRefusal(RefusalCode.VAL_FRACTION, f"data.val_fraction is {run.data.val_fraction:g}; this site validates "
+                                f"on its own split of {settings.val_fraction:g} ([data] val_fraction) and refuses smaller ones.")
         check_labels(table, labels)
         indices = list(range(len(table.labels)))
-    examples = site_examples(table, indices, val_fraction=run.data.val_fraction, seed=run.seed + (settings.partition or 0))
-    # The ledger key is the site's whole local dataset, never anything the run chooses (seed,
-    # validation fraction): a coordinator must not be able to reset a budget by reshuffling.
-    local = TextTable(texts=[table.texts[i] for i in indices], labels=[table.labels[i] for i in indices], source=table.source)
-    return PreparedSite(settings=settings, examples=examples, dataset_id=fingerprint(local))
+        seed = validation_seed(settings.state_dir)
+        check_delta(settings.delta, len(indices), site=settings.name)
+    examples = site_examples(table, indices, val_fraction=settings.val_fraction, seed=seed)
+    return PreparedSite(
+        settings=settings, examples=examples,
+        train_records=record_digests(examples.train_texts, examples.train_labels),
+        val_records=record_digests(examples.val_texts, examples.val_labels),
+    )
 
 
 def train_round(
@@ -61,8 +105,8 @@ def train_round(
     server_round: int,
     num_rounds: int,
     seed: int,
-) -> dict[str, float | int]:
-    """Train one round; returns the scalar metrics the site reports.
+) -> tuple[PrivacyParams, TrainResult]:
+    """Check the run against the site's policy and budget, charge the ledger, then train one round.
 
     A deployed site ignores ``seed`` and draws its sampling and noise from OS entropy
     (see ``train_local``); a simulated site uses it, so simulations are reproducible.
@@ -71,21 +115,18 @@ def train_round(
     plan = StepPlan.for_dataset(n, run.train)
     privacy = run.privacy
     settings = site.settings
+    policy = settings.policy
+    policy.check_run(dp=privacy.enabled, target_epsilon=privacy.target_epsilon, clip_norm=privacy.clip_norm,
+                     steps=plan.steps, sample_rate=plan.sample_rate)
     dp: DPSettings | None = None
     epsilon_spent = 0.0
-    if not privacy.enabled and not settings.allow_no_dp:
-        raise PrivacyBudgetError(
-            f"site {settings.name} trains only with differential privacy; this run has privacy.enabled = false "
-            "(the site operator can set [privacy] allow_no_dp = true in site.toml).",
-            budget=settings.budget_epsilon, spent=0.0, requested=float("inf"),
-        )
     if privacy.enabled:
         ledger = PrivacyLedger(settings.state_dir)
         if privacy.noise_multiplier > 0:
             z = privacy.noise_multiplier
         else:
             z = ledger.plan_noise(
-                site.dataset_id,
+                site.train_records,
                 run=run_id,
                 sample_rate=plan.sample_rate,
                 steps_per_round=plan.steps,
@@ -95,8 +136,9 @@ def train_round(
                 delta=settings.delta,
                 accountant=privacy.accountant,
             ).noise_multiplier
+        policy.check_noise(z)
         epsilon_spent = ledger.charge(
-            site.dataset_id,
+            site.train_records,
             run=run_id,
             round=server_round,
             segment=Segment(sample_rate=plan.sample_rate, noise_multiplier=z, steps=plan.steps),
@@ -113,17 +155,15 @@ def train_round(
         "%s round %d: %d steps at q=%.3f, loss %.4f, epsilon %.3f/%g",
         settings.name, server_round, plan.steps, plan.sample_rate, result.loss, epsilon_spent, settings.budget_epsilon,
     )
-    return {
-        "num-examples": n,
-        "train-loss": result.loss,
-        "dp": int(privacy.enabled),
-        "epsilon": epsilon_spent,
-        "budget-epsilon": settings.budget_epsilon if privacy.enabled else 0.0,
-        "delta": settings.delta if privacy.enabled else 0.0,
-        "noise-multiplier": dp.noise_multiplier if dp else 0.0,
-        "clip-norm": dp.clip_norm if dp else 0.0,
-        "sample-rate": plan.sample_rate,
-        "steps": plan.steps,
-        "clipped-fraction": result.clipped_fraction,
-        "train-seconds": result.seconds,
-    }
+    params = PrivacyParams(
+        dp=privacy.enabled,
+        epsilon=epsilon_spent,
+        budget_epsilon=settings.budget_epsilon if privacy.enabled else 0.0,
+        delta=settings.delta if privacy.enabled else 0.0,
+        noise_multiplier=dp.noise_multiplier if dp else 0.0,
+        clip_norm=dp.clip_norm if dp else 0.0,
+        # q = B / n would give n away exactly: two significant digits leave the site.
+        sample_rate=round_significant(plan.sample_rate),
+        steps=plan.steps,
+    )
+    return params, result

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 from fedtune.common.config import DataConfig, RunConfig
 from fedtune.common.errors import ConfigError
 
+from .policy import SitePolicy, policy_for
+
 # node_config keys a deployed site must set.
 NODE_KEYS = ("site-name", "data-path", "state-dir", "budget-epsilon")
 
@@ -36,6 +38,9 @@ class SiteSettings:
         num_partitions: Number of simulated sites.
         base_model: A deployed site's own base model folder ("": the packaged default); None in
             simulation, where the run's model is used. The coordinator never picks a site's files.
+        policy: What the site accepts from a run (``[policy]`` in site.toml; see ``policy.py``).
+        val_fraction: The site's own validation fraction (deployed: ``[data] val_fraction``;
+            simulated: the run's). A run never picks a deployed site's validation rows.
     """
 
     name: str
@@ -47,6 +52,8 @@ class SiteSettings:
     partition: int | None = None
     num_partitions: int | None = None
     base_model: str | None = None
+    policy: SitePolicy = dataclasses.field(default_factory=SitePolicy)
+    val_fraction: float = 0.1
 
     @property
     def simulated(self) -> bool:
@@ -67,6 +74,8 @@ def resolve_site(node_config: Mapping[str, Any], run: RunConfig, *, run_dir: str
             allow_no_dp=True,  # a simulation's data is the researcher's own
             partition=pid,
             num_partitions=int(node_config.get("num-partitions", run.federation.sites)),
+            policy=policy_for(node_config, simulation_statistics=run.privacy.statistics),
+            val_fraction=run.data.val_fraction,
         )
     missing = [k for k in NODE_KEYS if k not in node_config]
     if missing:
@@ -76,8 +85,9 @@ def resolve_site(node_config: Mapping[str, Any], run: RunConfig, *, run_dir: str
     try:
         budget = float(node_config["budget-epsilon"])
         delta = float(node_config.get("delta", run.privacy.delta))
+        val_fraction = float(node_config.get("val-fraction", 0.1))
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"node-config budget-epsilon/delta must be numbers: {err}") from None
+        raise ConfigError(f"node-config budget-epsilon, delta and val-fraction must be numbers: {err}") from None
     if budget <= 0:
         raise ConfigError(f"node-config budget-epsilon must be > 0, got {budget}.")
     data = dataclasses.replace(
@@ -87,12 +97,15 @@ def resolve_site(node_config: Mapping[str, Any], run: RunConfig, *, run_dir: str
         label_column=str(node_config.get("label-column", run.data.label_column)),
         partition="iid",
     )
+    policy = policy_for(node_config)
     return SiteSettings(
         name=str(node_config["site-name"]),
         data=data,
         state_dir=Path(str(node_config["state-dir"])),
         budget_epsilon=budget,
         delta=delta,
-        allow_no_dp=str(node_config.get("allow-no-dp", "false")).lower() == "true",
+        allow_no_dp=not policy.require_dp,
         base_model=str(node_config.get("base-model", "")),
+        policy=policy,
+        val_fraction=val_fraction,
     )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import traceback
 from dataclasses import replace
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
@@ -29,11 +28,12 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerRefusal(FedtuneError):
-    """A typed refusal (budget, data, protocol) raised in the worker, carried back as its reason."""
+    """A refusal raised in the worker, carried back as its code only (the details are in the worker's log)."""
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
+    def __init__(self, code: str) -> None:
+        self.code = code  # type: ignore[misc]
+        self.detail = "see the site worker's log"
+        super().__init__(f"refused by the site's worker: {code}")
 
 
 def worker_paths(state_dir: Path) -> tuple[Path, Path]:
@@ -76,9 +76,12 @@ def serve(site: SiteConfig) -> None:
                     reply: SiteReply = handle(replace(request, node_config=own_node_config))
                     conn.send(("ok", reply))
                 except FedtuneError as err:
-                    conn.send(("refused", f"{type(err).__name__}: {err}"))
+                    # The details stay in this log; only the code goes back (and on to the coordinator).
+                    logger.warning("refused %s (%s): %s", getattr(request, "kind", "?"), err.code, err)
+                    conn.send(("refused", err.code))
                 except Exception:  # a bug must not kill the daemon: report it to this message only
-                    conn.send(("crashed", traceback.format_exc()))
+                    logger.exception("the site's worker failed on a %s request", getattr(request, "kind", "?"))
+                    conn.send(("refused", "internal-error"))
 
 
 def call_worker(node_config: Mapping[str, Any], request: Any) -> Any:
@@ -90,6 +93,4 @@ def call_worker(node_config: Mapping[str, Any], request: Any) -> Any:
         status, payload = conn.recv()
     if status == "ok":
         return payload
-    if status == "refused":
-        raise WorkerRefusal(payload)
-    raise RuntimeError(f"the site's worker failed:\n{payload}")
+    raise WorkerRefusal(str(payload))

@@ -124,6 +124,7 @@ class DataConfig:
 
 
 ACCOUNTANTS = ("rdp", "prv")
+STATISTICS = ("none", "dp", "clear")
 DP_LEARNING_RATE = 5e-2
 PLAIN_LEARNING_RATE = 1e-2
 OPTIMIZERS = ("adamw", "sgd")
@@ -140,6 +141,9 @@ class PrivacyConfig:
         clip_norm: C, the per-example gradient norm bound.
         accountant: The privacy accountant.
         noise_multiplier: z; 0 means calibrate it from the target before the first round.
+        statistics: What simulated sites release besides the adapter: 'none', 'dp' (validation
+            statistics under the Gaussian mechanism, charged to each site's ledger) or 'clear'.
+            Deployed sites ignore it: their own ``[policy] statistics`` decides.
     """
 
     enabled: bool = True
@@ -148,9 +152,11 @@ class PrivacyConfig:
     clip_norm: float = 1.0
     accountant: str = "rdp"
     noise_multiplier: float = 0.0
+    statistics: str = "dp"
 
     def problems(self) -> list[str]:
         p: list[str] = []
+        _check(p, self.statistics in STATISTICS, f"privacy.statistics must be one of {list(STATISTICS)}, got {self.statistics!r}.")
         _check(p, self.target_epsilon > 0, f"privacy.target_epsilon must be > 0, got {self.target_epsilon}.")
         _check(p, 0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}.")
         _check(p, self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}.")

@@ -58,6 +58,18 @@ class RefusalCode(str, Enum):
 # A site's refusal travels as Flower's Error with this code; the reason is "<code> site=<name>".
 REFUSAL_ERROR_CODE = 100
 
+# The records of a reply (Flower RecordDict keys): the adapter, the scalar metrics, the site's name.
+ARRAYS_RECORD = "arrays"
+METRICS_RECORD = "metrics"
+SITE_RECORD = "site"
+
+# Secure aggregation: the names of the round's tensors, in the order of the legacy Parameters
+# list that SecAgg+ masks (both ends check them).
+ARRAY_NAMES_KEY = "fedtune.array-names"
+# Secure aggregation: the protocol's bound on a site's FedAvg weight, handed to the train handler
+# so that a site too large refuses before it trains (and spends privacy budget).
+MAX_WEIGHT_KEY = "fedtune.secure-agg-max-weight"
+
 
 @dataclass(frozen=True, kw_only=True)
 class Refusal:

@@ -14,19 +14,19 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedtune.common.config import RunConfig, dump_toml, from_flat
 from fedtune.common.errors import ConfigError
 from fedtune.common.model import adapter_state, base_model_id, build_model, load_adapter_state, resolve_base_model, save_adapter
-from fedtune.common.protocol import BASE_MODEL_ID_KEY
+from fedtune.common.messages import RoundInstructions
 from fedtune.common.sitedata import load_config_table, resolve_data_path, run_labels, simulated_split
 from fedtune.common.tasks import encode, evaluate
 
-from .client_dp import ClientLevelDP, calibrate_client_noise, client_level_epsilon, fedavg_sample_size
+from .client_dp import ClientLevelDP, ClientLevelPlan, connected_sites, plan_client_level
 from .records import RunRecorder
 from .rounds import TestScore, checkpoint_dir, run_rounds
 
 logger = logging.getLogger(__name__)
 
 
-def make_strategy(run: RunConfig, client_plan: dict[str, Any] | None = None) -> Strategy:
-    """FedAvg weighted by examples (McMahan et al. 2017), wrapped in client-level DP when planned."""
+def make_strategy(run: RunConfig, client_plan: ClientLevelPlan | None = None) -> Strategy:
+    """FedAvg weighted by examples (McMahan et al. 2017), or DP-FedAvg with Poisson sampling when client-level DP is planned."""
     fed = run.federation
     strategy: Strategy = FedAvg(
         fraction_train=fed.fraction_train,
@@ -36,33 +36,33 @@ def make_strategy(run: RunConfig, client_plan: dict[str, Any] | None = None) -> 
         min_available_nodes=fed.min_sites,
     )
     if client_plan is not None:
-        strategy = ClientLevelDP(strategy, clip_norm=client_plan["clip_norm"], noise_multiplier=client_plan["noise_multiplier"],
-                                 expected_sites=client_plan["expected_sites"])
+        # FedAvg stays for evaluation only: ClientLevelDP samples and aggregates the training rounds.
+        strategy = ClientLevelDP.from_plan(strategy, client_plan)
     return strategy
 
 
-def client_dp_plan(run: RunConfig) -> dict[str, Any]:
-    """Client-level DP's mechanism and guarantee for the planned rounds (summary.json's record of it)."""
+def client_dp_plan(run: RunConfig, grid: Grid | None = None) -> ClientLevelPlan:
+    """Client-level DP's mechanism and guarantee for the planned rounds, over the N sites actually there.
+
+    N is `federation.sites` in simulation (the engine starts exactly that many sites). In
+    deployment it is the number of nodes the grid reports connected, waited for up to
+    `federation.round_timeout` seconds and refused (ConfigError naming both numbers) unless it
+    equals `federation.sites`: the run was planned for that federation, and another one stops the
+    run before round 1 rather than changing its guarantee silently.
+    """
     fed, cdp = run.federation, run.client_dp
-    m = fedavg_sample_size(sites=fed.sites, fraction_train=fed.fraction_train, min_train_nodes=fed.min_sites)
-    q = min(1.0, m / fed.sites)
-    z = cdp.noise_multiplier or calibrate_client_noise(
-        target_epsilon=cdp.target_epsilon, delta=cdp.delta, sample_rate=q, rounds=fed.rounds, accountant=run.privacy.accountant
+    if run.simulation:
+        sites, source = fed.sites, "federation.sites (simulation: the engine starts that many sites)"
+    else:
+        if grid is None:
+            raise ConfigError("client-level DP in deployment needs the grid to count the connected sites (N); none was given.")
+        sites = connected_sites(grid, planned=fed.sites, timeout=fed.round_timeout)
+        source = "nodes connected to the SuperLink before round 1 (grid.get_node_ids), equal to federation.sites"
+    return plan_client_level(
+        sites=sites, sites_source=source, fraction_train=fed.fraction_train, min_sites=fed.min_sites, rounds=fed.rounds,
+        clip_norm=cdp.clip_norm, noise_multiplier=cdp.noise_multiplier, target_epsilon=cdp.target_epsilon, delta=cdp.delta,
+        accountant=run.privacy.accountant,
     )
-    return {
-        "mechanism": "DP-FedAvg (McMahan et al. 2018): per-site update clipping, Gaussian noise, fixed denominator",
-        "clip_norm": cdp.clip_norm,
-        "noise_multiplier": z,
-        "expected_sites": m,
-        "sites": fed.sites,
-        "sample_rate": q,
-        "rounds": fed.rounds,
-        "delta": cdp.delta,
-        "accountant": run.privacy.accountant,
-        "epsilon": client_level_epsilon(sample_rate=q, noise_multiplier=z, rounds=fed.rounds, delta=cdp.delta,
-                                        accountant=run.privacy.accountant),
-        "sampling": "q = 1: exact" if q >= 1 else "fixed-size sampling of sites, accounted as Poisson sampling",
-    }
 
 
 def _describe_privacy(run: RunConfig) -> str:
@@ -115,11 +115,11 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         load_adapter_state(model, arrays.to_torch_state_dict())
         save_adapter(model, checkpoint_dir(run_dir, server_round), metadata={**metadata, "round": server_round})
 
-    # Calibrated once: the same plan drives the strategy and is recorded in the summary.
-    client_plan = client_dp_plan(run) if run.client_dp.enabled else None
+    # Calibrated once, for the sites actually connected: the same plan drives the strategy and is recorded in the summary.
+    client_plan = client_dp_plan(run, grid) if run.client_dp.enabled else None
     recorder = RunRecorder(run_dir)
-    round_config = ConfigRecord(
-        {"num-rounds": run.federation.rounds, "labels": labels, "run-dir": str(run_dir), BASE_MODEL_ID_KEY: base_model_id(run.model)}
+    instructions = RoundInstructions(
+        server_round=1, num_rounds=run.federation.rounds, labels=tuple(labels), run_dir=str(run_dir), base_model_id=base_model_id(run.model)
     )
     print(f"fedtune: {run.federation.rounds} rounds, {_describe_privacy(run)}, labels {labels}, run dir {run_dir}", flush=True)
     final, totals = run_rounds(
@@ -127,7 +127,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         make_strategy(run, client_plan),
         initial=initial,
         num_rounds=run.federation.rounds,
-        round_config=round_config,
+        instructions=instructions,
         timeout=run.federation.round_timeout,
         recorder=recorder,
         checkpoint=checkpoint,
@@ -154,7 +154,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
             if run.privacy.enabled
             else {"level": "NONE: trained without differential privacy"}
         ),
-        "client_level": client_plan,
+        "client_level": client_plan.to_dict() if client_plan else None,
         "secure_aggregation": (
             {"protocol": "SecAgg+ (Flower)", "clipping_range": run.secure_agg.clipping_range, "max_weight": run.secure_agg.max_weight,
              "threshold": "a strict majority of the sampled sites (at least 2)"}

@@ -20,17 +20,26 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.common.io import append_jsonl, atomic_write_json
+from fedtune.common.messages import TrainReply, ValidationStats
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class SiteRecord:
-    """What the coordinator knows of one site's privacy, from its replies (never averaged)."""
+    """What the coordinator knows of one site's privacy, from its replies (never averaged).
+
+    ``examples`` is the site's FedAvg weight: its training examples to two significant digits.
+    ``epsilon`` is the max over the site's records: those it trained on (``training_epsilon``)
+    and those its released validation statistics were computed on (``statistics_epsilon``).
+    """
 
     site: str
     examples: int = 0
     epsilon: float = 0.0
+    training_epsilon: float = 0.0
+    statistics_epsilon: float = 0.0
+    statistics: str = "none"
     budget_epsilon: float = 0.0
     delta: float = 0.0
     noise_multiplier: float = 0.0
@@ -40,23 +49,38 @@ class SiteRecord:
     rounds: int = 0
     epsilon_by_round: dict[int, float] = field(default_factory=dict)
 
-    def update(self, server_round: int, metrics: dict[str, Any]) -> None:
-        self.examples = int(metrics["num-examples"])
-        self.epsilon = float(metrics["epsilon"])
-        self.budget_epsilon = float(metrics["budget-epsilon"])
-        self.delta = float(metrics["delta"])
-        self.noise_multiplier = float(metrics["noise-multiplier"])
-        self.clip_norm = float(metrics["clip-norm"])
-        self.sample_rate = float(metrics["sample-rate"])
-        self.steps += int(metrics["steps"])
+    def update(self, server_round: int, reply: TrainReply) -> None:
+        p = reply.privacy
+        self.examples = reply.weight
+        self.training_epsilon = p.epsilon
+        self.budget_epsilon = p.budget_epsilon
+        self.delta = p.delta
+        self.noise_multiplier = p.noise_multiplier
+        self.clip_norm = p.clip_norm
+        self.sample_rate = p.sample_rate
+        self.steps += p.steps
         self.rounds += 1
+        if reply.validation is not None:
+            self.validated(reply.validation)
+        if reply.training is not None:
+            self.statistics = _mode(self.statistics, "clear")
+        self.epsilon = max(self.training_epsilon, self.statistics_epsilon)
         self.epsilon_by_round[server_round] = self.epsilon
+
+    def validated(self, stats: ValidationStats) -> None:
+        """Record a validation release (its epsilon covers the site's validation records)."""
+        self.statistics = _mode(self.statistics, stats.mode)
+        self.statistics_epsilon = max(self.statistics_epsilon, stats.epsilon)
+        self.epsilon = max(self.training_epsilon, self.statistics_epsilon)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "site": self.site,
             "examples": self.examples,
             "epsilon": self.epsilon,
+            "training_epsilon": self.training_epsilon,
+            "statistics_epsilon": self.statistics_epsilon,
+            "statistics": self.statistics,
             "budget_epsilon": self.budget_epsilon,
             "delta": self.delta,
             "noise_multiplier": self.noise_multiplier,
@@ -65,6 +89,12 @@ class SiteRecord:
             "steps": self.steps,
             "rounds": self.rounds,
         }
+
+
+def _mode(current: str, new: str) -> str:
+    """The least private statistics mode seen: clear > dp > none."""
+    order = ("none", "dp", "clear")
+    return max(current, new, key=order.index)
 
 
 class RunRecorder:

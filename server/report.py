@@ -281,26 +281,34 @@ def model_card(summary: dict[str, Any], *, accountant: str | None = None, poolin
     ]
     if dp:
         lines += [_guarantee(True, max_eps, report_sites, accountant), ""]
-        lines += ["| site | training examples | epsilon spent | budget | delta | noise z | clip C | sample rate q | steps |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| site | training examples (approx.) | epsilon spent | budget | delta | noise z | clip C | sample rate q | steps | statistics released |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for s in sites:
             lines.append(
                 f"| {s['site']} | {s['examples']} | {s['epsilon']:.3f} | {s['budget_epsilon']:g} | {s['delta']:g} | "
-                f"{s['noise_multiplier']:.3f} | {s['clip_norm']:g} | {s['sample_rate']:.3f} | {s['steps']} |"
+                f"{s['noise_multiplier']:.3f} | {s['clip_norm']:g} | {s['sample_rate']:.2g} | {s['steps']} | {_statistics_text(s)} |"
             )
         lines += [
             "",
             "Sample-level means: one example (one row of a site's data) is protected. A person with many rows "
             "at a site, or rows at several sites, is protected with a weaker epsilon. Epsilon is per site, "
-            "on that site's own data; the figure above is the largest across sites, not an average.",
+            "on that site's own data; the figure above is the largest across sites, not an average. "
+            "It covers the records a site trained on and those its released validation statistics were computed on.",
+            "",
+            "Example counts are the sites' FedAvg weights, rounded to two significant digits: a site discloses its "
+            "record count only at that precision.",
         ]
+        clear = [s["site"] for s in sites if s.get("statistics") == "clear"]
+        if clear:
+            lines += ["", f"**Sites that released exact (not differentially private) statistics by their operator's opt-in: "
+                      f"{', '.join(clear)}.** Those statistics are not covered by the epsilon above."]
     else:
         lines += [f"**WARNING: {NO_DP_WARNING}**"]
         lines += ["", "| site | training examples |", "|---|---:|"]
         lines += [f"| {s['site']} | {s['examples']} |" for s in sites]
     if summary.get("secure_aggregation"):
         lines += ["", SECURE_AGG_SENTENCE]
-    lines += ["", f"Total training examples: {sum(int(s['examples']) for s in sites)}.", "", "## Labels", ""]
+    lines += ["", f"Total training examples (approx.): {sum(int(s['examples']) for s in sites)}.", "", "## Labels", ""]
     lines += [f"{i}. `{name}`" for i, name in enumerate(labels)] or ["(not recorded)"]
     test = summary.get("test") or {}
     if test.get("accuracy") is not None:
@@ -363,3 +371,8 @@ def write_model_card(run_dir: Path) -> Path:
     card = model_card(summary, accountant=_config_accountant(run_dir), pooling=str(meta.get("pooling", "cls")))
     atomic_write_bytes(path, card.encode("utf-8"))
     return path
+
+
+def _statistics_text(site: dict[str, Any]) -> str:
+    mode = site.get("statistics", "none")
+    return {"none": "none", "dp": "validation, under DP", "clear": "**exact (operator opt-in, not DP)**"}.get(mode, mode)

@@ -8,22 +8,25 @@ per site (never averaged), and the bytes that crossed the wire.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune.common.config import SecureAggConfig
-from fedtune.common.protocol import VALIDATE_FIRST_KEY
+from fedtune.common.errors import UpdateError
+from fedtune.common.messages import METRICS_RECORD, EvaluateReply, RoundInstructions, TrainReply, ValidationStats
 
 from .exchange import send_and_receive
 from .records import RunRecorder
-from .screening import Rejection, arrays_nbytes, screen_train_replies, site_name
+from .screening import Rejection, arrays_nbytes, rejection_of_error, screen_train_replies, site_name
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class RoundTotals:
     bytes_up: int = 0
     bytes_down: int = 0
     # Federated validation of the final adapter (one evaluate exchange after the last round).
-    final_validation: dict[str, float | None] | None = None
+    final_validation: dict[str, Any] | None = None
 
 
 @dataclass
@@ -48,7 +51,7 @@ class TrainExchange:
     """One round's training exchange, plain or secure."""
 
     arrays: ArrayRecord | None  # the new global adapter (None: keep the old one)
-    updates: list[tuple[str, dict]]  # (site, scalar metrics) of every update used  # type: ignore[type-arg]
+    updates: list[TrainReply]  # the parsed reply of every update used
     rejected: list[Rejection]
     bytes_up: int
     bytes_down: int
@@ -56,10 +59,20 @@ class TrainExchange:
     secure: dict | None = None  # type: ignore[type-arg]
 
 
-def _weighted(metrics: list[dict], key: str, weight: str = "num-examples") -> float | None:  # type: ignore[type-arg]
-    pairs = [(float(m[key]), int(m[weight])) for m in metrics if key in m and weight in m]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else None
+def _weighted(pairs: list[tuple[float | None, float]]) -> float | None:
+    """Weighted mean of the (value, weight) pairs whose value is known."""
+    known = [(v, max(w, 0.0)) for v, w in pairs if v is not None]
+    total = sum(w for _, w in known)
+    return sum(v * w for v, w in known) / total if total else None
+
+
+def _validation_means(stats: list[ValidationStats]) -> dict[str, float | None]:
+    """Example-weighted means of released validation statistics (noisy counts under DP, clamped at 0)."""
+    return {
+        "loss": _weighted([(v.loss, v.examples) for v in stats]),
+        "accuracy": _weighted([(v.accuracy, v.examples) for v in stats]),
+        "macro_f1": _weighted([(v.macro_f1, v.examples) for v in stats]),
+    }
 
 
 def _plain_exchange(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, messages: list[Message], timeout: float) -> TrainExchange:
@@ -70,12 +83,12 @@ def _plain_exchange(grid: Grid, strategy: Strategy, server_round: int, arrays: A
         logger.warning("round %d: no usable update (%d sites sampled)", server_round, len(messages))
     # Called even with no update: a DP strategy must still release a noised adapter, or an
     # unchanged one would reveal that no sampled site took part.
-    new_arrays, strategy_metrics = strategy.aggregate_train(server_round, accepted)
+    new_arrays, strategy_metrics = strategy.aggregate_train(server_round, [m for m, _ in accepted])
     return TrainExchange(
         arrays=new_arrays,
-        updates=[(site_name(m), dict(m.content.metric_records["metrics"])) for m in accepted],
+        updates=[reply for _, reply in accepted],
         rejected=rejected,
-        bytes_up=sum(arrays_nbytes(m.content.array_records["arrays"]) for m in accepted),
+        bytes_up=sum(arrays_nbytes(m.content.array_records["arrays"]) for m, _ in accepted),
         bytes_down=down,
         strategy_metrics=dict(strategy_metrics or {}),
     )
@@ -85,10 +98,16 @@ def _secure_exchange(grid: Grid, server_round: int, arrays: ArrayRecord, message
     from .secure_agg import secure_train_round
 
     outcome = secure_train_round(grid, messages, server_round=server_round, expected=arrays, settings=secure, timeout=timeout)
+    updates, rejected = [], [rejection_of_error(m) for m in outcome.errors]
+    for m in outcome.updates:
+        try:
+            updates.append(TrainReply.from_metrics(site_name(m), dict(m.content.config_records["fitres.metrics"])))
+        except UpdateError as err:  # its masked vector is already in the sum: only its figures are dropped
+            rejected.append(Rejection(site_name(m), f"metrics not recorded: {err}"))
     return TrainExchange(
         arrays=outcome.aggregate,
-        updates=[(site_name(m), dict(m.content.config_records["fitres.metrics"])) for m in outcome.updates],
-        rejected=[Rejection(site_name(m), f"site error: {m.error.reason}") for m in outcome.errors],
+        updates=updates,
+        rejected=rejected,
         bytes_up=outcome.bytes_up,
         bytes_down=outcome.bytes_down,
         secure={
@@ -107,7 +126,7 @@ def run_rounds(
     *,
     initial: ArrayRecord,
     num_rounds: int,
-    round_config: ConfigRecord,
+    instructions: RoundInstructions,
     timeout: float,
     recorder: RunRecorder,
     checkpoint: Callable[[int, ArrayRecord], None],
@@ -129,7 +148,7 @@ def run_rounds(
     """
     arrays = initial
     totals = RoundTotals()
-    train_config = {**dict(round_config), VALIDATE_FIRST_KEY: validate}
+    train_config = dataclasses.replace(instructions, validate_first=validate).to_config()
     for server_round in range(1, num_rounds + 1):
         started = time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
@@ -139,26 +158,30 @@ def run_rounds(
             exchange = _plain_exchange(grid, strategy, server_round, arrays, messages, timeout)
         if exchange.arrays is not None:
             arrays = exchange.arrays
-        for name, metrics in exchange.updates:
-            recorder.site(name).update(server_round, metrics)
+        for reply in exchange.updates:
+            recorder.site(reply.site).update(server_round, reply)
 
         score = test_fn(arrays) if test_fn else None
         checkpoint(server_round, arrays)
         totals.bytes_up += exchange.bytes_up
         totals.bytes_down += exchange.bytes_down
-        trained = [metrics for _, metrics in exchange.updates]
-        epsilons = {name: float(metrics["epsilon"]) for name, metrics in exchange.updates}
-        validated = any("val-accuracy" in m for m in trained)
+        trained = exchange.updates
+        # A site's guarantee is the max over all its records: trained ones and validation ones.
+        epsilons = {r.site: recorder.site(r.site).epsilon for r in trained}
+        validations = [r.validation for r in trained if r.validation is not None]
+        means = _validation_means(validations)
         line = {
             "round": server_round,
             "sites_sampled": len(messages),
             "sites_replied": len(exchange.updates),
-            "sites_rejected": [{"site": r.site, "reason": r.reason} for r in exchange.rejected],
-            "train_loss": _weighted(trained, "train-loss"),
-            "validated_round": server_round - 1 if validated else None,
-            "loss": _weighted(trained, "val-loss", "val-examples"),
-            "accuracy": _weighted(trained, "val-accuracy", "val-examples"),
-            "macro_f1": _weighted(trained, "val-macro-f1", "val-examples"),
+            "sites_rejected": [{"site": r.site, "reason": r.reason, "code": r.code} for r in exchange.rejected],
+            "train_loss": _weighted([(r.training.loss if r.training else None, r.weight) for r in trained]),
+            "validated_round": server_round - 1 if validations else None,
+            "loss": means["loss"],
+            "accuracy": means["accuracy"],
+            "macro_f1": means["macro_f1"],
+            # What each site released besides its adapter ('dp': noised and charged; 'clear': its operator's opt-in).
+            "statistics": {r.site: (r.validation.mode if r.validation else "none") + ("+training" if r.training else "") for r in trained},
             "test_accuracy": score.accuracy if score else None,
             "test_macro_f1": score.macro_f1 if score else None,
             "epsilon_by_site": epsilons,
@@ -173,27 +196,38 @@ def run_rounds(
         recorder.add_round(line)
         echo(_round_line(line, num_rounds))
     if validate:
-        totals.final_validation = _final_validation(grid, strategy, num_rounds, arrays, round_config, timeout, totals)
+        totals.final_validation = _final_validation(grid, strategy, num_rounds, arrays, instructions, timeout, totals, recorder)
     return arrays, totals
 
 
 def _final_validation(
-    grid: Grid, strategy: Strategy, num_rounds: int, arrays: ArrayRecord, round_config: ConfigRecord, timeout: float, totals: RoundTotals
-) -> dict[str, float | None] | None:
-    """The final adapter's federated validation: one evaluate exchange after the last round."""
-    messages = list(strategy.configure_evaluate(num_rounds, arrays, ConfigRecord(dict(round_config)), grid))
+    grid: Grid, strategy: Strategy, num_rounds: int, arrays: ArrayRecord, instructions: RoundInstructions, timeout: float,
+    totals: RoundTotals, recorder: RunRecorder,
+) -> dict[str, Any] | None:
+    """The final adapter's federated validation: one evaluate exchange after the last round.
+
+    Sites whose policy releases no statistics refuse it (``policy:statistics``); they are counted.
+    """
+    config = dataclasses.replace(instructions, server_round=num_rounds).to_config()
+    messages = list(strategy.configure_evaluate(num_rounds, arrays, ConfigRecord(config), grid))
     if not messages:
         return None
     totals.bytes_down += arrays_nbytes(arrays) * len(messages)
-    replies = [m for m in send_and_receive(grid, messages, timeout=timeout) if not m.has_error()]
-    results = [dict(m.content.metric_records["metrics"]) for m in replies]
-    return {
-        "round": num_rounds,
-        "sites": len(results),
-        "loss": _weighted(results, "loss"),
-        "accuracy": _weighted(results, "accuracy"),
-        "macro_f1": _weighted(results, "macro-f1"),
-    }
+    results: list[ValidationStats] = []
+    refused: list[dict[str, Any]] = []
+    for m in send_and_receive(grid, messages, timeout=timeout):
+        if m.has_error():
+            r = rejection_of_error(m)
+            refused.append({"site": r.site, "reason": r.reason, "code": r.code})
+            continue
+        try:
+            reply = EvaluateReply.from_metrics(site_name(m), m.content.metric_records[METRICS_RECORD])
+        except (UpdateError, KeyError) as err:
+            refused.append({"site": site_name(m), "reason": f"rejected reply: {err}", "code": None})
+            continue
+        recorder.site(reply.site).validated(reply.validation)
+        results.append(reply.validation)
+    return {"round": num_rounds, "sites": len(results), "sites_refused": refused, **_validation_means(results)}
 
 
 def _fmt(value: float | None, spec: str) -> str:

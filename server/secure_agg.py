@@ -30,7 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from fedtune.common.config import SecureAggConfig
 from fedtune.common.errors import FedtuneError
-from fedtune.common.protocol import ARRAY_NAMES_KEY
+from fedtune.common.messages import ARRAY_NAMES_KEY
 
 from .exchange import send_and_receive
 from .screening import arrays_nbytes, site_name

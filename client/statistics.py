@@ -1,0 +1,136 @@
+"""Validation statistics a site releases: under DP, in the clear by its operator's opt-in, or not at all.
+
+The DP release is the Gaussian mechanism (Dwork & Roth 2014, Thm A.1; accounted in RDP as
+Mironov 2017, Prop. 7) on three sums over the site's validation records:
+
+    v = (correct, count, loss_sum / L),  each example's loss clipped to [0, L].
+
+Adding or removing one record moves each coordinate by at most 1, so v has L2 sensitivity
+Delta = sqrt(3). Each coordinate gets N(0, (z_s * Delta)^2), i.e. noise multiplier z_s on the
+whole vector, charged to the ledger *before* the model is evaluated, as one step at q = 1 on the
+validation records (``Segment(sample_rate=1, noise_multiplier=z_s, steps=1)``). Accuracy, mean
+loss and the example count are post-processing of the noisy sums.
+
+Macro-F1 needs per-class counts (a K x K histogram, K^2 noisy cells); it is released only in the
+clear. Training statistics (loss, clipped fraction, seconds) likewise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedtune.common.accounting import Segment
+from fedtune.common.errors import PolicyRefusal, PrivacyBudgetError
+from fedtune.common.messages import RefusalCode, ValidationStats
+from fedtune.common.tasks import evaluate, forward_loss
+
+from .ledger import PrivacyLedger
+from .policy import SitePolicy
+
+SENSITIVITY = math.sqrt(3.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReleaseContext:
+    """Where a statistics release is charged: the site's ledger, its validation records, its guarantee."""
+
+    ledger: PrivacyLedger
+    records: list[str]
+    run: str
+    round: int
+    delta: float
+    budget_epsilon: float
+    accountant: str
+
+
+@torch.no_grad()
+def validation_sums(model: torch.nn.Module, dataset: TensorDataset, *, loss_bound: float, batch_size: int = 64) -> tuple[float, int, float]:
+    """(correct, count, sum of per-example losses clipped to [0, loss_bound]) over ``dataset``."""
+    was_training = model.training
+    model.eval()
+    correct, count, loss_sum = 0.0, 0, 0.0
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        losses, logits = forward_loss(model, batch, reduction="none")
+        correct += float((logits.argmax(dim=-1) == batch[2]).sum())
+        count += len(batch[2])
+        loss_sum += float(losses.clamp(0.0, loss_bound).sum())
+    model.train(was_training)
+    return correct, count, loss_sum
+
+
+def noisy_validation(
+    correct: float, count: int, loss_sum: float, *, noise_multiplier: float, loss_bound: float, rng: np.random.Generator
+) -> tuple[ValidationStats, float]:
+    """The Gaussian mechanism on (correct, count, loss_sum / L); returns the release and the noise std."""
+    std = noise_multiplier * SENSITIVITY
+    noisy_correct, noisy_count, noisy_scaled_loss = np.array([correct, count, loss_sum / loss_bound]) + rng.normal(0.0, std, size=3)
+    denominator = max(float(noisy_count), 1.0)
+    stats = ValidationStats(
+        mode="dp",
+        examples=float(noisy_count),
+        accuracy=float(np.clip(noisy_correct / denominator, 0.0, 1.0)),
+        loss=float(np.clip(noisy_scaled_loss * loss_bound / denominator, 0.0, loss_bound)),
+        noise_std=std,
+    )
+    return stats, std
+
+
+def release_validation(
+    model: torch.nn.Module,
+    dataset: TensorDataset,
+    num_labels: int,
+    *,
+    policy: SitePolicy,
+    charge: ReleaseContext,
+    rng: np.random.Generator,
+    required: bool,
+) -> ValidationStats | None:
+    """Validation statistics as ``policy.statistics`` allows.
+
+    ``required`` (an evaluate message): a policy of 'none' or an exhausted budget refuses the
+    message. Otherwise (validation piggybacked on a train message) they are simply left out.
+    """
+    mode = policy.statistics
+    if mode == "none":
+        if required:
+            raise PolicyRefusal(RefusalCode.STATISTICS, "an evaluate message asks for validation statistics; "
+                                "this site's policy releases none (policy.statistics = 'none').")
+        return None
+    if len(dataset) == 0:
+        if required:
+            raise PolicyRefusal(RefusalCode.NO_VALIDATION_DATA, "this site has no validation examples ([data] val_fraction is 0).")
+        return None
+    if mode == "clear":
+        result = evaluate(model, dataset, num_labels)
+        return ValidationStats(mode="clear", examples=float(result.examples), loss=result.loss, accuracy=result.accuracy,
+                               macro_f1=result.macro_f1)
+    z = policy.statistics_noise_multiplier
+    try:
+        # Charged first: once the model has looked at the records, the release counts as made.
+        epsilon = charge.ledger.charge(
+            charge.records, run=charge.run, round=charge.round, kind="statistics",
+            segment=Segment(sample_rate=1.0, noise_multiplier=z, steps=1), clip_norm=0.0,
+            delta=charge.delta, budget_epsilon=charge.budget_epsilon, accountant=charge.accountant,
+        )
+    except PrivacyBudgetError:
+        if required:
+            raise
+        return None
+    correct, count, loss_sum = validation_sums(model, dataset, loss_bound=policy.statistics_loss_bound)
+    stats, _ = noisy_validation(correct, count, loss_sum, noise_multiplier=z, loss_bound=policy.statistics_loss_bound, rng=rng)
+    return ValidationStats(mode="dp", examples=stats.examples, loss=stats.loss, accuracy=stats.accuracy,
+                           noise_std=stats.noise_std, epsilon=epsilon)
+
+
+def noise_generator(seed: int | None) -> np.random.Generator:
+    """Seeded in simulation (reproducible); from the OS's CSPRNG on a deployed site."""
+    if seed is None:
+        import secrets
+
+        return np.random.default_rng(secrets.randbits(128))
+    return np.random.default_rng(seed)
