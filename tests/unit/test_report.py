@@ -174,7 +174,7 @@ def test_model_card_states_model_data_and_guarantee(tmp_path: Path) -> None:
     for label in LABELS:
         assert f"`{label}`" in card
     assert "| hospital-a | 400 |" in card and "| hospital-b | 120 |" in card and "| hospital-c | 250 |" in card
-    assert "Total training examples: 770." in card
+    assert "Total training examples (approx.): 770." in card
     assert "sample-level (epsilon, delta)-differential privacy with epsilon <= 6.20 at delta = 1e-05" in card
     assert "RDP" in card and "only adapter updates" in card
     assert "PeftModel.from_pretrained" in card and "num_labels=len(labels)" in card

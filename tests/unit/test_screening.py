@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 SHAPES = {"a.lora_A.weight": (4, 8), "a.lora_B.weight": (8, 4), "classifier.weight": (3, 8)}
 METRICS = {
-    "num-examples": 10, "train-loss": 1.0, "epsilon": 1.0, "budget-epsilon": 8.0, "delta": 1e-5,
+    "num-examples": 10, "dp": 1, "epsilon": 1.0, "budget-epsilon": 8.0, "delta": 1e-5,
     "noise-multiplier": 1.0, "clip-norm": 1.0, "sample-rate": 0.1, "steps": 5,
 }
 
@@ -47,20 +47,28 @@ def test_good_updates_pass_and_bad_ones_are_rejected_with_reasons() -> None:
         _reply(_arrays(5, dtype=np.float64), name="dtype"),
         _reply(nan, name="nan"),
         _reply(_arrays(6), name="zero-n", n=0),
-        _error_reply("PrivacyBudgetError: over budget"),
+        _reply(_arrays(8), name="undeclared", **{"label-count": 3.0}),
+        _reply(_arrays(10), name="inf-epsilon", epsilon=float("inf")),
+        _error_reply("budget-exhausted site=refusing"),
+        _error_reply("a flower error"),
         _reply(_arrays(7), name="good-2"),
     ]
 
     accepted, rejected = screen_train_replies(replies, expected)
 
-    assert [m.content["site"]["name"] for m in accepted] == ["good-1", "good-2"]
+    assert [m.content["site"]["name"] for m, _ in accepted] == ["good-1", "good-2"]
+    assert [reply.site for _, reply in accepted] == ["good-1", "good-2"]
     reasons = {r.site: r.reason for r in rejected}
     assert "missing: ['classifier.weight']" in reasons["missing"]
     assert "expected float32[4, 8]" in reasons["shape"]
     assert "float64" in reasons["dtype"]
     assert "NaN or Inf" in reasons["nan"]
     assert "num-examples must be a positive integer, got 0" in reasons["zero-n"]
-    assert any("PrivacyBudgetError" in r for r in reasons.values())
+    assert "undeclared keys ['label-count']" in reasons["undeclared"]
+    assert "is inf" in reasons["inf-epsilon"]
+    refusal = next(r for r in rejected if r.site == "refusing")
+    assert refusal.code == "budget-exhausted"
+    assert any(r.code is None and "a flower error" in r.reason for r in rejected)
 
 
 def test_fedavg_over_screened_updates_matches_numpy_weighted_average() -> None:
@@ -68,7 +76,7 @@ def test_fedavg_over_screened_updates_matches_numpy_weighted_average() -> None:
     replies = [_reply(a, name=f"s{i}", n=n) for i, (a, n) in enumerate(updates)]
     accepted, _ = screen_train_replies(replies, _arrays(0))
 
-    aggregated, _ = FedAvg().aggregate_train(1, accepted)
+    aggregated, _ = FedAvg().aggregate_train(1, [m for m, _ in accepted])
 
     assert aggregated is not None
     for name in SHAPES:
@@ -79,7 +87,7 @@ def test_fedavg_over_screened_updates_matches_numpy_weighted_average() -> None:
 def test_single_site_aggregate_is_that_site() -> None:
     update = _arrays(9)
     accepted, _ = screen_train_replies([_reply(update, name="only")], _arrays(0))
-    aggregated, _ = FedAvg().aggregate_train(1, accepted)
+    aggregated, _ = FedAvg().aggregate_train(1, [m for m, _ in accepted])
     for name in SHAPES:
         np.testing.assert_allclose(aggregated[name].numpy(), update[name].numpy(), rtol=1e-7)
 

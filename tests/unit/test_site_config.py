@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.client.daemon import load_site_config, supernode_command, write_site_config
+from fedtune.client.policy import SitePolicy, policy_from_node_config
 from fedtune.common.config import RunConfig
 from fedtune.common.errors import ConfigError
 from fedtune.server.coordinator import app_dir, run_config_args
@@ -29,9 +30,42 @@ def test_written_site_config_round_trips_with_absolute_paths(tmp_path: Path) -> 
     assert site.node_key == (tmp_path / "site" / "node-key").resolve() and site.state_dir.is_absolute()
     assert site.node_config() == {
         "site-name": "hospital-a", "data-path": str((tmp_path / "notes.csv").resolve()), "state-dir": str(site.state_dir),
-        "budget-epsilon": 4.0, "delta": 1e-6, "text-column": "note", "label-column": "dept", "allow-no-dp": "false",
-        "base-model": "",
+        "budget-epsilon": 4.0, "delta": 1e-6, "text-column": "note", "label-column": "dept",
+        "base-model": "", "val-fraction": 0.1, **SitePolicy().to_node_config(),
     }
+
+
+def test_site_policy_reaches_the_clientapp_through_flowers_node_config_parser(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args  # the parser flower-supernode applies
+
+    path = _write(tmp_path, '[site]\nname = "a"\ncoordinator = "127.0.0.1:9093"\ninsecure = true\n[data]\npath = "d.csv"\n'
+                            '[policy]\nmax_epsilon_per_run = 3.5\nrequire_secure_agg = true\nmin_secure_agg_threshold = 3\n'
+                            'min_secure_agg_participants = 4\nstatistics = "dp"\n')
+    site = load_site_config(path)
+    cmd = supernode_command(site)
+
+    node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+
+    assert policy_from_node_config(node_config) == site.policy
+    assert site.policy == SitePolicy(max_epsilon_per_run=3.5, require_secure_agg=True, min_secure_agg_threshold=3,
+                                     min_secure_agg_participants=4, statistics="dp")
+
+
+def test_policy_problems_name_the_key_and_value(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[site]\nname = "a"\ncoordinator = "127.0.0.1:9093"\ninsecure = true\n[data]\npath = "d.csv"\n'
+                            '[policy]\nstatistics = "everything"\nmax_sample_rate = 2\nmin_noise = 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_site_config(path)
+    text = str(info.value)
+    assert "policy.statistics must be one of ['none', 'dp', 'clear'], got 'everything'" in text
+    assert "policy.max_sample_rate must be in (0, 1], got 2.0" in text
+    assert "unknown key policy.min_noise" in text
+
+
+def test_legacy_allow_no_dp_still_sets_the_policy(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[site]\nname = "a"\ncoordinator = "127.0.0.1:9093"\ninsecure = true\n[data]\npath = "d.csv"\n'
+                            '[privacy]\nallow_no_dp = true\n')
+    assert load_site_config(path).policy.require_dp is False
 
 
 def test_every_problem_in_site_toml_is_reported_with_the_file(tmp_path: Path) -> None:
