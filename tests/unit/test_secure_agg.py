@@ -18,7 +18,8 @@ import pytest
 from fedtune.client.app import SECAGG_RECORD, build_client_app
 from fedtune.client.site_request import SiteReply
 from fedtune.common.config import SecureAggConfig, from_dict
-from fedtune.common.errors import ConfigError, FedtuneError
+from fedtune.common.errors import ConfigError, PrivacyBudgetError
+from fedtune.common.messages import Refusal, RefusalCode
 from fedtune.server.secure_agg import (
     SecureAggregationError,
     quantization_error_bound,
@@ -105,7 +106,8 @@ def _update(node: int) -> OrderedDict[str, np.ndarray]:
 
 
 WEIGHTS = {11: 120, 22: 300, 33: 57, 44: 200}
-METRICS = {"train-loss": 0.5, "epsilon": 1.0, "budget-epsilon": 8.0, "delta": 1e-5, "noise-multiplier": 1.1,
+# A declared TrainReply (common/messages.py): the bridge checks every reply before it leaves.
+METRICS = {"dp": 1, "epsilon": 1.0, "budget-epsilon": 8.0, "delta": 1e-5, "noise-multiplier": 1.1,
            "clip-norm": 1.0, "sample-rate": 0.5, "steps": 4}
 
 
@@ -192,16 +194,22 @@ def test_a_site_dropping_out_within_the_threshold_leaves_the_mean_of_the_others(
     assert outcome.threshold == 3
 
 
-def test_a_refusing_site_is_a_dropout_with_its_reason(stub_sites: dict[int, Any]) -> None:
+def _code(reply: Message) -> RefusalCode | None:
+    parsed = Refusal.parse(reply.error.reason)
+    return parsed.code if parsed else None
+
+
+def test_a_refusing_site_is_a_dropout_with_its_refusal_code(stub_sites: dict[int, Any]) -> None:
     nodes = [11, 22, 33, 44]
-    stub_sites[22] = FedtuneError("privacy budget exhausted: spent 8, budget 8")
+    stub_sites[22] = PrivacyBudgetError("privacy budget exhausted: spent 8, budget 8", budget=8.0, spent=8.0, requested=0.5)
     outcome = _run(InProcessGrid(_contexts(nodes)), nodes)
 
     exact = _fedavg([11, 33, 44])
     for name, arr in outcome.aggregate.items():
         assert np.abs(arr.numpy() - exact[name]).max() <= outcome.error_bound + 1e-6
     assert [m.metadata.src_node_id for m in outcome.errors] == [22]
-    assert "budget exhausted" in outcome.errors[0].error.reason
+    assert _code(outcome.errors[0]) is RefusalCode.BUDGET_EXHAUSTED
+    assert "spent 8" not in outcome.errors[0].error.reason, "the details stay in the site's log"
 
 
 def test_an_adapter_outside_the_clipping_range_is_refused_not_clipped(stub_sites: dict[int, Any]) -> None:
@@ -212,7 +220,8 @@ def test_an_adapter_outside_the_clipping_range_is_refused_not_clipped(stub_sites
     outcome = _run(InProcessGrid(_contexts(nodes)), nodes)
 
     assert [m.metadata.src_node_id for m in outcome.errors] == [44]
-    assert "clipping range" in outcome.errors[0].error.reason and "9.5" in outcome.errors[0].error.reason
+    assert _code(outcome.errors[0]) is RefusalCode.SECURE_AGG_RANGE
+    assert "9.5" not in outcome.errors[0].error.reason, "the site's values stay in its log"
     exact = _fedavg([11, 22, 33])
     for name, arr in outcome.aggregate.items():
         assert np.abs(arr.numpy() - exact[name]).max() <= outcome.error_bound + 1e-6
@@ -222,7 +231,7 @@ def test_a_site_above_the_max_weight_is_refused(stub_sites: dict[int, Any]) -> N
     nodes = [11, 22, 33]
     outcome = _run(InProcessGrid(_contexts(nodes)), nodes, SecureAggConfig(enabled=True, max_weight=250))
     assert [m.metadata.src_node_id for m in outcome.errors] == [22]
-    assert "max weight" in outcome.errors[0].error.reason
+    assert _code(outcome.errors[0]) is RefusalCode.SECURE_AGG_MAX_WEIGHT
 
 
 def test_too_many_dropouts_fail_the_round_loudly(stub_sites: dict[int, Any]) -> None:
@@ -340,7 +349,7 @@ def test_a_site_above_the_max_weight_refuses_before_training_so_spends_no_budget
     config = {"server-round": 1, "num-rounds": 2, "labels": labels, "run-dir": str(tmp_path / "run")}
     grid = InProcessGrid(contexts)
 
-    with pytest.raises(SecureAggregationError, match="max weight 10"):
+    with pytest.raises(SecureAggregationError, match="secure-agg:max-weight"):
         secure_train_round(grid, _messages(nodes, initial, config), server_round=1, expected=initial,
                            settings=SecureAggConfig(enabled=True, max_weight=10), timeout=60)
     charges = [
@@ -350,4 +359,5 @@ def test_a_site_above_the_max_weight_refuses_before_training_so_spends_no_budget
         for charge in entry.get("charges", [])
     ]
     assert charges == [], "no site was charged for a round it refused"
-    assert all("max weight 10" in m.error.reason for m in grid.replies if m.has_error())
+    refused = [m for m in grid.replies if m.has_error()]
+    assert refused and all(_code(m) is RefusalCode.SECURE_AGG_MAX_WEIGHT for m in refused)
