@@ -1,20 +1,38 @@
 """Client-level differential privacy: DP-FedAvg as a wrapper around a Flower strategy.
 
 McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models",
-ICLR 2018 (DP-FedAvg). Each round, every sampled site's update is turned into a delta against the
-global adapter, the delta is clipped to L2 norm C (over all tensors together), the clipped deltas
-are summed, Gaussian noise N(0, (z C)^2) is added to every coordinate of the sum, and the sum is
-divided by the *fixed* m, the expected number of sampled sites (their estimator f_f with unit
-weights). Adding or removing one site changes the sum by at most C, so each round is a Gaussian
-mechanism with noise multiplier z on the sum; over T rounds in which each site is sampled with
-probability q, `client_level_epsilon` accounts for it with the sampled-Gaussian RDP accountant.
+ICLR 2018 (DP-FedAvg). Each round, every connected site joins independently with probability q
+(Poisson sampling, drawn from the operating system's CSPRNG), each sampled site's update is
+turned into a delta against the global adapter, the delta is clipped to L2 norm C (over all
+tensors together), the clipped deltas are summed, Gaussian noise N(0, (z C)^2) is added to every
+coordinate of the sum, and the sum is divided by the *fixed* m = q N, the expected number of
+sampled sites (their estimator f_f with unit weights). Adding or removing one site changes the
+sum by at most C, so each round is a Poisson-sampled Gaussian mechanism with rate q and noise
+multiplier z, and `client_level_epsilon` accounts T rounds of it with the sampled-Gaussian RDP
+accountant (Mironov, Talwar, Zhang 2019): the accountant matches what is done, for add/remove-
+one-site neighbours.
+
+Why Poisson sampling in the strategy, rather than Flower's fixed-size sample accounted as
+sampling without replacement: the sampled-Gaussian bound is proven for Poisson sampling and
+add/remove neighbours, the relation that answers "did hospital X take part at all" (and the one
+the sites' DP-SGD uses). The bounds for a fixed-size sample without replacement (Wang, Balle,
+Kasiviswanathan, AISTATS 2019; `dp_accounting`'s `SampledWithoutReplacementDpEvent`) hold for
+replace-one neighbours with N fixed: a different guarantee (add/remove at epsilon gives replace-one
+at 2 epsilon by group privacy, not the other way round), which a site that drops out or joins late
+breaks (see Lebeda et al. 2024 on mixing the two). Under Poisson sampling a site's privacy depends
+only on q, z and T: a site offline in a round is not sampled and releases nothing, and N only sets
+the denominator q N. The cost: the number of sites per round varies (Binomial(N, q)); a round can
+sample no site at all, and then the global adapter plus noise is still released (an unchanged
+adapter would tell that no sampled site took part).
 
 The guarantee is about sites (a hospital's whole dataset), not records. It holds for the released
-global adapters; the coordinator itself sees every update in the clear (the trusted-server model
-of the paper). It composes with, and is independent of, the sample-level DP-SGD at each site.
+global adapters, as long as who was sampled stays with the coordinator; the coordinator itself
+sees every update in the clear (the trusted-server model of the paper). It composes with, and is
+independent of, the sample-level DP-SGD at each site.
 
-Pure functions (`update_delta`, `clip_update`, `dp_fedavg_aggregate`) do the math on dicts of
-numpy arrays; `ClientLevelDP` is the stateful strategy wrapper.
+Pure functions (`update_delta`, `clip_update`, `dp_fedavg_aggregate`, `client_sample_rate`,
+`poisson_sample`) do the math; `connected_sites` observes N on the grid; `plan_client_level`
+calibrates; `ClientLevelDP` is the stateful strategy wrapper.
 """
 
 from __future__ import annotations
@@ -22,12 +40,15 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import random
 import secrets
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -195,22 +216,17 @@ def _noisy_mean(
 def client_level_epsilon(
     *, sample_rate: float, noise_multiplier: float, rounds: int, delta: float, accountant: str = "rdp"
 ) -> float:
-    """Epsilon at `delta` of T rounds of DP-FedAvg, per site (client-level, add/remove one site).
+    """Epsilon at `delta` of T rounds of DP-FedAvg with Poisson sampling of sites, per site.
 
-    Each round is one sampled Gaussian mechanism with rate q and noise multiplier z on the sum of
-    clipped deltas, so this is `fedtune.common.accounting.epsilon([Segment(q, z, T)])`.
-
-    Sampling caveat: the accountant assumes Poisson sampling, each site joining each round
-    independently with probability q, and that who was sampled stays secret. Flower's FedAvg
-    instead samples a fixed-size set of m = max(int(f N), min_train_nodes) sites uniformly without
-    replacement (with Python's non-cryptographic `random`); pass q = m / N. The Poisson figure is
-    not a proven bound for fixed-size sampling (the bounds for sampling without replacement, e.g.
-    Wang, Balle, Kasiviswanathan 2019, are for replace-one neighbours and are larger; see also
-    Lebeda et al. 2024 on this pitfall). With q = 1 (every site every round) there is no
-    amplification and the figure is exact for either scheme.
+    Each round is one Poisson-sampled Gaussian mechanism with rate q and noise multiplier z on the
+    sum of clipped deltas, neighbours being add/remove one site, so this is
+    `fedtune.common.accounting.epsilon([Segment(q, z, T)])`. It is a valid bound for
+    `ClientLevelDP`, which samples each connected site independently with probability q; it is
+    not one for a fixed-size sample (Flower's FedAvg), see the module docstring. With q = 1 (every
+    site every round) there is no amplification.
 
     Args:
-        sample_rate: q, the fraction of sites sampled per round, 0 < q <= 1.
+        sample_rate: q, the probability that a site joins a round, 0 < q <= 1.
         noise_multiplier: z >= 0; z = 0 gives `inf` (no privacy) for T >= 1.
         rounds: T, the number of rounds (noisy releases), >= 0.
         delta: the target delta, 0 < delta < 1.
@@ -232,10 +248,9 @@ def client_level_epsilon(
 def calibrate_client_noise(
     *, target_epsilon: float, delta: float, sample_rate: float, rounds: int, accountant: str = "rdp"
 ) -> float:
-    """The smallest z with which T rounds of DP-FedAvg at rate q stay within `target_epsilon`.
+    """The smallest z with which T rounds of DP-FedAvg at Poisson rate q stay within `target_epsilon`.
 
-    `fedtune.common.accounting.calibrate_noise_multiplier` with steps = T; the same sampling
-    caveat as `client_level_epsilon` applies.
+    `fedtune.common.accounting.calibrate_noise_multiplier` with steps = T.
 
     Raises:
         ConfigError: a knob out of range, or a target the accountant cannot certify.
@@ -245,14 +260,196 @@ def calibrate_client_noise(
     )
 
 
-def fedavg_sample_size(*, sites: int, fraction_train: float, min_train_nodes: int) -> int:
-    """m, the number of sites Flower's FedAvg samples per round: max(int(f N), min_train_nodes).
+# ---------------------------------------------------------------------------------------------
+# Sampling and the number of sites
+# ---------------------------------------------------------------------------------------------
 
-    FedAvg samples none when f = 0. Use m as `expected_sites` and m / N as the sample rate q.
+
+def client_sample_rate(*, sites: int, fraction_train: float, min_sites: int) -> float:
+    """q = min(1, max(f, min_sites / N)): the Poisson rate at which each site joins a round.
+
+    `fraction_train` (f) is the rate itself. `min_sites` cannot be a floor on a Poisson sample's
+    size (conditioning on the count would break the accounting), so it raises the rate until
+    the expected count q N reaches it, as Flower's FedAvg raises its fixed sample size.
+
+    Raises:
+        ConfigError: N < 1, f outside (0, 1] or min_sites < 0.
     """
-    if fraction_train == 0.0:
-        return 0
-    return max(int(sites * fraction_train), min_train_nodes)
+    problems = []
+    if not (_is_int(sites) and sites >= 1):
+        problems.append(f"`sites` (N) must be an integer >= 1, got {sites!r}.")
+    if not (_is_real(fraction_train) and 0.0 < float(fraction_train) <= 1.0):
+        problems.append(f"`fraction_train` must be in (0, 1], got {fraction_train!r}.")
+    if not (_is_int(min_sites) and min_sites >= 0):
+        problems.append(f"`min_sites` must be an integer >= 0, got {min_sites!r}.")
+    if problems:
+        raise ConfigError(problems)
+    return min(1.0, max(float(fraction_train), min_sites / sites))
+
+
+def poisson_sample(node_ids: Iterable[int], sample_rate: float, rng: random.Random) -> list[int]:
+    """Each node independently with probability q (Poisson sampling), in the order given.
+
+    `rng.random()` is uniform on [0, 1) with 53-bit resolution, so P(u < q) = q for every
+    q representable as a double; q = 1 keeps every node. Pass `random.SystemRandom()` for
+    deployment: who is sampled must not be predictable from a seed or earlier rounds.
+    """
+    if not (_is_real(sample_rate) and 0.0 < float(sample_rate) <= 1.0):
+        raise ConfigError(f"`sample_rate` must be in (0, 1], got {sample_rate!r}.")
+    return [node for node in node_ids if rng.random() < sample_rate]
+
+
+def connected_sites(grid: Grid, *, planned: int, timeout: float, poll: float = 1.0) -> int:
+    """N, the number of sites the grid reports connected, once it equals the `planned` number.
+
+    Sites still connecting are waited for, up to `timeout` seconds; more sites than planned are
+    refused at once (an unplanned node taking part is a site registered by mistake, or a Sybil).
+    A mismatch is refused rather than recalibrated: the operator set the target and the number of
+    sites together, the denominator q N and the rate q depend on N, and a federation that is not
+    the planned one should stop the run before round 1, not change its guarantee silently.
+
+    Args:
+        grid: the ServerApp's grid (only `get_node_ids()` is used).
+        planned: the number of sites the run was planned for (`federation.sites`).
+        timeout: seconds to wait for missing sites.
+        poll: seconds between looks.
+
+    Returns:
+        `planned`, now observed.
+
+    Raises:
+        ConfigError: the grid reports more sites than planned, or fewer after `timeout` seconds;
+            the message names both numbers.
+    """
+    deadline = time.monotonic() + timeout
+    last_logged = -math.inf
+    while True:
+        found = len(set(grid.get_node_ids()))
+        if found > planned:
+            raise ConfigError(_mismatch(planned, found, "are connected"))
+        if found == planned:
+            logger.info("client-level DP: %d sites connected, as planned", found)
+            return found
+        now = time.monotonic()
+        if now >= deadline:
+            raise ConfigError(_mismatch(planned, found, f"were connected after waiting {timeout:g} s"))
+        if now - last_logged >= 10.0:
+            logger.info("client-level DP: waiting for sites to connect: %d of the planned %d", found, planned)
+            last_logged = now
+        time.sleep(min(poll, deadline - now))
+
+
+def _mismatch(planned: int, found: int, what: str) -> str:
+    return (
+        f"client-level DP is planned for federation.sites = {planned} sites (N, which sets the sampling rate and "
+        f"the denominator q N), but {found} {what}. Set federation.sites to {found} in the run config "
+        f"if that is the federation, or connect the missing sites; the run was not started."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+SAMPLING_SCHEME = "poisson"
+NEIGHBOURING = "add or remove one site (all of its data)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientLevelPlan:
+    """Client-level DP's mechanism and guarantee for a run: what the strategy does and what it is worth.
+
+    Attributes:
+        clip_norm: C.
+        noise_multiplier: z (given, or calibrated to the target epsilon).
+        sample_rate: q, the Poisson rate at which each site joins a round.
+        sites: N, the number of sites sampled from.
+        sites_source: where N came from (the simulation's site count, or the connected nodes).
+        rounds: T.
+        delta: the delta of the guarantee.
+        accountant: the accountant that computed `epsilon`.
+        epsilon: the client-level epsilon after T rounds, at `delta`.
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    sample_rate: float
+    sites: int
+    sites_source: str
+    rounds: int
+    delta: float
+    accountant: str
+    epsilon: float
+
+    @property
+    def expected_sites(self) -> float:
+        """m = q N, the expected number of sites per round: the fixed denominator."""
+        return self.sample_rate * self.sites
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record of the plan in summary.json (`client_level`)."""
+        sampling = (
+            "every connected site every round (q = 1: no amplification by sampling)"
+            if self.sample_rate >= 1.0
+            else "Poisson: each connected site joins each round independently with probability q (OS CSPRNG); "
+            "accounted as the Poisson-sampled Gaussian mechanism"
+        )
+        return {
+            "mechanism": "DP-FedAvg (McMahan et al. 2018): per-site update clipping, Gaussian noise, fixed denominator q N",
+            "clip_norm": self.clip_norm,
+            "noise_multiplier": self.noise_multiplier,
+            "sampling_scheme": SAMPLING_SCHEME,
+            "sampling": sampling,
+            "neighbouring": NEIGHBOURING,
+            "sample_rate": self.sample_rate,
+            "sites": self.sites,
+            "sites_source": self.sites_source,
+            "expected_sites": self.expected_sites,
+            "rounds": self.rounds,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "epsilon": self.epsilon,
+        }
+
+
+def plan_client_level(
+    *,
+    sites: int,
+    sites_source: str,
+    fraction_train: float,
+    min_sites: int,
+    rounds: int,
+    clip_norm: float,
+    noise_multiplier: float,
+    target_epsilon: float,
+    delta: float,
+    accountant: str = "rdp",
+) -> ClientLevelPlan:
+    """The plan for N sites: q from `client_sample_rate`, z as given or calibrated, and its epsilon.
+
+    Args:
+        sites: N, the number of sites actually sampled from (observed, never a default).
+        sites_source: where N came from, for the record.
+        fraction_train, min_sites: see `client_sample_rate`.
+        rounds: T.
+        clip_norm: C.
+        noise_multiplier: z; 0 calibrates it to `target_epsilon`.
+        target_epsilon: the epsilon to reach after T rounds when z is calibrated.
+        delta: the delta of the guarantee.
+        accountant: one of `fedtune.common.accounting.ACCOUNTANTS`.
+
+    Raises:
+        ConfigError: a knob out of range, or a target the accountant cannot certify.
+    """
+    q = client_sample_rate(sites=sites, fraction_train=fraction_train, min_sites=min_sites)
+    z = noise_multiplier or calibrate_client_noise(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=q, rounds=rounds, accountant=accountant
+    )
+    return ClientLevelPlan(
+        clip_norm=clip_norm, noise_multiplier=z, sample_rate=q, sites=sites, sites_source=sites_source, rounds=rounds,
+        delta=delta, accountant=accountant,
+        epsilon=client_level_epsilon(sample_rate=q, noise_multiplier=z, rounds=rounds, delta=delta, accountant=accountant),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,41 +458,52 @@ def fedavg_sample_size(*, sites: int, fraction_train: float, min_train_nodes: in
 
 
 class ClientLevelDP(Strategy):
-    """DP-FedAvg around a Flower strategy: the inner one samples sites; this one aggregates.
+    """DP-FedAvg around a Flower strategy: this one samples sites and aggregates; the inner one evaluates.
 
-    `configure_train`, `configure_evaluate`, `aggregate_evaluate` and `summary` are delegated to
-    the inner strategy; `configure_train` also remembers the global adapter it sends. The inner
-    `aggregate_train` is *replaced*, not wrapped (FedAvg's weighting by examples would break the
-    sensitivity bound): each reply's single ArrayRecord becomes a delta against the remembered
+    `configure_train` samples by Poisson: it asks the grid for the connected nodes and sends the
+    round's global adapter to each with probability q, independently (`poisson_sample`); it
+    remembers the global adapter it sends. A connected count other than the planned N is logged
+    (the denominator stays q N; each site's privacy does not depend on N). The inner strategy's
+    `configure_train` and `aggregate_train` are *replaced*, not wrapped (FedAvg samples a fixed
+    number of sites, which the accountant does not cover, and weights by examples, which breaks
+    the sensitivity bound): each reply's single ArrayRecord becomes a delta against the remembered
     global adapter, and the result is global + `dp_fedavg_aggregate(...)`, with the global's
     names, shapes and dtype. A reply that is an error or cannot be used (wrong names or shapes,
     non-finite values) is skipped with a warning; like a site that did not reply, it adds nothing
-    to the sum, which keeps the bound.
+    to the sum, which keeps the bound. `configure_evaluate`, `aggregate_evaluate` and `summary`
+    are delegated to the inner strategy.
 
-    Noise is released even when no site replies (global + noise / m): returning the global adapter
-    unchanged in that case would tell whether a lone sampled site took part.
+    Noise is released even when no site was sampled or replied (global + noise / m): returning
+    the global adapter unchanged in that case would tell whether a lone sampled site took part.
 
-    Noise source: with a `seed`, `numpy.random.default_rng(seed)` (reproducible; for tests and
-    research only). Without one, every round draws from a fresh
-    `numpy.random.Generator(numpy.random.PCG64(secrets.randbits(128)))`: the 128-bit seed comes
-    from the operating system's CSPRNG, so the noise cannot be reproduced from a known seed, the
-    clock or another round's state. It is not a cryptographically secure noise source: PCG64 is
-    not a CSPRNG (its state is recoverable from enough raw outputs), and floating-point Gaussian
-    samples leak through their low-order bits (Mironov, "On Significance of the Least Significant
-    Bits for Differential Privacy", CCS 2012); Opacus's `secure_mode` addresses both, this does not.
+    Randomness: with a `seed`, `random.Random(seed)` samples and `numpy.random.default_rng(seed)`
+    draws the noise (reproducible; for tests and research only). Without one, sites are sampled
+    with `random.SystemRandom()` (the operating system's CSPRNG), and every round's noise comes
+    from a fresh `numpy.random.Generator(numpy.random.PCG64(secrets.randbits(128)))`: the 128-bit
+    seed comes from the CSPRNG, so the noise cannot be reproduced from a known seed, the clock or
+    another round's state. The noise is not a cryptographically secure source: PCG64 is not a
+    CSPRNG (its state is recoverable from enough raw outputs), and floating-point Gaussian samples
+    leak through their low-order bits (Mironov, "On Significance of the Least Significant Bits
+    for Differential Privacy", CCS 2012); Opacus's `secure_mode` addresses both, this does not.
 
     The round's MetricRecord carries `client-dp-clipped-fraction` (sites whose delta exceeded C
     among those used; omitted when none were), `client-dp-noise-std` (z C / m, the noise std on
     each coordinate of the mean delta), `client-dp-sites`, `client-dp-expected-sites`,
-    `client-dp-clip-norm` and `client-dp-noise-multiplier`. The clipped fraction and the count
-    are computed in the clear: fine for the coordinator's records, not themselves private.
+    `client-dp-sample-rate`, `client-dp-clip-norm` and `client-dp-noise-multiplier`. The clipped
+    fraction and the count are computed in the clear: fine for the coordinator's records, not
+    themselves private.
 
     Args:
-        inner: the strategy that samples sites and runs evaluation (e.g. FedAvg).
+        inner: the strategy that runs evaluation (e.g. FedAvg).
         clip_norm: C, > 0.
         noise_multiplier: z >= 0 (0 only for debugging: no privacy).
-        expected_sites: m, the expected number of sites sampled per round, > 0.
-        seed: seeds the noise for reproducibility; None (the default) for deployment.
+        sample_rate: q, the probability that a connected site joins a round, 0 < q <= 1.
+        sites: N, the number of sites planned and observed; m = q N is the fixed denominator.
+        seed: seeds sampling and noise for reproducibility; None (the default) for deployment.
+        sampling_rng: the source of the sampling decisions, overriding the one `seed` chooses
+            (tests only).
+        arrayrecord_key, configrecord_key: the keys of the train message's adapter and config
+            (FedAvg's defaults).
     """
 
     def __init__(
@@ -304,26 +512,56 @@ class ClientLevelDP(Strategy):
         *,
         clip_norm: float,
         noise_multiplier: float,
-        expected_sites: float,
+        sample_rate: float,
+        sites: int,
         seed: int | None = None,
+        sampling_rng: random.Random | None = None,
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
     ) -> None:
-        problems = _knob_problems(clip_norm=clip_norm, noise_multiplier=noise_multiplier, expected_sites=expected_sites)
+        problems = _knob_problems(clip_norm=clip_norm, noise_multiplier=noise_multiplier)
+        if not (_is_real(sample_rate) and 0.0 < float(sample_rate) <= 1.0):
+            problems.append(f"`sample_rate` (q) must be in (0, 1], got {sample_rate!r}.")
+        if not (_is_int(sites) and sites >= 1):
+            problems.append(f"`sites` (N) must be an integer >= 1, got {sites!r}.")
         if not isinstance(inner, Strategy):
             problems.append(f"`inner` must be a flwr.serverapp.strategy.Strategy, got {type(inner).__name__}.")
         if seed is not None and not _is_int(seed):
             problems.append(f"`seed` must be an integer or None, got {seed!r}.")
+        if sampling_rng is not None and not isinstance(sampling_rng, random.Random):
+            problems.append(f"`sampling_rng` must be a random.Random or None, got {type(sampling_rng).__name__}.")
         if problems:
             raise ConfigError(problems)
         self.inner = inner
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
-        self.expected_sites = float(expected_sites)
+        self.sample_rate = float(sample_rate)
+        self.sites = int(sites)
         self.seed = seed
+        self.arrayrecord_key = arrayrecord_key
+        self.configrecord_key = configrecord_key
+        if sampling_rng is not None:
+            self.sampling_rng: random.Random = sampling_rng
+        else:
+            self.sampling_rng = random.Random(seed) if seed is not None else random.SystemRandom()
         self._seeded_rng = np.random.default_rng(seed) if seed is not None else None
         self._global: ArrayRecord | None = None
         self._global_round: int | None = None
         if self.noise_multiplier == 0.0:
             logger.warning("client-level DP with noise_multiplier=0: updates are clipped but NOT private")
+
+    @classmethod
+    def from_plan(cls, inner: Strategy, plan: ClientLevelPlan, *, seed: int | None = None) -> ClientLevelDP:
+        """The strategy that carries out `plan` (C, z, q and N)."""
+        return cls(
+            inner, clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+            sites=plan.sites, seed=seed,
+        )
+
+    @property
+    def expected_sites(self) -> float:
+        """m = q N: the expected number of sampled sites, the fixed denominator."""
+        return self.sample_rate * self.sites
 
     @property
     def noise_std(self) -> float:
@@ -338,16 +576,22 @@ class ClientLevelDP(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate to the inner strategy, remembering `arrays` as the round's global adapter."""
+        """A train message to each connected site sampled by Poisson at rate q; may be none."""
         self._global, self._global_round = arrays, server_round
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        if messages and len(messages) != self.expected_sites:
+        # Sorted so that a seeded run samples the same sites whatever order the grid lists them in.
+        connected = sorted(set(grid.get_node_ids()))
+        if len(connected) != self.sites:
             logger.warning(
-                "round %d: %d sites sampled, but expected_sites is %g; the noise is calibrated "
-                "for %g and the accountant assumes q = expected_sites / sites",
-                server_round, len(messages), self.expected_sites, self.expected_sites,
+                "round %d: %d sites connected, but the run was planned for N = %d: the denominator stays "
+                "q N = %g (each site's privacy depends only on q, z and T)",
+                server_round, len(connected), self.sites, self.expected_sites,
             )
-        return messages
+        sampled = poisson_sample(connected, self.sample_rate, self.sampling_rng)
+        logger.info("round %d: Poisson sampling (q = %g) chose %d of %d connected sites", server_round,
+                    self.sample_rate, len(sampled), len(connected))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node) for node in sampled]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -387,6 +631,7 @@ class ClientLevelDP(Strategy):
             METRIC_NOISE_STD: self.noise_std,
             "client-dp-sites": len(clipped),
             "client-dp-expected-sites": self.expected_sites,
+            "client-dp-sample-rate": self.sample_rate,
             "client-dp-clip-norm": self.clip_norm,
             "client-dp-noise-multiplier": self.noise_multiplier,
         }
@@ -414,9 +659,10 @@ class ClientLevelDP(Strategy):
     def summary(self) -> None:
         """Log the DP settings, then the inner strategy's summary."""
         logger.info(
-            "client-level DP (DP-FedAvg): C=%g, z=%g, m=%g, noise std on the mean %.3g, noise %s",
-            self.clip_norm, self.noise_multiplier, self.expected_sites, self.noise_std,
-            f"seeded ({self.seed})" if self.seed is not None else "from a secrets-seeded PCG64 per round",
+            "client-level DP (DP-FedAvg): C=%g, z=%g, Poisson sampling q=%g of N=%d sites (m=%g), noise std on the mean %.3g, "
+            "randomness %s",
+            self.clip_norm, self.noise_multiplier, self.sample_rate, self.sites, self.expected_sites, self.noise_std,
+            f"seeded ({self.seed})" if self.seed is not None else "from the OS CSPRNG",
         )
         self.inner.summary()
 
@@ -444,22 +690,22 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))  # type: ignore[arg-type]
 
 
-def _knob_problems(*, clip_norm: object, noise_multiplier: object, expected_sites: object) -> list[str]:
+def _knob_problems(*, clip_norm: object, noise_multiplier: object) -> list[str]:
     problems = []
     if not (_is_real(clip_norm) and float(clip_norm) > 0.0):  # type: ignore[arg-type]
         problems.append(f"`clip_norm` must be a finite number > 0, got {clip_norm!r}.")
     if not (_is_real(noise_multiplier) and float(noise_multiplier) >= 0.0):  # type: ignore[arg-type]
         problems.append(f"`noise_multiplier` must be a finite number >= 0, got {noise_multiplier!r}.")
+    return problems
+
+
+def _check_knobs(*, clip_norm: object, noise_multiplier: object, expected_sites: object) -> None:
+    problems = _knob_problems(clip_norm=clip_norm, noise_multiplier=noise_multiplier)
     if not (_is_real(expected_sites) and float(expected_sites) > 0.0):  # type: ignore[arg-type]
         problems.append(
             f"`expected_sites` must be a finite number > 0 (the expected number of sites sampled per round), "
             f"got {expected_sites!r}."
         )
-    return problems
-
-
-def _check_knobs(*, clip_norm: object, noise_multiplier: object, expected_sites: object) -> None:
-    problems = _knob_problems(clip_norm=clip_norm, noise_multiplier=noise_multiplier, expected_sites=expected_sites)
     if problems:
         raise ConfigError(problems)
 
