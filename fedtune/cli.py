@@ -306,7 +306,7 @@ def _register_commands() -> None:
     from fedtune import cli_deploy, cli_privacy
 
     for command in (cli_deploy.certs, cli_deploy.site, cli_deploy.coordinator, cli_deploy.status, cli_deploy.logs,
-                    cli_deploy.stop, cli_privacy.report, cli_privacy.audit):
+                    cli_deploy.stop, cli_deploy.app, cli_privacy.report, cli_privacy.audit):
         main.add_command(command)
 
 

@@ -98,11 +98,17 @@ def run_config_args(flat: Mapping[str, bool | int | float | str]) -> list[str]:
     return ["--run-config", " ".join(pairs)]
 
 
+# The signature file sites read (client/app_guard.py SIGNATURE_FILE; server/ never imports client/).
+APP_SIGNATURES = "fedtune-signatures.json"
+
+
 def app_dir(defaults: Mapping[str, bool | int | float | str]) -> Path:
     """A Flower app folder for ``flwr run``: just a pyproject naming fedtune's installed apps.
 
-    The bundle carries no code: the coordinator and every site run the fedtune they installed.
-    Every run_config key is declared (Flower accepts overrides of declared keys only).
+    The bundle carries no code: the coordinator and every site run the fedtune they installed
+    (a site refuses any other bundle, see ``client/app_guard.py``). Every run_config key is
+    declared (Flower accepts overrides of declared keys only). Signatures from ``fedtune app sign``
+    (``$FEDTUNE_HOME/fedtune-signatures.json``) travel with it, for sites that require a signer.
     """
     import tomli_w
 
@@ -131,6 +137,9 @@ def app_dir(defaults: Mapping[str, bool | int | float | str]) -> Path:
     }
     folder = Path(tempfile.mkdtemp(prefix="fedtune-app-"))
     (folder / "pyproject.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
+    signatures = fedtune_home() / APP_SIGNATURES
+    if signatures.is_file():
+        (folder / APP_SIGNATURES).write_bytes(signatures.read_bytes())
     return folder
 
 
