@@ -345,3 +345,39 @@ def test_the_write_sandbox_keeps_the_process_and_its_children_out_of_the_ledger(
     assert result.returncode == 0, result.stderr
     assert (denied / "ledger.json").read_text() == "{}"
     assert (allowed / "ok.txt").read_text() == "fine"
+
+
+# ----------------------------------------------------------- the coordinator's side: hash and sign
+def test_what_fedtune_run_ships_has_one_digest_sites_can_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from fedtune.cli import main
+
+    monkeypatch.setenv("FEDTUNE_HOME", str(tmp_path / "home"))
+    printed = CliRunner().invoke(main, ["app", "hash"])
+    assert printed.exit_code == 0, printed.output
+    digest = printed.output.strip()
+    shipped = flower_fab(tomllib.loads((app_dir(RunConfig().to_flat()) / "pyproject.toml").read_text()))
+    assert AppGuard(AppPolicy(trusted_hashes=frozenset({digest}))).check(shipped).trusted_by == "hash"
+
+
+def test_a_bundle_signed_with_fedtune_app_sign_is_shipped_by_app_dir_and_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedtune.cli import main
+    from fedtune.server.coordinator import APP_SIGNATURES
+
+    assert APP_SIGNATURES == SIGNATURE_FILE, "coordinator and site must name the signature file alike"
+    monkeypatch.setenv("FEDTUNE_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
+    for args in (["app", "keygen", "--out", str(tmp_path / "keys")], ["app", "sign", "--key", str(tmp_path / "keys" / "app-signing.key")]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+    fab = build_fab_from_disk(app_dir(RunConfig().to_flat()))  # what `flwr run` sends
+    assert SIGNATURE_FILE in zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    accepted = AppGuard(AppPolicy(trusted_signers=(tmp_path / "keys" / "app-signing.pub",))).check(fab)
+    assert accepted.trusted_by.startswith("signer SHA256:")
+    other = Ed25519PrivateKey.generate()
+    with pytest.raises(UntrustedApp, match="none valid"):
+        AppGuard(AppPolicy(trusted_signers=(public_key_file(tmp_path, other),))).check(fab)
