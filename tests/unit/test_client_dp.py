@@ -494,7 +494,7 @@ def test_aggregate_train_before_configure_train_is_refused() -> None:
 # (q, z, T, delta, epsilon) pinned with Google's dp-accounting 0.6.0 (shares no code with Opacus):
 #
 #   import dp_accounting
-#   acc = dp_accounting.rdp.RdpAccountant()
+#   acc = dp_accounting.rdp.RdpAccountant()  # neighboring_relation defaults to ADD_OR_REMOVE_ONE
 #   acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), T)
 #   print(f"{acc.get_epsilon(delta):.6g}")
 #
@@ -508,7 +508,9 @@ PINNED_CLIENT_LEVEL = [
 
 
 @pytest.mark.parametrize(("q", "z", "rounds", "delta", "expected"), PINNED_CLIENT_LEVEL)
-def test_client_level_epsilon_matches_the_accountant_and_dp_accounting(q, z, rounds, delta, expected) -> None:  # type: ignore[no-untyped-def]
+def test_client_level_epsilon_matches_the_accountant_and_dp_accounting(
+    q: float, z: float, rounds: int, delta: float, expected: float
+) -> None:
     eps = client_level_epsilon(sample_rate=q, noise_multiplier=z, rounds=rounds, delta=delta)
 
     assert eps == epsilon([Segment(q, z, rounds)], delta=delta)
