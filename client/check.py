@@ -56,16 +56,23 @@ def _check_keys(site: SiteConfig) -> str:
     return f"CA {ca.subject.rfc4514_string()} (until {ca.not_valid_after_utc:%Y-%m-%d}); node key {site.node_key} (0600)"
 
 
-def _check_ledger(site: SiteConfig) -> str:
-    from fedtune.common.data import fingerprint, load_table
+def _check_ledger(site: SiteConfig, shown: int = 10) -> str:
+    from fedtune.common.data import load_table, record_digests
 
     from .ledger import PrivacyLedger
 
     ledger = PrivacyLedger(site.state_dir)
-    dataset = fingerprint(load_table(site.data_path, text_column=site.text_column, label_column=site.label_column))
-    spent = ledger.spent_epsilon(dataset, delta=site.delta)
-    return (f"{ledger.path}: epsilon spent {spent:.3f} of budget {site.budget_epsilon:g} (delta {site.delta:g}), "
-            f"left {max(0.0, site.budget_epsilon - spent):.3f}; {len(ledger.charges(dataset))} rounds recorded")
+    table = load_table(site.data_path, text_column=site.text_column, label_column=site.label_column)
+    summary = ledger.summary(record_digests(table.texts, table.labels), delta=site.delta)
+    lines = [f"{ledger.path}: max epsilon {summary.max_epsilon:.3f} of budget {site.budget_epsilon:g} (delta {site.delta:g}), "
+             f"left {summary.left(site.budget_epsilon):.3f}; {summary.at_max} of {summary.records} records at the max, "
+             f"{summary.never_spent} never spent; {len(summary.charges)} charges"]
+    if summary.charges:
+        header, *rows = summary.table()
+        if len(rows) > shown:
+            lines.append(f"  ... {len(rows) - shown} earlier charges: see `fedtune site ledger`")
+        lines += ["  " + line for line in [header, *rows[-shown:]]]
+    return "\n".join(lines)
 
 
 def _check_coordinator(site: SiteConfig, timeout: float = 5.0) -> str:
@@ -78,8 +85,18 @@ def _check_coordinator(site: SiteConfig, timeout: float = 5.0) -> str:
             return f"{site.coordinator} reachable over {tls.version()}, certificate verified against {site.ca}"
 
 
+def _check_policy(site: SiteConfig) -> str:
+    p = site.policy
+    secure = (f"required (threshold >= {p.min_secure_agg_threshold}, participants >= {p.min_secure_agg_participants})"
+              if p.require_secure_agg else "optional")
+    return (f"DP {'required' if p.require_dp else 'optional'}; per run epsilon <= {p.max_epsilon_per_run:g}, z >= {p.min_noise_multiplier:g}, "
+            f"C <= {p.max_clip_norm:g}, q <= {p.max_sample_rate:g}, steps {p.min_steps_per_round}-{p.max_steps_per_round}; "
+            f"secure aggregation {secure}; statistics released: {p.statistics}; validation split {site.val_fraction:g}")
+
+
 CHECKS: tuple[tuple[str, Callable[[SiteConfig], str]], ...] = (
     ("data", _check_data),
+    ("policy", _check_policy),
     ("model", _check_model),
     ("certificates", _check_keys),
     ("privacy ledger", _check_ledger),

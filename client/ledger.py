@@ -1,33 +1,58 @@
-"""The site's persistent privacy ledger: what each local dataset has spent, across rounds and runs.
+"""The site's persistent privacy ledger: what each *record* has spent, across rounds, runs and data edits.
 
-One JSON file in the site's own state folder. Spending is keyed by a fingerprint of the data, so
-the same records keep their history whatever run, path or restart they come through. A charge is
-written (atomically) *before* training starts: privacy counts as spent once noise may be drawn,
-even if the update never arrives. A charge that would push epsilon past the site's budget is
-refused before anything is written or trained.
+Accounting is per record, never per file snapshot. A record is one (text, label) row, keyed by
+`fedtune.common.data.record_digests`. Each charge names the *cohort* of records a round (or a
+release of statistics) used; a record's spend is the composition of every charge whose cohort
+contains it, and what a run may still spend is decided by its worst record. Editing a row makes a
+new record that starts at zero while the other rows keep their history; adding rows gives only the
+new rows a fresh start; re-saving, reordering or moving the file changes nothing. This is individual
+privacy accounting (Feldman, Zrnic, "Individual Privacy Accounting via a Renyi Filter", NeurIPS 2021):
+whether a record is in a cohort depends on the operator's file and the site's split, never on other
+records' values, and a charge that would take any record past the budget is refused as a whole.
 
-The budget is never stored from the wire: it is passed in from the site's own settings each time.
+One JSON file in the site's own state folder (format version 2):
+    cohorts    {id: sorted record digests}, each set stored once; id = digest of the sorted set.
+               The cohort ``all-records`` applies to every record, seen or not (migrated charges).
+    charges    [{cohort, run, round, kind, sample_rate, noise_multiplier, steps, clip_norm, delta,
+               accountant, time}], kind "dp-sgd" or "statistics" (Gaussian noise on released counts
+               or sums: q = 1, z = sigma / sensitivity, one step per release, clip_norm 0).
+    plans      {run: NoisePlan}, the noise calibrated once per run.
+    migrations [what was converted from an older format, when, and where its backup is].
+A charge is written atomically and durably *before* training: privacy counts as spent once noise
+may be drawn, even if the update never arrives. The budget is never stored from the wire: it comes
+from the site's own settings at each call.
+
+Version 1 keyed everything by one fingerprint of the whole file. It is migrated conservatively: all
+its charges, of every fingerprint, go to ``all-records``, so no record ever spent less than it did
+before; the version-1 file is kept beside the ledger as ``privacy-ledger.v1-backup.json``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
+import math
 import time
+from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
-from fedtune.common.accounting import Segment, calibrate_noise_multiplier, epsilon
+from fedtune.common.accounting import ACCOUNTANTS, Segment, calibrate_noise_multiplier, epsilon
 from fedtune.common.errors import ConfigError, PrivacyBudgetError
-from fedtune.common.io import atomic_write_json
+from fedtune.common.io import atomic_write_bytes, make_dirs
 
 logger = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy-ledger.json"
-_VERSION = 1
+V1_BACKUP_FILE = "privacy-ledger.v1-backup.json"
+ALL_RECORDS = "all-records"
+"""The cohort id of charges that apply to every record (those migrated from a version-1 ledger)."""
+KINDS = ("dp-sgd", "statistics")
+_VERSION = 2
 # Slack for float round-off between calibration and the re-computed total; calibration itself
 # never overshoots, so this never admits a real overspend of any consequence.
 _EPS_SLACK = 1e-9
@@ -35,10 +60,12 @@ _EPS_SLACK = 1e-9
 
 @dataclass(frozen=True, kw_only=True)
 class Charge:
-    """One round of DP-SGD at this site, with every knob needed to re-derive its cost."""
+    """One charge to a cohort of records, with every knob needed to re-derive its cost."""
 
+    cohort: str
     run: str
     round: int
+    kind: str
     sample_rate: float
     noise_multiplier: float
     steps: int
@@ -46,6 +73,18 @@ class Charge:
     delta: float
     accountant: str
     time: float
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kind not in KINDS:
+            problems.append(f"charge `kind` must be one of {list(KINDS)}, got {self.kind!r}.")
+        if self.accountant not in ACCOUNTANTS:
+            problems.append(f"charge `accountant` must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}.")
+        if self.kind == "dp-sgd" and not self.clip_norm > 0:
+            problems.append(f"a dp-sgd charge needs `clip_norm` > 0, got {self.clip_norm!r}.")
+        if problems:
+            raise ConfigError(problems)
+        Segment(sample_rate=self.sample_rate, noise_multiplier=self.noise_multiplier, steps=self.steps)  # validates q, z, T
 
     @property
     def segment(self) -> Segment:
@@ -66,54 +105,313 @@ class NoisePlan:
     accountant: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class ChargeRow:
+    """A charge as it touches a set of records: ``records`` of them, or None for every record."""
+
+    charge: Charge
+    records: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerSummary:
+    """What a set of records (a site's current data file) has spent, for ``site ledger``/``site check``."""
+
+    path: Path
+    delta: float
+    records: int  # distinct records
+    max_epsilon: float
+    at_max: int  # records whose spend equals max_epsilon
+    never_spent: int  # records no charge touched
+    charges: tuple[ChargeRow, ...]  # the charges that touch them, oldest first
+    other_charges: int  # charges that touch none of them (rows since edited or removed)
+
+    def left(self, budget_epsilon: float) -> float:
+        """What the worst record may still spend under ``budget_epsilon``."""
+        return max(0.0, budget_epsilon - self.max_epsilon)
+
+    def table(self) -> list[str]:
+        """The charges as text lines: a header, then one row per charge."""
+        rows = [("run", "round", "kind", "records", "z", "q", "steps", "accountant")]
+        for row in self.charges:
+            c = row.charge
+            rows.append((c.run, str(c.round), c.kind, "all" if row.records is None else str(row.records),
+                         f"{c.noise_multiplier:.4f}", f"{c.sample_rate:.4f}", str(c.steps), c.accountant))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return ["  ".join(v.ljust(w) if i in (0, 2, 7) else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+                for r in rows]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Migration:
+    from_version: int
+    time: float
+    backup: str
+    datasets: int
+    charges: int
+
+
+@dataclass(kw_only=True)
+class _State:
+    """The ledger in memory. ``cohorts[ALL_RECORDS]`` is None: it holds every record."""
+
+    cohorts: dict[str, frozenset[str] | None] = field(default_factory=dict)
+    charges: list[Charge] = field(default_factory=list)
+    plans: dict[str, NoisePlan] = field(default_factory=dict)
+    migrations: list[_Migration] = field(default_factory=list)
+    v1_bytes: bytes | None = None  # set when read from a version-1 file, to back it up on first write
+    sorted_records: dict[str, list[str]] = field(default_factory=dict)  # each cohort as stored: sorting is costly
+
+    def add_cohort(self, cid: str, records: frozenset[str]) -> None:
+        if cid not in self.cohorts:
+            self.cohorts[cid] = records
+            self.sorted_records[cid] = sorted(records)
+
+    def to_bytes(self) -> bytes:
+        # One line per cohort, charge, plan and migration: readable and diffable, and every line is
+        # encoded by json's C encoder (with ``indent`` it falls back to pure Python: 10x slower).
+        def block(items: Iterable[tuple[str | None, Any]], brackets: str) -> str:
+            lines = [(f"{json.dumps(k)}: " if k is not None else "") + json.dumps(v, sort_keys=True) for k, v in items]
+            return brackets[0] + ("\n  " + ",\n  ".join(lines) + "\n " if lines else "") + brackets[1]
+
+        cohorts = block(((cid, {"all_records": rec is None, "records": self.sorted_records.get(cid, [])})
+                         for cid, rec in sorted(self.cohorts.items())), "{}")
+        charges = block(((None, asdict(c)) for c in self.charges), "[]")
+        plans = block(((run, asdict(p)) for run, p in sorted(self.plans.items())), "{}")
+        migrations = block(((None, asdict(m)) for m in self.migrations), "[]")
+        text = (f'{{"version": {_VERSION},\n "charges": {charges},\n "plans": {plans},\n "migrations": {migrations},\n'
+                f' "cohorts": {cohorts}}}\n')
+        return text.encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> _State:
+        return cls(
+            cohorts={cid: None if c["all_records"] else frozenset(c["records"]) for cid, c in data["cohorts"].items()},
+            sorted_records={cid: sorted(c["records"]) for cid, c in data["cohorts"].items() if not c["all_records"]},
+            charges=[Charge(**c) for c in data["charges"]],
+            plans={run: NoisePlan(**p) for run, p in data["plans"].items()},
+            migrations=[_Migration(**m) for m in data.get("migrations", [])],
+        )
+
+    def histories(self, records: Iterable[str]) -> Counter[frozenset[int]]:
+        """Distinct records grouped by their history (the indexes of the charges that apply): {history: count}.
+
+        Records that share their cohorts share their history, so a dataset of any size has only as
+        many histories as there are distinct patterns of cohort membership.
+        """
+        # Refine one group cohort by cohort: set operations in C, never a Python loop over records.
+        groups: dict[tuple[str, ...], set[str]] = {(): set(records)}
+        for cid, rec in self.cohorts.items():
+            if rec is None:
+                continue
+            refined: dict[tuple[str, ...], set[str]] = {}
+            for pattern, members in groups.items():
+                inside = members.intersection(rec)
+                if inside:
+                    refined[(*pattern, cid)] = inside
+                if len(inside) < len(members):
+                    refined[pattern] = members.difference(inside)
+            groups = refined
+        patterns = Counter({pattern: len(members) for pattern, members in groups.items() if members})
+        by_cohort: dict[str, list[int]] = {}
+        for i, c in enumerate(self.charges):
+            by_cohort.setdefault(c.cohort, []).append(i)
+        always = by_cohort.get(ALL_RECORDS, [])
+        out: Counter[frozenset[int]] = Counter()
+        for pattern, count in patterns.items():
+            out[frozenset(always).union(*(by_cohort.get(cid, ()) for cid in pattern))] += count
+        return out
+
+    @staticmethod
+    def maximal(histories: Iterable[frozenset[int]]) -> list[frozenset[int]]:
+        """The histories that are no subset of another.
+
+        Only these need accounting for a maximum: a record whose charges are a subset of another's
+        has lost at most as much privacy (composition only adds loss), so the other's bound holds
+        for it too. This keeps the work small when runs used different splits of the same rows.
+        """
+        kept: list[frozenset[int]] = []
+        for h in sorted(histories, key=len, reverse=True):
+            if not any(h <= k for k in kept):
+                kept.append(h)
+        return kept
+
+    def segments(self, history: frozenset[int]) -> list[Segment]:
+        return [self.charges[i].segment for i in sorted(history)]
+
+    def epsilon(self, history: frozenset[int], *, delta: float, accountant: str | None, extra: Charge | None = None) -> float:
+        """Epsilon of a history (plus ``extra``): with ``accountant`` None, the smallest of the bounds of
+        the accountants its charges were approved under, each over the whole history (each is a valid
+        upper bound, so the smallest is one too)."""
+        charges = [self.charges[i] for i in sorted(history)] + ([extra] if extra else [])
+        if not charges:
+            return 0.0
+        names = [accountant] if accountant else sorted({c.accountant for c in charges})
+        segments = [c.segment for c in charges]
+        return min(epsilon(segments, delta=delta, accountant=name) for name in names)
+
+
+def _cohort_id(records: frozenset[str]) -> str:
+    digest = hashlib.sha256(b"fedtune.cohort.v1\0")
+    for r in sorted(records):
+        data = r.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()[:32]
+
+
+def _record_set(records: Sequence[str], *, what: str, allow_empty: bool = False) -> frozenset[str]:
+    if isinstance(records, str):  # a lone digest would be read as its characters
+        raise ConfigError(f"`records` of {what} must be a sequence of record digests, got the string {records[:40]!r}.")
+    unique = frozenset(records)
+    if not unique and not allow_empty:
+        raise ConfigError(f"`records` of {what} is empty; pass the digests of the records it uses (common.data.record_digests).")
+    return unique
+
+
+def _check_accountant(accountant: str | None) -> None:
+    if accountant is not None and accountant not in ACCOUNTANTS:
+        raise ConfigError(f"`accountant` must be one of {list(ACCOUNTANTS)} or None, got {accountant!r}.")
+
+
+def _migrate_v1(data: dict[str, Any], raw: bytes, path: Path) -> _State:
+    """Every version-1 charge, whatever fingerprint it was keyed by, applies to every record."""
+    state = _State(v1_bytes=raw)
+    datasets: dict[str, Any] = data.get("datasets", {})
+    old = [c for entry in datasets.values() for c in entry.get("charges", [])]
+    state.charges = sorted((Charge(cohort=ALL_RECORDS, kind="dp-sgd", **c) for c in old), key=lambda c: c.time)
+    if state.charges:
+        state.cohorts[ALL_RECORDS] = None
+    for entry in datasets.values():
+        for run, raw_plan in entry.get("plans", {}).items():
+            plan = NoisePlan(**raw_plan)
+            kept = state.plans.get(run)
+            # Two fingerprints planned the same run: keep the more noise (the plan is only advice;
+            # every charge is still checked against the budget).
+            if kept is None or plan.noise_multiplier > kept.noise_multiplier:
+                state.plans[run] = plan
+    state.migrations.append(_Migration(from_version=1, time=time.time(), backup=V1_BACKUP_FILE,
+                                       datasets=len(datasets), charges=len(state.charges)))
+    logger.info("%s is a version-1 ledger: its %d charges (%d datasets) count for every record; "
+                "it is converted on the next write.", path, len(state.charges), len(datasets))
+    return state
+
+
 class PrivacyLedger:
-    """Reads and appends to ``<state_dir>/privacy-ledger.json``."""
+    """Reads and appends to ``<state_dir>/privacy-ledger.json``; every method takes record digests."""
 
     def __init__(self, state_dir: str | Path) -> None:
         self.path = Path(state_dir) / LEDGER_FILE
 
     # -- reading -------------------------------------------------------------------------------
-    def _read(self) -> dict[str, Any]:
+    def _load(self) -> _State:
         if not self.path.exists():
-            return {"version": _VERSION, "datasets": {}}
+            return _State()
+        raw = self.path.read_bytes()
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            data = json.loads(raw)
+            version = data.get("version") if isinstance(data, dict) else None
+            if version == 1:
+                return _migrate_v1(data, raw, self.path)
+            if version != _VERSION:
+                raise ConfigError(f"privacy ledger {self.path} has version {version!r}, expected 1 or {_VERSION}; "
+                                  "it was written by another fedtune: upgrade this one.")
+            return _State.from_json(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
             # Never silently reset a ledger: that would forget spent privacy.
-            raise ConfigError(f"privacy ledger {self.path} is unreadable ({err}); restore it from a backup.") from None
-        if data.get("version") != _VERSION:
-            raise ConfigError(f"privacy ledger {self.path} has version {data.get('version')!r}, expected {_VERSION}.")
-        return data
+            raise ConfigError(f"privacy ledger {self.path} is unreadable ({type(err).__name__}: {err}); "
+                              "restore it from a backup.") from None
 
-    def charges(self, dataset: str) -> list[Charge]:
-        entry = self._read()["datasets"].get(dataset, {})
-        return [Charge(**c) for c in entry.get("charges", [])]
+    def charges(self, records: Sequence[str] | None = None) -> list[Charge]:
+        """The charges that touch any of ``records`` (None: all charges), oldest first."""
+        state = self._load()
+        if records is None:
+            return list(state.charges)
+        wanted = _record_set(records, what="charges", allow_empty=True)
+        touched = {cid for cid, rec in state.cohorts.items() if wanted and (rec is None or not rec.isdisjoint(wanted))}
+        return [c for c in state.charges if c.cohort in touched]
 
-    def spent_epsilon(self, dataset: str, *, delta: float, accountant: str = "rdp") -> float:
-        return epsilon([c.segment for c in self.charges(dataset)], delta=delta, accountant=accountant)
+    def spent_epsilon(self, records: Sequence[str], *, delta: float, accountant: str | None = None) -> float:
+        """The largest epsilon (at ``delta``) any of ``records`` has spent; 0.0 for none.
 
-    def plan(self, dataset: str, run: str) -> NoisePlan | None:
-        raw = self._read()["datasets"].get(dataset, {}).get("plans", {}).get(run)
-        return NoisePlan(**raw) if raw else None
+        With ``accountant`` None each history is accounted with the accountants its charges were
+        approved under (the smallest of their bounds, each over all its charges); PRV-approved
+        charges are thus reported with PRV, not re-computed with the looser RDP.
+        """
+        _check_accountant(accountant)
+        unique = _record_set(records, what="spent_epsilon", allow_empty=True)
+        state = self._load()
+        histories = state.maximal(state.histories(unique))
+        return max((state.epsilon(h, delta=delta, accountant=accountant) for h in histories), default=0.0)
 
-    def summary(self) -> dict[str, Any]:
-        """Every dataset's charges and plans, as stored."""
-        return self._read()["datasets"]
+    def plan(self, run: str) -> NoisePlan | None:
+        return self._load().plans.get(run)
+
+    def summary(self, records: Sequence[str] | None = None, *, delta: float, accountant: str | None = None) -> LedgerSummary:
+        """The spend of ``records`` (None: every record any charge named) and the charges touching them.
+
+        Records at the max are those whose history is a maximal one (see `_State.maximal`) with the
+        largest bound; a record whose charges are a strict subset of another's has spent less.
+        """
+        _check_accountant(accountant)
+        state = self._load()
+        if records is None:
+            wanted = frozenset().union(*(rec for rec in state.cohorts.values() if rec is not None))
+        else:
+            wanted = _record_set(records, what="summary", allow_empty=True)
+        groups = state.histories(wanted)
+        spends = {h: state.epsilon(h, delta=delta, accountant=accountant) for h in state.maximal(groups)}
+        top = max(spends.values(), default=0.0)
+        if records is None:  # also any record the ledger never saw: the all-records charges apply to it
+            unseen = frozenset(i for i, c in enumerate(state.charges) if c.cohort == ALL_RECORDS)
+            top = max(top, state.epsilon(unseen, delta=delta, accountant=accountant))
+        rows = []
+        for c in state.charges:
+            rec = state.cohorts[c.cohort]
+            touched = None if rec is None else len(rec & wanted)
+            if touched is None or touched > 0:
+                rows.append(ChargeRow(charge=c, records=touched))
+        return LedgerSummary(
+            path=self.path,
+            delta=delta,
+            records=len(wanted),
+            max_epsilon=top,
+            at_max=sum(groups[h] for h, eps in spends.items() if math.isclose(eps, top, rel_tol=1e-9, abs_tol=1e-12)),
+            never_spent=sum(n for h, n in groups.items() if not h),
+            charges=tuple(rows),
+            other_charges=len(state.charges) - len(rows),
+        )
 
     # -- writing -------------------------------------------------------------------------------
     @contextmanager
-    def _locked(self) -> Iterator[dict[str, Any]]:
-        """Hold an exclusive lock while reading, changing and atomically rewriting the ledger."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _locked(self) -> Iterator[_State]:
+        """Hold an exclusive lock while reading, changing and atomically rewriting the ledger.
+
+        An exception inside the block leaves the file as it was.
+        """
+        make_dirs(self.path.parent)
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            data = self._read()
-            yield data
-            atomic_write_json(self.path, data)
+            state = self._load()
+            yield state
+            if state.v1_bytes is not None:
+                backup = self._keep_v1(state.v1_bytes)
+                state.migrations[-1] = replace(state.migrations[-1], backup=backup.name)
+                logger.warning("Migrated privacy ledger %s from version 1: its %d charges now count for every "
+                               "record (conservative); the version-1 file is kept as %s.",
+                               self.path, state.migrations[-1].charges, backup)
+            atomic_write_bytes(self.path, state.to_bytes())
+
+    def _keep_v1(self, raw: bytes) -> Path:
+        backup = self.path.with_name(V1_BACKUP_FILE)
+        if backup.exists() and backup.read_bytes() != raw:  # never overwrite an older backup
+            backup = self.path.with_name(f"privacy-ledger.v1-backup-{time.time_ns()}.json")
+        if not backup.exists():
+            atomic_write_bytes(backup, raw)
+        return backup
 
     def plan_noise(
         self,
-        dataset: str,
+        records: Sequence[str],
         *,
         run: str,
         sample_rate: float,
@@ -124,56 +422,59 @@ class PrivacyLedger:
         delta: float,
         accountant: str = "rdp",
     ) -> NoisePlan:
-        """Calibrate z once per run so that epsilon reaches min(target, budget) after the planned rounds.
+        """Calibrate z once per run so that the worst of ``records`` reaches min(target, budget) after the planned rounds.
 
-        Already-spent privacy of this dataset (earlier runs) is part of the composition, so the
-        site's lifetime epsilon lands on the target, never above it. Returns the stored plan on
-        later rounds of the same run.
+        What each record has already spent (earlier runs, a record's rounds before an edit of other
+        rows) is part of its composition, and z is the largest that any distinct history among
+        ``records`` needs, so every record lands on the goal or below it, never above. Returns the
+        stored plan on later calls for the same run (later rounds, restarts).
 
         Raises:
-            PrivacyBudgetError: the dataset has already spent its budget (or the run's target).
+            PrivacyBudgetError: a record has already spent the goal; no privacy is left for the run.
         """
-        existing = self.plan(dataset, run)
+        existing = self.plan(run)
         if existing is not None:
             return existing
+        unique = _record_set(records, what=f"the noise plan of run {run}")
         goal = min(target_epsilon, budget_epsilon)
-        spent = [c.segment for c in self.charges(dataset)]
-        spent_eps = epsilon(spent, delta=delta, accountant=accountant)
-        if spent_eps >= goal:
+        state = self._load()
+        histories = state.maximal(state.histories(unique))
+        spent = {h: state.epsilon(h, delta=delta, accountant=accountant) for h in histories}
+        worst = max(spent.values())
+        if worst >= goal:
             raise PrivacyBudgetError(
-                f"dataset {dataset[:12]} has spent epsilon {spent_eps:.3f} of its budget {budget_epsilon:g} "
-                f"(run target {target_epsilon:g}); no privacy is left for run {run}.",
-                budget=budget_epsilon,
-                spent=spent_eps,
-                requested=goal - spent_eps,
+                f"{sum(1 for h in histories if spent[h] >= goal)} record histories have spent epsilon up to {worst:.3f} "
+                f"of this site's budget {budget_epsilon:g} (run target {target_epsilon:g}); no privacy is left for run {run}.",
+                budget=budget_epsilon, spent=worst, requested=goal - worst,
             )
-        z = calibrate_noise_multiplier(
-            target_epsilon=goal,
-            delta=delta,
-            sample_rate=sample_rate,
-            steps=steps_per_round * rounds,
-            spent=spent,
-            accountant=accountant,
-        )
-        plan = NoisePlan(
-            run=run,
-            noise_multiplier=z,
-            sample_rate=sample_rate,
-            steps_per_round=steps_per_round,
-            rounds=rounds,
-            target_epsilon=goal,
-            delta=delta,
-            accountant=accountant,
-        )
-        with self._locked() as data:
-            entry = data["datasets"].setdefault(dataset, {"charges": [], "plans": {}})
-            entry.setdefault("plans", {})[run] = asdict(plan)
-        logger.info("calibrated z=%.4f for %d rounds x %d steps at q=%.4f to reach epsilon %.3f", z, rounds, steps_per_round, sample_rate, goal)
+
+        steps = steps_per_round * rounds
+
+        def calibrate(h: frozenset[int]) -> float:
+            return calibrate_noise_multiplier(target_epsilon=goal, delta=delta, sample_rate=sample_rate, steps=steps,
+                                              spent=state.segments(h), accountant=accountant)
+
+        # Calibrate for the history that has spent most, then check the other maximal ones at that z:
+        # with different q and z in their pasts, another may need more noise. Epsilon falls as z
+        # grows, so raising z for one never breaks those already checked.
+        by_spend = sorted(histories, key=lambda h: spent[h], reverse=True)
+        z = calibrate(by_spend[0])
+        for h in by_spend[1:]:
+            planned = Segment(sample_rate=sample_rate, noise_multiplier=z, steps=steps)
+            if epsilon([*state.segments(h), planned], delta=delta, accountant=accountant) > goal:
+                z = max(z, calibrate(h))
+        plan = NoisePlan(run=run, noise_multiplier=z, sample_rate=sample_rate, steps_per_round=steps_per_round,
+                         rounds=rounds, target_epsilon=goal, delta=delta, accountant=accountant)
+        with self._locked() as locked:
+            plan = locked.plans.setdefault(run, plan)  # a concurrent planner of the same run won: use its plan
+        logger.info("run %s: calibrated z=%.4f for %d rounds x %d steps at q=%.4f so the worst of %d records "
+                    "(%d histories) reaches epsilon %.3f", run, plan.noise_multiplier, rounds, steps_per_round,
+                    sample_rate, len(unique), len(histories), goal)
         return plan
 
     def charge(
         self,
-        dataset: str,
+        records: Sequence[str],
         *,
         run: str,
         round: int,
@@ -182,36 +483,37 @@ class PrivacyLedger:
         delta: float,
         budget_epsilon: float,
         accountant: str = "rdp",
+        kind: str = "dp-sgd",
     ) -> float:
-        """Record a round's steps before training; returns the dataset's epsilon including them.
+        """Record a charge to ``records`` before training; returns the largest epsilon among them after it.
+
+        Under the file lock: the spend of every distinct history among ``records`` is composed with
+        ``segment``; if any would pass ``budget_epsilon`` nothing is written. Each history is
+        accounted as in `spent_epsilon` with ``accountant`` None, this charge's accountant included.
 
         Raises:
-            PrivacyBudgetError: if the round would take epsilon past ``budget_epsilon``; nothing is
-                written and no training may happen.
+            PrivacyBudgetError: a record would pass ``budget_epsilon``; nothing is written and no
+                training may happen.
         """
-        with self._locked() as data:
-            entry = data["datasets"].setdefault(dataset, {"charges": [], "plans": {}})
-            before = [Charge(**c).segment for c in entry["charges"]]
-            spent = epsilon(before, delta=delta, accountant=accountant)
-            after = epsilon([*before, segment], delta=delta, accountant=accountant)
+        unique = _record_set(records, what=f"round {round} of run {run}")
+        if not (budget_epsilon > 0 and math.isfinite(budget_epsilon)):
+            raise ConfigError(f"`budget_epsilon` must be a finite number > 0, got {budget_epsilon!r}.")
+        cohort = _cohort_id(unique)
+        new = Charge(cohort=cohort, run=run, round=round, kind=kind, sample_rate=segment.sample_rate,
+                     noise_multiplier=segment.noise_multiplier, steps=segment.steps, clip_norm=clip_norm,
+                     delta=delta, accountant=accountant, time=time.time())
+        with self._locked() as state:
+            before, after = 0.0, 0.0
+            for h in state.maximal(state.histories(unique)):
+                h_after = state.epsilon(h, delta=delta, accountant=None, extra=new)
+                if h_after >= after:
+                    before, after = state.epsilon(h, delta=delta, accountant=None), h_after
             if after > budget_epsilon + _EPS_SLACK:
                 raise PrivacyBudgetError(
-                    f"round {round} of run {run} would raise epsilon from {spent:.3f} to {after:.3f}, "
-                    f"past this site's budget {budget_epsilon:g} (delta={delta:g}); refused before training.",
-                    budget=budget_epsilon,
-                    spent=spent,
-                    requested=after - spent,
+                    f"{kind} round {round} of run {run} would raise the worst record's epsilon from {before:.3f} to "
+                    f"{after:.3f}, past this site's budget {budget_epsilon:g} (delta={delta:g}); refused before training.",
+                    budget=budget_epsilon, spent=before, requested=max(0.0, after - before),
                 )
-            charge = Charge(
-                run=run,
-                round=round,
-                sample_rate=segment.sample_rate,
-                noise_multiplier=segment.noise_multiplier,
-                steps=segment.steps,
-                clip_norm=clip_norm,
-                delta=delta,
-                accountant=accountant,
-                time=time.time(),
-            )
-            entry["charges"].append(asdict(charge))
+            state.add_cohort(cohort, unique)
+            state.charges.append(new)
         return after

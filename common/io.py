@@ -1,4 +1,10 @@
-"""Atomic file writes: a crash or restart never leaves a half-written checkpoint or ledger."""
+"""Atomic, durable file writes: a crash or power loss never leaves a half-written checkpoint or ledger.
+
+Durability takes two fsyncs: the file's (its bytes are on disk) and, after ``os.replace`` or a new
+link, its folder's (the name now points at them). Without the second, a power loss after the
+replace can bring back the *old* file, e.g. a privacy ledger without the charge of a round that
+then trained (ext4 and XFS make no promise about a rename's durability without it).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,36 @@ from typing import Any
 from .errors import ConfigError
 
 
+def fsync_dir(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename, link or new file in it) to disk."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    fd = os.open(folder, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(folder: Path) -> None:
+    """``mkdir -p`` whose new folders survive a power loss (each new one's parent is fsynced)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        fsync_dir(new.parent)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    The file is fsynced before the replace and its folder after it, so once this returns the new
+    content survives a power loss, and at any moment before, the old content (never a mix) does.
+    """
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -25,6 +58,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def read_bytes(path: Path) -> bytes:
@@ -63,11 +97,14 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def append_jsonl(path: Path, obj: Any) -> None:
     """Append one JSON line and flush it to disk (a line is either whole or absent)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
+    created = not path.exists()
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(obj, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    if created:  # the new file's name must reach the disk too
+        fsync_dir(path.parent)
 
 
 def write_file_exclusive(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
@@ -97,3 +134,4 @@ def write_file_exclusive(path: Path, data: bytes, *, mode: int, overwrite: bool)
                 raise ConfigError(f"{path} already exists; pass overwrite=True (`--overwrite`) to replace it.") from None
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
