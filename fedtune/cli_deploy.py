@@ -159,22 +159,31 @@ def site_worker(config_path: Path) -> None:
 @site.command("ledger")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The site's site.toml.")
 def site_ledger(config_path: Path) -> None:
-    """Print this site's privacy ledger: every round charged, per dataset."""
+    """Print what the records of this site's data file have spent, and every charge that touched them."""
     from fedtune.client.daemon import load_site_config
     from fedtune.client.ledger import PrivacyLedger
-    from fedtune.common.accounting import epsilon
+    from fedtune.common.data import load_table, record_digests
+    from fedtune.common.errors import DataError
 
     config = load_site_config(config_path)
     ledger = PrivacyLedger(config.state_dir)
-    datasets = ledger.summary()
-    if not datasets:
-        click.echo(f"{ledger.path}: nothing spent yet (budget {config.budget_epsilon:g} per dataset).")
-    for dataset in datasets:
-        charges = ledger.charges(dataset)
-        spent = epsilon([c.segment for c in charges], delta=config.delta)
-        click.echo(f"dataset {dataset[:12]}: epsilon {spent:.3f} of {config.budget_epsilon:g} (delta {config.delta:g}), {len(charges)} rounds")
-        for c in charges:
-            click.echo(f"  run {c.run} round {c.round}: q={c.sample_rate:.4f} z={c.noise_multiplier:.4f} steps={c.steps} C={c.clip_norm:g}")
+    try:
+        table = load_table(config.data_path, text_column=config.text_column, label_column=config.label_column)
+        records: list[str] | None = record_digests(table.texts, table.labels)
+        scope = f"the {len(table)} rows of {config.data_path}"
+    except DataError as err:
+        # The ledger must stay readable when the data is not: fall back to every record it knows.
+        click.echo(f"cannot read the data file ({err}); showing every record the ledger has charged.", err=True)
+        records, scope = None, "every record the ledger has charged"
+    summary = ledger.summary(records, delta=config.delta)
+    budget = config.budget_epsilon
+    click.echo(f"{ledger.path}, for {scope} ({summary.records} distinct records), delta {config.delta:g}:")
+    click.echo(f"  max epsilon {summary.max_epsilon:.3f} of budget {budget:g}, left {summary.left(budget):.3f}; "
+               f"{summary.at_max} records at the max, {summary.never_spent} never spent")
+    for line in summary.table() if summary.charges else ["no charges touch these records."]:
+        click.echo("  " + line)
+    if summary.other_charges:
+        click.echo(f"  {summary.other_charges} other charges touch only records no longer in this file.")
 
 
 # --------------------------------------------------------------------------------- coordinator
