@@ -197,6 +197,14 @@ def bundle_digest(content: bytes) -> str:
     return app_digest(_bundle_files(content))
 
 
+def _table(doc: Mapping[str, Any], *keys: str) -> Mapping[str, Any]:
+    """``doc[k1][k2]...``, or an empty table where a key is missing or not a table (a crafted config must not crash the check)."""
+    for key in keys:
+        value = doc.get(key, {})
+        doc = value if isinstance(value, dict) else {}
+    return doc
+
+
 def _check_config(raw: bytes) -> None:
     import tomllib
 
@@ -204,13 +212,10 @@ def _check_config(raw: bytes) -> None:
         config = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise UntrustedApp(f"{CONFIG_FILE} cannot be parsed ({err}).") from None
-    app = config.get("tool", {}).get("flwr", {}).get("app", {})
-    components = app.get("components", {}) if isinstance(app, dict) else {}
-    clientapp = components.get("clientapp") if isinstance(components, dict) else None
+    clientapp = _table(config, "tool", "flwr", "app", "components").get("clientapp")
     if clientapp != CLIENTAPP:
         raise UntrustedApp(f"its ClientApp is {clientapp!r}; this site runs only {CLIENTAPP!r} as installed here.")
-    project = config.get("project", {})
-    dependencies = project.get("dependencies", []) if isinstance(project, dict) else []
+    dependencies = _table(config, "project").get("dependencies", [])
     if dependencies:
         raise UntrustedApp(f"it asks to install dependencies {dependencies!r}; this site installs nothing a run names.")
 

@@ -111,7 +111,12 @@ def install_app_gate(guard: AppGuard) -> None:
 
         def checked_get_fab(fab_hash: str, run_id: int) -> Any:
             fab = get_fab(fab_hash, run_id)
-            accepted = guard.check(fab.content)
+            try:
+                accepted = guard.check(fab.content)
+            except UntrustedApp:
+                raise
+            except Exception as err:  # noqa: BLE001 - fail closed: a bundle the check cannot judge is refused
+                raise UntrustedApp(f"the bundle could not be checked ({type(err).__name__}: {err}).") from err
             logger.info("run %d: app bundle %s accepted (app digest %s%s)", run_id, fab_hash[:12], accepted.digest,
                         f", trusted by {accepted.trusted_by}" if accepted.trusted_by else "")
             return fab

@@ -381,3 +381,10 @@ def test_a_bundle_signed_with_fedtune_app_sign_is_shipped_by_app_dir_and_accepte
     other = Ed25519PrivateKey.generate()
     with pytest.raises(UntrustedApp, match="none valid"):
         AppGuard(AppPolicy(trusted_signers=(public_key_file(tmp_path, other),))).check(fab)
+
+
+@pytest.mark.parametrize("config", [b"tool = 1\n", b"[tool]\nflwr = [1, 2]\n", b"project = 'x'\n[tool.flwr.app.components]\nclientapp = 3\n",
+                                    b"\xff\xfe not toml"])
+def test_a_crafted_config_is_refused_not_a_crash(config: bytes) -> None:
+    with pytest.raises(UntrustedApp):
+        AppGuard().check(crafted_fab({"pyproject.toml": config}))
