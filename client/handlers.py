@@ -96,7 +96,7 @@ def _validation(bundle: ModelBundle, tokenizer: Any, site: PreparedSite, labels:
     ex = site.examples
     dataset = encode(tokenizer, ex.val_texts, ex.val_labels, labels, max_length=run.model.max_length)
     charge = ReleaseContext(
-        ledger=PrivacyLedger(site.settings.state_dir), records=site.val_records, run=run_id, round=server_round,
+        ledger=PrivacyLedger(site.settings.state_dir), records=site.val_records, all_records=site.all_records, run=run_id, round=server_round,
         delta=site.settings.delta, budget_epsilon=site.settings.budget_epsilon, accountant=run.privacy.accountant,
     )
     return release_validation(bundle.model, dataset, len(labels), policy=site.settings.policy, charge=charge,

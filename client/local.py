@@ -39,6 +39,10 @@ class PreparedSite:
     train_records: list[str]
     val_records: list[str]
 
+    @property
+    def all_records(self) -> list[str]:
+        return [*self.train_records, *self.val_records]
+
 
 def validation_seed(state_dir: Path) -> int:
     """The site's own secret seed for its validation split, drawn once and kept in its state folder.
@@ -148,6 +152,9 @@ def train_round(
             accountant=privacy.accountant,
         )
         dp = DPSettings(noise_multiplier=z, clip_norm=privacy.clip_norm)
+        # The site's guarantee is the max over all its records: a row that is both in the training
+        # and the validation split (a duplicate) carries both kinds of charge.
+        epsilon_spent = max(epsilon_spent, ledger.spent_epsilon(site.all_records, delta=settings.delta))
     result = train_local(
         model, dataset, train=run.train, plan=plan, dp=dp, seed=seed if settings.simulated else None, learning_rate=run.learning_rate
     )

@@ -40,7 +40,8 @@ class ReleaseContext:
     """Where a statistics release is charged: the site's ledger, its validation records, its guarantee."""
 
     ledger: PrivacyLedger
-    records: list[str]
+    records: list[str]  # the validation records this release is computed on
+    all_records: list[str]  # every record of the site: the epsilon reported is the max over them
     run: str
     round: int
     delta: float
@@ -121,6 +122,7 @@ def release_validation(
         if required:
             raise
         return None
+    epsilon = max(epsilon, charge.ledger.spent_epsilon(charge.all_records, delta=charge.delta))
     correct, count, loss_sum = validation_sums(model, dataset, loss_bound=policy.statistics_loss_bound)
     stats, _ = noisy_validation(correct, count, loss_sum, noise_multiplier=z, loss_bound=policy.statistics_loss_bound, rng=rng)
     return ValidationStats(mode="dp", examples=stats.examples, loss=stats.loss, accuracy=stats.accuracy,

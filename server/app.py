@@ -37,7 +37,8 @@ def make_strategy(run: RunConfig, client_plan: ClientLevelPlan | None = None) ->
     )
     if client_plan is not None:
         # FedAvg stays for evaluation only: ClientLevelDP samples and aggregates the training rounds.
-        strategy = ClientLevelDP.from_plan(strategy, client_plan)
+        # Simulations are reproducible (seeded sampling); deployed runs sample from the OS's CSPRNG.
+        strategy = ClientLevelDP.from_plan(strategy, client_plan, seed=run.seed if run.simulation else None)
     return strategy
 
 
