@@ -130,7 +130,10 @@ def install_app_gate(guard: AppGuard) -> None:
                          _fab_hash(kwargs, message), message.metadata.message_type, err)
             reason = Refusal(site=site, code=RefusalCode.UNTRUSTED_APP).reason()
             state = kwargs["state"]
-            # Flower reports each reply's processing time; without a record it logs a spurious ERROR.
+            # Flower reports each reply's processing time, and logs an ERROR when the message it
+            # replies to has no record. Stored without content and with no task, the message is
+            # out of every ClientApp's reach; Flower deletes it once the reply is sent.
+            state.store_message(message)
             state.record_message_processing_start(message.metadata.message_id)
             state.record_message_processing_end(message.metadata.message_id)
             module._insert_message(Message(Error(code=REFUSAL_ERROR_CODE, reason=reason), reply_to=message),
