@@ -28,6 +28,10 @@ def _check_data(site: SiteConfig) -> str:
     counts = {lab: table.labels.count(lab) for lab in labels}
     if len(labels) < 2:
         raise FedtuneError(f"{site.data_path}: only the label(s) {labels}; training needs at least 2.")
+    if site.labels:
+        from fedtune.common.data import check_labels
+
+        check_labels(table, list(site.labels))  # names the first row outside the published set
     return f"{len(table.labels)} rows, {len(labels)} labels {counts}, dataset {fingerprint(table)[:12]}"
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 from fedtune.common.accounting import Segment
 from fedtune.common.config import RunConfig
 from fedtune.common.data import check_labels, record_digests
-from fedtune.common.errors import ConfigError, PolicyRefusal
+from fedtune.common.errors import ConfigError, DataError, LabelsMismatchError, PolicyRefusal
 from fedtune.common.messages import PrivacyParams, RefusalCode, round_significant
 from fedtune.common.sitedata import SiteExamples, load_config_table, simulated_split, site_examples
 
@@ -87,7 +87,17 @@ def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str
             # A tiny validation split turns each evaluation into a query on a few records.
             raise PolicyRefusal(RefusalCode.VAL_FRACTION, f"data.val_fraction is {run.data.val_fraction:g}; this site validates "
                                 f"on its own split of {settings.val_fraction:g} ([data] val_fraction) and refuses smaller ones.")
-        check_labels(table, labels)
+        if settings.labels:
+            # Compared with the site's published set: the answer carries nothing of its data.
+            missing = sorted(set(settings.labels) - set(labels))
+            if missing:
+                raise LabelsMismatchError(f"the run's labels {labels} lack this site's published labels {missing}.")
+            try:
+                check_labels(table, list(settings.labels))
+            except LabelsMismatchError as err:  # the site's own inconsistency (`site check` reports it), not the run's
+                raise DataError(f"this site's data does not match its published labels ([data] labels): {err}") from None
+        else:
+            check_labels(table, labels)
         indices = list(range(len(table.labels)))
         seed = validation_seed(settings.state_dir)
         check_delta(settings.delta, len(indices), site=settings.name)

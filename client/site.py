@@ -39,6 +39,10 @@ class SiteSettings:
         base_model: A deployed site's own base model folder ("": the packaged default); None in
             simulation, where the run's model is used. The coordinator never picks a site's files.
         policy: What the site accepts from a run (``[policy]`` in site.toml; see ``policy.py``).
+        labels: The label set a deployed site publishes (``[data] labels``); a run is checked
+            against it, so the answer depends on the site's config, never on its data. Empty:
+            the run's labels are checked against the data (which tells the coordinator whether
+            the site's labels lie inside the run's set).
         val_fraction: The site's own validation fraction (deployed: ``[data] val_fraction``;
             simulated: the run's). A run never picks a deployed site's validation rows.
     """
@@ -54,6 +58,7 @@ class SiteSettings:
     base_model: str | None = None
     policy: SitePolicy = dataclasses.field(default_factory=SitePolicy)
     val_fraction: float = 0.1
+    labels: tuple[str, ...] = ()
 
     @property
     def simulated(self) -> bool:
@@ -108,4 +113,20 @@ def resolve_site(node_config: Mapping[str, Any], run: RunConfig, *, run_dir: str
         base_model=str(node_config.get("base-model", "")),
         policy=policy,
         val_fraction=val_fraction,
+        labels=_published_labels(node_config),
     )
+
+
+def _published_labels(node_config: Mapping[str, Any]) -> tuple[str, ...]:
+    import json
+
+    raw = node_config.get("labels")
+    if raw is None:
+        return ()
+    try:
+        labels = json.loads(str(raw))
+    except json.JSONDecodeError:
+        labels = None
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise ConfigError(f"node-config labels must be a JSON list of strings, got {raw!r}.")
+    return tuple(labels)

@@ -257,3 +257,20 @@ def test_deployed_site_loads_its_own_base_model_and_refuses_a_different_one(tiny
     refused = _send(build_client_app(), MessageType.TRAIN, initial, config, context)
     assert refused.has_error()
     assert refused.error.reason == f"model-mismatch site={SITE}"
+
+
+def test_with_published_labels_the_answer_depends_on_the_site_config_not_its_data(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The run's labels fit this site's data, but not the label set it published: refused all the same."""
+    import json
+
+    run, labels, initial, config, _ = _setup(tiny_model_dir, tmp_path)
+    context = _deployed(tiny_model_dir, tmp_path, run.to_flat())
+    context.node_config["labels"] = json.dumps([*labels, "dermatology"])  # published; no row has it
+
+    refused = _send(build_client_app(), MessageType.TRAIN, initial, config, context)
+    config["labels"] = [*labels, "dermatology"]
+    six_labels = ArrayRecord(adapter_state(build_model(run.model, run.lora, len(labels) + 1, seed=run.seed).model))
+    accepted = _send(build_client_app(), MessageType.TRAIN, six_labels, config, context)
+
+    assert refused.has_error() and refused.error.reason == f"labels-mismatch site={SITE}"
+    assert not accepted.has_error(), accepted.error
