@@ -15,6 +15,7 @@ state_dir = "state"           # the privacy ledger; keep it
 path = "/data/notes.csv"
 text_column = "text"
 label_column = "label"
+labels = ["cardiology", "neurology"]  # optional: the label set this site publishes; runs are checked against it, not the data
 val_fraction = 0.1            # this site's own validation split (a run cannot shrink it)
 [privacy]
 budget_epsilon = 8.0          # lifetime epsilon per dataset
@@ -28,6 +29,8 @@ Relative paths are relative to the folder holding ``site.toml``.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +58,7 @@ class SiteConfig:
     data_path: Path
     text_column: str = "text"
     label_column: str = "label"
+    labels: tuple[str, ...] = ()  # the site's published label set (empty: checked against the data)
     budget_epsilon: float = 8.0
     delta: float = 1e-5
     allow_no_dp: bool = False
@@ -74,6 +78,7 @@ class SiteConfig:
             "delta": float(self.delta),
             "text-column": self.text_column,
             "label-column": self.label_column,
+            **({"labels": json.dumps(list(self.labels))} if self.labels else {}),
             "base-model": str(self.base_model) if self.base_model else "",
             "val-fraction": float(self.val_fraction),
             **self.policy.to_node_config(),
@@ -90,7 +95,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     data: dict[str, Any] = raw.get("data", {})
     privacy: dict[str, Any] = raw.get("privacy", {})
     allowed = {"site": {"name", "coordinator", "ca", "node_key", "state_dir", "insecure"},
-               "data": {"path", "text_column", "label_column", "val_fraction"}, "privacy": {"budget_epsilon", "delta", "allow_no_dp"},
+               "data": {"path", "text_column", "label_column", "val_fraction", "labels"}, "privacy": {"budget_epsilon", "delta", "allow_no_dp"},
                "policy": set(SitePolicy.__dataclass_fields__),
                "model": {"base_model"}, "apps": {"trusted_hashes", "trusted_signers"}}
     for section, keys in allowed.items():
@@ -131,6 +136,10 @@ def load_site_config(path: str | Path) -> SiteConfig:
     problems += [p for p in policy_problems if not p.startswith("unknown key")]  # unknown keys are reported above
     apps, app_problems = app_policy_from_mapping(raw.get("apps", {}), base=base)
     problems += [p for p in app_problems if not p.startswith("unknown key")]
+    labels = data.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
+        problems.append(f"data.labels must be a list of distinct, non-empty strings, got {labels!r}.")
+        labels = []
     val_fraction = data.get("val_fraction", 0.1)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         problems.append(f"data.val_fraction must be a number in [0, 1), got {val_fraction!r}.")
@@ -151,6 +160,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         data_path=resolve(data["path"]),
         text_column=str(data.get("text_column", "text")),
         label_column=str(data.get("label_column", "label")),
+        labels=tuple(labels),
         budget_epsilon=budget,
         delta=delta,
         allow_no_dp=not policy.require_dp,
@@ -174,6 +184,8 @@ def write_site_config(out_dir: Path, *, name: str, coordinator: str, ca: Path, d
         "site": {"name": name, "coordinator": coordinator, "ca": str(ca.resolve()), "node_key": "node-key", "state_dir": "state"},
         "data": {"path": str(data.resolve()), "text_column": text_column, "label_column": label_column},
         "privacy": {"budget_epsilon": float(budget_epsilon), "delta": float(delta)},
+        # Written out whole so the operator sees every limit a run must respect (client/policy.py).
+        "policy": dataclasses.asdict(SitePolicy()),
     }
     if base_model is not None:
         doc["model"] = {"base_model": str(base_model.resolve())}
