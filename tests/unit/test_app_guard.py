@@ -388,3 +388,21 @@ def test_a_bundle_signed_with_fedtune_app_sign_is_shipped_by_app_dir_and_accepte
 def test_a_crafted_config_is_refused_not_a_crash(config: bytes) -> None:
     with pytest.raises(UntrustedApp):
         AppGuard().check(crafted_fab({"pyproject.toml": config}))
+
+
+def test_the_daemon_hands_the_supernode_its_site_config_and_writable_folder_and_flower_the_rest(tmp_path: Path) -> None:
+    import sys
+
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    from fedtune.client.daemon import load_site_config, supernode_command
+    from fedtune.client.supernode import split_args
+
+    (tmp_path / "site.toml").write_text('[site]\nname = "a"\ncoordinator = "127.0.0.1:9093"\ninsecure = true\n[data]\npath = "d.csv"\n')
+    cmd = supernode_command(load_site_config(tmp_path / "site.toml"), site_config=tmp_path / "site.toml",
+                            writable=[tmp_path / "state" / "flower"])
+    assert cmd[:3] == [sys.executable, "-m", "fedtune.client.supernode"]
+    site_config, writable, rest = split_args(cmd[3:])
+    assert site_config == tmp_path / "site.toml" and writable == [tmp_path / "state" / "flower"]
+    args = _parse_args_run_supernode().parse_args(rest)  # what flower-supernode itself accepts
+    assert args.superlink == "127.0.0.1:9093" and args.insecure
