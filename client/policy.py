@@ -16,7 +16,7 @@ min_secure_agg_threshold = 2      # SecAgg+: the fewest sites needed to unmask
 min_secure_agg_participants = 2   # SecAgg+: the fewest sites sharing a round
 min_steps_per_round = 1           # DP-SGD logical steps one round may take
 max_steps_per_round = 10000
-max_sample_rate = 0.9             # q = batch / n; q near 1 makes a round an aggregate of the whole split
+max_sample_rate = 1.0             # q = batch / n; lower it to insist on sampling amplification
 statistics = "none"               # what else may leave: none | dp | clear
 statistics_noise_multiplier = 2.0 # z of the Gaussian mechanism on released statistics (statistics = "dp")
 statistics_loss_bound = 5.0       # per-example loss clipped to [0, L] before it is summed
@@ -52,8 +52,10 @@ class SitePolicy:
         min_secure_agg_threshold: SecAgg+: refuse a round whose reconstruction threshold is lower.
         min_secure_agg_participants: SecAgg+: refuse a round shared by fewer sites.
         min_steps_per_round / max_steps_per_round: Bounds on DP-SGD logical steps per round.
-        max_sample_rate: Largest Poisson rate q = batch_size / n; a batch covering (nearly) the
-            whole split gives up privacy amplification and makes every round a full-data aggregate.
+        max_sample_rate: Largest Poisson rate q = batch_size / n. q = 1 (a batch covering the whole
+            split) is still DP-SGD, calibrated without amplification by sampling, so the default
+            allows it (small sites with the default batch get q = 1); a site that wants every step
+            to touch only a sample of its records lowers it.
         statistics: What may leave besides the adapter and the privacy parameters: 'none',
             'dp' (validation statistics under the Gaussian mechanism, charged to the ledger), or
             'clear' (exact validation and training statistics; the report and model card say so).
@@ -70,7 +72,7 @@ class SitePolicy:
     min_secure_agg_participants: int = 2
     min_steps_per_round: int = 1
     max_steps_per_round: int = 10_000
-    max_sample_rate: float = 0.9
+    max_sample_rate: float = 1.0
     statistics: str = "none"
     statistics_noise_multiplier: float = 2.0
     statistics_loss_bound: float = 5.0

@@ -22,7 +22,7 @@ def test_a_run_within_the_policy_passes() -> None:
     [
         (SitePolicy(max_epsilon_per_run=2.0), {"target_epsilon": 4.0}, "policy:max-epsilon", ["privacy.target_epsilon is 4", "at most 2"]),
         (SitePolicy(max_clip_norm=0.5), {"clip_norm": 1.0}, "policy:max-clip-norm", ["privacy.clip_norm is 1", "at most 0.5"]),
-        (SitePolicy(), {"sample_rate": 1.0}, "policy:max-sample-rate", ["is 1", "at most 0.9"]),
+        (SitePolicy(max_sample_rate=0.9), {"sample_rate": 1.0}, "policy:max-sample-rate", ["is 1", "at most 0.9"]),
         (SitePolicy(max_steps_per_round=5), {"steps": 10}, "policy:max-steps", ["is 10", "at most 5"]),
         (SitePolicy(min_steps_per_round=20), {"steps": 10}, "policy:min-steps", ["is 10", ">= 20"]),
         (SitePolicy(), {"dp": False}, "policy:require-dp", ["privacy.enabled is false"]),
