@@ -5,14 +5,17 @@ Accounting is per record, never per file snapshot. A record is one (text, label)
 release of statistics) used; a record's spend is the composition of every charge whose cohort
 contains it, and what a run may still spend is decided by its worst record. Editing a row makes a
 new record that starts at zero while the other rows keep their history; adding rows gives only the
-new rows a fresh start; re-saving, reordering or moving the file changes nothing. This is individual
-privacy accounting (Feldman, Zrnic, "Individual Privacy Accounting via a Renyi Filter", NeurIPS 2021):
-whether a record is in a cohort depends on the operator's file and the site's split, never on other
-records' values, and a charge that would take any record past the budget is refused as a whole.
+new rows a fresh start; re-saving, reordering or moving the file changes nothing. Identical rows are
+one record (see `record_digests`: group privacy for a person with several distinct rows is out of
+scope). This is individual privacy accounting (Feldman, Zrnic, "Individual Privacy Accounting via a
+Renyi Filter", NeurIPS 2021): whether a record is in a cohort depends on the operator's file and
+the site's split, never on other records' values, and a charge that would take any record past the
+budget is refused as a whole.
 
 One JSON file in the site's own state folder (format version 2):
-    cohorts    {id: sorted record digests}, each set stored once; id = digest of the sorted set.
-               The cohort ``all-records`` applies to every record, seen or not (migrated charges).
+    cohorts    {id: {records: sorted record digests, all_records: false}}, each set stored once;
+               id = digest of the sorted set. The cohort ``all-records`` ({all_records: true})
+               applies to every record, seen or not (migrated charges).
     charges    [{cohort, run, round, kind, sample_rate, noise_multiplier, steps, clip_norm, delta,
                accountant, time}], kind "dp-sgd" or "statistics" (Gaussian noise on released counts
                or sums: q = 1, z = sigma / sensitivity, one step per release, clip_norm 0).
@@ -185,6 +188,9 @@ class _State:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> _State:
+        named = {c["cohort"] for c in data["charges"]}
+        if not named <= data["cohorts"].keys():
+            raise KeyError(f"charges name cohorts that are not stored: {sorted(named - data['cohorts'].keys())[:3]}")
         return cls(
             cohorts={cid: None if c["all_records"] else frozenset(c["records"]) for cid, c in data["cohorts"].items()},
             sorted_records={cid: sorted(c["records"]) for cid, c in data["cohorts"].items() if not c["all_records"]},
@@ -364,10 +370,10 @@ class PrivacyLedger:
         if records is None:  # also any record the ledger never saw: the all-records charges apply to it
             unseen = frozenset(i for i, c in enumerate(state.charges) if c.cohort == ALL_RECORDS)
             top = max(top, state.epsilon(unseen, delta=delta, accountant=accountant))
+        touched_by = {cid: None if rec is None else len(rec.intersection(wanted)) for cid, rec in state.cohorts.items()}
         rows = []
         for c in state.charges:
-            rec = state.cohorts[c.cohort]
-            touched = None if rec is None else len(rec & wanted)
+            touched = touched_by[c.cohort]
             if touched is None or touched > 0:
                 rows.append(ChargeRow(charge=c, records=touched))
         return LedgerSummary(
@@ -503,12 +509,13 @@ class PrivacyLedger:
                      noise_multiplier=segment.noise_multiplier, steps=segment.steps, clip_norm=clip_norm,
                      delta=delta, accountant=accountant, time=time.time())
         with self._locked() as state:
-            before, after = 0.0, 0.0
+            after, worst = 0.0, frozenset[int]()
             for h in state.maximal(state.histories(unique)):
                 h_after = state.epsilon(h, delta=delta, accountant=None, extra=new)
                 if h_after >= after:
-                    before, after = state.epsilon(h, delta=delta, accountant=None), h_after
+                    after, worst = h_after, h
             if after > budget_epsilon + _EPS_SLACK:
+                before = state.epsilon(worst, delta=delta, accountant=None)
                 raise PrivacyBudgetError(
                     f"{kind} round {round} of run {run} would raise the worst record's epsilon from {before:.3f} to "
                     f"{after:.3f}, past this site's budget {budget_epsilon:g} (delta={delta:g}); refused before training.",

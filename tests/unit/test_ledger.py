@@ -355,6 +355,9 @@ def test_noise_plan_is_decided_by_the_worst_record(tmp_path: Path) -> None:
     assert finals[2] < max(finals)
 
 
+# At small q and large z the best order is the grid's last (alpha 63) and Opacus says so; both
+# accountants here use that same grid, so the comparison is unaffected.
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 @settings(max_examples=6, deadline=None)
 @given(
     spent_rounds=st.lists(st.tuples(st.floats(0.001, 0.01), st.floats(1.0, 3.0), st.integers(1, 500)), max_size=3),
@@ -431,6 +434,15 @@ def test_unreadable_ledger_is_an_error_never_a_silent_reset(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="unreadable"):
         _charge(PrivacyLedger(tmp_path), 1)
     assert (tmp_path / LEDGER_FILE).read_text() == "{not json"
+
+
+def test_a_charge_whose_cohort_is_missing_is_unreadable_not_dropped(tmp_path: Path) -> None:
+    _charge(PrivacyLedger(tmp_path), 1)
+    data = json.loads((tmp_path / LEDGER_FILE).read_text())
+    data["cohorts"] = {}
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="unreadable.*not stored"):
+        PrivacyLedger(tmp_path).spent_epsilon(ROWS, delta=DELTA)
 
 
 def test_ledger_from_a_newer_version_is_refused(tmp_path: Path) -> None:
