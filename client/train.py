@@ -2,8 +2,11 @@
 
 Each logical step draws a Poisson sample (every example independently with probability q),
 clips each example's gradient to norm C, adds Gaussian noise of std z*C to the sum, and divides
-by the expected batch size q*n. Logical batches are processed in bounded physical batches
-(Opacus's BatchMemoryManager), so a large, DP-friendly q does not cost memory.
+by the expected batch size q*n. Logical batches are processed in bounded physical batches (the
+DPOptimizer's skip-step signals, as Opacus's BatchMemoryManager sends them), so a large,
+DP-friendly q does not cost memory. An empty Poisson sample is still a step: noise only, as
+Opacus's DPDataLoader makes it (opacus #806); the analysis assumes every one of the T steps
+releases a noised sum, whichever examples it drew.
 
 The privacy *accounting* does not live here: the site's persistent ledger records every step
 (see ``ledger.py``); a per-round PrivacyEngine would restart its epsilon at zero.
@@ -12,11 +15,13 @@ The privacy *accounting* does not live here: the site's persistent ledger record
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from fedtune.common.config import TrainConfig
 from fedtune.common.errors import ConfigError
@@ -46,6 +51,10 @@ class DPSettings:
     clip_norm: float
 
 
+# Called after each logical step with its number (from 0) and its Poisson sample's example indices.
+StepHook = Callable[[int, torch.Tensor], None]
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainResult:
     loss: float
@@ -55,12 +64,19 @@ class TrainResult:
     seconds: float
 
 
-def _poisson_batches(n: int, plan: StepPlan, generator: torch.Generator):  # type: ignore[no-untyped-def]
+def _poisson_batches(n: int, plan: StepPlan, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """``plan.steps`` Poisson samples of ``range(n)`` at rate q (Opacus's sampler), as index tensors."""
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    return UniformWithReplacementSampler(
-        num_samples=n, sample_rate=plan.sample_rate, generator=generator, steps=plan.steps
-    )
+    for indices in UniformWithReplacementSampler(num_samples=n, sample_rate=plan.sample_rate, generator=generator, steps=plan.steps):
+        yield torch.as_tensor(indices, dtype=torch.long)
+
+
+def _physical(indices: torch.Tensor, physical: int) -> list[torch.Tensor]:
+    """A logical batch in near-equal chunks of at most ``physical`` examples (none when it is empty)."""
+    if len(indices) == 0:
+        return []
+    return list(torch.tensor_split(indices, math.ceil(len(indices) / physical)))
 
 
 def train_local(
@@ -72,6 +88,7 @@ def train_local(
     dp: DPSettings | None,
     seed: int | None,
     learning_rate: float | None = None,
+    on_step: StepHook | None = None,
 ) -> TrainResult:
     """Run ``plan.steps`` logical steps on ``dataset``; with ``dp`` they are DP-SGD steps.
 
@@ -84,6 +101,9 @@ def train_local(
     et al. 2021, arXiv:2107.10138). The generators themselves are PyTorch's Mersenne Twister, not
     a CSPRNG (torchcsprng does not build for current PyTorch): an attacker would have to recover
     an unobserved 19937-bit state from noised outputs. Simulations pass a seed, for reproducibility.
+
+    ``on_step(t, indices)`` runs on the site after the update of logical step t (tests and
+    diagnostics read the parameters there); nothing it sees leaves the site.
     """
     secure = seed is None
     if seed is None:
@@ -105,36 +125,41 @@ def train_local(
     model.train()
     start = time.perf_counter()
     if dp is None:
-        loss, seen = _train_plain(model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch)
+        loss, seen = _train_plain(model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, on_step)
         clipped = 0.0
     else:
         loss, seen, clipped = _train_dp(
-            model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, dp, seed, secure
+            model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, dp, seed, secure, on_step
         )
     return TrainResult(
         loss=loss, steps=plan.steps, examples_seen=seen, clipped_fraction=clipped, seconds=time.perf_counter() - start
     )
 
 
-def _train_plain(model, dataset, optimizer, plan, rng, physical, expected_batch):  # type: ignore[no-untyped-def]
+def _train_plain(model, dataset, optimizer, plan, rng, physical, expected_batch, on_step):  # type: ignore[no-untyped-def]
     total_loss, seen = 0.0, 0
-    for indices in _poisson_batches(len(dataset), plan, rng):
-        optimizer.zero_grad(set_to_none=True)
-        for start in range(0, len(indices), physical):
-            chunk = indices[start : start + physical]
-            batch = dataset[chunk]
-            loss_sum, _ = forward_loss(model, batch, reduction="sum")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for step, indices in enumerate(_poisson_batches(len(dataset), plan, rng)):
+        # Zeros, not None: an empty sample still takes the optimizer's step (momentum, weight
+        # decay), as the DP path does, so DP with z = 0 and no clipping equals this path.
+        optimizer.zero_grad(set_to_none=False)
+        for chunk in _physical(indices, physical):
+            loss_sum, _ = forward_loss(model, dataset[chunk], reduction="sum")
             (loss_sum / expected_batch).backward()
             total_loss += float(loss_sum.detach())
             seen += len(chunk)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         optimizer.step()
+        if on_step is not None:
+            on_step(step, indices)
     return total_loss / max(seen, 1), seen
 
 
-def _train_dp(model, dataset, optimizer, plan, rng, physical, expected_batch, dp, seed, secure):  # type: ignore[no-untyped-def]
+def _train_dp(model, dataset, optimizer, plan, rng, physical, expected_batch, dp, seed, secure, on_step):  # type: ignore[no-untyped-def]
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     gs_model = GradSampleModule(model, loss_reduction="mean")
     dp_optimizer = DPOptimizer(
@@ -146,21 +171,32 @@ def _train_dp(model, dataset, optimizer, plan, rng, physical, expected_batch, dp
         generator=torch.Generator().manual_seed(seed + 1),
         secure_mode=secure,
     )
-    loader = DataLoader(dataset, batch_sampler=_poisson_batches(len(dataset), plan, rng))
     total_loss, seen, clipped = 0.0, 0, 0
     try:
-        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical, optimizer=dp_optimizer) as batches:
-            for batch in batches:
+        for step, indices in enumerate(_poisson_batches(len(dataset), plan, rng)):
+            chunks = _physical(indices, physical)
+            if not chunks:
+                # An empty Poisson sample (probability (1-q)^n) is a noise-only step: the
+                # optimizer clips and sums no gradient and adds N(0, (zC)^2), as it would after
+                # a backward pass over zero examples (Opacus's DPDataLoader feeds it one).
                 dp_optimizer.zero_grad(set_to_none=True)
-                # An empty Poisson batch (probability (1-q)^n, ~0 for real sites) still takes the
-                # step: Opacus then applies no update, and the step is still counted as spent.
-                if len(batch[2]) > 0:
-                    loss, _ = forward_loss(gs_model, batch)
-                    loss.backward()
-                    total_loss += float(loss.detach()) * len(batch[2])
-                    seen += len(batch[2])
-                    clipped += _count_clipped(dp_optimizer, dp.clip_norm)
+                for p in dp_optimizer.params:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
+                dp_optimizer.signal_skip_step(do_skip=False)
                 dp_optimizer.step()
+            for i, chunk in enumerate(chunks):
+                dp_optimizer.zero_grad(set_to_none=True)  # keeps the logical batch's clipped sum until its last chunk
+                loss, _ = forward_loss(gs_model, dataset[chunk])
+                loss.backward()
+                total_loss += float(loss.detach()) * len(chunk)
+                seen += len(chunk)
+                clipped += _count_clipped(dp_optimizer, dp.clip_norm)
+                # Every chunk but the last only clips and accumulates; the last one adds the
+                # noise once for the whole logical batch and updates the parameters.
+                dp_optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
+                dp_optimizer.step()
+            if on_step is not None:
+                on_step(step, indices)
     finally:
         gs_model.to_standard_module()  # removes Opacus's hooks and per-example grads
     return total_loss / max(seen, 1), seen, clipped / max(seen, 1)

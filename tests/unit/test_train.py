@@ -99,3 +99,53 @@ def test_production_mode_draws_fresh_noise_each_time(tiny_model_dir: Path, datas
     train_local(second, dataset, train=TRAIN, plan=StepPlan(sample_rate=0.2, steps=3), dp=dp, seed=None)
     a, b = adapter_state(first), adapter_state(second)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4, "unseeded (production) runs must not repeat their noise"
+
+
+def _trainable(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().double().ravel() for p in model.parameters() if p.requires_grad])
+
+
+def test_an_empty_poisson_batch_is_a_noise_only_step(tiny_model_dir: Path, dataset) -> None:  # type: ignore[no-untyped-def]
+    """An empty sample (here q n = 1.2e-4, so all three are empty) once crashed collation with an
+    IndexError; it must still add N(0, (zC)^2) / expected_batch and count as a step (opacus #806).
+
+    SGD with momentum 0.9 is inverted exactly (g_1 = v_1, g_t = v_t - 0.9 v_{t-1}, v_t the
+    parameter change over -lr). Each step's D noise coordinates: D s^2 / sigma^2 inside the
+    chi-square(D) interval at 1e-6 per step, and two steps' noise nearly orthogonal (normalised
+    overlap inside the normal interval at 1e-6 per pair): false-failure rate below 6e-6 (seeded,
+    so deterministic).
+    """
+    from scipy import stats
+
+    z, clip, lr = 1.5, 0.5, 1e-3
+    train = TrainConfig(batch_size=24, physical_batch_size=7, learning_rate=lr, optimizer="sgd", weight_decay=0.0)
+    model = _model(tiny_model_dir)
+    thetas, samples = [_trainable(model)], []
+
+    def record(step: int, indices: torch.Tensor) -> None:
+        thetas.append(_trainable(model))
+        samples.append(len(indices))
+
+    result = train_local(model, dataset, train=train, plan=StepPlan(sample_rate=1e-6, steps=3), dp=DPSettings(noise_multiplier=z, clip_norm=clip),
+                         seed=5, on_step=record)
+
+    assert samples == [0, 0, 0] and result.steps == 3 and result.examples_seen == 0
+    velocities = [(a - b) / lr for a, b in zip(thetas, thetas[1:])]
+    noise = [velocities[0]] + [v - 0.9 * prev for prev, v in zip(velocities, velocities[1:])]
+    sigma = z * clip / max(1, round(1e-6 * len(dataset)))  # expected batch: train.py's max(1, round(q n))
+    d = len(noise[0])
+    lo, hi = stats.chi2.ppf(5e-7, d), stats.chi2.ppf(1 - 5e-7, d)
+    for t, g in enumerate(noise):
+        assert lo <= d * float((g**2).mean()) / sigma**2 <= hi, f"step {t}: noise std {float(g.std()):.4g}, expected {sigma:.4g}"
+    bound = stats.norm.ppf(1 - 5e-7)
+    for s, t in ((0, 1), (0, 2), (1, 2)):
+        assert abs(float(noise[s] @ noise[t])) / (sigma**2 * d**0.5) <= bound, f"steps {s} and {t} repeat their noise"
+
+
+def test_an_empty_poisson_batch_without_dp_is_a_zero_gradient_step(tiny_model_dir: Path, dataset) -> None:  # type: ignore[no-untyped-def]
+    model = _model(tiny_model_dir)
+    before = adapter_state(model)
+    result = train_local(model, dataset, train=TRAIN, plan=StepPlan(sample_rate=1e-6, steps=2), dp=None, seed=5)
+    after = adapter_state(model)
+    assert result.steps == 2 and result.examples_seen == 0
+    assert all(torch.equal(before[k], after[k]) for k in before)
