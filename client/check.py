@@ -21,7 +21,7 @@ class CheckResult:
 
 
 def _check_data(site: SiteConfig) -> str:
-    from fedtune.common.data import fingerprint, label_set, load_table
+    from fedtune.common.data import label_set, load_table, record_digests
 
     table = load_table(site.data_path, text_column=site.text_column, label_column=site.label_column)
     labels = label_set(table.labels)
@@ -32,7 +32,8 @@ def _check_data(site: SiteConfig) -> str:
         from fedtune.common.data import check_labels
 
         check_labels(table, list(site.labels))  # names the first row outside the published set
-    return f"{len(table.labels)} rows, {len(labels)} labels {counts}, dataset {fingerprint(table)[:12]}"
+    distinct = len(set(record_digests(table.texts, table.labels)))
+    return f"{len(table.labels)} rows ({distinct} distinct records in the ledger's sense), {len(labels)} labels {counts}"
 
 
 def _check_model(site: SiteConfig) -> str:
