@@ -29,6 +29,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from fedtune.common.config import coerce_setting
 from fedtune.common.errors import ConfigError, PolicyRefusal
 from fedtune.common.messages import RefusalCode
 
@@ -155,30 +156,6 @@ def _at_most(code: RefusalCode, setting: str, asked: float, limit: float, key: s
         _refuse(code, setting, f"at most {limit:g} ({key})", f"{asked:g}")
 
 
-def _coerce(key: str, value: Any, default: Any, problems: list[str]) -> Any:
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        problems.append(f"policy.{key} must be true or false, got {value!r}.")
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        problems.append(f"policy.{key} must be an integer, got {value!r}.")
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        problems.append(f"policy.{key} must be a number, got {value!r}.")
-    elif isinstance(value, str):
-        return value
-    else:
-        problems.append(f"policy.{key} must be a string, got {value!r}.")
-    return default
-
-
 def policy_from_mapping(raw: Mapping[str, Any], *, legacy_allow_no_dp: bool | None = None) -> tuple[SitePolicy, list[str]]:
     """Parse ``[policy]`` (site.toml form); returns the policy and every problem found.
 
@@ -188,7 +165,7 @@ def policy_from_mapping(raw: Mapping[str, Any], *, legacy_allow_no_dp: bool | No
     defaults = SitePolicy()
     allowed = {f.name for f in dataclasses.fields(SitePolicy)}
     problems = [f"unknown key policy.{k}; allowed: {sorted(allowed)}." for k in raw if k not in allowed]
-    values = {k: _coerce(k, v, getattr(defaults, k), problems) for k, v in raw.items() if k in allowed}
+    values = {k: coerce_setting(f"policy.{k}", v, getattr(defaults, k), problems) for k, v in raw.items() if k in allowed}
     if legacy_allow_no_dp is not None and "require_dp" not in values:
         values["require_dp"] = not legacy_allow_no_dp
     policy = SitePolicy(**values)

@@ -367,7 +367,7 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
-def _coerce(where: str, value: Any, default: Any, problems: list[str]) -> Any:
+def coerce_setting(where: str, value: Any, default: Any, problems: list[str]) -> Any:
     """Coerce a value to the type of the field's default, recording a problem if it cannot."""
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -431,10 +431,10 @@ def from_dict(data: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
                 if sub not in allowed:
                     problems.append(f"unknown key {key}.{sub}; allowed: {sorted(allowed)}.")
                     continue
-                updates[sub] = _coerce(f"{key}.{sub}", v, getattr(current, sub), problems)
+                updates[sub] = coerce_setting(f"{key}.{sub}", v, getattr(current, sub), problems)
             new_sections[key] = updates
         elif key in top:
-            top[key] = _coerce(key, value, top[key], problems)
+            top[key] = coerce_setting(key, value, top[key], problems)
         else:
             problems.append(f"unknown key {key!r}; allowed: {sorted([*_SECTION_TYPES, *top])}.")
     built = {name: dataclasses.replace(section, **new_sections.get(name, {})) for name, section in sections.items()}
