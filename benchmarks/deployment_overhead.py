@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.deployment import Processes, fedtune, free_port, wait_for_tls, write_site_data  # noqa: E402
+from tests.integration.deployment import CoordinatorPorts, Processes, fedtune, free_port, start_coordinator, write_site_data  # noqa: E402
 
 LABELS = "cardiology,gastroenterology,neurology,orthopedics,pulmonology"
 
@@ -44,25 +44,25 @@ def simulation(root: Path, model: str, rounds: int) -> list[float]:
 
 def deployment(root: Path, model: str, rounds: int, *, warm: bool, threads: int = 1) -> list[float]:
     tag = "warm" if warm else "cold"
-    port = free_port()
+    ports = CoordinatorPorts.free()
+    port, admin = ports.fleet, ports.admin_address
     env = {**os.environ, "FEDTUNE_HOME": str(root / f"home-{tag}")}
     certs = root / f"certs-{tag}"
     (root / f"logs-{tag}").mkdir()
     procs = Processes(root / f"logs-{tag}")
     try:
         fedtune("certs", "init", "--out", str(certs), env=env)
-        procs.start("coordinator", ["coordinator", "start", "--certs", str(certs), "--state", str(root / f"state-{tag}"), "--port", str(port)], env)
-        wait_for_tls(port, certs / "ca.crt")
+        start_coordinator(procs, certs=certs, state=root / f"state-{tag}", ports=ports, env=env)
         for name, data in (("site-a", root / "a.csv"), ("site-b", root / "b.csv")):
             site = root / f"{name}-{tag}"
             fedtune("site", "init", "--name", name, "--data", str(data), "--coordinator", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
                     "--out", str(site), "--base-model", model, env=env)
-            fedtune("coordinator", "add-site", str(site / "node-key.pub"), "--name", name, "--coordinator", f"127.0.0.1:{port}", "--certs", str(certs), env=env)
+            fedtune("coordinator", "add-site", str(site / "node-key.pub"), "--name", name, "--coordinator", admin, "--certs", str(certs), env=env)
             # Both sites share this machine: split its cores (see `fedtune site start --threads`).
             args = ["site", "start", "--config", str(site / "site.toml"), "--runtime-port", str(free_port()), "--threads", str(threads)]
             procs.start(name, args if warm else [*args, "--no-warm-worker"], env)
         out = root / f"run-{tag}"
-        fedtune("run", "--coordinator", f"127.0.0.1:{port}", "--certs", str(certs), "--labels", LABELS, "--base-model", model,
+        fedtune("run", "--coordinator", admin, "--certs", str(certs), "--labels", LABELS, "--base-model", model,
                 "--rounds", str(rounds), "--out", str(out), env=env, timeout=3600)
         return round_seconds(out)
     finally:

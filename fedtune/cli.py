@@ -176,8 +176,10 @@ def simulate(config_file: str | None, **flags: Any) -> None:
 
 @main.command("run")
 @_run_options
-@click.option("--coordinator", "address", default="127.0.0.1:9093", show_default=True, help="The coordinator's HOST:PORT.")
-@click.option("--certs", type=click.Path(file_okay=False, path_type=Path), help="Folder holding the coordinator's ca.crt.")
+@click.option("--coordinator", "address", default="127.0.0.1:9092", show_default=True,
+              help="The coordinator's admin HOST:PORT (`coordinator start --admin-port`), not the sites' port.")
+@click.option("--certs", type=click.Path(file_okay=False, path_type=Path),
+              help="The admin's folder: ca.crt, admin.crt and admin.key from `fedtune certs init`.")
 @click.option("--insecure", is_flag=True, help="Plain-text connection (local experiments only).")
 @click.option("--min-sites", type=int, help="Minimum sites per round [2].")
 @click.option("--fraction-train", type=float, help="Fraction of sites sampled each round [1].")

@@ -5,7 +5,6 @@ Every command wraps a real Flower process or control call; heavy imports stay in
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,47 +14,60 @@ import click
 
 from fedtune.common.errors import ConfigError
 
-DEFAULT_COORDINATOR = "127.0.0.1:9093"
+# Admin commands dial the coordinator's admin listener (`coordinator start --admin-port`); sites dial --port.
+DEFAULT_COORDINATOR = "127.0.0.1:9092"
 
 
 def _warn_insecure() -> None:
     click.secho(
-        "WARNING: --insecure: no TLS and no node authentication. Updates and metrics travel in plain "
-        "text and anyone who can reach the port can join. Use only for local experiments.",
+        "WARNING: --insecure: no TLS, no node authentication and no admin certificate. Updates and metrics travel "
+        "in plain text, anyone who can reach the ports can join, and anyone who can reach the admin port can start "
+        "runs. Use only for local experiments.",
         fg="yellow", err=True,
     )
-
-
-def _exec(cmd: list[str], env: dict[str, str]) -> None:
-    """Replace this process with ``cmd`` so signals (systemd stop, Ctrl-C) reach Flower directly."""
-    click.echo("+ " + " ".join(cmd), err=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execvpe(cmd[0], cmd, env)
 
 
 # --------------------------------------------------------------------------------------- certs
 @click.group()
 def certs() -> None:
-    """Certificates for the coordinator's TLS."""
+    """Certificates: the coordinator's TLS and the consortium admins' client certificates."""
 
 
 @certs.command("init")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for ca.crt, ca.key, server.crt, server.key.")
-@click.option("--host", "hosts", multiple=True, help="Name or IP sites dial, repeatable; localhost and 127.0.0.1 are always included.")
-@click.option("--days", type=int, default=825, show_default=True, help="Validity of both certificates.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for ca.crt, ca.key, server.crt, server.key, admin.crt, admin.key, admins.pem.")
+@click.option("--host", "hosts", multiple=True, help="Name or IP sites and admins dial, repeatable; localhost and 127.0.0.1 are always included.")
+@click.option("--days", type=int, default=825, show_default=True, help="Validity of every certificate.")
+@click.option("--admin-name", default="admin", show_default=True, help="Who holds the first admin certificate (shown in the coordinator's logs).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files.")
-def certs_init(out: Path, hosts: tuple[str, ...], days: int, overwrite: bool) -> None:
-    """Create a private CA and the coordinator's TLS certificate (keys 0600)."""
+def certs_init(out: Path, hosts: tuple[str, ...], days: int, admin_name: str, overwrite: bool) -> None:
+    """Create a private CA, the coordinator's TLS certificate and a first admin certificate (keys 0600)."""
     from fedtune.server.pki import init_certificates
 
-    # The SuperLink's own helper dials 127.0.0.1: the certificate must name it whatever else it names.
+    # The SuperLink's own helper and the gateway dial 127.0.0.1: the certificate must name it whatever else it names.
     names = list(dict.fromkeys(["localhost", "127.0.0.1", *hosts]))
-    paths = init_certificates(out, hosts=names, days=days, overwrite=overwrite)
-    click.echo(f"CA certificate (public, give to every site): {paths.ca_cert}")
+    paths = init_certificates(out, hosts=names, days=days, overwrite=overwrite, admin_name=admin_name)
+    click.echo(f"CA certificate (public, give to every site and admin): {paths.ca_cert}")
     click.echo(f"CA key (secret, keep offline):               {paths.ca_key}")
     click.echo(f"coordinator certificate for {', '.join(names)}: {paths.server_cert}")
     click.echo(f"coordinator key (secret):                    {paths.server_key}")
+    click.echo(f"admins the coordinator accepts:              {paths.admins}")
+    click.echo(f"admin certificate and key (secret, admins only, never a site): {paths.admin_cert}, {paths.admin_key}")
+
+
+@certs.command("admin")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for this admin's admin.crt and admin.key.")
+@click.option("--name", required=True, help="Who holds it (shown in the coordinator's logs).")
+@click.option("--days", type=int, default=825, show_default=True, help="Validity of the certificate.")
+@click.option("--overwrite", is_flag=True, help="Replace existing files.")
+def certs_admin(out: Path, name: str, days: int, overwrite: bool) -> None:
+    """Create one more admin's client certificate (the coordinator accepts it once listed in its admins.pem)."""
+    from fedtune.server.pki import init_admin_certificate
+
+    paths = init_admin_certificate(out, name=name, days=days, overwrite=overwrite)
+    click.echo(f"admin certificate: {paths.cert}")
+    click.echo(f"admin key (secret, stays with {name}): {paths.key}")
+    click.echo(f"on the coordinator: append {paths.cert.name} to its admins.pem and restart it; give {name} ca.crt too.")
 
 
 # ---------------------------------------------------------------------------------------- site
@@ -193,41 +205,53 @@ def coordinator() -> None:
 
 
 @coordinator.command("start")
-@click.option("--certs", type=click.Path(file_okay=False, path_type=Path), help="Folder from `fedtune certs init`.")
+@click.option("--certs", type=click.Path(file_okay=False, path_type=Path), help="Folder from `fedtune certs init` (ca.crt, server.crt, server.key, admins.pem).")
 @click.option("--state", required=True, type=click.Path(file_okay=False, path_type=Path), help="Persistent state folder (database of sites and runs).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=9093, show_default=True, help="Port for sites and for `fedtune run`.")
-@click.option("--insecure", is_flag=True, help="No TLS, no node authentication (local experiments only).")
-def coordinator_start(certs: Path | None, state: Path, host: str, port: int, insecure: bool) -> None:
-    """Run the coordinator with TLS, node authentication and persistent state."""
-    from fedtune.common.environment import flower_environment
-    from fedtune.server.coordinator import superlink_command
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the sites' port listens on.")
+@click.option("--port", type=int, default=9093, show_default=True, help="Port for sites (Fleet API only).")
+@click.option("--admin-host", default=None, help="Address the admin port listens on [--host]; 127.0.0.1 also requires a shell (or SSH tunnel) on this machine.")
+@click.option("--admin-port", type=int, default=9092, show_default=True, help="Port for admins: `fedtune run`, status, logs, stop, coordinator add-site (admin certificate required).")
+@click.option("--superlink-port", type=int, default=9091, show_default=True, help="Flower's SuperLink, on 127.0.0.1 only, behind both ports.")
+@click.option("--insecure", is_flag=True, help="No TLS, no node authentication, no admin certificate (local experiments only).")
+def coordinator_start(certs: Path | None, state: Path, host: str, port: int, admin_host: str | None, admin_port: int,
+                      superlink_port: int, insecure: bool) -> None:
+    """Run the coordinator: Flower's SuperLink on the loopback behind fedtune's gateway.
+
+    Sites reach only the Fleet API on --port (TLS, node authentication); only admins holding a
+    certificate listed in admins.pem reach the Control API on --admin-port. Stops on SIGTERM/SIGINT.
+    """
+    import logging
+
+    from fedtune.server.coordinator import run_coordinator
 
     if insecure:
         _warn_insecure()
     elif certs is None:
         raise ConfigError("--certs DIR is required (or --insecure for local experiments).")
-    env = flower_environment()
-    env["FLWR_HOME"] = str(state.resolve() / "flower")  # installed app bundles stay in the state folder
-    _exec(superlink_command(certs=None if insecure else certs, state=state, host=host, port=port), env)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    sys.exit(run_coordinator(certs=None if insecure else certs, state=state, host=host, port=port,
+                             admin_host=admin_host or host, admin_port=admin_port, superlink_port=superlink_port))
 
 
 def _connection_options(f: Any) -> Any:
     f = click.option("--insecure", is_flag=True, help="Plain-text connection (local experiments only).")(f)
-    f = click.option("--certs", type=click.Path(file_okay=False, path_type=Path), help="Folder holding the coordinator's ca.crt.")(f)
-    f = click.option("--coordinator", "address", default=DEFAULT_COORDINATOR, show_default=True, help="The coordinator's HOST:PORT.")(f)
+    f = click.option("--certs", type=click.Path(file_okay=False, path_type=Path),
+                     help="The admin's folder: ca.crt, admin.crt and admin.key from `fedtune certs init`.")(f)
+    f = click.option("--coordinator", "address", default=DEFAULT_COORDINATOR, show_default=True,
+                     help="The coordinator's admin HOST:PORT (`coordinator start --admin-port`), not the sites' port.")(f)
     return f
 
 
 def _connect(address: str, certs: Path | None, insecure: bool) -> tuple[str, dict[str, str]]:
-    from fedtune.server.coordinator import connection
+    """The Flower connection for an admin command; refuses, in one line, without admin credentials."""
+    from fedtune.server.coordinator import admin_connection
 
     if insecure:
         _warn_insecure()
-        return connection(address, ca=None)
+        return admin_connection(address, certs=None)
     if certs is None:
-        raise ConfigError("--certs DIR (holding ca.crt) is required, or --insecure for local experiments.")
-    return connection(address, ca=certs / "ca.crt")
+        raise ConfigError("--certs DIR (the admin's ca.crt, admin.crt and admin.key) is required, or --insecure for local experiments.")
+    return admin_connection(address, certs=certs)
 
 
 def _flwr(args: list[str], env: dict[str, str]) -> None:
@@ -248,6 +272,23 @@ def coordinator_add_site(pubkey: Path, name: str, address: str, certs: Path | No
         raise ConfigError(f"{pubkey} does not exist; it is node-key.pub from the site's `fedtune site init`.")
     conn, env = _connect(address, certs, insecure)
     _flwr(["supernode", "register", str(pubkey), conn, "--name", name], env)
+
+
+@coordinator.command("sites")
+@_connection_options
+def coordinator_sites(address: str, certs: Path | None, insecure: bool) -> None:
+    """List registered sites: node ids and status (flwr supernode list)."""
+    conn, env = _connect(address, certs, insecure)
+    _flwr(["supernode", "list", conn], env)
+
+
+@coordinator.command("remove-site")
+@click.argument("node_id")
+@_connection_options
+def coordinator_remove_site(node_id: str, address: str, certs: Path | None, insecure: bool) -> None:
+    """Unregister a site by its node id (flwr supernode unregister): its daemon is refused from then on."""
+    conn, env = _connect(address, certs, insecure)
+    _flwr(["supernode", "unregister", node_id, conn], env)
 
 
 @click.command("status")

@@ -1,12 +1,22 @@
-"""The coordinator's certificates: a private CA and the SuperLink's TLS server certificate.
+"""The coordinator's certificates: a private CA, the coordinator's TLS server certificate, and the
+consortium admins' client certificates.
 
 ```
 OUT_DIR/
-  ca.crt       the CA certificate: public, every site and every `fedtune run` user gets a copy
+  ca.crt       the CA certificate: public, every site and every admin gets a copy
   ca.key       the CA private key: secret (0600); keep it offline, the running coordinator never needs it
-  server.crt   the SuperLink's certificate, signed by the CA, naming every host sites dial (0644)
-  server.key   the SuperLink's private key: secret (0600)
+  server.crt   the coordinator's certificate, signed by the CA, naming every host sites and admins dial (0644)
+  server.key   the coordinator's private key: secret (0600)
+  admin.crt    the first admin's client certificate (0644): self-signed, clientAuth only
+  admin.key    the admin's private key: secret (0600); admins only, never a site
+  admins.pem   the admin certificates the coordinator accepts (0644): at first just admin.crt
 ```
+
+Admin certificates are self-signed and *pinned*: the coordinator's admin listener trusts exactly
+the certificates in ``admins.pem``, not anything the CA signs. So adding or revoking an admin is an
+edit of that one file on the coordinator (and a restart); it never touches the CA, whose
+certificate every site holds, and the CA key can stay offline for it. Only a client that holds the
+private key of a listed certificate completes the TLS handshake (see ``server/gateway.py``).
 
 Both keys are ECDSA P-384 (signed with SHA-384). Why not RSA-3072: P-384 is the curve Flower
 itself uses for node-authentication keys, so one family of keys covers the whole deployment; it
@@ -48,6 +58,9 @@ CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
 SERVER_CERT_FILE = "server.crt"
 SERVER_KEY_FILE = "server.key"
+ADMIN_CERT_FILE = "admin.crt"
+ADMIN_KEY_FILE = "admin.key"
+ADMINS_FILE = "admins.pem"
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 _CURVE = ec.SECP384R1
@@ -65,6 +78,17 @@ class CertPaths:
     ca_key: Path
     server_cert: Path
     server_key: Path
+    admin_cert: Path
+    admin_key: Path
+    admins: Path
+
+
+@dataclass(frozen=True)
+class AdminPaths:
+    """Where `init_admin_certificate` wrote an admin's client certificate and key."""
+
+    cert: Path
+    key: Path
 
 
 def init_certificates(
@@ -73,41 +97,43 @@ def init_certificates(
     hosts: Sequence[str] = DEFAULT_HOSTS,
     days: int = 825,
     overwrite: bool = False,
+    admin_name: str = "admin",
 ) -> CertPaths:
-    """Create a private CA and the coordinator's TLS server certificate signed by it.
+    """Create a private CA, the coordinator's TLS server certificate signed by it, and a first admin.
 
     Args:
-        out_dir: Folder to write ``ca.crt``, ``ca.key``, ``server.crt``, ``server.key`` into
-            (created with mode 0700 if missing).
-        hosts: Every name sites and `fedtune run` use to reach the coordinator; DNS names become
+        out_dir: Folder to write ``ca.crt``, ``ca.key``, ``server.crt``, ``server.key``,
+            ``admin.crt``, ``admin.key`` and ``admins.pem`` into (created with mode 0700 if missing).
+        hosts: Every name sites and admins use to reach the coordinator; DNS names become
             DNSName SANs and IP literals IPAddress SANs. Keep ``127.0.0.1`` (see module doc).
-        days: Validity of both certificates, in days.
+        days: Validity of every certificate, in days.
         overwrite: Replace existing files; otherwise an existing file is an error.
+        admin_name: Common name of the admin certificate (who holds it, for the coordinator's logs).
 
     Returns:
-        The four paths.
+        The seven paths.
 
     Raises:
         ConfigError: a host is empty or malformed, ``days`` is not a positive integer, or a file
             exists and ``overwrite`` is False (nothing is written then).
     """
     names = _validate_hosts(hosts)
-    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
-        raise ConfigError(f"`days` must be a positive integer, got {days!r}.")
+    _validate_days(days)
+    _validate_admin_name(admin_name)
     out_dir = Path(out_dir)
     paths = CertPaths(
         ca_cert=out_dir / CA_CERT_FILE,
         ca_key=out_dir / CA_KEY_FILE,
         server_cert=out_dir / SERVER_CERT_FILE,
         server_key=out_dir / SERVER_KEY_FILE,
+        admin_cert=out_dir / ADMIN_CERT_FILE,
+        admin_key=out_dir / ADMIN_KEY_FILE,
+        admins=out_dir / ADMINS_FILE,
     )
-    all_paths = (paths.ca_key, paths.ca_cert, paths.server_key, paths.server_cert)
-    if not overwrite:
-        existing = [str(p) for p in all_paths if p.exists() or p.is_symlink()]
-        if existing:
-            raise ConfigError(
-                [f"{p} already exists; pass overwrite=True (`--overwrite`) to replace it." for p in existing]
-            )
+    _refuse_existing(
+        (paths.ca_key, paths.ca_cert, paths.server_key, paths.server_cert, paths.admin_key, paths.admin_cert, paths.admins),
+        overwrite=overwrite,
+    )
 
     now = dt.datetime.now(dt.timezone.utc)
     not_before, not_after = now - _BACKDATE, now + dt.timedelta(days=days)
@@ -161,8 +187,151 @@ def init_certificates(
     write_file_exclusive(
         paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), mode=0o644, overwrite=overwrite
     )
-    logger.info("Wrote a CA and a server certificate for %s to %s (valid %d days).", ", ".join(names), out_dir, days)
+    admin_key, admin_cert = _admin_certificate(admin_name, not_before, not_after)
+    admin_pem = admin_cert.public_bytes(serialization.Encoding.PEM)
+    write_file_exclusive(paths.admin_key, _private_pem(admin_key), mode=0o600, overwrite=overwrite)
+    write_file_exclusive(paths.admin_cert, admin_pem, mode=0o644, overwrite=overwrite)
+    write_file_exclusive(paths.admins, admin_pem, mode=0o644, overwrite=overwrite)
+    logger.info(
+        "Wrote a CA, a server certificate for %s and the admin certificate %r to %s (valid %d days).",
+        ", ".join(names), admin_name, out_dir, days,
+    )
     return paths
+
+
+def init_admin_certificate(
+    out_dir: Path, *, name: str, days: int = 825, overwrite: bool = False
+) -> AdminPaths:
+    """Create one more admin's client certificate: ``out_dir/admin.crt`` (0644) and ``admin.key`` (0600).
+
+    The coordinator accepts it once ``admin.crt`` is appended to its ``admins.pem`` (and it is
+    restarted); no CA key is involved (see module doc).
+
+    Raises:
+        ConfigError: ``name`` or ``days`` is invalid, or a file exists and ``overwrite`` is False.
+    """
+    _validate_days(days)
+    _validate_admin_name(name)
+    out_dir = Path(out_dir)
+    paths = AdminPaths(cert=out_dir / ADMIN_CERT_FILE, key=out_dir / ADMIN_KEY_FILE)
+    _refuse_existing((paths.key, paths.cert), overwrite=overwrite)
+    now = dt.datetime.now(dt.timezone.utc)
+    key, cert = _admin_certificate(name, now - _BACKDATE, now + dt.timedelta(days=days))
+    if not out_dir.exists():
+        out_dir.mkdir(parents=True, mode=0o700)
+    write_file_exclusive(paths.key, _private_pem(key), mode=0o600, overwrite=overwrite)
+    write_file_exclusive(paths.cert, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, overwrite=overwrite)
+    return paths
+
+
+def load_admin_certificates(path: Path, *, at: dt.datetime | None = None) -> list[x509.Certificate]:
+    """The admin certificates in ``path`` (the coordinator's ``admins.pem``), each checked.
+
+    Checked here, at start, so that a bad list fails with a message naming it instead of every admin
+    handshake failing later: at least one certificate; each self-signed (the list pins certificates,
+    it does not name CAs), allowed for clientAuth and not for serverAuth, and valid at ``at``.
+
+    Raises:
+        ConfigError: naming the file, the certificate's subject and what is wrong.
+    """
+    path = Path(path)
+    when = at if at is not None else dt.datetime.now(dt.timezone.utc)
+    data = read_bytes(path)
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(f"{path} holds no certificate; it must list at least one admin.crt.")
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as err:
+        raise ConfigError(f"{path} is not a list of PEM certificates: {err}.") from None
+    problems = []
+    for cert in certs:
+        who = f"{path}: certificate {cert.subject.rfc4514_string()!r}"
+        eku = _eku(cert)
+        if cert.issuer != cert.subject:
+            problems.append(f"{who} is issued by {cert.issuer.rfc4514_string()!r}; admins.pem lists admins' own "
+                            "self-signed certificates (admin.crt from `fedtune certs init` or `fedtune certs admin`).")
+        elif eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku or ExtendedKeyUsageOID.SERVER_AUTH in eku:
+            problems.append(f"{who} is not an admin client certificate (extendedKeyUsage must be clientAuth only).")
+        elif not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
+            problems.append(f"{who} is valid only from {cert.not_valid_before_utc:%Y-%m-%d} to "
+                            f"{cert.not_valid_after_utc:%Y-%m-%d}; issue a new one with `fedtune certs admin`.")
+    if problems:
+        raise ConfigError(problems)
+    return certs
+
+
+def check_admin_credentials(cert_path: Path, key_path: Path, *, at: dt.datetime | None = None) -> x509.Certificate:
+    """Check an admin's own ``admin.crt`` / ``admin.key`` before they are used to dial the coordinator.
+
+    Raises:
+        ConfigError: a file is missing or unreadable, the key does not belong to the certificate,
+            it is not an admin client certificate or not valid at ``at`` (default now).
+    """
+    when = at if at is not None else dt.datetime.now(dt.timezone.utc)
+    cert = _load_cert(Path(cert_path))
+    try:
+        key = serialization.load_pem_private_key(read_bytes(Path(key_path)), password=None)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{key_path} is not an unencrypted PEM private key: {err}.") from None
+    if key.public_key() != cert.public_key():
+        raise ConfigError(f"{key_path} is not the private key of {cert_path}; use the admin.key made with it.")
+    eku = _eku(cert)
+    if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        raise ConfigError(f"{cert_path} is not an admin client certificate (no clientAuth in its extendedKeyUsage).")
+    if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
+        raise ConfigError(f"{cert_path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d} to "
+                          f"{cert.not_valid_after_utc:%Y-%m-%d}; ask for a new one (`fedtune certs admin`).")
+    return cert
+
+
+def _admin_certificate(
+    name: str, not_before: dt.datetime, not_after: dt.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(_CURVE())
+    # The serial-like suffix keeps two admins of the same name apart in the coordinator's logs.
+    subject = _name(f"fedtune admin {name} {secrets.token_hex(4)}")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        # Not a CA: a pinned leaf can vouch for nobody else.
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        # clientAuth only: OpenSSL then refuses it as a server certificate and accepts it as a client one.
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, _HASH())
+    )
+    return key, cert
+
+
+def _eku(cert: x509.Certificate) -> x509.ExtendedKeyUsage | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _validate_days(days: int) -> None:
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise ConfigError(f"`days` must be a positive integer, got {days!r}.")
+
+
+def _validate_admin_name(name: str) -> None:
+    if not isinstance(name, str) or not name or not all(ch.isalnum() or ch in "-_." for ch in name) or not name.isascii():
+        raise ConfigError(f"admin name must be letters, digits, '-', '_' or '.', got {name!r}.")
+
+
+def _refuse_existing(paths: Sequence[Path], *, overwrite: bool) -> None:
+    if overwrite:
+        return
+    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
+    if existing:
+        raise ConfigError([f"{p} already exists; pass overwrite=True (`--overwrite`) to replace it." for p in existing])
 
 
 def verify_server_certificate(

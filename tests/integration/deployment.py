@@ -22,6 +22,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class CoordinatorPorts:
+    """The three ports of `fedtune coordinator start`: sites (Fleet), admins (Control), and the loopback SuperLink."""
+
+    fleet: int
+    admin: int
+    superlink: int
+
+    @classmethod
+    def free(cls) -> CoordinatorPorts:
+        ports: list[int] = []
+        while len(ports) < 3:
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        return cls(*ports)
+
+    @property
+    def fleet_address(self) -> str:
+        return f"127.0.0.1:{self.fleet}"
+
+    @property
+    def admin_address(self) -> str:
+        return f"127.0.0.1:{self.admin}"
+
+    def args(self) -> list[str]:
+        return ["--port", str(self.fleet), "--admin-port", str(self.admin), "--superlink-port", str(self.superlink)]
+
+
 def fedtune(*args: str, env: dict[str, str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", "fedtune.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -50,6 +78,17 @@ def wait_for_tls(port: int, ca: Path, timeout: float = 90) -> None:
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"coordinator on 127.0.0.1:{port} did not accept TLS within {timeout}s")
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
 
 
 @dataclass
@@ -87,3 +126,10 @@ class Processes:
     def stop_all(self) -> None:
         for name in list(self.running):
             self.stop(name)
+
+
+def start_coordinator(procs: Processes, *, certs: Path, state: Path, ports: CoordinatorPorts, env: dict[str, str]) -> None:
+    """`fedtune coordinator start` on 127.0.0.1, returning once both of its listeners accept connections."""
+    procs.start("coordinator", ["coordinator", "start", "--certs", str(certs), "--state", str(state), *ports.args()], env)
+    wait_for_tls(ports.fleet, certs / "ca.crt")
+    wait_for_port(ports.admin)

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from .deployment import Processes, fedtune, free_port, wait_for_tls, write_site_data
+from .deployment import CoordinatorPorts, Processes, fedtune, free_port, start_coordinator, write_site_data
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +25,10 @@ class Deployment:
     def __init__(self, root: Path, tiny_model: Path) -> None:
         self.root = root
         self.tiny_model = tiny_model
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.ports = CoordinatorPorts.free()
+        self.port = self.ports.fleet
+        self.address = self.ports.fleet_address  # what sites dial
+        self.admin_address = self.ports.admin_address  # what `fedtune run`, status and add-site dial
         self.env = {**os.environ, "FEDTUNE_HOME": str(root / "fedtune-home")}
         self.certs = root / "certs"
         (root / "logs").mkdir()
@@ -47,7 +49,7 @@ class Deployment:
                                 "--runtime-port", str(free_port()), "--max-retries", "3"], self.env)
 
     def run(self, out: Path, *extra: str, timeout: float = 420) -> subprocess.CompletedProcess[str]:
-        return fedtune("run", "--coordinator", self.address, "--certs", str(self.certs), "--labels", LABELS,
+        return fedtune("run", "--coordinator", self.admin_address, "--certs", str(self.certs), "--labels", LABELS,
                        "--base-model", str(self.tiny_model), "--max-length", "32", "--out", str(out), *extra,
                        env=self.env, timeout=timeout)
 
@@ -57,13 +59,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
     dep = Deployment(tmp_path_factory.mktemp("deployment"), tiny_model_dir)
     try:
         fedtune("certs", "init", "--out", str(dep.certs), env=dep.env)
-        dep.procs.start("coordinator", ["coordinator", "start", "--certs", str(dep.certs), "--state", str(dep.root / "coordinator-state"),
-                                        "--port", str(dep.port)], dep.env)
-        wait_for_tls(dep.port, dep.certs / "ca.crt")
+        start_coordinator(dep.procs, certs=dep.certs, state=dep.root / "coordinator-state", ports=dep.ports, env=dep.env)
         for name, rows in (("site-a", slice(0, 120)), ("site-b", slice(120, 240))):
             dep.init_site(name, rows)
             fedtune("coordinator", "add-site", str(dep.site_dir(name) / "node-key.pub"), "--name", name,
-                    "--coordinator", dep.address, "--certs", str(dep.certs), env=dep.env)
+                    "--coordinator", dep.admin_address, "--certs", str(dep.certs), env=dep.env)
             dep.start_site(name)
         yield dep
     finally:
@@ -165,7 +165,7 @@ def test_plain_text_connection_is_refused(deployment: Deployment) -> None:
 
 def test_sites_refuse_a_run_whose_labels_do_not_match_their_data(deployment: Deployment) -> None:
     out = deployment.root / "run-wrong-labels"
-    fedtune("run", "--coordinator", deployment.address, "--certs", str(deployment.certs), "--labels", "cardiology,oncology",
+    fedtune("run", "--coordinator", deployment.admin_address, "--certs", str(deployment.certs), "--labels", "cardiology,oncology",
             "--base-model", str(deployment.tiny_model), "--rounds", "1", "--out", str(out), env=deployment.env, timeout=420)
     line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert line["sites_replied"] == 0
@@ -175,7 +175,7 @@ def test_sites_refuse_a_run_whose_labels_do_not_match_their_data(deployment: Dep
 
 
 def test_status_lists_the_runs(first_run: Path, deployment: Deployment) -> None:
-    result = fedtune("status", "--coordinator", deployment.address, "--certs", str(deployment.certs), env=deployment.env)
+    result = fedtune("status", "--coordinator", deployment.admin_address, "--certs", str(deployment.certs), env=deployment.env)
     assert "finished" in result.stdout.lower()
 
 

@@ -20,7 +20,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from fedtune.common.errors import ConfigError
-from fedtune.server.pki import CertPaths, init_certificates, verify_server_certificate
+from fedtune.server.gateway import server_context
+from fedtune.server.pki import (
+    CertPaths,
+    check_admin_credentials,
+    init_admin_certificate,
+    init_certificates,
+    load_admin_certificates,
+    verify_server_certificate,
+)
 
 TIMEOUT_S = 5.0
 
@@ -123,21 +131,23 @@ def test_keys_are_p384_and_match_their_certificates(certs: CertPaths) -> None:
 def test_private_keys_are_0600_and_certificates_0644_whatever_the_umask(tmp_path: Path, umask_zero: None) -> None:
     paths = init_certificates(tmp_path / "certs")
 
-    modes = {p.name: _mode(p) for p in (paths.ca_key, paths.server_key, paths.ca_cert, paths.server_cert)}
+    modes = {p.name: _mode(p) for p in (paths.ca_key, paths.server_key, paths.admin_key, paths.ca_cert, paths.server_cert,
+                                        paths.admin_cert, paths.admins)}
 
-    assert modes == {"ca.key": 0o600, "server.key": 0o600, "ca.crt": 0o644, "server.crt": 0o644}
+    assert modes == {"ca.key": 0o600, "server.key": 0o600, "admin.key": 0o600,
+                     "ca.crt": 0o644, "server.crt": 0o644, "admin.crt": 0o644, "admins.pem": 0o644}
     assert _mode(tmp_path / "certs") == 0o700
-    assert sorted(p.name for p in (tmp_path / "certs").iterdir()) == ["ca.crt", "ca.key", "server.crt", "server.key"]
+    assert sorted(p.name for p in (tmp_path / "certs").iterdir()) == sorted(modes)
 
 
 def test_refuses_to_overwrite_and_names_the_file(tmp_path: Path) -> None:
     paths = init_certificates(tmp_path)
-    before = {p: p.read_bytes() for p in (paths.ca_key, paths.ca_cert, paths.server_key, paths.server_cert)}
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
 
     with pytest.raises(ConfigError, match="ca.key already exists") as info:
         init_certificates(tmp_path)
 
-    assert len(info.value.problems) == 4
+    assert len(info.value.problems) == 7
     assert {p: p.read_bytes() for p in before} == before
 
 
@@ -186,6 +196,83 @@ def test_non_positive_days_are_refused(tmp_path: Path, days: int) -> None:
         init_certificates(tmp_path, days=days)
 
 
+# --- admin certificates --------------------------------------------------------------------------
+
+
+def test_admin_certificate_is_self_signed_client_only_and_listed_in_admins_pem(certs: CertPaths) -> None:
+    admin = _cert(certs.admin_cert)
+    key = serialization.load_pem_private_key(certs.admin_key.read_bytes(), password=None)
+
+    bc = admin.extensions.get_extension_for_class(x509.BasicConstraints)
+    eku = admin.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+
+    assert admin.issuer == admin.subject
+    admin.verify_directly_issued_by(admin)  # its own signature, not the CA's
+    assert admin.issuer != _cert(certs.ca_cert).subject
+    assert bc.critical and bc.value.ca is False
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP384R1)
+    assert key.public_key() == admin.public_key()
+    assert x509.load_pem_x509_certificates(certs.admins.read_bytes()) == [admin]
+
+
+def test_two_admins_get_different_keys_and_names(tmp_path: Path, certs: CertPaths) -> None:
+    other = init_admin_certificate(tmp_path / "bob", name="bob")
+
+    assert _cert(other.cert).public_key() != _cert(certs.admin_cert).public_key()
+    assert _cert(other.cert).subject != _cert(certs.admin_cert).subject
+    assert "bob" in _cert(other.cert).subject.rfc4514_string()
+    assert _mode(other.key) == 0o600
+
+
+def test_load_admin_certificates_accepts_a_list_of_admins(tmp_path: Path, certs: CertPaths) -> None:
+    bob = init_admin_certificate(tmp_path / "bob", name="bob")
+    admins = tmp_path / "admins.pem"
+    admins.write_bytes(certs.admins.read_bytes() + bob.cert.read_bytes())
+
+    loaded = load_admin_certificates(admins)
+
+    assert loaded == [_cert(certs.admin_cert), _cert(bob.cert)]
+
+
+def test_load_admin_certificates_refuses_a_certificate_the_ca_signed(tmp_path: Path, certs: CertPaths) -> None:
+    admins = tmp_path / "admins.pem"
+    admins.write_bytes(certs.admins.read_bytes() + certs.server_cert.read_bytes())
+
+    with pytest.raises(ConfigError, match="self-signed") as info:
+        load_admin_certificates(admins)
+
+    assert len(info.value.problems) == 1
+
+
+def test_load_admin_certificates_refuses_an_expired_admin_and_an_empty_list(tmp_path: Path, certs: CertPaths) -> None:
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=826)
+    (tmp_path / "empty.pem").write_bytes(b"")
+
+    with pytest.raises(ConfigError, match="valid only from"):
+        load_admin_certificates(certs.admins, at=later)
+    with pytest.raises(ConfigError, match="at least one"):
+        load_admin_certificates(tmp_path / "empty.pem")
+
+
+def test_check_admin_credentials_refuses_a_key_of_another_certificate(tmp_path: Path, certs: CertPaths) -> None:
+    bob = init_admin_certificate(tmp_path / "bob", name="bob")
+
+    check_admin_credentials(certs.admin_cert, certs.admin_key)
+    with pytest.raises(ConfigError, match="is not the private key of"):
+        check_admin_credentials(certs.admin_cert, bob.key)
+    with pytest.raises(ConfigError, match="not an admin client certificate"):
+        check_admin_credentials(certs.server_cert, certs.server_key)
+
+
+@pytest.mark.parametrize("name", ["", "two words", "ev/il", "adm\u00efn"])
+def test_admin_names_are_refused_naming_the_value(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match="admin name"):
+        init_admin_certificate(tmp_path, name=name)
+
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- verify_server_certificate ---------------------------------------------------------------------
 
 
@@ -229,11 +316,14 @@ class _OneShotTLSServer:
     """Serves one connection on 127.0.0.1: TLS handshake, then replies b'pong' to b'ping'.
 
     `received` is what the application saw after the handshake; `error` what ended the connection.
+    `context` replaces the plain server context built from ``cert`` and ``key``.
     """
 
-    def __init__(self, cert: Path, key: Path) -> None:
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(cert, key)
+    def __init__(self, cert: Path, key: Path, context: ssl.SSLContext | None = None) -> None:
+        if context is None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(cert, key)
+        self.context = context
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(TIMEOUT_S)
         self.port = self.listener.getsockname()[1]
@@ -320,5 +410,66 @@ def test_plain_tcp_client_gets_no_application_data(certs: CertPaths) -> None:
                 pass
 
     assert b"pong" not in got
+    assert server.received is None
+    assert isinstance(server.error, ssl.SSLError)
+
+
+# --- the admin listener's mutual TLS (the context fedtune's gateway serves with) --------------------
+
+
+def _admin_ping(certs: CertPaths, client_cert: Path | None, client_key: Path | None) -> tuple[bytes | None, _OneShotTLSServer]:
+    context = _client_context(certs.ca_cert)
+    if client_cert is not None:
+        context.load_cert_chain(client_cert, client_key)
+    server_tls = server_context(certs.ca_cert.parent, admins=certs.admins)
+    with _OneShotTLSServer(certs.server_cert, certs.server_key, server_tls) as server:
+        try:
+            reply: bytes | None = _tls_ping(server.port, context, "localhost")
+        except (ssl.SSLError, OSError):
+            reply = None
+    return reply, server
+
+
+def test_admin_listener_serves_the_listed_admin(certs: CertPaths) -> None:
+    reply, server = _admin_ping(certs, certs.admin_cert, certs.admin_key)
+
+    assert reply == b"pong"
+    assert server.received == b"ping"
+
+
+def test_admin_listener_refuses_a_client_without_a_certificate(certs: CertPaths) -> None:
+    reply, server = _admin_ping(certs, None, None)
+
+    assert reply in (None, b"")
+    assert server.received is None
+    assert isinstance(server.error, ssl.SSLError)
+
+
+def test_admin_listener_refuses_an_admin_certificate_it_does_not_list(tmp_path: Path, certs: CertPaths) -> None:
+    mallory = init_admin_certificate(tmp_path / "mallory", name="mallory")
+
+    reply, server = _admin_ping(certs, mallory.cert, mallory.key)
+
+    assert reply in (None, b"")
+    assert server.received is None
+    assert isinstance(server.error, ssl.SSLError)
+
+
+def test_admin_listener_refuses_a_listed_certificate_without_its_key(tmp_path: Path, certs: CertPaths) -> None:
+    # Prepare: mallory's key under the listed admin's certificate (a TLS client must prove it holds the key).
+    mallory = init_admin_certificate(tmp_path / "mallory", name="mallory")
+    forged = tmp_path / "forged.pem"
+    forged.write_bytes(certs.admin_cert.read_bytes() + mallory.key.read_bytes())
+    context = _client_context(certs.ca_cert)
+
+    with pytest.raises(ssl.SSLError, match="KEY_VALUES_MISMATCH|key values mismatch"):
+        context.load_cert_chain(forged)  # OpenSSL refuses even to send it; a client that did would fail the signature check
+
+
+def test_admin_listener_refuses_a_certificate_the_ca_signed(certs: CertPaths) -> None:
+    # The coordinator's own server certificate: signed by the CA every site trusts, but not a listed admin.
+    reply, server = _admin_ping(certs, certs.server_cert, certs.server_key)
+
+    assert reply in (None, b"")
     assert server.received is None
     assert isinstance(server.error, ssl.SSLError)
