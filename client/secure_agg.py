@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -218,7 +218,7 @@ def _int_list(configs: Any, key: str) -> list[int]:
     return [int(v) for v in values]
 
 
-def _protocol(detail: str) -> Any:
+def _protocol(detail: str) -> NoReturn:
     raise PolicyRefusal(RefusalCode.SECURE_AGG_PROTOCOL, detail)
 
 
