@@ -60,3 +60,17 @@ def test_inconsistent_policies_are_reported_whole() -> None:
     assert "policy.min_secure_agg_threshold must be >= 2" in text
     assert "policy.min_steps_per_round must be in [1" in text
     assert "policy.statistics_noise_multiplier must be > 0" in text
+
+
+def test_delta_must_be_far_below_one_over_n(caplog: pytest.LogCaptureFixture) -> None:
+    from fedtune.client.local import check_delta
+    from fedtune.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"delta 0.01 is not below 1/n = 0.01 for its 100 records"):
+        check_delta(0.01, 100, site="a")
+    with caplog.at_level("WARNING"):
+        check_delta(5e-4, 100, site="a")  # below 1/n, above 1/(10 n)
+    assert "above 1/(10 n)" in caplog.text
+    caplog.clear()
+    check_delta(1e-5, 100, site="a")
+    assert caplog.text == ""
