@@ -211,7 +211,7 @@ def coordinator() -> None:
 @click.option("--port", type=int, default=9093, show_default=True, help="Port for sites (Fleet API only).")
 @click.option("--admin-host", default=None, help="Address the admin port listens on [--host]; 127.0.0.1 also requires a shell (or SSH tunnel) on this machine.")
 @click.option("--admin-port", type=int, default=9092, show_default=True, help="Port for admins: `fedtune run`, status, logs, stop, coordinator add-site (admin certificate required).")
-@click.option("--superlink-port", type=int, default=9091, show_default=True, help="Flower's SuperLink, on 127.0.0.1 only, behind both ports.")
+@click.option("--superlink-port", type=int, default=0, help="Flower's SuperLink, on 127.0.0.1 only, behind both ports [a free port].")
 @click.option("--insecure", is_flag=True, help="No TLS, no node authentication, no admin certificate (local experiments only).")
 def coordinator_start(certs: Path | None, state: Path, host: str, port: int, admin_host: str | None, admin_port: int,
                       superlink_port: int, insecure: bool) -> None:

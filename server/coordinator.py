@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -32,9 +33,7 @@ logger = logging.getLogger(__name__)
 
 CERT_FILES = ("ca.crt", "server.crt", "server.key", "admins.pem")
 ADMIN_FILES = ("ca.crt", "admin.crt", "admin.key")
-FLEET_PORT = 9093
 ADMIN_PORT = 9092
-SUPERLINK_PORT = 9091
 ADMIN_CERT_ENV = "FEDTUNE_ADMIN_CERT"
 ADMIN_KEY_ENV = "FEDTUNE_ADMIN_KEY"
 
@@ -89,11 +88,18 @@ def run_coordinator(
     """Run ``flower-superlink`` on 127.0.0.1:``superlink_port`` and the gateway in front of it.
 
     Sites dial ``host:port`` (Fleet API only); admins dial ``admin_host:admin_port`` (Control API,
-    admin certificate required). Returns when either process stops: 0 after SIGTERM/SIGINT, non-zero
-    if the SuperLink or a listener failed. ``certs`` None: plain text and no authentication anywhere.
+    admin certificate required); ``superlink_port`` 0 takes a free loopback port. Returns when either
+    process stops: 0 after SIGTERM/SIGINT, non-zero if the SuperLink or a listener failed.
+    ``certs`` None: plain text and no authentication anywhere.
     """
     from .gateway import GatewayConfig, serve
 
+    if superlink_port == 0:
+        # Nobody outside this process dials it, so any free port will do, and two coordinators on
+        # one host (tests, trials) never collide on a default.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            superlink_port = int(probe.getsockname()[1])
     ports = {"--port": port, "--admin-port": admin_port, "--superlink-port": superlink_port}
     if len(set(ports.values())) != len(ports):
         raise ConfigError(f"--port, --admin-port and --superlink-port must differ, got {ports}.")
