@@ -69,7 +69,7 @@ def test_delta_must_be_far_below_one_over_n(caplog: pytest.LogCaptureFixture) ->
     with pytest.raises(ConfigError, match=r"delta 0.01 is not below 1/n = 0.01 for its 100 records"):
         check_delta(0.01, 100, site="a")
     with caplog.at_level("WARNING"):
-        check_delta(5e-4, 100, site="a")  # below 1/n, above 1/(10 n)
+        check_delta(5e-3, 100, site="a")  # below 1/n = 1e-2, above 1/(10 n) = 1e-3
     assert "above 1/(10 n)" in caplog.text
     caplog.clear()
     check_delta(1e-5, 100, site="a")
