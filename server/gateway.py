@@ -17,7 +17,7 @@ So fedtune binds the SuperLink to 127.0.0.1 and puts this gateway in front of it
   anything else, the Control and Runtime APIs included, gets 403 without reaching the SuperLink.
 - **admin** (``--admin-host:--admin-port``): mutual TLS. The handshake itself refuses every client
   that does not prove it holds the key of a certificate in ``admins.pem`` (pinned, self-signed,
-  clientAuth; see ``server/pki.py``), so an unauthenticated caller never gets to send a request.
+  clientAuth; see ``server/pki.py``), so no request of an unauthenticated caller is ever read.
   Only ``/v1/control/*`` and ``/health`` pass.
 
 Neither passes ``/v1/runtime/*``: only the SuperLink's own SuperExec uses it, on the loopback.
