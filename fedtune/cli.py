@@ -182,6 +182,7 @@ def simulate(config_file: str | None, **flags: Any) -> None:
               help="The admin's folder: ca.crt, admin.crt and admin.key from `fedtune certs init`.")
 @click.option("--insecure", is_flag=True, help="Plain-text connection (local experiments only).")
 @click.option("--min-sites", type=int, help="Minimum sites per round [2].")
+@click.option("--sites", type=int, help="Sites expected to be connected; with --client-dp a run that finds another number is refused [3].")
 @click.option("--fraction-train", type=float, help="Fraction of sites sampled each round [1].")
 @click.option("--fraction-evaluate", type=float, help="Fraction of sites asked to evaluate each round; 0 halves the messages per round [1].")
 def run_cmd(config_file: str | None, address: str, certs: Path | None, insecure: bool, **flags: Any) -> None:
@@ -227,15 +228,16 @@ def _print_summary(run_dir: Path) -> None:
         console.print(f"held-out test: accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}")
     val = summary.get("validation") or {}
     if val.get("accuracy") is not None:
-        console.print(f"site validation ({val['sites']} sites): accuracy {val['accuracy']:.3f}, macro-F1 {val['macro_f1']:.3f}")
+        f1 = f", macro-F1 {val['macro_f1']:.3f}" if val.get("macro_f1") is not None else ""
+        console.print(f"site validation ({val['sites']} sites, as their policies release it): accuracy {val['accuracy']:.3f}{f1}")
     if summary["dp"]:
         table = Table(title="Privacy per site (sample-level DP-SGD)")
-        for col in ("site", "examples", "epsilon", "budget", "delta", "z", "C", "q", "steps"):
+        for col in ("site", "examples (approx.)", "epsilon", "budget", "delta", "z", "C", "q", "steps", "statistics"):
             table.add_column(col, justify="right")
         for s in summary["sites"]:
             table.add_row(
                 s["site"], str(s["examples"]), f"{s['epsilon']:.3f}", f"{s['budget_epsilon']:g}", f"{s['delta']:g}",
-                f"{s['noise_multiplier']:.3f}", f"{s['clip_norm']:g}", f"{s['sample_rate']:.3f}", str(s["steps"]),
+                f"{s['noise_multiplier']:.3f}", f"{s['clip_norm']:g}", f"{s['sample_rate']:.2g}", str(s["steps"]), s.get("statistics", "none"),
             )
         console.print(table)
         console.print(f"max epsilon over sites: {summary['max_epsilon']:.3f}")
@@ -243,7 +245,7 @@ def _print_summary(run_dir: Path) -> None:
     if client:
         console.print(
             f"client-level DP (DP-FedAvg): epsilon {client['epsilon']:.3f} at delta {client['delta']:g}; "
-            f"S={client['clip_norm']:g}, z={client['noise_multiplier']:.3f}, {client['expected_sites']} of {client['sites']} sites "
+            f"S={client['clip_norm']:g}, z={client['noise_multiplier']:.3f}, {client['expected_sites']:g} of {client['sites']} sites "
             f"per round, {client['rounds']} rounds ({client['sampling']})"
         )
     if summary.get("secure_aggregation"):

@@ -82,7 +82,7 @@ def report(run_dir: Path) -> None:
         console.print(
             f"client-level DP (DP-FedAvg): each site as a whole is protected with epsilon {client['epsilon']:.3f} "
             f"at delta {client['delta']:g} (S={client['clip_norm']:g}, z={client['noise_multiplier']:.3f}, "
-            f"{client['expected_sites']} of {client['sites']} sites per round, {client['rounds']} rounds, {client['accountant']}; "
+            f"{client['expected_sites']:g} of {client['sites']} sites per round, {client['rounds']} rounds, {client['accountant']}; "
             f"{client['sampling']})",
             soft_wrap=True,
         )

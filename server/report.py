@@ -182,10 +182,19 @@ def _guarantee(dp: bool, max_epsilon: float | None, sites: list[dict[str, Any]],
     return (
         f"Each site's training data is protected by sample-level (epsilon, delta)-differential privacy with "
         f"epsilon <= {epsilon_upper(max_epsilon)} at delta = {delta}, from DP-SGD run at the site and accounted with {name}. "
-        "The coordinator received only adapter updates and scalar metrics; the guarantee covers the adapter "
-        "updates and the adapter. The scalar metrics (example counts, training loss, clipped fraction, validation "
-        "loss and accuracy) were computed without noise and are not covered."
+        "The coordinator received adapter updates, each round's DP parameters and record counts rounded to two "
+        "significant digits; the guarantee covers the adapter updates, the adapter and any validation statistics "
+        "released under DP (charged to the same ledgers). The record counts are not covered (DP-SGD treats its "
+        "sampling rate as public)." + _clear_sentence(sites)
     )
+
+
+def _clear_sentence(sites: list[dict[str, Any]]) -> str:
+    clear = sorted(s["site"] for s in sites if s.get("statistics") == "clear")
+    if not clear:
+        return ""
+    return (f" Sites {', '.join(clear)} released exact training and validation statistics by their operator's opt-in; "
+            "those are computed without noise and are not covered.")
 
 
 def plot_privacy(report: dict[str, Any], path: Path) -> Path:

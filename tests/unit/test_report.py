@@ -176,7 +176,7 @@ def test_model_card_states_model_data_and_guarantee(tmp_path: Path) -> None:
     assert "| hospital-a | 400 |" in card and "| hospital-b | 120 |" in card and "| hospital-c | 250 |" in card
     assert "Total training examples (approx.): 770." in card
     assert "sample-level (epsilon, delta)-differential privacy with epsilon <= 6.20 at delta = 1e-05" in card
-    assert "RDP" in card and "only adapter updates" in card
+    assert "RDP" in card and "received adapter updates" in card
     assert "PeftModel.from_pretrained" in card and "num_labels=len(labels)" in card
 
 
@@ -227,3 +227,14 @@ def test_card_of_a_mean_pooling_adapter_loads_it_through_fedtune_not_a_transform
 
     assert "load_adapter(" in text and "pooling: mean" in text
     assert "AutoModelForSequenceClassification" not in text
+
+
+def test_model_card_names_sites_that_released_exact_statistics(tmp_path: Path) -> None:
+    summary = json.loads((_make_run(tmp_path) / "summary.json").read_text())
+    assert "exact training and validation statistics" not in model_card(summary)
+    summary["sites"][1]["statistics"] = "clear"
+
+    card = model_card(summary)
+
+    assert "Sites hospital-b released exact training and validation statistics" in card
+    assert "by their operator's opt-in: hospital-b" in card
