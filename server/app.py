@@ -18,7 +18,8 @@ from fedtune.common.messages import RoundInstructions
 from fedtune.common.sitedata import load_config_table, resolve_data_path, run_labels, simulated_split
 from fedtune.common.tasks import encode, evaluate
 
-from .client_dp import ClientLevelDP, ClientLevelPlan, connected_sites, plan_client_level
+from .client_dp import ClientLevelDP
+from .client_dp_plan import ClientLevelPlan, connected_sites, plan_client_level
 from .records import RunRecorder
 from .rounds import TestScore, checkpoint_dir, run_rounds
 

@@ -8,52 +8,43 @@ tensors together), the clipped deltas are summed, Gaussian noise N(0, (z C)^2) i
 coordinate of the sum, and the sum is divided by the *fixed* m = q N, the expected number of
 sampled sites (their estimator f_f with unit weights). Adding or removing one site changes the
 sum by at most C, so each round is a Poisson-sampled Gaussian mechanism with rate q and noise
-multiplier z, and `client_level_epsilon` accounts T rounds of it with the sampled-Gaussian RDP
-accountant (Mironov, Talwar, Zhang 2019): the accountant matches what is done, for add/remove-
-one-site neighbours.
+multiplier z, and `client_level_epsilon` (in `fedtune.server.client_dp_plan`) accounts T rounds
+of it with the sampled-Gaussian RDP accountant (Mironov, Talwar, Zhang 2019): the accountant
+matches what is done, for add/remove-one-site neighbours.
 
-Why Poisson sampling in the strategy, rather than Flower's fixed-size sample accounted as
-sampling without replacement: the sampled-Gaussian bound is proven for Poisson sampling and
-add/remove neighbours, the relation that answers "did hospital X take part at all" (and the one
-the sites' DP-SGD uses). The bounds for a fixed-size sample without replacement (Wang, Balle,
-Kasiviswanathan, AISTATS 2019; `dp_accounting`'s `SampledWithoutReplacementDpEvent`) hold for
-replace-one neighbours with N fixed: a different guarantee (add/remove at epsilon gives replace-one
-at 2 epsilon by group privacy, not the other way round), which a site that drops out or joins late
-breaks (see Lebeda et al. 2024 on mixing the two). Under Poisson sampling a site's privacy depends
-only on q, z and T: a site offline in a round is not sampled and releases nothing, and N only sets
-the denominator q N. The cost: the number of sites per round varies (Binomial(N, q)); a round can
-sample no site at all, and then the global adapter plus noise is still released (an unchanged
-adapter would tell that no sampled site took part).
+Why sites are Poisson-sampled inside the strategy, rather than as Flower's fixed-size sample
+accounted as sampling without replacement, is said in `fedtune.server.client_dp_plan`: the
+accountant's bound holds for the sampling done here, for add/remove-one-site neighbours, and a
+site's privacy depends only on q, z and T.
 
 The guarantee is about sites (a hospital's whole dataset), not records. It holds for the released
 global adapters, as long as who was sampled stays with the coordinator; the coordinator itself
 sees every update in the clear (the trusted-server model of the paper). It composes with, and is
 independent of, the sample-level DP-SGD at each site.
 
-Pure functions (`update_delta`, `clip_update`, `dp_fedavg_aggregate`, `client_sample_rate`,
-`poisson_sample`) do the math; `connected_sites` observes N on the grid; `plan_client_level`
-calibrates; `ClientLevelDP` is the stateful strategy wrapper.
+Pure functions (`update_delta`, `clip_update`, `dp_fedavg_aggregate`) do the math;
+`ClientLevelDP` is the stateful strategy wrapper. The sampling (`client_sample_rate`,
+`poisson_sample`), N on the grid (`connected_sites`), the accounting and the calibration
+(`client_level_epsilon`, `plan_client_level`) are in `fedtune.server.client_dp_plan`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import numbers
 import random
 import secrets
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedtune.common.accounting import Segment, calibrate_noise_multiplier, epsilon
 from fedtune.common.errors import ConfigError, UpdateError, check_tensor_names
+
+from .client_dp_plan import ClientLevelPlan, _is_int, _is_real, poisson_sample
 
 logger = logging.getLogger(__name__)
 
@@ -206,250 +197,6 @@ def _noisy_mean(
             total += rng.normal(0.0, std, size=shape)
         mean[name] = total / expected_sites
     return mean
-
-
-# ---------------------------------------------------------------------------------------------
-# Accounting
-# ---------------------------------------------------------------------------------------------
-
-
-def client_level_epsilon(
-    *, sample_rate: float, noise_multiplier: float, rounds: int, delta: float, accountant: str = "rdp"
-) -> float:
-    """Epsilon at `delta` of T rounds of DP-FedAvg with Poisson sampling of sites, per site.
-
-    Each round is one Poisson-sampled Gaussian mechanism with rate q and noise multiplier z on the
-    sum of clipped deltas, neighbours being add/remove one site, so this is
-    `fedtune.common.accounting.epsilon([Segment(q, z, T)])`. It is a valid bound for
-    `ClientLevelDP`, which samples each connected site independently with probability q; it is
-    not one for a fixed-size sample (Flower's FedAvg), see the module docstring. With q = 1 (every
-    site every round) there is no amplification.
-
-    Args:
-        sample_rate: q, the probability that a site joins a round, 0 < q <= 1.
-        noise_multiplier: z >= 0; z = 0 gives `inf` (no privacy) for T >= 1.
-        rounds: T, the number of rounds (noisy releases), >= 0.
-        delta: the target delta, 0 < delta < 1.
-        accountant: one of `fedtune.common.accounting.ACCOUNTANTS`.
-
-    Returns:
-        Epsilon (>= 0); 0.0 for T = 0.
-
-    Raises:
-        ConfigError: a knob out of range.
-    """
-    if noise_multiplier == 0 and not isinstance(noise_multiplier, bool):
-        Segment(sample_rate, 1.0, rounds)  # validates q and T, as the z > 0 path does
-        epsilon([], delta=delta, accountant=accountant)  # validates delta and the accountant
-        return math.inf if rounds > 0 else 0.0
-    return epsilon([Segment(sample_rate, noise_multiplier, rounds)], delta=delta, accountant=accountant)
-
-
-def calibrate_client_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, rounds: int, accountant: str = "rdp"
-) -> float:
-    """The smallest z with which T rounds of DP-FedAvg at Poisson rate q stay within `target_epsilon`.
-
-    `fedtune.common.accounting.calibrate_noise_multiplier` with steps = T.
-
-    Raises:
-        ConfigError: a knob out of range, or a target the accountant cannot certify.
-    """
-    return calibrate_noise_multiplier(
-        target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=rounds, accountant=accountant
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling and the number of sites
-# ---------------------------------------------------------------------------------------------
-
-
-def client_sample_rate(*, sites: int, fraction_train: float, min_sites: int) -> float:
-    """q = min(1, max(f, min_sites / N)): the Poisson rate at which each site joins a round.
-
-    `fraction_train` (f) is the rate itself. `min_sites` cannot be a floor on a Poisson sample's
-    size (conditioning on the count would break the accounting), so it raises the rate until
-    the expected count q N reaches it, as Flower's FedAvg raises its fixed sample size.
-
-    Raises:
-        ConfigError: N < 1, f outside (0, 1] or min_sites < 0.
-    """
-    problems = []
-    if not (_is_int(sites) and sites >= 1):
-        problems.append(f"`sites` (N) must be an integer >= 1, got {sites!r}.")
-    if not (_is_real(fraction_train) and 0.0 < float(fraction_train) <= 1.0):
-        problems.append(f"`fraction_train` must be in (0, 1], got {fraction_train!r}.")
-    if not (_is_int(min_sites) and min_sites >= 0):
-        problems.append(f"`min_sites` must be an integer >= 0, got {min_sites!r}.")
-    if problems:
-        raise ConfigError(problems)
-    return min(1.0, max(float(fraction_train), min_sites / sites))
-
-
-def poisson_sample(node_ids: Iterable[int], sample_rate: float, rng: random.Random) -> list[int]:
-    """Each node independently with probability q (Poisson sampling), in the order given.
-
-    `rng.random()` is uniform on [0, 1) with 53-bit resolution, so P(u < q) = q for every
-    q representable as a double; q = 1 keeps every node. Pass `random.SystemRandom()` for
-    deployment: who is sampled must not be predictable from a seed or earlier rounds.
-    """
-    if not (_is_real(sample_rate) and 0.0 < float(sample_rate) <= 1.0):
-        raise ConfigError(f"`sample_rate` must be in (0, 1], got {sample_rate!r}.")
-    return [node for node in node_ids if rng.random() < sample_rate]
-
-
-def connected_sites(grid: Grid, *, planned: int, timeout: float, poll: float = 1.0) -> int:
-    """N, the number of sites the grid reports connected, once it equals the `planned` number.
-
-    Sites still connecting are waited for, up to `timeout` seconds; more sites than planned are
-    refused at once (an unplanned node taking part is a site registered by mistake, or a Sybil).
-    A mismatch is refused rather than recalibrated: the operator set the target and the number of
-    sites together, the denominator q N and the rate q depend on N, and a federation that is not
-    the planned one should stop the run before round 1, not change its guarantee silently.
-
-    Args:
-        grid: the ServerApp's grid (only `get_node_ids()` is used).
-        planned: the number of sites the run was planned for (`federation.sites`).
-        timeout: seconds to wait for missing sites.
-        poll: seconds between looks.
-
-    Returns:
-        `planned`, now observed.
-
-    Raises:
-        ConfigError: the grid reports more sites than planned, or fewer after `timeout` seconds;
-            the message names both numbers.
-    """
-    deadline = time.monotonic() + timeout
-    last_logged = -math.inf
-    while True:
-        found = len(set(grid.get_node_ids()))
-        if found > planned:
-            raise ConfigError(_mismatch(planned, found, "are connected"))
-        if found == planned:
-            logger.info("client-level DP: %d sites connected, as planned", found)
-            return found
-        now = time.monotonic()
-        if now >= deadline:
-            raise ConfigError(_mismatch(planned, found, f"were connected after waiting {timeout:g} s"))
-        if now - last_logged >= 10.0:
-            logger.info("client-level DP: waiting for sites to connect: %d of the planned %d", found, planned)
-            last_logged = now
-        time.sleep(min(poll, deadline - now))
-
-
-def _mismatch(planned: int, found: int, what: str) -> str:
-    return (
-        f"client-level DP is planned for federation.sites = {planned} sites (N, which sets the sampling rate and "
-        f"the denominator q N), but {found} {what}. Set federation.sites to {found} in the run config "
-        f"if that is the federation, or connect the missing sites; the run was not started."
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The plan
-# ---------------------------------------------------------------------------------------------
-
-SAMPLING_SCHEME = "poisson"
-NEIGHBOURING = "add or remove one site (all of its data)"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClientLevelPlan:
-    """Client-level DP's mechanism and guarantee for a run: what the strategy does and what it is worth.
-
-    Attributes:
-        clip_norm: C.
-        noise_multiplier: z (given, or calibrated to the target epsilon).
-        sample_rate: q, the Poisson rate at which each site joins a round.
-        sites: N, the number of sites sampled from.
-        sites_source: where N came from (the simulation's site count, or the connected nodes).
-        rounds: T.
-        delta: the delta of the guarantee.
-        accountant: the accountant that computed `epsilon`.
-        epsilon: the client-level epsilon after T rounds, at `delta`.
-    """
-
-    clip_norm: float
-    noise_multiplier: float
-    sample_rate: float
-    sites: int
-    sites_source: str
-    rounds: int
-    delta: float
-    accountant: str
-    epsilon: float
-
-    @property
-    def expected_sites(self) -> float:
-        """m = q N, the expected number of sites per round: the fixed denominator."""
-        return self.sample_rate * self.sites
-
-    def to_dict(self) -> dict[str, Any]:
-        """The record of the plan in summary.json (`client_level`)."""
-        sampling = (
-            "every connected site every round (q = 1: no amplification by sampling)"
-            if self.sample_rate >= 1.0
-            else "Poisson: each connected site joins each round independently with probability q (OS CSPRNG); "
-            "accounted as the Poisson-sampled Gaussian mechanism"
-        )
-        return {
-            "mechanism": "DP-FedAvg (McMahan et al. 2018): per-site update clipping, Gaussian noise, fixed denominator q N",
-            "clip_norm": self.clip_norm,
-            "noise_multiplier": self.noise_multiplier,
-            "sampling_scheme": SAMPLING_SCHEME,
-            "sampling": sampling,
-            "neighbouring": NEIGHBOURING,
-            "sample_rate": self.sample_rate,
-            "sites": self.sites,
-            "sites_source": self.sites_source,
-            "expected_sites": self.expected_sites,
-            "rounds": self.rounds,
-            "delta": self.delta,
-            "accountant": self.accountant,
-            "epsilon": self.epsilon,
-        }
-
-
-def plan_client_level(
-    *,
-    sites: int,
-    sites_source: str,
-    fraction_train: float,
-    min_sites: int,
-    rounds: int,
-    clip_norm: float,
-    noise_multiplier: float,
-    target_epsilon: float,
-    delta: float,
-    accountant: str = "rdp",
-) -> ClientLevelPlan:
-    """The plan for N sites: q from `client_sample_rate`, z as given or calibrated, and its epsilon.
-
-    Args:
-        sites: N, the number of sites actually sampled from (observed, never a default).
-        sites_source: where N came from, for the record.
-        fraction_train, min_sites: see `client_sample_rate`.
-        rounds: T.
-        clip_norm: C.
-        noise_multiplier: z; 0 calibrates it to `target_epsilon`.
-        target_epsilon: the epsilon to reach after T rounds when z is calibrated.
-        delta: the delta of the guarantee.
-        accountant: one of `fedtune.common.accounting.ACCOUNTANTS`.
-
-    Raises:
-        ConfigError: a knob out of range, or a target the accountant cannot certify.
-    """
-    q = client_sample_rate(sites=sites, fraction_train=fraction_train, min_sites=min_sites)
-    z = noise_multiplier or calibrate_client_noise(
-        target_epsilon=target_epsilon, delta=delta, sample_rate=q, rounds=rounds, accountant=accountant
-    )
-    return ClientLevelPlan(
-        clip_norm=clip_norm, noise_multiplier=z, sample_rate=q, sites=sites, sites_source=sites_source, rounds=rounds,
-        delta=delta, accountant=accountant,
-        epsilon=client_level_epsilon(sample_rate=q, noise_multiplier=z, rounds=rounds, delta=delta, accountant=accountant),
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,14 +427,6 @@ def _reply_arrays(reply: Message) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))  # type: ignore[arg-type]
 
 
 def _knob_problems(*, clip_norm: object, noise_multiplier: object) -> list[str]:

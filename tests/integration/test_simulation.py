@@ -140,7 +140,7 @@ def test_existing_run_directory_is_not_overwritten(run_dir: Path, tiny_model_dir
 
 
 def test_client_level_dp_run_records_its_guarantee(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from fedtune.server.client_dp import client_level_epsilon
+    from fedtune.server.client_dp_plan import client_level_epsilon
     from fedtune.simulations.simulate import run_simulation
 
     run = from_dict(

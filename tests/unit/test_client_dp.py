@@ -22,16 +22,13 @@ from fedtune.common.config import RunConfig, from_dict
 from fedtune.common.errors import ConfigError, UpdateError
 from fedtune.common.messages import RoundInstructions
 from fedtune.server.app import client_dp_plan, make_strategy
-from fedtune.server.client_dp import (
-    ClientLevelDP,
+from fedtune.server.client_dp import ClientLevelDP, clip_update, dp_fedavg_aggregate, update_delta
+from fedtune.server.client_dp_plan import (
     calibrate_client_noise,
     client_level_epsilon,
     client_sample_rate,
-    clip_update,
     connected_sites,
-    dp_fedavg_aggregate,
     poisson_sample,
-    update_delta,
 )
 from fedtune.server.records import RunRecorder
 from fedtune.server.rounds import run_rounds
