@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtune.client.ledger import ALL_RECORDS, LEDGER_FILE, V1_BACKUP_FILE, PrivacyLedger
+from fedtune.client.ledger import PrivacyLedger
+from fedtune.client.ledger_state import ALL_RECORDS, LEDGER_FILE, V1_BACKUP_FILE
 from fedtune.common.accounting import RDP_ORDERS, Segment, epsilon
 from fedtune.common.data import load_table, record_digests
 from fedtune.common.errors import ConfigError, DataError, PrivacyBudgetError
