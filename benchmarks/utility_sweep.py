@@ -71,9 +71,9 @@ def federated_run(run, *, data_dir: Path) -> dict:  # type: ignore[no-untyped-de
         states, weights = [], []
         for pid, (site, dataset) in enumerate(sites):
             load_adapter_state(model, global_state)
-            metrics = train_round(model, dataset, site=site, run=run, run_id="sweep", server_round=rnd,
-                                  num_rounds=run.federation.rounds, seed=1000 * rnd + pid)
-            epsilon = max(epsilon, float(metrics["epsilon"]))
+            privacy, _ = train_round(model, dataset, site=site, run=run, run_id="sweep", server_round=rnd,
+                                     num_rounds=run.federation.rounds, seed=1000 * rnd + pid)
+            epsilon = max(epsilon, privacy.epsilon)
             states.append(adapter_state(model))
             weights.append(len(dataset))
         total = float(sum(weights))
