@@ -61,7 +61,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
         fedtune("certs", "init", "--out", str(dep.certs), env=dep.env)
         start_coordinator(dep.procs, certs=dep.certs, state=dep.root / "coordinator-state", ports=dep.ports, env=dep.env)
         for name, rows in (("site-a", slice(0, 120)), ("site-b", slice(120, 240))):
-            dep.init_site(name, rows)
+            site_toml = dep.init_site(name, rows)
+            if name == "site-b":  # one site accepts only the app bundle whose digest its operator approved
+                digest = fedtune("app", "hash", env=dep.env).stdout.split()[0]
+                with open(site_toml, "a", encoding="utf-8") as f:
+                    f.write(f'\n[apps]\ntrusted_hashes = ["{digest}"]\n')
             fedtune("coordinator", "add-site", str(dep.site_dir(name) / "node-key.pub"), "--name", name,
                     "--coordinator", dep.admin_address, "--certs", str(dep.certs), env=dep.env)
             dep.start_site(name)
@@ -80,7 +84,8 @@ def first_run(deployment: Deployment) -> Path:
 def test_site_check_passes_every_check(deployment: Deployment) -> None:
     result = fedtune("site", "check", "--config", str(deployment.site_dir("site-a") / "site.toml"), env=deployment.env)
     lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert len(lines) == 5 and all(line.startswith("ok") for line in lines), result.stdout
+    assert len(lines) == 6 and all(line.startswith("ok") for line in lines), result.stdout
+    assert "statistics released: none" in result.stdout, "the default policy is shown"
     assert "TLS" in result.stdout
 
 
@@ -112,25 +117,24 @@ def test_epsilon_per_site_is_in_the_summary_and_in_each_site_ledger(first_run: P
     for name, site in sites.items():
         assert 0 < site["epsilon"] <= 3.0
         ledger = PrivacyLedger(deployment.site_dir(name) / "state")
-        (dataset,) = ledger.summary()
-        assert ledger.spent_epsilon(dataset, delta=site["delta"]) == pytest.approx(site["epsilon"])
+        assert ledger.summary(delta=site["delta"]).max_epsilon == pytest.approx(site["epsilon"])
+        assert site["statistics"] == "none", "the default policy releases no statistics"
 
 
 def test_ledger_survives_a_daemon_restart(first_run: Path, deployment: Deployment) -> None:
     from fedtune.client.ledger import PrivacyLedger
 
     ledger = PrivacyLedger(deployment.site_dir("site-a") / "state")
-    (dataset,) = ledger.summary()
-    before = ledger.spent_epsilon(dataset, delta=1e-5)
+    before = ledger.summary(delta=1e-5).max_epsilon
     deployment.procs.stop("site-a")
     deployment.start_site("site-a")
 
     out = deployment.root / "run-2"
     deployment.run(out, "--rounds", "1", "--epsilon", "5")
 
-    charges = ledger.charges(dataset)
+    charges = ledger.charges()
     assert len({c.run for c in charges}) == 2, "both runs are on the same ledger"
-    after = ledger.spent_epsilon(dataset, delta=1e-5)
+    after = ledger.summary(delta=1e-5).max_epsilon
     assert before < after <= 5.0 + 1e-9
     summary = {s["site"]: s for s in json.loads((out / "summary.json").read_text())["sites"]}
     assert summary["site-a"]["epsilon"] == pytest.approx(after), "the second run reports the lifetime epsilon, not a restart at zero"
@@ -171,7 +175,9 @@ def test_sites_refuse_a_run_whose_labels_do_not_match_their_data(deployment: Dep
     assert line["sites_replied"] == 0
     reasons = {r["site"]: r["reason"] for r in line["sites_rejected"]}
     assert len(reasons) == 2
-    assert all("DataError" in r and "is not one of ['cardiology', 'oncology']" in r for r in reasons.values()), reasons
+    # A code, never the site's labels, a row number or its file's path.
+    assert {r["code"] for r in line["sites_rejected"]} == {"labels-mismatch"}, reasons
+    assert not any("cardiology" in r or "row" in r or ".csv" in r for r in reasons.values()), reasons
 
 
 def test_status_lists_the_runs(first_run: Path, deployment: Deployment) -> None:
