@@ -240,6 +240,8 @@ class TrainConfig:
             mode (see :meth:`RunConfig.learning_rate`).
         weight_decay: Weight decay.
         optimizer: 'adamw', or 'sgd' (with momentum 0.9).
+        proximal_mu: FedProx's mu (Li et al. 2020): each site adds (mu / 2) ||w - w_global||^2 to
+            its local loss, inside the DP-SGD step; 0 turns it off.
     """
 
     local_epochs: float = 2.0
@@ -248,9 +250,11 @@ class TrainConfig:
     learning_rate: float = 0.0
     weight_decay: float = 0.0
     optimizer: str = "adamw"
+    proximal_mu: float = 0.0
 
     def problems(self) -> list[str]:
         p: list[str] = []
+        _check(p, self.proximal_mu >= 0, f"train.proximal_mu must be >= 0 (0: off), got {self.proximal_mu}.")
         _check(p, self.local_epochs > 0, f"train.local_epochs must be > 0, got {self.local_epochs}.")
         _check(p, self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}.")
         _check(p, self.physical_batch_size >= 1, f"train.physical_batch_size must be >= 1, got {self.physical_batch_size}.")
@@ -258,6 +262,57 @@ class TrainConfig:
         _check(p, self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}.")
         _check(p, self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}.")
         return p
+
+
+SERVER_OPTIMIZERS = ("none", "momentum", "adam", "yogi")
+AGGREGATION_SYNTAX = "fedavg | ffa | median | trimmed-mean:BETA (0 <= BETA < 0.5) | krum:F | multi-krum:F (F >= 0 Byzantine sites)"
+ROBUST_RULES = ("median", "trimmed-mean", "krum", "multi-krum")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregationSpec:
+    """A parsed ``federation.aggregation``.
+
+    Attributes:
+        rule: 'fedavg'; 'ffa' (FFA-LoRA, Sun et al. 2024: A frozen at a shared seed-derived
+            initialisation, only B and the head trained and averaged, so the average is exact);
+            or a robust rule over individual updates: 'median' (coordinate-wise), 'trimmed-mean',
+            'krum' or 'multi-krum' (Blanchard et al. 2017).
+        trim: BETA of 'trimmed-mean': the fraction cut from each end of every coordinate.
+        byzantine: F of 'krum'/'multi-krum': the number of Byzantine sites tolerated.
+    """
+
+    rule: str
+    trim: float = 0.0
+    byzantine: int = 0
+
+    @property
+    def robust(self) -> bool:
+        """Robust rules need each site's update, which secure aggregation hides."""
+        return self.rule in ROBUST_RULES
+
+
+def parse_aggregation(text: str) -> AggregationSpec:
+    """Parse ``federation.aggregation``; ConfigError names the value and the syntax."""
+    name, _, arg = text.partition(":")
+    bad = ConfigError(f"federation.aggregation must be {AGGREGATION_SYNTAX}, got {text!r}.")
+    if name in ("fedavg", "ffa", "median"):
+        if arg:
+            raise bad
+        return AggregationSpec(rule=name)
+    if name == "trimmed-mean":
+        try:
+            trim = float(arg)
+        except ValueError:
+            raise bad from None
+        if not 0 <= trim < 0.5:
+            raise bad
+        return AggregationSpec(rule=name, trim=trim)
+    if name in ("krum", "multi-krum"):
+        if not arg.isdigit():
+            raise bad
+        return AggregationSpec(rule=name, byzantine=int(arg))
+    raise bad
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,6 +326,10 @@ class FederationConfig:
         fraction_evaluate: Fraction sampled for federated evaluation (0 skips it).
         min_sites: Minimum sites to sample (and to wait for) each round.
         round_timeout: Seconds to wait for replies each round.
+        aggregation: How the coordinator combines the sites' adapters (see :func:`parse_aggregation`).
+        server_opt: Server optimiser over the averaged adapter update (Reddi et al. 2021):
+            'none' (the average becomes the new adapter), 'momentum' (FedAvgM), 'adam', 'yogi'.
+        server_lr: The server optimiser's learning rate (1.0 with 'none' is plain FedAvg).
     """
 
     sites: int = 3
@@ -279,6 +338,13 @@ class FederationConfig:
     fraction_evaluate: float = 1.0
     min_sites: int = 2
     round_timeout: float = 900.0
+    aggregation: str = "fedavg"
+    server_opt: str = "none"
+    server_lr: float = 1.0
+
+    @property
+    def aggregation_spec(self) -> AggregationSpec:
+        return parse_aggregation(self.aggregation)
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -288,6 +354,12 @@ class FederationConfig:
         _check(p, 0 <= self.fraction_evaluate <= 1, f"federation.fraction_evaluate must be in [0, 1], got {self.fraction_evaluate}.")
         _check(p, self.min_sites >= 1, f"federation.min_sites must be >= 1, got {self.min_sites}.")
         _check(p, self.round_timeout > 0, f"federation.round_timeout must be > 0, got {self.round_timeout}.")
+        try:
+            parse_aggregation(self.aggregation)
+        except ConfigError as err:
+            p.extend(err.problems)
+        _check(p, self.server_opt in SERVER_OPTIMIZERS, f"federation.server_opt must be one of {list(SERVER_OPTIMIZERS)}, got {self.server_opt!r}.")
+        _check(p, self.server_lr > 0, f"federation.server_lr must be > 0, got {self.server_lr}.")
         return p
 
 
@@ -316,6 +388,11 @@ class RunConfig:
             problems.append(
                 "secure_agg and client_dp cannot be combined: client-level DP clips each site's update at the "
                 "coordinator, and secure aggregation hides those updates from it."
+            )
+        if self.secure_agg.enabled and fed.aggregation.split(":")[0] in ROBUST_RULES:
+            problems.append(
+                f"federation.aggregation = {fed.aggregation!r} cannot be combined with secure_agg: a robust rule needs each "
+                "site's update, and secure aggregation shows the coordinator only their sum."
             )
         if self.secure_agg.enabled and fed.min_sites < 2:
             problems.append(f"secure_agg needs federation.min_sites >= 2 (a sum over one site is that site's update), got {fed.min_sites}.")

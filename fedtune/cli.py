@@ -75,6 +75,10 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "min_sites": ("federation", "min_sites"),
         "fraction_train": ("federation", "fraction_train"),
         "fraction_evaluate": ("federation", "fraction_evaluate"),
+        "aggregation": ("federation", "aggregation"),
+        "server_opt": ("federation", "server_opt"),
+        "server_lr": ("federation", "server_lr"),
+        "proximal_mu": ("train", "proximal_mu"),
         "local_epochs": ("train", "local_epochs"),
         "batch_size": ("train", "batch_size"),
         "learning_rate": ("train", "learning_rate"),
@@ -110,7 +114,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 
 def _run_options(f: Any) -> Any:
     """Options shared by every command that starts a federated run; [defaults] come from the config."""
-    from fedtune.common.config import DP_LEARNING_RATE, PLAIN_LEARNING_RATE, RunConfig
+    from fedtune.common.config import AGGREGATION_SYNTAX, DP_LEARNING_RATE, PLAIN_LEARNING_RATE, SERVER_OPTIMIZERS, RunConfig
 
     d = RunConfig()
     options = [
@@ -132,6 +136,11 @@ def _run_options(f: Any) -> Any:
         click.option("--client-dp-epsilon", type=float, help=f"Client-level target epsilon after the planned rounds [{d.client_dp.target_epsilon:g}]."),
         click.option("--client-dp-clip-norm", type=float, help=f"Bound S on each site's update norm [{d.client_dp.clip_norm:g}]."),
         click.option("--secure-agg", is_flag=True, default=False, help="Secure aggregation (SecAgg+): the coordinator learns only the weighted mean of the sites' adapters."),
+        click.option("--aggregation", help=f"How adapters are combined: {AGGREGATION_SYNTAX} [{d.federation.aggregation}]."),
+        click.option("--server-opt", type=click.Choice(list(SERVER_OPTIMIZERS)),
+                     help=f"Server optimiser over the averaged update: FedAvgM, FedAdam, FedYogi [{d.federation.server_opt}]."),
+        click.option("--server-lr", type=float, help=f"Server optimiser learning rate [{d.federation.server_lr:g}]."),
+        click.option("--proximal-mu", type=float, help=f"FedProx mu: each site's proximal term (mu/2)||w - w_global||^2 [{d.train.proximal_mu:g}]."),
         click.option("--lora-rank", type=int, help=f"LoRA rank r [{d.lora.rank}]."),
         click.option("--base-model", type=click.Path(file_okay=False), help="Local Hugging Face model folder (default: packaged all-MiniLM-L6-v2)."),
         click.option("--max-length", type=int, help=f"Tokens per example [{d.model.max_length}]."),
