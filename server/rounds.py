@@ -75,10 +75,12 @@ def _validation_means(stats: list[ValidationStats]) -> dict[str, float | None]:
     }
 
 
-def _plain_exchange(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, messages: list[Message], timeout: float) -> TrainExchange:
+def _plain_exchange(
+    grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, messages: list[Message], timeout: float, max_update_norm: float = 0.0
+) -> TrainExchange:
     down = arrays_nbytes(arrays) * len(messages)
     replies = send_and_receive(grid, messages, timeout=timeout) if messages else []
-    accepted, rejected = screen_train_replies(replies, arrays)
+    accepted, rejected = screen_train_replies(replies, arrays, max_update_norm=max_update_norm)
     if not accepted:
         logger.warning("round %d: no usable update (%d sites sampled)", server_round, len(messages))
     # Called even with no update: a DP strategy must still release a noised adapter, or an
@@ -94,10 +96,17 @@ def _plain_exchange(grid: Grid, strategy: Strategy, server_round: int, arrays: A
     )
 
 
-def _secure_exchange(grid: Grid, server_round: int, arrays: ArrayRecord, messages: list[Message], timeout: float, secure: SecureAggConfig) -> TrainExchange:
+def _secure_exchange(
+    grid: Grid, server_round: int, arrays: ArrayRecord, messages: list[Message], timeout: float, secure: SecureAggConfig,
+    strategy: Strategy | None = None,
+) -> TrainExchange:
     from .secure_agg import secure_train_round
+    from .server_opt import ServerOptimizer
 
     outcome = secure_train_round(grid, messages, server_round=server_round, expected=arrays, settings=secure, timeout=timeout)
+    # The protocol's mean replaces the strategy's aggregation, so a server optimiser steps from it
+    # here: it needs only the mean, which is all SecAgg+ shows the coordinator anyway.
+    aggregate = strategy.apply(server_round, outcome.aggregate) if isinstance(strategy, ServerOptimizer) else outcome.aggregate
     updates, rejected = [], [rejection_of_error(m) for m in outcome.errors]
     for m in outcome.updates:
         try:
@@ -105,7 +114,7 @@ def _secure_exchange(grid: Grid, server_round: int, arrays: ArrayRecord, message
         except UpdateError as err:  # its masked vector is already in the sum: only its figures are dropped
             rejected.append(Rejection(site_name(m), f"metrics not recorded: {err}"))
     return TrainExchange(
-        arrays=outcome.aggregate,
+        arrays=aggregate,
         updates=updates,
         rejected=rejected,
         bytes_up=outcome.bytes_up,
@@ -134,6 +143,7 @@ def run_rounds(
     secure: SecureAggConfig | None = None,
     validate: bool = True,
     echo: Callable[[str], None] = print,
+    max_update_norm: float = 0.0,
 ) -> tuple[ArrayRecord, RoundTotals]:
     """Run ``num_rounds`` rounds; returns the final global adapter and the bytes exchanged.
 
@@ -145,6 +155,9 @@ def run_rounds(
     With ``secure`` enabled, each training exchange runs as SecAgg+ and its unmasked mean replaces
     the strategy's aggregation (a weighted mean is all the protocol yields); a round the protocol
     cannot finish raises :class:`~fedtune.server.secure_agg.SecureAggregationError`.
+
+    ``max_update_norm`` > 0 bounds each tensor group's update norm in screening (plain exchanges
+    only: secure aggregation hides the updates, and `make_strategy` refuses the combination).
     """
     arrays = initial
     totals = RoundTotals()
@@ -153,9 +166,9 @@ def run_rounds(
         started = time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
         if secure is not None and secure.enabled:
-            exchange = _secure_exchange(grid, server_round, arrays, messages, timeout, secure)
+            exchange = _secure_exchange(grid, server_round, arrays, messages, timeout, secure, strategy)
         else:
-            exchange = _plain_exchange(grid, strategy, server_round, arrays, messages, timeout)
+            exchange = _plain_exchange(grid, strategy, server_round, arrays, messages, timeout, max_update_norm)
         if exchange.arrays is not None:
             arrays = exchange.arrays
         for reply in exchange.updates:
@@ -236,9 +249,10 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _round_line(line: dict, num_rounds: int) -> str:  # type: ignore[type-arg]
     test = f"  test-accuracy {line['test_accuracy']:.3f}" if line["test_accuracy"] is not None else ""
+    # Training loss exists only when a site's policy releases clear statistics.
+    train = f"  train-loss {line['train_loss']:.4f}" if line["train_loss"] is not None else ""
     return (
-        f"round {line['round']}/{num_rounds}  sites {line['sites_replied']}/{line['sites_sampled']}"
-        f"  train-loss {_fmt(line['train_loss'], '.4f')}"
+        f"round {line['round']}/{num_rounds}  sites {line['sites_replied']}/{line['sites_sampled']}{train}"
         f"  val-accuracy(round {_fmt(line['validated_round'], 'd')}) {_fmt(line['accuracy'], '.3f')}{test}"
         f"  max-epsilon {_fmt(line['max_epsilon'], '.2f')}"
         f"  up {line['bytes_up'] / 1e3:.0f} kB  down {line['bytes_down'] / 1e3:.0f} kB  {line['seconds']:.1f}s"
