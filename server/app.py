@@ -22,12 +22,14 @@ from .client_dp import ClientLevelDP
 from .client_dp_plan import ClientLevelPlan, connected_sites, plan_client_level
 from .records import RunRecorder
 from .rounds import TestScore, checkpoint_dir, run_rounds
+from .server_opt import server_optimizer
 
 logger = logging.getLogger(__name__)
 
 
 def make_strategy(run: RunConfig, client_plan: ClientLevelPlan | None = None) -> Strategy:
-    """FedAvg weighted by examples (McMahan et al. 2017), or DP-FedAvg with Poisson sampling when client-level DP is planned."""
+    """FedAvg weighted by examples (McMahan et al. 2017), or DP-FedAvg with Poisson sampling when client-level DP is planned,
+    inside the server optimiser `federation.server_opt` names (none for plain FedAvg)."""
     fed = run.federation
     strategy: Strategy = FedAvg(
         fraction_train=fed.fraction_train,
@@ -40,7 +42,9 @@ def make_strategy(run: RunConfig, client_plan: ClientLevelPlan | None = None) ->
         # FedAvg stays for evaluation only: ClientLevelDP samples and aggregates the training rounds.
         # Simulations are reproducible (seeded sampling); deployed runs sample from the OS's CSPRNG.
         strategy = ClientLevelDP.from_plan(strategy, client_plan, seed=run.seed if run.simulation else None)
-    return strategy
+    # Outermost: the server optimiser steps from whatever the round released (a DP release stays DP:
+    # post-processing); under secure aggregation rounds.py hands it the SecAgg+ mean instead.
+    return server_optimizer(strategy, name=fed.server_opt, lr=fed.server_lr)
 
 
 def client_dp_plan(run: RunConfig, grid: Grid | None = None) -> ClientLevelPlan:
