@@ -6,7 +6,9 @@
 
 Each site runs the real site code (``client.local.prepare_site`` / ``train_round``: the same split,
 Poisson sampling, noise calibrated by the site's ledger to the target epsilon, Opacus DP-SGD); the
-coordinator's part is an example-weighted mean of the adapters, which is what FedAvg computes.
+coordinator's part is an example-weighted mean of the adapters, which is what FedAvg computes
+(under ``federation.aggregation=ffa`` the adapters are B and the head only, as in a real run:
+``--grid federation.aggregation=fedavg,ffa`` compares FFA-LoRA with plain LoRA).
 Sites run one after another in this process, so a 4-site run takes a fraction of the time of
 `fedtune simulate` (no Ray, no per-message processes, no federated evaluation). Use it to choose
 defaults; report the chosen ones with benchmarks/utility.py, which runs `fedtune simulate` itself.
@@ -48,14 +50,14 @@ def federated_run(run, *, data_dir: Path) -> dict:  # type: ignore[no-untyped-de
     import torch
 
     from fedtune.client.local import prepare_site, train_round
-    from fedtune.common.model import adapter_state, build_model, load_adapter_state, load_tokenizer
+    from fedtune.common.model import adapter_state, build_model, load_adapter_state, load_tokenizer, uses_ffa
     from fedtune.common.sitedata import load_config_table, run_labels, simulated_split
     from fedtune.common.tasks import encode, evaluate
 
     table = load_config_table(run.data)
     labels = run_labels(run.data, table)
     tokenizer = load_tokenizer(run.model)
-    model = build_model(run.model, run.lora, len(labels), seed=run.seed).model
+    model = build_model(run.model, run.lora, len(labels), seed=run.seed, ffa=uses_ffa(run)).model
     global_state = adapter_state(model)
     split = simulated_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
     test = encode(tokenizer, [table.texts[i] for i in split.test], [table.labels[i] for i in split.test], labels,

@@ -35,6 +35,7 @@ from fedtune.common.model import (
     load_adapter_state,
     load_tokenizer,
     resolve_base_model,
+    uses_ffa,
 )
 from fedtune.common.messages import MAX_WEIGHT_KEY
 from fedtune.common.tasks import encode
@@ -50,10 +51,13 @@ _TOKENIZERS: dict[Any, Any] = {}
 
 
 def _model(run: RunConfig, num_labels: int) -> ModelBundle:
-    key = (run.model, run.lora, num_labels)
+    # Under FFA-LoRA the frozen A comes from the run's seed, not from the received adapter: a model
+    # cached for another mode or seed would train against another A.
+    ffa = uses_ffa(run)
+    key = (run.model, run.lora, num_labels, ffa, run.seed if ffa else None)
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = build_model(run.model, run.lora, num_labels, seed=run.seed)
+        _MODELS[key] = build_model(run.model, run.lora, num_labels, seed=run.seed, ffa=ffa)
     return _MODELS[key]
 
 

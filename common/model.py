@@ -1,19 +1,23 @@
 """Base model + LoRA factory, and the adapter state exchanged between sites and coordinator.
 
 The exchanged tensors are a function of the method: for LoRA with a trained head that is every
-``lora_A``/``lora_B`` matrix plus the head; nothing of the frozen base model ever travels.
+``lora_A``/``lora_B`` matrix plus the head; under FFA-LoRA (``federation.aggregation = "ffa"``)
+only the ``lora_B`` matrices and the head, since every process derives the frozen ``lora_A``
+matrices from the run's seed. Nothing of the frozen base model ever travels.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import POOLINGS, LoraSettings, ModelConfig
+from .config import POOLINGS, LoraSettings, ModelConfig, RunConfig
 from .errors import ConfigError, UpdateError, check_tensor_names
 
 logger = logging.getLogger(__name__)
@@ -42,8 +46,6 @@ def resolve_base_model(config: ModelConfig) -> Path:
 def base_model_id(config: ModelConfig) -> str:
     """A short fingerprint of the base model's ``config.json``: coordinator and sites compare it,
     since each loads the model from its own folder."""
-    import hashlib
-
     return hashlib.sha256((resolve_base_model(config) / "config.json").read_bytes()).hexdigest()[:16]
 
 
@@ -62,13 +64,17 @@ class ModelBundle:
 
 
 def build_model(
-    model_config: ModelConfig, lora: LoraSettings, num_labels: int, *, seed: int = 0
+    model_config: ModelConfig, lora: LoraSettings, num_labels: int, *, seed: int = 0, ffa: bool = False
 ) -> ModelBundle:
     """Load the base model for sequence classification and wrap it with LoRA.
 
     The freshly initialised parts (LoRA A, the head) come from ``seed``, so every process that
     builds the model with the same seed starts from the same weights; the coordinator still sends
-    the initial adapter, so sites never rely on that.
+    the initial adapter, so sites never rely on that, except for what FFA-LoRA freezes.
+
+    With ``ffa`` (FFA-LoRA, see :func:`freeze_lora_a`) every LoRA A matrix is set from ``seed``
+    and the parameter's name alone and frozen, and the exchanged state is the B matrices and the
+    head: a site then *does* rely on ``seed``, and reproduces A bit for bit.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -95,8 +101,66 @@ def build_model(
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.requires_grad_(True)
+    if ffa:
+        freeze_lora_a(model, seed=seed)
     exchanged = tuple(adapter_state(model).keys())
     return ModelBundle(model=model, exchanged=exchanged)
+
+
+def uses_ffa(run: RunConfig) -> bool:
+    """Whether ``run`` trains with FFA-LoRA (``federation.aggregation = "ffa"``): the one place that
+    decides it, so the coordinator and every site build the same model from the same run config."""
+    return run.federation.aggregation_spec.rule == "ffa"
+
+
+# Set on a PEFT model whose LoRA A matrices are frozen (FFA-LoRA): its exchanged state leaves them out.
+FFA_MARKER = "fedtune_ffa_lora"
+
+
+def freeze_lora_a(model: torch.nn.Module, *, seed: int) -> None:
+    """FFA-LoRA (Sun et al., ICLR 2024, arXiv:2403.12313): freeze every LoRA A at a seed-derived value.
+
+    With A shared and fixed, the FedAvg of the sites' B_i is exact: sum_i w_i B_i A = (sum_i w_i
+    B_i) A, whereas averaging both factors gives mean(B_i) mean(A_i) != mean(B_i A_i); half the
+    adapter bytes travel, and DP-SGD noises only the trained B and head (fewer coordinates, less
+    noise in total).
+
+    A is PEFT's default LoRA initialisation (Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(d),
+    1/sqrt(d)) for d input features), drawn from a dedicated CPU generator seeded by a hash of
+    ``seed`` and the matrix's name in the saved adapter file: it depends neither on torch's global
+    generator nor on the site, the order of construction or the device, so the coordinator and
+    every site compute the same bits and no one has to send (or be trusted with) A.
+    """
+    lora_a = [(name, p) for name, p in model.named_parameters() if ".lora_A." in name]
+    embedding_a = [name for name, _ in model.named_parameters() if ".lora_embedding_A." in name]
+    if embedding_a:
+        # PEFT initialises an embedding's A to zero; frozen, B A would stay zero for good.
+        raise ConfigError(
+            f"federation.aggregation = 'ffa' freezes LoRA A, but lora.target_modules adapt embeddings ({embedding_a[0]}), "
+            "whose A PEFT starts at zero; target linear layers only (e.g. query,value)."
+        )
+    if not lora_a:
+        raise ConfigError("federation.aggregation = 'ffa' needs LoRA A matrices, but the model has none; check lora.target_modules.")
+    for name, param in lora_a:
+        value = torch.empty(param.shape, dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=torch.Generator().manual_seed(_lora_a_seed(seed, name)))
+        with torch.no_grad():
+            param.copy_(value)
+        param.requires_grad_(False)
+    setattr(model, FFA_MARKER, True)
+    logger.debug("FFA-LoRA: %d LoRA A matrices frozen at values derived from seed %d", len(lora_a), seed)
+
+
+def _lora_a_seed(seed: int, param_name: str) -> int:
+    """A 63-bit seed from the run's seed and the tensor's name as saved (PEFT drops the adapter name)."""
+    saved_name = param_name.replace(f".{ADAPTER_NAME}.", ".")
+    digest = hashlib.sha256(f"fedtune/ffa-lora-A/{seed}/{saved_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def lora_a_frozen(model: torch.nn.Module) -> bool:
+    """True for a model built with FFA-LoRA (:func:`freeze_lora_a`)."""
+    return bool(getattr(model, FFA_MARKER, False))
 
 
 def load_classifier(path: Path, num_labels: int, *, pooling: str, **config_kwargs: object) -> torch.nn.Module:
@@ -190,16 +254,27 @@ def _head_name(model: torch.nn.Module) -> str:
 
 
 def adapter_state(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
-    """The adapter tensors in PEFT's saved-state naming (what ``adapter_model.safetensors`` holds)."""
+    """The exchanged adapter tensors in PEFT's saved-state naming (what ``adapter_model.safetensors`` holds).
+
+    Under FFA-LoRA the frozen A matrices are left out: every process derives them from the seed,
+    so they never travel and one received from anyone is refused (:func:`load_adapter_state`).
+    The saved adapter folder (:func:`save_adapter`) still holds them, so plain PEFT loads it.
+    """
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    if lora_a_frozen(model):
+        state = {k: v for k, v in state.items() if ".lora_A." not in k}
     # A copy: callers keep it as a snapshot while training goes on in place.
     return OrderedDict((k, v.detach().cpu().clone()) for k, v in sorted(state.items()))
 
 
 def load_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load adapter tensors, refusing any that do not match the model's by name, shape or dtype."""
+    """Load adapter tensors, refusing any that do not match the model's by name, shape or dtype.
+
+    The names expected are the model's exchanged ones (:func:`adapter_state`): under FFA-LoRA a
+    state carrying an A matrix is refused, and the model's own A stays.
+    """
     from peft import set_peft_model_state_dict
 
     check_adapter_state(adapter_state(model), state, source="received adapter")

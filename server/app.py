@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedtune.common.config import RunConfig, dump_toml, from_flat
 from fedtune.common.errors import ConfigError
-from fedtune.common.model import adapter_state, base_model_id, build_model, load_adapter_state, resolve_base_model, save_adapter
+from fedtune.common.model import adapter_state, base_model_id, build_model, load_adapter_state, resolve_base_model, save_adapter, uses_ffa
 from fedtune.common.messages import RoundInstructions
 from fedtune.common.sitedata import load_config_table, resolve_data_path, run_labels, simulated_split
 from fedtune.common.tasks import encode, evaluate
@@ -93,7 +93,10 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     labels = run_labels(run.data, table) if (run.simulation or run.data.labels) else []
     if not labels:
         raise ConfigError("data.labels is empty: a deployed run needs its label set (fedtune run --labels L1,L2,...).")
-    bundle = build_model(run.model, run.lora, len(labels), seed=run.seed)
+    # Under FFA-LoRA the initial arrays, the screened updates and the aggregate are B and the head
+    # only; the checkpoints and the final adapter still hold A (this model's, derived from the seed
+    # as every site derives it), so they load with plain PEFT.
+    bundle = build_model(run.model, run.lora, len(labels), seed=run.seed, ffa=uses_ffa(run))
     model = bundle.model
     initial = ArrayRecord(adapter_state(model))
 
