@@ -8,6 +8,7 @@ validates itself, and :func:`from_dict` reports *every* problem in one :class:`C
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -330,6 +331,10 @@ class FederationConfig:
         server_opt: Server optimiser over the averaged adapter update (Reddi et al. 2021):
             'none' (the average becomes the new adapter), 'momentum' (FedAvgM), 'adam', 'yogi'.
         server_lr: The server optimiser's learning rate (1.0 with 'none' is plain FedAvg).
+        max_update_norm: Bound on the L2 norm of a site's update (its adapter minus the global one)
+            in each tensor group (LoRA A, LoRA B, head) before aggregation; a site over it is
+            rejected for the round. 0 turns it off (the default: an honest norm depends on the
+            learning rate, the local steps and the group's size; see ``server/screening.py``).
     """
 
     sites: int = 3
@@ -341,6 +346,7 @@ class FederationConfig:
     aggregation: str = "fedavg"
     server_opt: str = "none"
     server_lr: float = 1.0
+    max_update_norm: float = 0.0
 
     @property
     def aggregation_spec(self) -> AggregationSpec:
@@ -360,6 +366,10 @@ class FederationConfig:
             p.extend(err.problems)
         _check(p, self.server_opt in SERVER_OPTIMIZERS, f"federation.server_opt must be one of {list(SERVER_OPTIMIZERS)}, got {self.server_opt!r}.")
         _check(p, self.server_lr > 0, f"federation.server_lr must be > 0, got {self.server_lr}.")
+        _check(
+            p, math.isfinite(self.max_update_norm) and self.max_update_norm >= 0,
+            f"federation.max_update_norm must be a finite number >= 0 (0: off), got {self.max_update_norm}.",
+        )
         return p
 
 

@@ -21,6 +21,7 @@ from fedtune.common.tasks import encode, evaluate
 from .client_dp import ClientLevelDP
 from .client_dp_plan import ClientLevelPlan, connected_sites, plan_client_level
 from .records import RunRecorder
+from .robust import robust_strategy
 from .rounds import TestScore, checkpoint_dir, run_rounds
 from .server_opt import server_optimizer
 
@@ -38,6 +39,8 @@ def make_strategy(run: RunConfig, client_plan: ClientLevelPlan | None = None) ->
         min_evaluate_nodes=fed.min_sites if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.min_sites,
     )
+    # A robust rule (median, trimmed mean, (multi-)Krum) replaces FedAvg's mean; refused with client-level DP.
+    strategy = robust_strategy(strategy, run)
     if client_plan is not None:
         # FedAvg stays for evaluation only: ClientLevelDP samples and aggregates the training rounds.
         # Simulations are reproducible (seeded sampling); deployed runs sample from the OS's CSPRNG.
@@ -144,6 +147,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         secure=run.secure_agg,
         validate=run.federation.fraction_evaluate > 0,
         echo=lambda line: print(line, flush=True),
+        max_update_norm=run.federation.max_update_norm,
     )
     load_adapter_state(model, final.to_torch_state_dict())
     save_adapter(model, run_dir / "adapter", metadata={**metadata, "round": run.federation.rounds})

@@ -1,14 +1,32 @@
 """Screening of site replies before aggregation: a bad update is rejected with a logged reason.
 
-Pure logic over Flower messages; the round goes on with the updates that pass.
+Pure logic over Flower messages; the round goes on with the updates that pass. A reply passes
+when its records and metrics are the declared ones (``common.messages``), every tensor of the
+global adapter comes back with its name, dtype and shape (as declared *and* as decoded: the
+header of a Flower Array is the sender's claim), every value is finite, and, with
+``federation.max_update_norm`` > 0, the update (reply minus the global adapter the round
+started from) has an L2 norm within the bound in each tensor group: LoRA A, LoRA B and the head
+(everything else), each group over all its tensors together.
+
+Why per group: a scaled or boosted update (the model-replacement attack of Bagdasaryan et al.,
+"How To Backdoor Federated Learning", AISTATS 2020) is caught by a norm bound (Sun et al., "Can
+You Really Backdoor Federated Learning?", 2019); the groups move at different scales (B starts at
+zero under PEFT's init, the head is trained from scratch), so one bound over everything would
+either miss a boosted A or reject an honest head. Why off by default: an honest update's norm
+grows with the learning rate, the local steps and the group's size (Adam moves every coordinate by
+up to about the learning rate per step), so no one number fits every run; an operator sets it from
+the norms of honest rounds, which are logged at DEBUG per site and group.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
 
 from fedtune.common.errors import UpdateError, check_tensor_names
 from fedtune.common.messages import ARRAYS_RECORD, METRICS_RECORD, REFUSAL_ERROR_CODE, SITE_RECORD, Refusal, TrainReply
@@ -42,8 +60,54 @@ def site_name(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
-def check_train_reply(msg: Message, expected: ArrayRecord) -> TrainReply:
-    """The parsed reply, or UpdateError unless it carries a well-formed update for ``expected``."""
+TENSOR_GROUPS = ("lora_A", "lora_B", "head")
+
+
+def tensor_group(name: str) -> str:
+    """The group a tensor's update norm is bounded in: 'lora_A', 'lora_B' or 'head' (every other tensor)."""
+    if "lora_A" in name or "lora_embedding_A" in name:
+        return "lora_A"
+    if "lora_B" in name or "lora_embedding_B" in name:
+        return "lora_B"
+    return "head"
+
+
+def group_update_norms(update: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """L2 norm of (update - expected) per tensor group, over all of a group's tensors together (float64).
+
+    Only groups that have tensors appear (e.g. no 'lora_A' under FFA-LoRA, where A is not exchanged).
+    """
+    squares: dict[str, list[float]] = {}
+    for name, ref in expected.items():
+        diff = np.asarray(update[name], dtype=np.float64) - np.asarray(ref, dtype=np.float64)
+        squares.setdefault(tensor_group(name), []).append(float(np.vdot(diff, diff)))
+    return {group: math.sqrt(math.fsum(parts)) for group, parts in squares.items()}
+
+
+def _decode(name: str, arr: Array, ref: Array) -> np.ndarray:
+    """The tensor as numpy, or UpdateError: its declared and decoded dtype and shape must be the global's."""
+    if tuple(arr.shape) != tuple(ref.shape) or arr.dtype != ref.dtype:
+        raise UpdateError(f"tensor {name} is {arr.dtype}{list(arr.shape)}, expected {ref.dtype}{list(ref.shape)}")
+    try:
+        values = arr.numpy()
+    except (ValueError, TypeError, OSError, EOFError) as err:  # np.load on bytes the sender chose
+        raise UpdateError(f"tensor {name} cannot be decoded as {arr.stype!r}: {type(err).__name__}") from None
+    if values.shape != tuple(ref.shape) or str(values.dtype) != ref.dtype:
+        # The header is the sender's claim; what aggregation uses is what decodes.
+        raise UpdateError(
+            f"tensor {name} declares {arr.dtype}{list(arr.shape)} but decodes to {values.dtype}{list(values.shape)}"
+        )
+    return values
+
+
+def check_train_reply(msg: Message, expected: ArrayRecord, *, max_update_norm: float = 0.0) -> TrainReply:
+    """The parsed reply, or UpdateError unless it carries a well-formed update for ``expected``.
+
+    Args:
+        msg: a site's reply to a train message.
+        expected: the global adapter the round started from.
+        max_update_norm: the bound on each tensor group's update norm (see the module docstring); 0: off.
+    """
     content = msg.content
     if ARRAYS_RECORD not in content.array_records:
         raise UpdateError(f"reply has no '{ARRAYS_RECORD}' record; records found: {sorted(content.keys())}")
@@ -52,29 +116,39 @@ def check_train_reply(msg: Message, expected: ArrayRecord) -> TrainReply:
     extra = sorted(set(content.keys()) - {ARRAYS_RECORD, METRICS_RECORD, SITE_RECORD})
     if extra:
         raise UpdateError(f"reply carries undeclared records {extra}")
-    reply = TrainReply.from_metrics(site_name(msg), content.metric_records[METRICS_RECORD])
+    site = site_name(msg)
+    reply = TrainReply.from_metrics(site, content.metric_records[METRICS_RECORD])
     got = content.array_records[ARRAYS_RECORD]
     check_tensor_names(expected.keys(), got.keys(), source="the update")
+    values: dict[str, np.ndarray] = {}
     for name, ref in expected.items():
-        arr = got[name]
-        if tuple(arr.shape) != tuple(ref.shape) or arr.dtype != ref.dtype:
-            raise UpdateError(
-                f"tensor {name} is {arr.dtype}{list(arr.shape)}, expected {ref.dtype}{list(ref.shape)}"
-            )
-        values = arr.numpy()
-        if not bool(_all_finite(values)):
+        values[name] = _decode(name, got[name], ref)
+        if not _all_finite(values[name]):
             raise UpdateError(f"tensor {name} has NaN or Inf values")
+    if max_update_norm > 0:
+        norms = group_update_norms(values, {name: ref.numpy() for name, ref in expected.items()})
+        logger.debug("update norms from %s: %s", site, {g: round(v, 6) for g, v in norms.items()})
+        over = {g: v for g, v in norms.items() if not v <= max_update_norm}
+        if over:
+            group, norm = next(iter(over.items()))
+            raise UpdateError(
+                f"site {site}: {group} update norm {norm:.6g} exceeds the bound {max_update_norm:g} "
+                f"(federation.max_update_norm; groups over it: {sorted(over)})"
+            )
     return reply
 
 
-def _all_finite(values) -> bool:  # type: ignore[no-untyped-def]
-    import numpy as np
-
+def _all_finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(values).all())
 
 
-def screen_train_replies(replies: list[Message], expected: ArrayRecord) -> tuple[list[tuple[Message, TrainReply]], list[Rejection]]:
-    """Split replies into accepted updates (with their parsed replies) and rejections."""
+def screen_train_replies(
+    replies: list[Message], expected: ArrayRecord, *, max_update_norm: float = 0.0
+) -> tuple[list[tuple[Message, TrainReply]], list[Rejection]]:
+    """Split replies into accepted updates (with their parsed replies) and rejections (logged with the site and reason).
+
+    ``max_update_norm`` > 0 bounds each tensor group's update norm (:func:`check_train_reply`).
+    """
     accepted: list[tuple[Message, TrainReply]] = []
     rejected: list[Rejection] = []
     for msg in replies:
@@ -82,7 +156,7 @@ def screen_train_replies(replies: list[Message], expected: ArrayRecord) -> tuple
             rejected.append(rejection_of_error(msg))
             continue
         try:
-            accepted.append((msg, check_train_reply(msg, expected)))
+            accepted.append((msg, check_train_reply(msg, expected, max_update_norm=max_update_norm)))
         except UpdateError as err:
             rejected.append(Rejection(site_name(msg), f"rejected update: {err}"))
     for r in rejected:
