@@ -78,6 +78,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "aggregation": ("federation", "aggregation"),
         "server_opt": ("federation", "server_opt"),
         "server_lr": ("federation", "server_lr"),
+        "max_update_norm": ("federation", "max_update_norm"),
         "proximal_mu": ("train", "proximal_mu"),
         "local_epochs": ("train", "local_epochs"),
         "batch_size": ("train", "batch_size"),
@@ -140,6 +141,8 @@ def _run_options(f: Any) -> Any:
         click.option("--server-opt", type=click.Choice(list(SERVER_OPTIMIZERS)),
                      help=f"Server optimiser over the averaged update: FedAvgM, FedAdam, FedYogi [{d.federation.server_opt}]."),
         click.option("--server-lr", type=float, help=f"Server optimiser learning rate [{d.federation.server_lr:g}]."),
+        click.option("--max-update-norm", type=float,
+                     help=f"Reject a site whose update's L2 norm in any tensor group (LoRA A, LoRA B, head) exceeds this; 0: off [{d.federation.max_update_norm:g}]."),
         click.option("--proximal-mu", type=float, help=f"FedProx mu: each site's proximal term (mu/2)||w - w_global||^2 [{d.train.proximal_mu:g}]."),
         click.option("--lora-rank", type=int, help=f"LoRA rank r [{d.lora.rank}]."),
         click.option("--base-model", type=click.Path(file_okay=False), help="Local Hugging Face model folder (default: packaged all-MiniLM-L6-v2)."),
@@ -159,6 +162,11 @@ def _resolve_config(config_file: str | None, prefix: str, **flags: Any):  # type
     run = from_dict(_overrides(**flags), base=base)
     if not run.out:
         run = from_dict({"out": f"runs/{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"}, base=run)
+    from fedtune.server.robust import aggregation_problems
+
+    problems = aggregation_problems(run)  # before anything starts, not at the coordinator's first round
+    if problems:
+        raise ConfigError(problems)
     return run
 
 
