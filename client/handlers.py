@@ -110,6 +110,7 @@ def _validation(bundle: ModelBundle, tokenizer: Any, site: PreparedSite, labels:
 def handle(req: SiteRequest) -> SiteReply:
     """Serve one request. Raises FedtuneError (policy, budget, data, protocol) for a typed refusal."""
     from .local import prepare_site, train_round
+    from .train import proximal_reference
 
     run = from_flat(req.run_config)
     instructions = RoundInstructions.from_config(req.config)
@@ -119,6 +120,8 @@ def handle(req: SiteRequest) -> SiteReply:
     run = _site_model(run, site.settings, instructions.base_model_id)
     bundle = _model(run, len(labels))
     load_adapter_state(bundle.model, {k: torch.from_numpy(np.asarray(v)) for k, v in req.arrays.items()})
+    # FedProx's w_g is the adapter as received, taken before anything else touches the model.
+    reference = proximal_reference(bundle.model) if req.kind == "train" and run.train.proximal_mu > 0 else None
     tokenizer = _tokenizer(run)
     run_id = str(req.run_id)
     if req.kind == "train":
@@ -136,6 +139,7 @@ def handle(req: SiteRequest) -> SiteReply:
         privacy, result = train_round(
             bundle.model, dataset, site=site, run=run, run_id=run_id, server_round=server_round,
             num_rounds=instructions.num_rounds, seed=_site_seed(run.seed, site.settings.name, server_round),
+            proximal_reference=reference,
         )
         clear = site.settings.policy.statistics == "clear"
         reply = TrainReply(

@@ -119,11 +119,13 @@ def train_round(
     server_round: int,
     num_rounds: int,
     seed: int,
+    proximal_reference: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[PrivacyParams, TrainResult]:
     """Check the run against the site's policy and budget, charge the ledger, then train one round.
 
     A deployed site ignores ``seed`` and draws its sampling and noise from OS entropy
     (see ``train_local``); a simulated site uses it, so simulations are reproducible.
+    ``proximal_reference`` is FedProx's w_g, the adapter received this round (``train_local``).
     """
     n = len(dataset)
     plan = StepPlan.for_dataset(n, run.train)
@@ -166,7 +168,8 @@ def train_round(
         # and the validation split (a duplicate) carries both kinds of charge.
         epsilon_spent = max(epsilon_spent, ledger.spent_epsilon(site.all_records, delta=settings.delta))
     result = train_local(
-        model, dataset, train=run.train, plan=plan, dp=dp, seed=seed if settings.simulated else None, learning_rate=run.learning_rate
+        model, dataset, train=run.train, plan=plan, dp=dp, seed=seed if settings.simulated else None, learning_rate=run.learning_rate,
+        proximal_reference=proximal_reference,
     )
     logger.info(
         "%s round %d: %d steps at q=%.3f, loss %.4f, epsilon %.3f/%g",

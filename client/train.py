@@ -10,6 +10,21 @@ releases a noised sum, whichever examples it drew.
 
 The privacy *accounting* does not live here: the site's persistent ledger records every step
 (see ``ledger.py``); a per-round PrivacyEngine would restart its epsilon at zero.
+
+FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks", arXiv:1812.06127):
+with ``train.proximal_mu`` = mu > 0 each example's loss becomes l_i(w) + (mu/2) ||w - w_g||^2,
+over the trainable parameters, w_g the adapter received this round. Its gradient mu (w - w_g) is
+the same for every example, and Opacus computes per-example gradients from hooks on the
+per-example loss, where a parameter-only term never appears; so the DP path adds mu (w - w_g) to
+every example's ``grad_sample`` after backward and before the DPOptimizer clips, once per example
+per logical step: what is clipped to C is the whole per-example gradient g_i + mu (w - w_g). The
+plain path adds (mu/2) ||w - w_g||^2 once per example to the summed loss, so both normalise by
+q*n alike and DP with z = 0 and a clip that never binds still equals plain training. Privacy: the
+term depends on no example (w_g came from the coordinator, w is the DP-SGD iterate, already a
+post-processing of noised releases), each clipped per-example gradient still has norm <= C, so
+the sensitivity, the noise and the ledger's charge are unchanged; it changes what is clipped (a
+large mu (w - w_g) takes part of every example's budget C). An empty Poisson sample has no
+examples and so no proximal term, in both paths.
 """
 
 from __future__ import annotations
@@ -17,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +70,41 @@ class DPSettings:
 StepHook = Callable[[int, torch.Tensor], None]
 
 
+def proximal_reference(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """FedProx's w_g: a copy of the trainable parameters as they are now, by parameter name.
+
+    Take it right after loading the adapter received this round, before any training.
+    """
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+# (parameter, its w_g) pairs in the optimizer's parameter order, and mu.
+_Proximal = tuple[list[tuple[torch.nn.Parameter, torch.Tensor]], float]
+
+
+def _proximal(model: torch.nn.Module, mu: float, reference: Mapping[str, torch.Tensor] | None) -> _Proximal | None:
+    if mu == 0:
+        return None
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if reference is None:
+        raise ConfigError(f"train.proximal_mu = {mu:g} needs the reference weights w_g (the adapter received this round); none were given.")
+    names = {name for name, _ in trainable}
+    if set(reference) != names:
+        missing, extra = sorted(names - set(reference)), sorted(set(reference) - names)
+        raise ConfigError(f"FedProx reference weights must name the {len(names)} trainable parameters; "
+                          f"missing: {missing[:5]}; unexpected: {extra[:5]}")
+    pairs = []
+    for name, p in trainable:
+        ref = reference[name]
+        if tuple(ref.shape) != tuple(p.shape):
+            raise ConfigError(f"FedProx reference {name} has shape {tuple(ref.shape)}, the parameter {tuple(p.shape)}")
+        pairs.append((p, ref.detach().to(device=p.device, dtype=p.dtype)))
+    return pairs, mu
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainResult:
+    # The mean task loss of the examples seen (FedProx's proximal term not included).
     loss: float
     steps: int
     examples_seen: int
@@ -89,6 +137,7 @@ def train_local(
     seed: int | None,
     learning_rate: float | None = None,
     on_step: StepHook | None = None,
+    proximal_reference: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run ``plan.steps`` logical steps on ``dataset``; with ``dp`` they are DP-SGD steps.
 
@@ -104,6 +153,9 @@ def train_local(
 
     ``on_step(t, indices)`` runs on the site after the update of logical step t (tests and
     diagnostics read the parameters there); nothing it sees leaves the site.
+
+    ``proximal_reference`` is FedProx's w_g (see :func:`proximal_reference` and the module
+    docstring), required when ``train.proximal_mu`` > 0 and unused when it is 0.
     """
     secure = seed is None
     if seed is None:
@@ -113,6 +165,7 @@ def train_local(
     torch.manual_seed(seed)  # dropout
     sampler_rng = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    prox = _proximal(model, train.proximal_mu, proximal_reference)
     lr = learning_rate or train.learning_rate
     if lr <= 0:
         raise ConfigError(f"train.learning_rate must be > 0 here, got {lr}.")
@@ -125,18 +178,18 @@ def train_local(
     model.train()
     start = time.perf_counter()
     if dp is None:
-        loss, seen = _train_plain(model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, on_step)
+        loss, seen = _train_plain(model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, on_step, prox)
         clipped = 0.0
     else:
         loss, seen, clipped = _train_dp(
-            model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, dp, seed, secure, on_step
+            model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, dp, seed, secure, on_step, prox
         )
     return TrainResult(
         loss=loss, steps=plan.steps, examples_seen=seen, clipped_fraction=clipped, seconds=time.perf_counter() - start
     )
 
 
-def _train_plain(model, dataset, optimizer, plan, rng, physical, expected_batch, on_step):  # type: ignore[no-untyped-def]
+def _train_plain(model, dataset, optimizer, plan, rng, physical, expected_batch, on_step, prox):  # type: ignore[no-untyped-def]
     total_loss, seen = 0.0, 0
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for step, indices in enumerate(_poisson_batches(len(dataset), plan, rng)):
@@ -145,7 +198,11 @@ def _train_plain(model, dataset, optimizer, plan, rng, physical, expected_batch,
         optimizer.zero_grad(set_to_none=False)
         for chunk in _physical(indices, physical):
             loss_sum, _ = forward_loss(model, dataset[chunk], reduction="sum")
-            (loss_sum / expected_batch).backward()
+            objective = loss_sum
+            if prox is not None:  # (mu/2) ||w - w_g||^2 in each example's loss
+                pairs, mu = prox
+                objective = loss_sum + len(chunk) * (mu / 2) * sum(((p - ref) ** 2).sum() for p, ref in pairs)
+            (objective / expected_batch).backward()
             total_loss += float(loss_sum.detach())
             seen += len(chunk)
         for p in params:
@@ -157,7 +214,9 @@ def _train_plain(model, dataset, optimizer, plan, rng, physical, expected_batch,
     return total_loss / max(seen, 1), seen
 
 
-def _train_dp(model, dataset, optimizer, plan, rng, physical, expected_batch, dp, seed, secure, on_step):  # type: ignore[no-untyped-def]
+def _train_dp(  # type: ignore[no-untyped-def]
+    model, dataset, optimizer, plan, rng, physical, expected_batch, dp, seed, secure, on_step, prox
+):
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -188,6 +247,8 @@ def _train_dp(model, dataset, optimizer, plan, rng, physical, expected_batch, dp
                 dp_optimizer.zero_grad(set_to_none=True)  # keeps the logical batch's clipped sum until its last chunk
                 loss, _ = forward_loss(gs_model, dataset[chunk])
                 loss.backward()
+                if prox is not None:
+                    _add_proximal_gradient(*prox)
                 total_loss += float(loss.detach()) * len(chunk)
                 seen += len(chunk)
                 clipped += _count_clipped(dp_optimizer, dp.clip_norm)
@@ -200,6 +261,19 @@ def _train_dp(model, dataset, optimizer, plan, rng, physical, expected_batch, dp
     finally:
         gs_model.to_standard_module()  # removes Opacus's hooks and per-example grads
     return total_loss / max(seen, 1), seen, clipped / max(seen, 1)
+
+
+@torch.no_grad()
+def _add_proximal_gradient(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]], mu: float) -> None:
+    """Add mu (w - w_g) to every example's per-example gradient, before the DPOptimizer clips it.
+
+    Each example sits in exactly one physical batch of its logical step, and the parameters do not
+    move between a logical step's physical batches, so every example gets the term once.
+    """
+    for p, ref in pairs:
+        if getattr(p, "grad_sample", None) is None:
+            raise RuntimeError(f"no per-example gradient for a trainable parameter of shape {tuple(p.shape)}: Opacus did not hook it")
+        p.grad_sample += mu * (p - ref)  # broadcast over the batch dimension
 
 
 def _count_clipped(optimizer, clip_norm: float) -> int:  # type: ignore[no-untyped-def]

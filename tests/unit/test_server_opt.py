@@ -79,12 +79,14 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 def _flat(arrays: Any) -> np.ndarray:
     """Flatten an ArrayRecord or a dict of arrays in SHAPES order, as float64."""
-    return np.concatenate([np.asarray(arrays[k].numpy() if isinstance(arrays, ArrayRecord) else arrays[k], dtype=np.float64).ravel() for k in SHAPES])
+    values = [arrays[k].numpy() if isinstance(arrays, ArrayRecord) else arrays[k] for k in SHAPES]
+    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in values])
 
 
 def _reply(arrays: dict[str, np.ndarray], *, node: int, n: int) -> Message:
     request = Message(RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
-    return Message(RecordDict({"arrays": _record(arrays), "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0})}), reply_to=request)
+    metrics = MetricRecord({"num-examples": n, "train-loss": 1.0})
+    return Message(RecordDict({"arrays": _record(arrays), "metrics": metrics}), reply_to=request)
 
 
 class NodesOnlyGrid:
@@ -106,7 +108,10 @@ def _oracle_mean(updates: list[dict[str, np.ndarray]], weights: list[int]) -> np
     return np.average(np.stack([_flat(u) for u in updates]), axis=0, weights=np.asarray(weights, dtype=np.float64))
 
 
-def _play(strategy: Any, x0: dict[str, np.ndarray], rounds: list[tuple[list[dict[str, np.ndarray]], list[int]]]) -> list[ArrayRecord | None]:
+Round = tuple[list[dict[str, np.ndarray]], list[int]]
+
+
+def _play(strategy: Any, x0: dict[str, np.ndarray], rounds: list[Round]) -> list[ArrayRecord | None]:
     """Run the rounds through configure_train / aggregate_train as server/rounds.py does."""
     arrays, out = _record(x0), []
     for r, (updates, weights) in enumerate(rounds, start=1):
@@ -289,7 +294,8 @@ def test_evaluation_is_delegated_to_the_inner_strategy() -> None:
             return MetricRecord({"accuracy": 0.5})
 
     strategy = ServerOptimizer(Spy(), ServerOptSettings(name="adam", lr=0.1))
-    assert list(strategy.configure_evaluate(3, _record(_random(np.random.default_rng(0))), ConfigRecord(), NodesOnlyGrid(NODES))) == ["evaluate"]
+    arrays = _record(_random(np.random.default_rng(0)))
+    assert list(strategy.configure_evaluate(3, arrays, ConfigRecord(), NodesOnlyGrid(NODES))) == ["evaluate"]
     assert strategy.aggregate_evaluate(3, []) is not None
     assert calls == [("configure_evaluate", 3), ("aggregate_evaluate", 3)]
 
