@@ -341,6 +341,23 @@ def test_make_strategy_puts_the_optimizer_outside_client_level_dp() -> None:
     assert isinstance(strategy, ServerOptimizer) and isinstance(strategy.inner, ClientLevelDP)
 
 
+def test_with_a_robust_rule_the_optimizer_steps_from_the_coordinate_wise_median() -> None:
+    # Prepare: make_strategy's composition; the median of the updates is x + median_i(y_i - x) = median_i(y_i)
+    rng = np.random.default_rng(13)
+    x0 = _random(rng)
+    rounds = [_round_updates(rng) for _ in range(3)]
+    strategy = make_strategy(_run_config(aggregation="median", server_opt="momentum", server_lr=0.8))
+    assert isinstance(strategy, ServerOptimizer)
+    oracle = PaperOracle("momentum", _flat(x0), eta=0.8)
+
+    # Execute
+    got = _play(strategy, x0, rounds)
+
+    # Assert
+    for new, (updates, _weights) in zip(got, rounds):
+        np.testing.assert_allclose(_flat(new), oracle.step(np.median(np.stack([_flat(u) for u in updates]), axis=0)), rtol=2e-5, atol=2e-6)
+
+
 # Secure aggregation: the real SecAgg+ workflow and client mod, through the in-process grid and the
 # fixed-update sites of test_secure_agg (only the sites' training is stubbed).
 from tests.unit.test_secure_agg import SHAPES as SECURE_SHAPES  # noqa: E402
