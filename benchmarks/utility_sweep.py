@@ -50,6 +50,7 @@ def federated_run(run, *, data_dir: Path) -> dict:  # type: ignore[no-untyped-de
     import torch
 
     from fedtune.client.local import prepare_site, train_round
+    from fedtune.client.train import proximal_reference
     from fedtune.common.model import adapter_state, build_model, load_adapter_state, load_tokenizer, uses_ffa
     from fedtune.common.sitedata import load_config_table, run_labels, simulated_split
     from fedtune.common.tasks import encode, evaluate
@@ -73,8 +74,9 @@ def federated_run(run, *, data_dir: Path) -> dict:  # type: ignore[no-untyped-de
         states, weights = [], []
         for pid, (site, dataset) in enumerate(sites):
             load_adapter_state(model, global_state)
+            reference = proximal_reference(model) if run.train.proximal_mu > 0 else None
             privacy, _ = train_round(model, dataset, site=site, run=run, run_id="sweep", server_round=rnd,
-                                     num_rounds=run.federation.rounds, seed=1000 * rnd + pid)
+                                     num_rounds=run.federation.rounds, seed=1000 * rnd + pid, proximal_reference=reference)
             epsilon = max(epsilon, privacy.epsilon)
             states.append(adapter_state(model))
             weights.append(len(dataset))
