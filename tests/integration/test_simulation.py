@@ -192,3 +192,37 @@ def test_secure_aggregation_run_matches_the_plain_run(run_dir: Path, tiny_model_
     assert max(float(abs(plain[k] - secure[k]).max()) for k in plain) <= bound + 1e-6
     summary = json.loads((secure_dir / "summary.json").read_text())
     assert summary["secure_aggregation"]["protocol"].startswith("SecAgg+")
+
+
+def test_ffa_run_exchanges_only_b_and_the_head_and_saves_the_seed_derived_a(run_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """FFA-LoRA through Flower's engine: every site builds the frozen A from the run config alone, so
+    its reply passes the coordinator's screening for B and the head; the saved adapter holds A."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from fedtune.common.model import load_classifier, uses_ffa
+    from fedtune.simulations.simulate import run_simulation
+
+    run = from_dict(
+        {
+            "model": {"base_model": str(tiny_model_dir), "max_length": 32},
+            "federation": {"sites": 2, "rounds": 1, "min_sites": 2, "aggregation": "ffa", "fraction_evaluate": 0.0},
+            "privacy": {"target_epsilon": 8.0},
+            "out": str(tmp_path / "ffa"),
+        }
+    )
+    ffa_dir = run_simulation(run)
+
+    line = json.loads((ffa_dir / "metrics.jsonl").read_text().splitlines()[0])
+    plain = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    # A site that sent its A (or built another model) would be rejected here.
+    assert line["sites_replied"] == 2 and not line["sites_rejected"]
+    assert line["bytes_up"] < 0.6 * plain["bytes_up"], (line["bytes_up"], plain["bytes_up"])
+    labels = json.loads((ffa_dir / "summary.json").read_text())["labels"]
+    model = build_model(run.model, run.lora, len(labels), seed=run.seed, ffa=uses_ffa(run)).model
+    frozen = {n.replace(".default.", "."): p for n, p in model.named_parameters() if ".lora_A." in n}
+    saved = load_file(str(ffa_dir / "adapter" / "adapter_model.safetensors"))
+    assert frozen and all(torch.equal(saved[n], a) for n, a in frozen.items())
+    initial = adapter_state(model)
+    assert any(not torch.equal(saved[k], initial[k]) for k in initial if ".lora_B." in k), "B trained"
+    PeftModel.from_pretrained(load_classifier(tiny_model_dir, len(labels), pooling=run.model.pooling), str(ffa_dir / "adapter"))
