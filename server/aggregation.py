@@ -98,23 +98,37 @@ def min_updates(spec: AggregationSpec) -> int:
     return 2 * spec.byzantine + 3 if spec.rule in ("krum", "multi-krum") else 1
 
 
+def update_delta(update: Arrays, global_arrays: Arrays, *, source: str = "update") -> dict[str, np.ndarray]:
+    """The delta Delta_k = w_k - w_t of one site's update against the global adapter, in float64.
+
+    Args:
+        update: the site's adapter after local training, name -> array.
+        global_arrays: the global adapter the site started from, name -> array.
+        source: how errors name the update.
+
+    Returns:
+        name -> float64 array, for every name of `global_arrays` (in its order).
+
+    Raises:
+        UpdateError: the names or shapes differ.
+    """
+    check_tensor_names(global_arrays, update, source=source)
+    delta = {}
+    for name, ref in global_arrays.items():
+        got = np.asarray(update[name])
+        if got.shape != np.shape(ref):
+            raise UpdateError(f"{source}: tensor {name} has shape {list(got.shape)}, expected {list(np.shape(ref))}")
+        delta[name] = got.astype(np.float64) - np.asarray(ref, dtype=np.float64)
+    return delta
+
+
 def updates_from(adapters: Sequence[Arrays], global_arrays: Arrays) -> list[dict[str, np.ndarray]]:
     """Delta_k = w_k - w_t in float64 for each site adapter w_k, in the global adapter's tensor order.
 
     Raises:
         UpdateError: an adapter whose tensor names or shapes differ from the global adapter's.
     """
-    out = []
-    for k, adapter in enumerate(adapters):
-        check_tensor_names(global_arrays, adapter, source=f"update {k}")
-        delta = {}
-        for name, ref in global_arrays.items():
-            got = np.asarray(adapter[name])
-            if got.shape != np.shape(ref):
-                raise UpdateError(f"update {k}: tensor {name} has shape {list(got.shape)}, expected {list(np.shape(ref))}")
-            delta[name] = got.astype(np.float64) - np.asarray(ref, dtype=np.float64)
-        out.append(delta)
-    return out
+    return [update_delta(adapter, global_arrays, source=f"update {k}") for k, adapter in enumerate(adapters)]
 
 
 def _stack(updates: Sequence[Arrays]) -> tuple[list[str], dict[str, tuple[int, ...]], np.ndarray]:

@@ -22,7 +22,7 @@ global adapters, as long as who was sampled stays with the coordinator; the coor
 sees every update in the clear (the trusted-server model of the paper). It composes with, and is
 independent of, the sample-level DP-SGD at each site.
 
-Pure functions (`update_delta`, `clip_update`, `dp_fedavg_aggregate`) do the math;
+Pure functions (`clip_update`, `dp_fedavg_aggregate`; `update_delta` from `server.aggregation`) do the math;
 `ClientLevelDP` is the stateful strategy wrapper. The sampling (`client_sample_rate`,
 `poisson_sample`), N on the grid (`connected_sites`), the accounting and the calibration
 (`client_level_epsilon`, `plan_client_level`) are in `fedtune.server.client_dp_plan`.
@@ -42,8 +42,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedtune.common.errors import ConfigError, UpdateError, check_tensor_names
+from fedtune.common.errors import ConfigError, UpdateError
 
+from .aggregation import update_delta
 from .client_dp_plan import ClientLevelPlan, _is_int, _is_real, poisson_sample
 
 logger = logging.getLogger(__name__)
@@ -57,29 +58,6 @@ METRIC_NOISE_STD = "client-dp-noise-std"
 # ---------------------------------------------------------------------------------------------
 # Pure math
 # ---------------------------------------------------------------------------------------------
-
-
-def update_delta(update: Arrays, global_arrays: Arrays) -> dict[str, np.ndarray]:
-    """The delta Delta_k = w_k - w_t of one site's update against the global adapter, in float64.
-
-    Args:
-        update: the site's adapter after local training, name -> array.
-        global_arrays: the global adapter the site started from, name -> array.
-
-    Returns:
-        name -> float64 array, for every name of `global_arrays` (in its order).
-
-    Raises:
-        UpdateError: the names or shapes differ.
-    """
-    check_tensor_names(global_arrays, update, source="update")
-    delta = {}
-    for name, ref in global_arrays.items():
-        got = np.asarray(update[name])
-        if got.shape != np.shape(ref):
-            raise UpdateError(f"tensor {name} has shape {list(got.shape)}, expected {list(np.shape(ref))}")
-        delta[name] = got.astype(np.float64) - np.asarray(ref, dtype=np.float64)
-    return delta
 
 
 class ClippedUpdate(NamedTuple):
