@@ -24,9 +24,9 @@ def _worker(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
 
     from fedtune.client.train import DPSettings, StepPlan, train_local
     from fedtune.common.config import LoraSettings, ModelConfig, TrainConfig
+    from fedtune.common.data import label_set, load_table
     from fedtune.common.model import build_model, load_tokenizer
     from fedtune.common.sitedata import demo_data_path
-    from fedtune.common.data import load_table, label_set
     from fedtune.common.tasks import encode
 
     torch.set_num_threads(args.threads)

@@ -19,6 +19,7 @@ import torch
 from fedtune.common.config import RunConfig, from_flat
 from fedtune.common.errors import PolicyRefusal, UpdateError
 from fedtune.common.messages import (
+    MAX_WEIGHT_KEY,
     EvaluateReply,
     RefusalCode,
     RoundInstructions,
@@ -37,7 +38,6 @@ from fedtune.common.model import (
     resolve_base_model,
     uses_ffa,
 )
-from fedtune.common.messages import MAX_WEIGHT_KEY
 from fedtune.common.tasks import encode
 
 from .local import PreparedSite

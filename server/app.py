@@ -13,8 +13,8 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedtune.common.config import RunConfig, dump_toml, from_flat
 from fedtune.common.errors import ConfigError
-from fedtune.common.model import adapter_state, base_model_id, build_model, load_adapter_state, resolve_base_model, save_adapter, uses_ffa
 from fedtune.common.messages import RoundInstructions
+from fedtune.common.model import adapter_state, base_model_id, build_model, load_adapter_state, resolve_base_model, save_adapter, uses_ffa
 from fedtune.common.sitedata import load_config_table, resolve_data_path, run_labels, simulated_split
 from fedtune.common.tasks import encode, evaluate
 

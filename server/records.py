@@ -124,7 +124,6 @@ class RunRecorder:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
         from matplotlib.ticker import MaxNLocator
 
         fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(10, 4))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fedtune.common.config import from_dict
 from fedtune.common.model import adapter_state, build_model
 
@@ -112,9 +113,9 @@ def test_global_adapter_changed_and_loads_with_peft(run_dir: Path, tiny_model_di
 
 def test_cli_evaluate_and_predict_use_the_trained_adapter(run_dir: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
-    from fedtune.common.sitedata import demo_data_path
 
     from fedtune.cli import main
+    from fedtune.common.sitedata import demo_data_path
 
     runner = CliRunner()
     out_json = tmp_path / "eval.json"
@@ -163,8 +164,9 @@ def test_client_level_dp_run_records_its_guarantee(tiny_model_dir: Path, tmp_pat
 
 def test_secure_aggregation_run_matches_the_plain_run(run_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     """The same run with SecAgg+ through Flower's engine: the same global adapter, up to quantization."""
-    from fedtune.simulations.simulate import run_simulation
     from safetensors.numpy import load_file
+
+    from fedtune.simulations.simulate import run_simulation
 
     run = from_dict(
         {

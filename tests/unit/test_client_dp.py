@@ -21,8 +21,8 @@ from fedtune.common.accounting import Segment, calibrate_noise_multiplier, epsil
 from fedtune.common.config import RunConfig, from_dict
 from fedtune.common.errors import ConfigError, UpdateError
 from fedtune.common.messages import RoundInstructions
-from fedtune.server.app import client_dp_plan, make_strategy
 from fedtune.server.aggregation import update_delta
+from fedtune.server.app import client_dp_plan, make_strategy
 from fedtune.server.client_dp import ClientLevelDP, clip_update, dp_fedavg_aggregate
 from fedtune.server.client_dp_plan import (
     calibrate_client_noise,

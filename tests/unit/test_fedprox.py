@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from fedtune.client.train import DPSettings, StepPlan, proximal_reference, train_local
-from fedtune.common.config import LoraSettings, ModelConfig, TrainConfig
+from fedtune.common.config import ModelConfig, TrainConfig
 from fedtune.common.errors import ConfigError
 from fedtune.common.model import adapter_state, build_model, load_tokenizer
 from fedtune.common.tasks import encode, forward_loss
+
+from .lora_models import lora_model
 
 LABELS = ["a", "b", "c"]
 
@@ -33,17 +35,7 @@ def dataset(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
 
 
 def _model(tiny_model_dir: Path) -> torch.nn.Module:
-    """A LoRA model with non-identity init (B != 0: a zero B hides update bugs) and no dropout."""
-    model = build_model(ModelConfig(base_model=str(tiny_model_dir)), LoraSettings(rank=4), len(LABELS), seed=1).model
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    return model
+    return lora_model(tiny_model_dir, len(LABELS))
 
 
 def _away(model: torch.nn.Module, scale: float, seed: int = 3) -> dict[str, torch.Tensor]:

@@ -15,6 +15,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import Key
+
 from fedtune.client.app import SECAGG_RECORD, build_client_app
 from fedtune.client.site_request import SiteReply
 from fedtune.common.config import SecureAggConfig, from_dict
@@ -27,16 +38,6 @@ from fedtune.server.secure_agg import (
     secure_train_round,
     threshold_for,
 )
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MessageType,
-    RecordDict,
-)
-from flwr.common.secure_aggregation.secaggplus_constants import Key
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

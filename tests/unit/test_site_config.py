@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fedtune.client.daemon import load_site_config, supernode_command, write_site_config
 from fedtune.client.policy import SitePolicy, policy_from_node_config
