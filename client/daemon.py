@@ -18,7 +18,7 @@ label_column = "label"
 labels = ["cardiology", "neurology"]  # optional: the label set this site publishes; runs are checked against it, not the data
 val_fraction = 0.1            # this site's own validation split (a run cannot shrink it)
 [privacy]
-budget_epsilon = 8.0          # lifetime epsilon per dataset
+budget_epsilon = 8.0          # lifetime epsilon of each record (the ledger accounts per row)
 delta = 1e-5
 [policy]                      # limits no run can loosen; see client/policy.py for every key
 require_dp = true             # refuse runs without DP (they would spend privacy no ledger counts)
@@ -61,7 +61,6 @@ class SiteConfig:
     labels: tuple[str, ...] = ()  # the site's published label set (empty: checked against the data)
     budget_epsilon: float = 8.0
     delta: float = 1e-5
-    allow_no_dp: bool = False
     insecure: bool = False
     base_model: Path | None = None  # None: the packaged all-MiniLM-L6-v2
     policy: SitePolicy = SitePolicy()
@@ -163,7 +162,6 @@ def load_site_config(path: str | Path) -> SiteConfig:
         labels=tuple(labels),
         budget_epsilon=budget,
         delta=delta,
-        allow_no_dp=not policy.require_dp,
         policy=policy,
         apps=apps,
         val_fraction=float(val_fraction),

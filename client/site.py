@@ -30,9 +30,7 @@ class SiteSettings:
         name: The site's name in logs and summaries.
         data: Its data file and columns (simulated sites: the run's shared table).
         state_dir: Folder of the persistent privacy ledger.
-        budget_epsilon: Lifetime epsilon budget per dataset; a site setting only.
-        allow_no_dp: Whether this site accepts runs without DP; a site setting only (deployed
-            sites refuse them by default, since such a run would spend privacy no ledger counts).
+        budget_epsilon: Lifetime epsilon budget of each record; a site setting only.
         delta: delta of the site's guarantee.
         partition: Index of the simulated site's partition, None when deployed.
         num_partitions: Number of simulated sites.
@@ -52,7 +50,6 @@ class SiteSettings:
     state_dir: Path
     budget_epsilon: float
     delta: float
-    allow_no_dp: bool = False
     partition: int | None = None
     num_partitions: int | None = None
     base_model: str | None = None
@@ -76,7 +73,6 @@ def resolve_site(node_config: Mapping[str, Any], run: RunConfig, *, run_dir: str
             state_dir=Path(run_dir) / "sites" / name,
             budget_epsilon=run.privacy.target_epsilon,
             delta=run.privacy.delta,
-            allow_no_dp=True,  # a simulation's data is the researcher's own
             partition=pid,
             num_partitions=int(node_config.get("num-partitions", run.federation.sites)),
             policy=policy_for(node_config, simulation_statistics=run.privacy.statistics),
@@ -109,7 +105,6 @@ def resolve_site(node_config: Mapping[str, Any], run: RunConfig, *, run_dir: str
         state_dir=Path(str(node_config["state-dir"])),
         budget_epsilon=budget,
         delta=delta,
-        allow_no_dp=not policy.require_dp,
         base_model=str(node_config.get("base-model", "")),
         policy=policy,
         val_fraction=val_fraction,

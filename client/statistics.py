@@ -17,6 +17,7 @@ clear. Training statistics (loss, clipped fraction, seconds) likewise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -66,19 +67,18 @@ def validation_sums(model: torch.nn.Module, dataset: TensorDataset, *, loss_boun
 
 def noisy_validation(
     correct: float, count: int, loss_sum: float, *, noise_multiplier: float, loss_bound: float, rng: np.random.Generator
-) -> tuple[ValidationStats, float]:
-    """The Gaussian mechanism on (correct, count, loss_sum / L); returns the release and the noise std."""
+) -> ValidationStats:
+    """The Gaussian mechanism on (correct, count, loss_sum / L); ``noise_std`` is the std added to each."""
     std = noise_multiplier * SENSITIVITY
     noisy_correct, noisy_count, noisy_scaled_loss = np.array([correct, count, loss_sum / loss_bound]) + rng.normal(0.0, std, size=3)
     denominator = max(float(noisy_count), 1.0)
-    stats = ValidationStats(
+    return ValidationStats(
         mode="dp",
         examples=float(noisy_count),
         accuracy=float(np.clip(noisy_correct / denominator, 0.0, 1.0)),
         loss=float(np.clip(noisy_scaled_loss * loss_bound / denominator, 0.0, loss_bound)),
         noise_std=std,
     )
-    return stats, std
 
 
 def release_validation(
@@ -124,9 +124,8 @@ def release_validation(
         return None
     epsilon = max(epsilon, charge.ledger.spent_epsilon(charge.all_records, delta=charge.delta))
     correct, count, loss_sum = validation_sums(model, dataset, loss_bound=policy.statistics_loss_bound)
-    stats, _ = noisy_validation(correct, count, loss_sum, noise_multiplier=z, loss_bound=policy.statistics_loss_bound, rng=rng)
-    return ValidationStats(mode="dp", examples=stats.examples, loss=stats.loss, accuracy=stats.accuracy,
-                           noise_std=stats.noise_std, epsilon=epsilon)
+    stats = noisy_validation(correct, count, loss_sum, noise_multiplier=z, loss_bound=policy.statistics_loss_bound, rng=rng)
+    return dataclasses.replace(stats, epsilon=epsilon)
 
 
 def noise_generator(seed: int | None) -> np.random.Generator:

@@ -82,7 +82,7 @@ def site() -> None:
 @click.option("--coordinator", required=True, help="The coordinator's HOST:PORT.")
 @click.option("--ca", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The coordinator's ca.crt.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for site.toml and the node key.")
-@click.option("--budget-epsilon", type=float, default=8.0, show_default=True, help="Lifetime epsilon budget per dataset.")
+@click.option("--budget-epsilon", type=float, default=8.0, show_default=True, help="Lifetime epsilon budget of each record.")
 @click.option("--delta", type=float, default=1e-5, show_default=True, help="delta of the site's guarantee.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)

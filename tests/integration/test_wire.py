@@ -7,7 +7,6 @@ the site's ledger recorded.
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,9 @@ from fedtune.client.policy import SitePolicy
 from fedtune.common.config import from_dict
 from fedtune.common.messages import EVALUATE_REPLY_KEYS, TRAIN_REPLY_KEYS, EvaluateReply, RoundInstructions, TrainReply
 from fedtune.common.model import adapter_state, base_model_id, build_model
-from fedtune.common.sitedata import demo_data_path, load_config_table, run_labels
+from fedtune.common.sitedata import load_config_table, run_labels
+
+from .deployment import write_site_data
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -58,14 +59,7 @@ def _send(app, message_type: str, initial: ArrayRecord, config: ConfigRecord, co
 
 def _site_data(tmp_path: Path, rows: int = 200) -> Path:
     """A deployed site's own file: the first rows of the packaged demo data."""
-    path = tmp_path / "site-data.csv"
-    with open(demo_data_path(), newline="", encoding="utf-8") as f:
-        records = list(csv.DictReader(f))[:rows]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows({"text": r["text"], "label": r["label"]} for r in records)
-    return path
+    return write_site_data(tmp_path / "site-data.csv", slice(0, rows))
 
 
 def _deployed(tiny_model_dir: Path, tmp_path: Path, run_flat: dict[str, Any], *, budget: float = 8.0, **policy: Any) -> Context:

@@ -15,15 +15,15 @@ from fedtune.common.accounting import Segment
 def test_each_released_sum_carries_gaussian_noise_of_z_times_sqrt3() -> None:
     z, draws = 2.0, 4000
     rng = np.random.default_rng(0)
-    counts = [noisy_validation(30.0, 50, 40.0, noise_multiplier=z, loss_bound=5.0, rng=rng)[0].examples for _ in range(draws)]
+    counts = [noisy_validation(30.0, 50, 40.0, noise_multiplier=z, loss_bound=5.0, rng=rng).examples for _ in range(draws)]
     # 4000 draws: the sample std is within 5% of sigma except with probability < 1e-3 (chi-square, 3999 dof).
     assert np.std(counts, ddof=1) == pytest.approx(z * math.sqrt(3), rel=0.05)
     assert abs(np.mean(counts) - 50) < 4 * z * math.sqrt(3) / math.sqrt(draws)
 
 
 def test_released_figures_are_clamped_post_processing() -> None:
-    stats, std = noisy_validation(0.0, 1, 0.0, noise_multiplier=50.0, loss_bound=5.0, rng=np.random.default_rng(1))
-    assert std == pytest.approx(50.0 * SENSITIVITY)
+    stats = noisy_validation(0.0, 1, 0.0, noise_multiplier=50.0, loss_bound=5.0, rng=np.random.default_rng(1))
+    assert stats.noise_std == pytest.approx(50.0 * SENSITIVITY)
     assert 0.0 <= stats.accuracy <= 1.0 and 0.0 <= stats.loss <= 5.0 and stats.mode == "dp"
 
 
