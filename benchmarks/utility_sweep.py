@@ -46,14 +46,35 @@ def run_config(overrides: dict[str, object]):  # type: ignore[no-untyped-def]
     return from_flat(overrides)
 
 
-def federated_run(run, *, data_dir: Path) -> dict:  # type: ignore[no-untyped-def, type-arg]
+def _server_opt(run):  # type: ignore[no-untyped-def]
+    """The run's server optimiser (server.server_opt's pure step), or None for plain FedAvg."""
+    from fedtune.server.server_opt import OptimizerState, ServerOptSettings
+
+    fed = run.federation
+    if fed.server_opt == "none" and fed.server_lr == 1.0:
+        return None
+    return ServerOptSettings(name="sgd" if fed.server_opt == "none" else fed.server_opt, lr=fed.server_lr), OptimizerState()
+
+
+def federated_run(run, *, data_dir: Path, centralized: bool = False, every_round: bool = False) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    """FedAvg (with the run's server optimiser and FedProx) over the run's simulated sites, in one process.
+
+    ``centralized``: the reference a federation is measured against: one party holding the union of
+    the sites' training splits trains the same model for the same rounds and local epochs (DP-SGD at
+    the same target epsilon when the run has DP), and is tested on the same held-out set.
+    ``every_round``: test accuracy after each round (``accuracy_by_round``), not only at the end.
+    """
+    import dataclasses
+
+    import numpy as np
     import torch
 
-    from fedtune.client.local import prepare_site, train_round
+    from fedtune.client.local import PreparedSite, prepare_site, train_round
     from fedtune.client.train import proximal_reference
     from fedtune.common.model import adapter_state, build_model, load_adapter_state, load_tokenizer, uses_ffa
-    from fedtune.common.sitedata import load_config_table, run_labels, simulated_split
+    from fedtune.common.sitedata import SiteExamples, load_config_table, run_labels, simulated_split
     from fedtune.common.tasks import encode, evaluate
+    from fedtune.server.server_opt import server_step
 
     table = load_config_table(run.data)
     labels = run_labels(run.data, table)
@@ -63,13 +84,20 @@ def federated_run(run, *, data_dir: Path) -> dict:  # type: ignore[no-untyped-de
     split = simulated_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
     test = encode(tokenizer, [table.texts[i] for i in split.test], [table.labels[i] for i in split.test], labels,
                   max_length=run.model.max_length)
-    sites = []
-    for pid in range(run.federation.sites):
-        site = prepare_site(run, {"partition-id": pid, "num-partitions": run.federation.sites}, run_dir=str(data_dir), labels=labels)
-        ex = site.examples
-        sites.append((site, encode(tokenizer, ex.train_texts, ex.train_labels, labels, max_length=run.model.max_length)))
+    prepared = [prepare_site(run, {"partition-id": pid, "num-partitions": run.federation.sites}, run_dir=str(data_dir), labels=labels)
+                for pid in range(run.federation.sites)]
+    if centralized:  # one party: every site's training split (their validation splits stay out, as in the federation)
+        union = SiteExamples(train_texts=[t for s in prepared for t in s.examples.train_texts],
+                             train_labels=[y for s in prepared for y in s.examples.train_labels], val_texts=[], val_labels=[])
+        first = prepared[0]
+        prepared = [PreparedSite(settings=dataclasses.replace(first.settings, name="centralized", state_dir=data_dir / "centralized"),
+                                 examples=union, train_records=[r for s in prepared for r in s.train_records], val_records=[])]
+    sites = [(site, encode(tokenizer, site.examples.train_texts, site.examples.train_labels, labels, max_length=run.model.max_length))
+             for site in prepared]
+    optimizer = _server_opt(run)
     started = time.perf_counter()
     epsilon = 0.0
+    by_round: list[float] = []
     for rnd in range(1, run.federation.rounds + 1):
         states, weights = [], []
         for pid, (site, dataset) in enumerate(sites):
@@ -81,14 +109,23 @@ def federated_run(run, *, data_dir: Path) -> dict:  # type: ignore[no-untyped-de
             states.append(adapter_state(model))
             weights.append(len(dataset))
         total = float(sum(weights))
-        global_state = type(global_state)(
-            (k, sum(s[k] * (w / total) for s, w in zip(states, weights)).to(global_state[k].dtype)) for k in global_state
-        )
+        mean = {k: sum(s[k].double() * (w / total) for s, w in zip(states, weights)) for k in global_state}
+        if optimizer is not None:
+            settings, opt_state = optimizer
+            step = server_step(settings, opt_state, {k: v.double().numpy() for k, v in global_state.items()},
+                               {k: v.numpy() for k, v in mean.items()})
+            optimizer = settings, step.state
+            mean = {k: torch.from_numpy(np.asarray(v)) for k, v in step.arrays.items()}
+        global_state = type(global_state)((k, mean[k].to(global_state[k].dtype)) for k in global_state)
+        if every_round and rnd < run.federation.rounds:
+            load_adapter_state(model, global_state)
+            by_round.append(round(evaluate(model, test, len(labels)).accuracy, 4))
     load_adapter_state(model, global_state)
     result = evaluate(model, test, len(labels))
-    del torch
+    by_round.append(round(result.accuracy, 4))
     return {"test_accuracy": round(result.accuracy, 4), "test_macro_f1": round(result.macro_f1, 4),
             "max_epsilon": round(epsilon, 3), "site_sizes": [len(d) for _, d in sites],
+            **({"accuracy_by_round": by_round} if every_round else {}),
             "seconds": round(time.perf_counter() - started, 1)}
 
 

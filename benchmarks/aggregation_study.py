@@ -1,0 +1,186 @@
+"""Aggregation rules under DP against the centralized references, over several seeds.
+
+    python benchmarks/aggregation_study.py [--data real] [--seeds 0,1,2] [--sites 4] [--partition dirichlet:0.5]
+        [--rounds 5] [--epsilon 8] [--methods fedavg,ffa,fedadam,fedprox,central]
+        [--set federation.server_lr=0.01 ...] [--out benchmarks/out/study]
+
+For every seed (which picks the held-out test set, the sites' partition, the initialisation and
+the sampling) it runs each method with DP at --epsilon per site and, for 'fedavg' and 'central',
+without DP too, through benchmarks/utility_sweep.py's in-process federation (the real site code:
+split, Poisson sampling, ledger-calibrated noise, Opacus DP-SGD; the coordinator's FedAvg mean and
+server optimiser step). Methods:
+
+    fedavg   example-weighted FedAvg of the LoRA factors and head (fedtune's default)
+    ffa      FFA-LoRA: A frozen at a seed-derived value, B and the head averaged (exact)
+    fedadam  FedAvg's mean as a pseudo-gradient for FedAdam (--fedadam-lr, default 0.01)
+    fedavgm  FedAvgM, server momentum 0.9 (--fedavgm-lr, default 0.3)
+    fedprox  FedAvg with FedProx's proximal term at each site (--proximal-mu, default 0.1)
+    central  the centralized reference: one party with the union of the sites' training splits,
+             the same model, head, length, rounds and local epochs (DP-SGD at the same epsilon)
+
+Prints one JSON line per run, then a table of final test accuracy (mean and sample standard
+deviation over the seeds, and the gap to centralized non-private), and writes the JSON lines and a
+plot of test accuracy per round (mean, with a band of one standard deviation) into --out. Asserts
+nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from utility_sweep import _value, federated_run, run_config  # noqa: E402  (a sibling script, not a package)
+
+METHODS = ("fedavg", "ffa", "fedadam", "fedavgm", "fedprox", "central")
+NON_PRIVATE_TOO = ("fedavg", "central")
+
+
+def method_overrides(method: str, args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "fedavg": {},
+        "central": {},
+        "ffa": {"federation.aggregation": "ffa"},
+        "fedadam": {"federation.server_opt": "adam", "federation.server_lr": args.fedadam_lr},
+        "fedavgm": {"federation.server_opt": "momentum", "federation.server_lr": args.fedavgm_lr},
+        "fedprox": {"train.proximal_mu": args.proximal_mu},
+    }[method]
+
+
+def data_path(name: str, rows: int) -> str:
+    if name == "demo":
+        return ""
+    if name == "real":
+        from utility import DEFAULT_REAL_LABELS, real_subset
+
+        # One fixed subset (seed 0) for every seed: the seeds vary the split and the training, not the data.
+        return str(real_subset(HERE / "out" / "utility", rows, DEFAULT_REAL_LABELS.split(","), 0))
+    return name
+
+
+def summarise(rows: list[dict], args: argparse.Namespace) -> list[str]:  # type: ignore[type-arg]
+    groups: dict[tuple[str, str], list[dict]] = {}  # type: ignore[type-arg]
+    for r in rows:
+        groups.setdefault((r["method"], r["mode"]), []).append(r)
+    reference = groups.get(("central", "nodp"))
+    ref_mean = statistics.fmean(r["test_accuracy"] for r in reference) if reference else None
+    first = rows[0]
+    lines = [f"{first['data']}{' (' + str(first['rows']) + ' rows)' if first.get('rows') else ''}: {first['sites']} sites, "
+             f"{first['partition']}, {first['rounds']} rounds, DP at epsilon {first['epsilon']:g} per site"
+             + (f", {' '.join(first['set'])}" if first["set"] else ""),
+             f"{'method':<9} {'mode':<5} {'seeds':>5} {'test acc (mean +- sd)':>22} {'macro-F1':>8} {'vs central no-DP':>16} {'max eps':>7} {'s/run':>6}"]
+    for method in METHODS:
+        for mode in ("dp", "nodp"):
+            runs = groups.get((method, mode))
+            if not runs:
+                continue
+            acc = [r["test_accuracy"] for r in runs]
+            sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+            gap = f"{100 * (statistics.fmean(acc) - ref_mean):+.1f} pts" if ref_mean is not None else "-"
+            lines.append(f"{method:<9} {mode:<5} {len(runs):>5} {statistics.fmean(acc):>14.3f} +- {sd:.3f} "
+                         f"{statistics.fmean(r['test_macro_f1'] for r in runs):>8.3f} {gap:>16} "
+                         f"{max(r['max_epsilon'] for r in runs):>7.2f} {statistics.fmean(r['seconds'] for r in runs):>6.0f}")
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:  # type: ignore[type-arg]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[list[float]]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['method']} ({'DP' if r['mode'] == 'dp' else 'no DP'})", []).append(r["accuracy_by_round"])
+    for label, curves in sorted(groups.items()):
+        a = np.array(curves)
+        x = np.arange(1, a.shape[1] + 1)
+        mean, sd = a.mean(axis=0), a.std(axis=0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1])
+        line, = ax.plot(x, mean, marker="o", label=label, linestyle="--" if "no DP" in label else "-")
+        ax.fill_between(x, mean - sd, mean + sd, alpha=0.15, color=line.get_color())
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out test accuracy")
+    ax.set_xticks(x)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="real", help="'real' (Health News in Twitter, 4 outlets, 3,000 tweets), 'demo' or a CSV path")
+    parser.add_argument("--real-rows", type=int, default=3000, help="rows of the 'real' set (balanced over its 4 outlets)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--partition", default="dirichlet:0.5")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--epsilon", type=float, default=8.0)
+    parser.add_argument("--methods", default="fedavg,ffa,fedadam,fedprox,central")
+    parser.add_argument("--fedadam-lr", type=float, default=0.01)
+    parser.add_argument("--fedavgm-lr", type=float, default=0.3)
+    parser.add_argument("--proximal-mu", type=float, default=0.1)
+    parser.add_argument("--modes", default="dp,nodp", help="'nodp' runs only for fedavg and central")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key for every run (repeatable)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); to run seeds side by side")
+    parser.add_argument("--from-results", default="", help="FILE[,FILE...]: only summarise and plot these JSON-lines results")
+    parser.add_argument("--out", type=Path, default=HERE / "out" / "study")
+    args = parser.parse_args()
+    if args.from_results:
+        rows = [json.loads(line) for f in args.from_results.split(",") for line in Path(f).read_text().splitlines() if line.strip()]
+        report(rows, args, args.out / f"study-{time.strftime('%Y%m%d-%H%M%S')}")
+        return
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results = args.out / f"study-{stamp}.jsonl"
+    fixed: dict[str, object] = {"data.path": data_path(args.data, args.real_rows), "data.partition": args.partition, "federation.sites": args.sites,
+                                "federation.min_sites": 1, "federation.rounds": args.rounds, "privacy.target_epsilon": args.epsilon}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        fixed[key] = _value(value)
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for method in methods:
+            for mode in args.modes.split(","):
+                if mode == "nodp" and method not in NON_PRIVATE_TOO:
+                    continue
+                run = run_config({**fixed, **method_overrides(method, args), "seed": seed, "privacy.enabled": mode == "dp"})
+                with tempfile.TemporaryDirectory() as tmp:
+                    result = federated_run(run, data_dir=Path(tmp), centralized=method == "central", every_round=True)
+                row = {"data": args.data, "rows": args.real_rows if args.data == "real" else None, "sites": args.sites,
+                       "partition": args.partition, "rounds": args.rounds, "epsilon": args.epsilon, "set": args.set, "method": method, "mode": mode, "seed": seed, **method_overrides(method, args), **result}
+                rows.append(row)
+                with open(results, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+    report(rows, args, args.out / f"study-{stamp}")
+    print(f"results: {results}")
+
+
+def report(rows: list[dict], args: argparse.Namespace, stem: Path) -> None:  # type: ignore[type-arg]
+    table = summarise(rows, args)
+    stem.with_suffix(".txt").write_text("\n".join(table) + "\n", encoding="utf-8")
+    plot(rows, stem.with_suffix(".png"))
+    print("\n" + "\n".join(table))
+    print(f"table {stem.with_suffix('.txt')}, plot {stem.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
