@@ -3,6 +3,13 @@
 The model is built once per process and the full adapter is loaded into it on every request, so a
 process that serves many messages (a simulation actor, the site's warm worker) pays the base-model
 load once.
+
+A site whose policy caps the LoRA rank (``[policy] max_lora_rank``; ``lora.site_ranks`` in
+simulation) builds its model at r_i = min(r, cap), keeps the first r_i rank slots of the global
+adapter it receives, trains and validates that, and replies at rank r_i; the coordinator pads the
+reply (``common/lora_rank.py``). In a SecAgg+ round the site pads its own reply to rank r with
+zeros before masking: the protocol sums equal-length vectors, and the zeros are what the
+coordinator would have padded anyway.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from fedtune.common.messages import (
     ValidationStats,
     round_significant,
 )
+from fedtune.common.lora_rank import adapter_rank, pad_lora, truncate_lora
 from fedtune.common.model import (
     ModelBundle,
     adapter_state,
@@ -50,14 +58,16 @@ _MODELS: dict[Any, ModelBundle] = {}
 _TOKENIZERS: dict[Any, Any] = {}
 
 
-def _model(run: RunConfig, num_labels: int) -> ModelBundle:
+def _model(run: RunConfig, num_labels: int, rank: int | None = None) -> ModelBundle:
     # Under FFA-LoRA the frozen A comes from the run's seed, not from the received adapter: a model
-    # cached for another mode or seed would train against another A.
+    # cached for another mode or seed would train against another A. ``rank``: the site's LoRA rank
+    # (None: the run's).
     ffa = uses_ffa(run)
-    key = (run.model, run.lora, num_labels, ffa, run.seed if ffa else None)
+    rank = run.lora.rank if rank is None else rank
+    key = (run.model, run.lora, num_labels, ffa, run.seed if ffa else None, rank)
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = build_model(run.model, run.lora, num_labels, seed=run.seed, ffa=ffa)
+        _MODELS[key] = build_model(run.model, run.lora, num_labels, seed=run.seed, ffa=ffa, site_rank=rank)
     return _MODELS[key]
 
 
@@ -118,8 +128,18 @@ def handle(req: SiteRequest) -> SiteReply:
     server_round = instructions.server_round
     site = prepare_site(run, req.node_config, run_dir=instructions.run_dir, labels=labels)
     run = _site_model(run, site.settings, instructions.base_model_id)
-    bundle = _model(run, len(labels))
-    load_adapter_state(bundle.model, {k: torch.from_numpy(np.asarray(v)) for k, v in req.arrays.items()})
+    rank = site.settings.policy.lora_rank(run.lora.rank)
+    if rank < run.lora.rank:
+        logger.info("%s trains LoRA rank %d of the run's %d (its policy's max_lora_rank)", site.settings.name, rank, run.lora.rank)
+    bundle = _model(run, len(labels), rank)
+    received = {k: torch.from_numpy(np.asarray(v)) for k, v in req.arrays.items()}
+    if rank < run.lora.rank:
+        # Truncated only from the run's own rank: a larger adapter must be refused, not cut to fit.
+        sent = adapter_rank({k: tuple(v.shape) for k, v in received.items()})
+        if sent not in (None, run.lora.rank):
+            raise UpdateError(f"received adapter has LoRA rank {sent}, but the run's lora.rank is {run.lora.rank}.")
+        received = truncate_lora(received, rank)
+    load_adapter_state(bundle.model, received)
     # FedProx's w_g is the adapter as received, taken before anything else touches the model.
     reference = proximal_reference(bundle.model) if req.kind == "train" and run.train.proximal_mu > 0 else None
     tokenizer = _tokenizer(run)
@@ -149,7 +169,12 @@ def handle(req: SiteRequest) -> SiteReply:
             validation=validation,
             training=TrainingStats(loss=result.loss, clipped_fraction=result.clipped_fraction, seconds=result.seconds) if clear else None,
         )
-        arrays = OrderedDict((k, v.numpy()) for k, v in adapter_state(bundle.model).items())
+        state = adapter_state(bundle.model)
+        if max_weight is not None and rank < run.lora.rank:
+            # A SecAgg+ round (client/secure_agg.py sets the max weight on its masking stage only):
+            # masking needs the global shapes, and the coordinator cannot pad what it cannot see.
+            state = pad_lora(state, run.lora.rank)
+        arrays = OrderedDict((k, v.numpy()) for k, v in state.items())
         return SiteReply(site=site.settings.name, metrics=reply.to_metrics(), arrays=arrays)
     if req.kind == "evaluate":
         stats = _validation(bundle, tokenizer, site, labels, run, run_id=run_id, server_round=server_round, required=True)

@@ -20,6 +20,7 @@ max_sample_rate = 1.0             # q = batch / n; lower it to insist on samplin
 statistics = "none"               # what else may leave: none | dp | clear
 statistics_noise_multiplier = 2.0 # z of the Gaussian mechanism on released statistics (statistics = "dp")
 statistics_loss_bound = 5.0       # per-example loss clipped to [0, L] before it is summed
+max_lora_rank = 0                 # train at most this LoRA rank (0: the run's); not a refusal
 ```
 """
 
@@ -31,6 +32,7 @@ from typing import Any, Mapping
 
 from fedtune.common.config import coerce_setting
 from fedtune.common.errors import ConfigError, PolicyRefusal
+from fedtune.common.lora_rank import site_lora_rank
 from fedtune.common.messages import RefusalCode
 
 STATISTICS_MODES = ("none", "dp", "clear")
@@ -62,6 +64,10 @@ class SitePolicy:
             'clear' (exact validation and training statistics; the report and model card say so).
         statistics_noise_multiplier: z_s of the Gaussian mechanism on released statistics.
         statistics_loss_bound: L, the bound each example's loss is clipped to before summing.
+        max_lora_rank: The highest LoRA rank this site trains (its hardware, or its choice); 0:
+            no limit. Not a refusal: a run of rank r is trained at min(r, max_lora_rank), on the
+            first rank slots of the global adapter, and the coordinator zero-pads the reply
+            (``common/lora_rank.py``).
     """
 
     max_epsilon_per_run: float = 8.0
@@ -77,6 +83,11 @@ class SitePolicy:
     statistics: str = "none"
     statistics_noise_multiplier: float = 2.0
     statistics_loss_bound: float = 5.0
+    max_lora_rank: int = 0
+
+    def lora_rank(self, run_rank: int) -> int:
+        """The LoRA rank this site trains in a run of rank ``run_rank``: min(run_rank, max_lora_rank)."""
+        return site_lora_rank(run_rank, self.max_lora_rank)
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -102,6 +113,8 @@ class SitePolicy:
             p.append(f"policy.statistics_noise_multiplier must be > 0, got {self.statistics_noise_multiplier}.")
         if not self.statistics_loss_bound > 0:
             p.append(f"policy.statistics_loss_bound must be > 0, got {self.statistics_loss_bound}.")
+        if self.max_lora_rank < 0:
+            p.append(f"policy.max_lora_rank must be >= 0 (0: the run's rank, no limit), got {self.max_lora_rank}.")
         return p
 
     # -- the checks a run must pass, before training --------------------------------------------
@@ -182,19 +195,20 @@ def policy_from_node_config(node_config: Mapping[str, Any]) -> SitePolicy:
     return policy
 
 
-def simulation_policy(statistics: str) -> SitePolicy:
+def simulation_policy(statistics: str, *, max_lora_rank: int = 0) -> SitePolicy:
     """A simulated site's policy: the researcher owns every simulated site's data, so no limit
-    applies beyond what the run itself sets; the statistics mode comes from the run."""
+    applies beyond what the run itself sets; the statistics mode and the site's LoRA rank
+    (``lora.site_ranks``; 0: the run's) come from the run."""
     return SitePolicy(
         max_epsilon_per_run=float("inf"), min_noise_multiplier=0.0, max_clip_norm=float("inf"), require_dp=False,
         min_secure_agg_threshold=2, min_secure_agg_participants=2, max_steps_per_round=10**9, max_sample_rate=1.0,
-        statistics=statistics,
+        statistics=statistics, max_lora_rank=max_lora_rank,
     )
 
 
-def policy_for(node_config: Mapping[str, Any], *, simulation_statistics: str = "dp") -> SitePolicy:
+def policy_for(node_config: Mapping[str, Any], *, simulation_statistics: str = "dp", simulation_max_lora_rank: int = 0) -> SitePolicy:
     """The policy of the site a node_config describes: a simulated site (Flower sets
     ``partition-id``) or a deployed one (its daemon writes ``policy.*``)."""
     if "partition-id" in node_config:
-        return simulation_policy(simulation_statistics)
+        return simulation_policy(simulation_statistics, max_lora_rank=simulation_max_lora_rank)
     return policy_from_node_config(node_config)

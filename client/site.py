@@ -75,7 +75,8 @@ def resolve_site(node_config: Mapping[str, Any], run: RunConfig, *, run_dir: str
             delta=run.privacy.delta,
             partition=pid,
             num_partitions=int(node_config.get("num-partitions", run.federation.sites)),
-            policy=policy_for(node_config, simulation_statistics=run.privacy.statistics),
+            policy=policy_for(node_config, simulation_statistics=run.privacy.statistics,
+                              simulation_max_lora_rank=run.lora.rank_of_site(pid)),
             val_fraction=run.data.val_fraction,
         )
     missing = [k for k in NODE_KEYS if k not in node_config]

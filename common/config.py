@@ -64,6 +64,10 @@ class LoraSettings:
         train_head: Train (and exchange) the task head; without it a fresh head stays random.
         top_layers: Adapt only the top K transformer layers (0: all). Under DP fewer trained
             parameters mean less total noise, and backpropagation stops at the lowest adapted layer.
+        site_ranks: Simulation only: the LoRA rank each simulated site trains (site k: the k-th
+            value, each in [1, rank]); empty: every site trains ``rank``. A lower-rank site trains
+            the first r_k rank slots of the global adapter and the coordinator zero-pads its reply
+            (HetLoRA; see ``common/lora_rank.py``). A deployed site sets ``[policy] max_lora_rank``.
     """
 
     rank: int = 8
@@ -72,10 +76,21 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("query", "value")
     train_head: bool = True
     top_layers: int = 2
+    site_ranks: tuple[int, ...] = field(default=(), metadata={"items": int})
+
+    def rank_of_site(self, partition: int) -> int:
+        """The rank simulated site ``partition`` trains (``site_ranks``, or ``rank`` when it is empty)."""
+        if not self.site_ranks:
+            return self.rank
+        if not 0 <= partition < len(self.site_ranks):
+            raise ConfigError(f"lora.site_ranks has {len(self.site_ranks)} values; there is none for simulated site {partition}.")
+        return self.site_ranks[partition]
 
     def problems(self) -> list[str]:
         p: list[str] = []
         _check(p, 1 <= self.rank <= 512, f"lora.rank must be in [1, 512], got {self.rank}.")
+        bad = [r for r in self.site_ranks if not (isinstance(r, int) and 1 <= r <= self.rank)]
+        _check(p, not bad, f"lora.site_ranks must each be in [1, lora.rank = {self.rank}], got {list(self.site_ranks)} ({bad} outside).")
         _check(p, self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}.")
         _check(p, 0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}.")
         _check(p, len(self.target_modules) > 0, "lora.target_modules must name at least one module, got none.")
@@ -404,6 +419,16 @@ class RunConfig:
                 f"federation.aggregation = {fed.aggregation!r} cannot be combined with secure_agg: a robust rule needs each "
                 "site's update, and secure aggregation shows the coordinator only their sum."
             )
+        if self.lora.site_ranks and not self.simulation:
+            problems.append(
+                f"lora.site_ranks = {list(self.lora.site_ranks)} applies to simulations only; a deployed site caps its own "
+                "LoRA rank with [policy] max_lora_rank in its site.toml."
+            )
+        elif self.lora.site_ranks and len(self.lora.site_ranks) != fed.sites:
+            problems.append(
+                f"lora.site_ranks must give one rank per simulated site (federation.sites = {fed.sites}), "
+                f"got {len(self.lora.site_ranks)}: {list(self.lora.site_ranks)}."
+            )
         if self.secure_agg.enabled and fed.min_sites < 2:
             problems.append(f"secure_agg needs federation.min_sites >= 2 (a sum over one site is that site's update), got {fed.min_sites}.")
         if problems:
@@ -436,7 +461,7 @@ class RunConfig:
         for key, value in self.to_dict().items():
             if isinstance(value, dict):
                 for sub, v in value.items():
-                    flat[f"{key}.{sub}"] = ",".join(v) if isinstance(v, list) else v
+                    flat[f"{key}.{sub}"] = ",".join(str(x) for x in v) if isinstance(v, list) else v
             else:
                 flat[key] = value
         return flat
@@ -454,8 +479,11 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
-def coerce_setting(where: str, value: Any, default: Any, problems: list[str]) -> Any:
-    """Coerce a value to the type of the field's default, recording a problem if it cannot."""
+def coerce_setting(where: str, value: Any, default: Any, problems: list[str], *, items: type = str) -> Any:
+    """Coerce a value to the type of the field's default, recording a problem if it cannot.
+
+    ``items`` is the element type of a tuple field (``str``, or ``int`` as in ``lora.site_ranks``).
+    """
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -482,6 +510,14 @@ def coerce_setting(where: str, value: Any, default: Any, problems: list[str]) ->
             except ValueError:
                 pass
         problems.append(f"{where} must be a number, got {value!r}.")
+    elif isinstance(default, tuple) and items is int:
+        parts = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+        if isinstance(parts, (list, tuple)):
+            ints = [int(v) for v in parts
+                    if (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.lstrip("-").isdigit())]
+            if len(ints) == len(parts):
+                return tuple(ints)
+        problems.append(f"{where} must be a list of integers or a comma-separated string of them, got {value!r}.")
     elif isinstance(default, tuple):
         if isinstance(value, str):
             return tuple(s.strip() for s in value.split(",") if s.strip())
@@ -512,13 +548,14 @@ def from_dict(data: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
                 problems.append(f"[{key}] must be a table, got {value!r}.")
                 continue
             current = sections[key]
-            allowed = {f.name for f in fields(current)}
+            allowed = {f.name: f for f in fields(current)}
             updates = {}
             for sub, v in value.items():
                 if sub not in allowed:
                     problems.append(f"unknown key {key}.{sub}; allowed: {sorted(allowed)}.")
                     continue
-                updates[sub] = coerce_setting(f"{key}.{sub}", v, getattr(current, sub), problems)
+                items = allowed[sub].metadata.get("items", str)
+                updates[sub] = coerce_setting(f"{key}.{sub}", v, getattr(current, sub), problems, items=items)
             new_sections[key] = updates
         elif key in top:
             top[key] = coerce_setting(key, value, top[key], problems)

@@ -19,6 +19,7 @@ import torch
 
 from .config import POOLINGS, LoraSettings, ModelConfig, RunConfig
 from .errors import ConfigError, UpdateError, check_tensor_names
+from .lora_rank import site_lora_alpha
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class ModelBundle:
 
 
 def build_model(
-    model_config: ModelConfig, lora: LoraSettings, num_labels: int, *, seed: int = 0, ffa: bool = False
+    model_config: ModelConfig, lora: LoraSettings, num_labels: int, *, seed: int = 0, ffa: bool = False,
+    site_rank: int | None = None,
 ) -> ModelBundle:
     """Load the base model for sequence classification and wrap it with LoRA.
 
@@ -75,17 +77,25 @@ def build_model(
     With ``ffa`` (FFA-LoRA, see :func:`freeze_lora_a`) every LoRA A matrix is set from ``seed``
     and the parameter's name alone and frozen, and the exchanged state is the B matrices and the
     head: a site then *does* rely on ``seed``, and reproduces A bit for bit.
+
+    ``site_rank`` (r_i, 1 <= r_i <= ``lora.rank``; None: the run's rank) builds the model a site
+    trains when it may train only a lower rank (``common/lora_rank.py``): LoRA rank r_i with
+    alpha r_i / r, so PEFT's scale alpha / r is the global model's, and under FFA-LoRA the first
+    r_i rows of the run's A.
     """
     from peft import LoraConfig, get_peft_model
 
+    rank = lora.rank if site_rank is None else site_rank
+    if not 1 <= rank <= lora.rank:
+        raise ConfigError(f"a site's LoRA rank must be in [1, lora.rank = {lora.rank}], got {rank}.")
     path = resolve_base_model(model_config)
     torch.manual_seed(seed)
     base = load_classifier(path, num_labels, pooling=model_config.pooling)
     layers = _top_layers(base, lora.top_layers, path)
     peft_config = LoraConfig(
         layers_to_transform=layers,
-        r=lora.rank,
-        lora_alpha=lora.alpha,
+        r=rank,
+        lora_alpha=site_lora_alpha(lora.alpha, lora.rank, rank),
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         modules_to_save=[_head_name(base)] if lora.train_head else None,
@@ -102,7 +112,7 @@ def build_model(
             if "lora_" in name:
                 param.requires_grad_(True)
     if ffa:
-        freeze_lora_a(model, seed=seed)
+        freeze_lora_a(model, seed=seed, run_rank=lora.rank)
     exchanged = tuple(adapter_state(model).keys())
     return ModelBundle(model=model, exchanged=exchanged)
 
@@ -117,7 +127,7 @@ def uses_ffa(run: RunConfig) -> bool:
 FFA_MARKER = "fedtune_ffa_lora"
 
 
-def freeze_lora_a(model: torch.nn.Module, *, seed: int) -> None:
+def freeze_lora_a(model: torch.nn.Module, *, seed: int, run_rank: int | None = None) -> None:
     """FFA-LoRA (Sun et al., ICLR 2024, arXiv:2403.12313): freeze every LoRA A at a seed-derived value.
 
     With A shared and fixed, the FedAvg of the sites' B_i is exact: sum_i w_i B_i A = (sum_i w_i
@@ -130,6 +140,10 @@ def freeze_lora_a(model: torch.nn.Module, *, seed: int) -> None:
     ``seed`` and the matrix's name in the saved adapter file: it depends neither on torch's global
     generator nor on the site, the order of construction or the device, so the coordinator and
     every site compute the same bits and no one has to send (or be trusted with) A.
+
+    ``run_rank`` (the run's r; None: each matrix's own rank) is what A is drawn at: a site
+    training a lower rank r_i keeps the first r_i rows of the run's A, never a fresh r_i-row
+    draw, so its B_i A_i is the truncation of the global update (``common/lora_rank.py``).
     """
     lora_a = [(name, p) for name, p in model.named_parameters() if ".lora_A." in name]
     embedding_a = [name for name, _ in model.named_parameters() if ".lora_embedding_A." in name]
@@ -142,10 +156,14 @@ def freeze_lora_a(model: torch.nn.Module, *, seed: int) -> None:
     if not lora_a:
         raise ConfigError("federation.aggregation = 'ffa' needs LoRA A matrices, but the model has none; check lora.target_modules.")
     for name, param in lora_a:
-        value = torch.empty(param.shape, dtype=torch.float32)
+        rows = param.shape[0] if run_rank is None else run_rank
+        if rows < param.shape[0]:
+            raise ConfigError(f"{name} has rank {param.shape[0]}, above the run's lora.rank {rows}.")
+        # kaiming_uniform_'s bound depends on the fan-in (dimension 1), not on the rows drawn.
+        value = torch.empty((rows, *param.shape[1:]), dtype=torch.float32)
         torch.nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=torch.Generator().manual_seed(_lora_a_seed(seed, name)))
         with torch.no_grad():
-            param.copy_(value)
+            param.copy_(value[: param.shape[0]])
         param.requires_grad_(False)
     setattr(model, FFA_MARKER, True)
     logger.debug("FFA-LoRA: %d LoRA A matrices frozen at values derived from seed %d", len(lora_a), seed)

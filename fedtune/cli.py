@@ -88,6 +88,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "clip_norm": ("privacy", "clip_norm"),
         "accountant": ("privacy", "accountant"),
         "lora_rank": ("lora", "rank"),
+        "site_ranks": ("lora", "site_ranks"),
         "client_dp_epsilon": ("client_dp", "target_epsilon"),
         "client_dp_clip_norm": ("client_dp", "clip_norm"),
         "base_model": ("model", "base_model"),
@@ -176,6 +177,8 @@ def _resolve_config(config_file: str | None, prefix: str, **flags: Any):  # type
 @click.option("--partition", help="How sites split the data: iid | dirichlet:ALPHA | column:NAME [iid].")
 @click.option("--min-sites", type=int, help="Minimum sites sampled per round [2].")
 @click.option("--fraction-train", type=float, help="Fraction of sites sampled each round [1].")
+@click.option("--site-ranks", help="LoRA rank each simulated site trains, one per site, each <= --lora-rank, e.g. 8,4,4,2; "
+              "the coordinator zero-pads lower ranks (HetLoRA) [every site: --lora-rank].")
 def simulate(config_file: str | None, **flags: Any) -> None:
     """Simulate N sites on this machine through Flower's simulation engine.
 

@@ -16,12 +16,22 @@ either miss a boosted A or reject an honest head. Why off by default: an honest 
 grows with the learning rate, the local steps and the group's size (Adam moves every coordinate by
 up to about the learning rate per step), so no one number fits every run; an operator sets it from
 the norms of honest rounds, which are logged at DEBUG per site and group.
+
+Heterogeneous LoRA ranks (``common/lora_rank.py``): a site may reply at a lower rank r_i than
+the global adapter's r (A: [r_i, in], B: [out, r_i], 1 <= r_i <= r), the same r_i in all its
+LoRA tensors; names, the other dimensions, dtypes and finiteness are checked as ever.
+:func:`screen_train_replies` then zero-pads the accepted reply to rank r in the message itself,
+before any rule (FedAvg, a robust rule, client-level DP, a server optimiser) sees it, and the
+norm bound is checked on the padded update: slots a site lacks count as zero, so its update
+there is minus the global adapter's (HetLoRA's zero padding; a bound set from full-rank rounds
+may be too tight for a low-rank site once those slots have grown).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,6 +39,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
 from fedtune.common.errors import UpdateError, check_tensor_names
+from fedtune.common.lora_rank import adapter_rank, likely_rank, rank_dim, shape_at_rank, tensor_rank
 from fedtune.common.messages import ARRAYS_RECORD, METRICS_RECORD, REFUSAL_ERROR_CODE, SITE_RECORD, Refusal, TrainReply
 
 logger = logging.getLogger(__name__)
@@ -84,15 +95,15 @@ def group_update_norms(update: Mapping[str, np.ndarray], expected: Mapping[str, 
     return {group: math.sqrt(math.fsum(parts)) for group, parts in squares.items()}
 
 
-def _decode(name: str, arr: Array, ref: Array) -> np.ndarray:
-    """The tensor as numpy, or UpdateError: its declared and decoded dtype and shape must be the global's."""
-    if tuple(arr.shape) != tuple(ref.shape) or arr.dtype != ref.dtype:
-        raise UpdateError(f"tensor {name} is {arr.dtype}{list(arr.shape)}, expected {ref.dtype}{list(ref.shape)}")
+def _decode(name: str, arr: Array, ref: Array, shape: tuple[int, ...], rank_hint: str = "") -> np.ndarray:
+    """The tensor as numpy, or UpdateError: its declared and decoded dtype must be the global's and its shape ``shape``."""
+    if tuple(arr.shape) != shape or arr.dtype != ref.dtype:
+        raise UpdateError(f"tensor {name} is {arr.dtype}{list(arr.shape)}, expected {ref.dtype}{list(shape)}{rank_hint}")
     try:
         values = arr.numpy()
     except (ValueError, TypeError, OSError, EOFError) as err:  # np.load on bytes the sender chose
         raise UpdateError(f"tensor {name} cannot be decoded as {arr.stype!r}: {type(err).__name__}") from None
-    if values.shape != tuple(ref.shape) or str(values.dtype) != ref.dtype:
+    if values.shape != shape or str(values.dtype) != ref.dtype:
         # The header is the sender's claim; what aggregation uses is what decodes.
         raise UpdateError(
             f"tensor {name} declares {arr.dtype}{list(arr.shape)} but decodes to {values.dtype}{list(values.shape)}"
@@ -100,14 +111,25 @@ def _decode(name: str, arr: Array, ref: Array) -> np.ndarray:
     return values
 
 
-def check_train_reply(msg: Message, expected: ArrayRecord, *, max_update_norm: float = 0.0) -> TrainReply:
-    """The parsed reply, or UpdateError unless it carries a well-formed update for ``expected``.
+def _reply_rank(got: ArrayRecord, expected: ArrayRecord) -> int | None:
+    """The LoRA rank r_i a reply is at: the rank most of its LoRA tensors declare, among the shapes
+    that are the global's at a rank 1 <= r_i <= r; None without LoRA tensors. Tensors off it are
+    rejected by :func:`_decode`, naming the shape found and the one allowed."""
+    ranks = []
+    for name, ref in expected.items():
+        full = tensor_rank(name, ref.shape)
+        have = tensor_rank(name, got[name].shape)
+        if full is None or have is None or not 1 <= have <= full:
+            continue
+        if tuple(got[name].shape) == shape_at_rank(name, ref.shape, have):
+            ranks.append(have)
+    if ranks:
+        return likely_rank(ranks)
+    return next((r for name, ref in expected.items() if (r := tensor_rank(name, ref.shape)) is not None), None)
 
-    Args:
-        msg: a site's reply to a train message.
-        expected: the global adapter the round started from.
-        max_update_norm: the bound on each tensor group's update norm (see the module docstring); 0: off.
-    """
+
+def _check_reply(msg: Message, expected: ArrayRecord, max_update_norm: float) -> tuple[TrainReply, dict[str, np.ndarray], int | None]:
+    """:func:`check_train_reply`, also returning the values zero-padded to the global shapes and the reply's LoRA rank."""
     content = msg.content
     if ARRAYS_RECORD not in content.array_records:
         raise UpdateError(f"reply has no '{ARRAYS_RECORD}' record; records found: {sorted(content.keys())}")
@@ -120,11 +142,20 @@ def check_train_reply(msg: Message, expected: ArrayRecord, *, max_update_norm: f
     reply = TrainReply.from_metrics(site, content.metric_records[METRICS_RECORD])
     got = content.array_records[ARRAYS_RECORD]
     check_tensor_names(expected.keys(), got.keys(), source="the update")
+    rank = _reply_rank(got, expected)
     values: dict[str, np.ndarray] = {}
     for name, ref in expected.items():
-        values[name] = _decode(name, got[name], ref)
-        if not _all_finite(values[name]):
+        full = tensor_rank(name, ref.shape)
+        shape, hint = tuple(ref.shape), ""
+        if full is not None and rank is not None:
+            shape = shape_at_rank(name, ref.shape, rank)
+            pattern = ", ".join("r" if d == rank_dim(name) else str(n) for d, n in enumerate(ref.shape))
+            hint = (f" (a LoRA tensor is {ref.dtype}[{pattern}] for one rank 1 <= r <= {full} shared by all of a reply's "
+                    f"LoRA tensors; most of this reply's are at r = {rank})")
+        decoded = _decode(name, got[name], ref, shape, hint)
+        if not _all_finite(decoded):
             raise UpdateError(f"tensor {name} has NaN or Inf values")
+        values[name] = _pad(name, decoded, tuple(ref.shape))
     if max_update_norm > 0:
         norms = group_update_norms(values, {name: ref.numpy() for name, ref in expected.items()})
         logger.debug("update norms from %s: %s", site, {g: round(v, 6) for g, v in norms.items()})
@@ -135,7 +166,35 @@ def check_train_reply(msg: Message, expected: ArrayRecord, *, max_update_norm: f
                 f"site {site}: {group} update norm {norm:.6g} exceeds the bound {max_update_norm:g} "
                 f"(federation.max_update_norm; groups over it: {sorted(over)})"
             )
-    return reply
+    return reply, values, rank
+
+
+def _pad(name: str, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Zero-pad a LoRA tensor's rank dimension to the global ``shape`` (HetLoRA; ``common/lora_rank.py``)."""
+    if values.shape == shape:
+        return values
+    dim = rank_dim(name)
+    if dim is None:  # _decode checked the shape; only a rank dimension can differ
+        raise UpdateError(f"tensor {name} has shape {list(values.shape)}, expected {list(shape)}")
+    padded = np.zeros(shape, dtype=values.dtype)
+    index = tuple(slice(0, n) if d == dim else slice(None) for d, n in enumerate(values.shape))
+    padded[index] = values
+    return padded
+
+
+def check_train_reply(msg: Message, expected: ArrayRecord, *, max_update_norm: float = 0.0) -> TrainReply:
+    """The parsed reply, or UpdateError unless it carries a well-formed update for ``expected``.
+
+    A reply at a lower LoRA rank passes (see the module docstring); this function leaves the
+    message as it is, :func:`screen_train_replies` pads it.
+
+    Args:
+        msg: a site's reply to a train message.
+        expected: the global adapter the round started from.
+        max_update_norm: the bound on each tensor group's update norm (see the module docstring),
+            checked on the update zero-padded to the global rank; 0: off.
+    """
+    return _check_reply(msg, expected, max_update_norm)[0]
 
 
 def _all_finite(values: np.ndarray) -> bool:
@@ -148,15 +207,22 @@ def screen_train_replies(
     """Split replies into accepted updates (with their parsed replies) and rejections (logged with the site and reason).
 
     ``max_update_norm`` > 0 bounds each tensor group's update norm (:func:`check_train_reply`).
+    An accepted reply at a lower LoRA rank r_i has its arrays replaced, in the message, by their
+    zero-padding to the global rank: whatever reads the accepted messages sees rank-r adapters.
     """
     accepted: list[tuple[Message, TrainReply]] = []
     rejected: list[Rejection] = []
+    full = adapter_rank({name: arr.shape for name, arr in expected.items()})
     for msg in replies:
         if msg.has_error():
             rejected.append(rejection_of_error(msg))
             continue
         try:
-            accepted.append((msg, check_train_reply(msg, expected, max_update_norm=max_update_norm)))
+            reply, values, rank = _check_reply(msg, expected, max_update_norm)
+            if rank is not None and full is not None and rank < full:
+                logger.info("site %s trained LoRA rank %d of %d: its reply is zero-padded", reply.site, rank, full)
+                msg.content[ARRAYS_RECORD] = ArrayRecord(OrderedDict((k, Array.from_numpy_ndarray(v)) for k, v in values.items()))
+            accepted.append((msg, reply))
         except UpdateError as err:
             rejected.append(Rejection(site_name(msg), f"rejected update: {err}"))
     for r in rejected:

@@ -228,3 +228,41 @@ def test_ffa_run_exchanges_only_b_and_the_head_and_saves_the_seed_derived_a(run_
     initial = adapter_state(model)
     assert any(not torch.equal(saved[k], initial[k]) for k in initial if ".lora_B." in k), "B trained"
     PeftModel.from_pretrained(load_classifier(tiny_model_dir, len(labels), pooling=run.model.pooling), str(ffa_dir / "adapter"))
+
+
+def test_heterogeneous_rank_run_pads_lower_rank_replies_and_keeps_the_runs_rank(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """lora.site_ranks through Flower's engine: sites of rank 4 and 2 in a rank-8 run. Both replies
+    pass screening; the saved adapter is rank 8, with slots 4..7 exactly zero (no site has them:
+    zero-padded) and slots 2..3 set by the rank-4 site alone (the rank-2 site counts as zero there)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from fedtune.common.model import load_classifier
+    from fedtune.simulations.simulate import run_simulation
+
+    run = from_dict(
+        {
+            "model": {"base_model": str(tiny_model_dir), "max_length": 32},
+            "lora": {"rank": 8, "site_ranks": [4, 2]},
+            "federation": {"sites": 2, "rounds": 1, "min_sites": 2, "fraction_evaluate": 0.0},
+            "privacy": {"target_epsilon": 8.0},
+            "out": str(tmp_path / "hetero"),
+        }
+    )
+    het_dir = run_simulation(run)
+
+    lines = [json.loads(x) for x in (het_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1]
+    assert lines[0]["sites_replied"] == 2 and not lines[0]["sites_rejected"], lines[0]
+    assert json.loads((het_dir / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    saved = load_file(str(het_dir / "adapter" / "adapter_model.safetensors"))
+    lora_a = {k: v for k, v in saved.items() if ".lora_A." in k}
+    lora_b = {k: v for k, v in saved.items() if ".lora_B." in k}
+    assert lora_a and lora_b
+    for a in lora_a.values():
+        # PEFT's A starts random in every slot: zeros in 4..7 are the coordinator's padding.
+        assert a.shape[0] == 8 and not a[4:].any() and a[2:4].abs().min() > 0
+    for b in lora_b.values():
+        assert b.shape[1] == 8 and not b[:, 4:].any() and b[:, 2:4].any()
+    labels = json.loads((het_dir / "summary.json").read_text())["labels"]
+    PeftModel.from_pretrained(load_classifier(tiny_model_dir, len(labels), pooling=run.model.pooling), str(het_dir / "adapter"))
