@@ -219,7 +219,7 @@ def prepare(
 
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(f".{out_csv.name}.tmp")
+    tmp = out_csv.with_name(f".{out_csv.name}.{os.getpid()}.tmp")  # per process: benchmarks run side by side
     with tmp.open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["text", "label"])
