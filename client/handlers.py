@@ -143,7 +143,9 @@ def handle(req: SiteRequest) -> SiteReply:
     # FedProx's w_g is the adapter as received, taken before anything else touches the model.
     reference = proximal_reference(bundle.model) if req.kind == "train" and run.train.proximal_mu > 0 else None
     tokenizer = _tokenizer(run)
-    run_id = str(req.run_id)
+    # The coordinator's run identity survives its crash and resume (a new Flower run id); the
+    # ledger's noise plan and charges stay under it. The budget check never depends on it.
+    run_id = instructions.run_id or str(req.run_id)
     if req.kind == "train":
         n = len(site.examples.train_texts)
         max_weight = req.config.get(MAX_WEIGHT_KEY)

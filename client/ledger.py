@@ -211,23 +211,76 @@ class PrivacyLedger:
         budget_epsilon: float,
         delta: float,
         accountant: str = "rdp",
+        server_round: int | None = None,
     ) -> NoisePlan:
-        """Calibrate z once per run so that the worst of ``records`` reaches min(target, budget) after the planned rounds.
+        """Calibrate z so that the worst of ``records`` reaches min(target, budget) when the run's rounds end.
 
         What each record has already spent (earlier runs, a record's rounds before an edit of other
-        rows) is part of its composition, and z is the largest that any distinct history among
-        ``records`` needs, so every record lands on the goal or below it, never above. Returns the
-        stored plan on later calls for the same run (later rounds, restarts).
+        rows, and this run's own charges) is part of its composition, and z is the largest that any
+        distinct history among ``records`` needs, so every record lands on the goal or below it,
+        never above. The plan is stored under ``run`` and returned on later calls.
+
+        With ``server_round`` (r of ``rounds`` = R, the run's planned rounds), the stored plan is
+        returned only while it still covers the run: c dp-sgd charges of this run so far plus the
+        R - r + 1 rounds left must not exceed the charges it was made for. A round charged and then
+        redone (the coordinator crashed after the site trained, and resumed from an earlier
+        checkpoint), more rounds, or another q, steps, goal, delta or accountant re-plans z for the
+        R - r + 1 rounds left on top of everything spent, so the run still ends within the goal.
+        Without ``server_round`` the stored plan is returned as is.
 
         Raises:
-            PrivacyBudgetError: a record has already spent the goal; no privacy is left for the run.
+            PrivacyBudgetError: a record has already spent the goal, or what is left cannot cover the
+                rounds left at any noise the accountant can certify; no privacy is left for the run.
         """
+        goal = min(target_epsilon, budget_epsilon)
         existing = self.plan(run)
-        if existing is not None:
+        if existing is not None and server_round is None:
             return existing
         unique = _record_set(records, what=f"the noise plan of run {run}")
-        goal = min(target_epsilon, budget_epsilon)
         state = self._load()
+        if server_round is not None and not 1 <= server_round <= rounds:
+            raise ConfigError(f"`server_round` must be in 1..rounds ({rounds}), got {server_round!r}.")
+        left = rounds if server_round is None else rounds - server_round + 1
+        charged = self._run_charges(state, unique, run)
+        if existing is not None and self._covers(existing, charged=charged, left=left, sample_rate=sample_rate,
+                                                 steps_per_round=steps_per_round, goal=goal, delta=delta, accountant=accountant):
+            return existing
+        plan = self._calibrate(state, unique, run=run, sample_rate=sample_rate, steps_per_round=steps_per_round, rounds=left,
+                               goal=goal, budget_epsilon=budget_epsilon, target_epsilon=target_epsilon, delta=delta,
+                               accountant=accountant, charged=charged)
+        with self._locked() as locked:
+            stored = locked.plans.get(run)
+            if stored is not None and stored != existing and self._covers(
+                    stored, charged=charged, left=left, sample_rate=sample_rate, steps_per_round=steps_per_round, goal=goal,
+                    delta=delta, accountant=accountant):
+                plan = stored  # a concurrent planner of the same run got there first, and its plan covers this call
+            else:
+                locked.plans[run] = plan
+        if existing is not None and plan != existing:
+            logger.warning("run %s: re-planned noise at round %s: %d dp-sgd rounds already charged and %d left (the plan "
+                           "covered %d); z %.4f -> %.4f so the worst record still ends at epsilon %.3f",
+                           run, server_round, charged, left, existing.charged_before + existing.rounds,
+                           existing.noise_multiplier, plan.noise_multiplier, goal)
+        logger.info("run %s: calibrated z=%.4f for %d rounds x %d steps at q=%.4f so the worst of %d records "
+                    "reaches epsilon %.3f", run, plan.noise_multiplier, left, steps_per_round, sample_rate, len(unique), goal)
+        return plan
+
+    @staticmethod
+    def _run_charges(state: LedgerState, records: frozenset[str], run: str) -> int:
+        """The most dp-sgd charges of ``run`` in any one history among ``records``."""
+        return max((sum(1 for i in h if state.charges[i].run == run and state.charges[i].kind == "dp-sgd")
+                    for h in state.histories(records)), default=0)
+
+    @staticmethod
+    def _covers(plan: NoisePlan, *, charged: int, left: int, sample_rate: float, steps_per_round: int, goal: float,
+                delta: float, accountant: str) -> bool:
+        same = (plan.sample_rate, plan.steps_per_round, plan.target_epsilon, plan.delta, plan.accountant) == (
+            sample_rate, steps_per_round, goal, delta, accountant)
+        return same and charged + left <= plan.charged_before + plan.rounds
+
+    def _calibrate(self, state: LedgerState, unique: frozenset[str], *, run: str, sample_rate: float, steps_per_round: int,
+                   rounds: int, goal: float, budget_epsilon: float, target_epsilon: float, delta: float, accountant: str,
+                   charged: int) -> NoisePlan:
         histories = state.maximal(state.histories(unique))
         spent = {h: state.epsilon(h, delta=delta, accountant=accountant) for h in histories}
         worst = max(spent.values())
@@ -241,8 +294,15 @@ class PrivacyLedger:
         steps = steps_per_round * rounds
 
         def calibrate(h: frozenset[int]) -> float:
-            return calibrate_noise_multiplier(target_epsilon=goal, delta=delta, sample_rate=sample_rate, steps=steps,
-                                              spent=state.segments(h), accountant=accountant)
+            try:
+                return calibrate_noise_multiplier(target_epsilon=goal, delta=delta, sample_rate=sample_rate, steps=steps,
+                                                  spent=state.segments(h), accountant=accountant)
+            except ConfigError as err:  # so little is left that no certifiable z covers the rounds left
+                raise PrivacyBudgetError(
+                    f"run {run}: the worst record has spent epsilon {spent[h]:.3f} of {goal:g}; what is left cannot cover "
+                    f"{rounds} more rounds of {steps_per_round} steps at q={sample_rate:.4f} ({err}).",
+                    budget=budget_epsilon, spent=spent[h], requested=goal - spent[h],
+                ) from None
 
         # Calibrate for the history that has spent most, then check the other maximal ones at that z:
         # with different q and z in their pasts, another may need more noise. Epsilon falls as z
@@ -253,14 +313,8 @@ class PrivacyLedger:
             planned = Segment(sample_rate=sample_rate, noise_multiplier=z, steps=steps)
             if epsilon([*state.segments(h), planned], delta=delta, accountant=accountant) > goal:
                 z = max(z, calibrate(h))
-        plan = NoisePlan(run=run, noise_multiplier=z, sample_rate=sample_rate, steps_per_round=steps_per_round,
-                         rounds=rounds, target_epsilon=goal, delta=delta, accountant=accountant)
-        with self._locked() as locked:
-            plan = locked.plans.setdefault(run, plan)  # a concurrent planner of the same run won: use its plan
-        logger.info("run %s: calibrated z=%.4f for %d rounds x %d steps at q=%.4f so the worst of %d records "
-                    "(%d histories) reaches epsilon %.3f", run, plan.noise_multiplier, rounds, steps_per_round,
-                    sample_rate, len(unique), len(histories), goal)
-        return plan
+        return NoisePlan(run=run, noise_multiplier=z, sample_rate=sample_rate, steps_per_round=steps_per_round,
+                         rounds=rounds, target_epsilon=goal, delta=delta, accountant=accountant, charged_before=charged)
 
     def charge(
         self,

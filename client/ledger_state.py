@@ -79,7 +79,12 @@ class Charge:
 
 @dataclass(frozen=True, kw_only=True)
 class NoisePlan:
-    """The noise calibrated once for a run: reaching ``target_epsilon`` after ``rounds`` x ``steps``."""
+    """The noise calibrated for a run: reaching ``target_epsilon`` after ``rounds`` x ``steps`` more.
+
+    ``charged_before`` is how many dp-sgd rounds this run had already charged when the plan was
+    made (0 for a plan made before round 1; more when a resumed run redid a round and the site
+    re-planned the rounds left): the plan covers ``charged_before + rounds`` charges of the run.
+    """
 
     run: str
     noise_multiplier: float
@@ -89,6 +94,7 @@ class NoisePlan:
     target_epsilon: float
     delta: float
     accountant: str
+    charged_before: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -151,6 +151,9 @@ def train_round(
                 budget_epsilon=settings.budget_epsilon,
                 delta=settings.delta,
                 accountant=privacy.accountant,
+                # Re-plans the rounds left when this run already charged more than its plan covers
+                # (a round redone after the coordinator resumed), so the run still ends within its goal.
+                server_round=server_round,
             ).noise_multiplier
         policy.check_noise(z)
         epsilon_spent = ledger.charge(

@@ -41,6 +41,46 @@ def make_dirs(folder: Path) -> None:
         fsync_dir(new.parent)
 
 
+# A checkpoint of a MiniLM LoRA adapter is about 0.3 MB: a directory that cannot take 1 MiB cannot
+# take the first round's checkpoint either.
+PROBE_BYTES = 1 << 20
+
+
+def check_writable(folder: Path, *, what: str, probe_bytes: int = PROBE_BYTES) -> None:
+    """Create ``folder`` if needed and prove it takes ``probe_bytes`` durably: write, fsync, remove.
+
+    A bare ``os.access`` says nothing about a full disk or a read-only mount, and a mode check is
+    wrong for root; writing and fsyncing a probe file is what a checkpoint will do. ``what`` names
+    the setting in the error ("run directory (--out)").
+
+    Raises:
+        ConfigError: naming ``what``, the path, and the operating system's reason.
+    """
+    folder = Path(folder)
+    probe = folder / f".fedtune-write-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        make_dirs(folder)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            view, written = memoryview(b"\0" * probe_bytes), 0
+            while written < probe_bytes:
+                written += os.write(fd, view[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(folder)
+    except OSError as err:
+        raise ConfigError(
+            f"{what} {folder} is not writable: writing and fsyncing a {probe_bytes // 1024} KiB probe file failed "
+            f"({err.strerror or err}); choose a folder on a disk with free space that this user may write."
+        ) from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
 

@@ -102,6 +102,9 @@ class RoundInstructions:
         run_dir: The coordinator's run directory; only simulated sites use it (their ledgers live there).
         base_model_id: Fingerprint of the run's base model; a site whose own model differs refuses.
         validate_first: Validate the received adapter before training (train messages).
+        run_id: The run's identity, which a site's ledger charges and plans noise under; it stays
+            the same when the coordinator resumes the run under a new Flower run id. Empty: the
+            site uses Flower's run id.
     """
 
     server_round: int
@@ -110,11 +113,13 @@ class RoundInstructions:
     run_dir: str = ""
     base_model_id: str = ""
     validate_first: bool = False
+    run_id: str = ""
 
     def to_config(self) -> dict[str, Any]:
         return {
             "server-round": self.server_round, "num-rounds": self.num_rounds, "labels": list(self.labels),
             "run-dir": self.run_dir, "base-model-id": self.base_model_id, "validate-first": self.validate_first,
+            "run-id": self.run_id,
         }
 
     @classmethod
@@ -132,9 +137,14 @@ class RoundInstructions:
             raise UpdateError(f"message config: server-round and num-rounds must be integers ({err})") from None
         if not 1 <= server_round <= rounds:
             raise UpdateError(f"message config: server-round {server_round} outside 1..num-rounds {rounds}")
+        run_id = config.get("run-id", "")
+        # It names the site's ledger entries: a short plain token, never a path or free text.
+        if not (isinstance(run_id, str) and len(run_id) <= 64 and all(c.isascii() and (c.isalnum() or c in "._-") for c in run_id)):
+            raise UpdateError(f"message config: run-id must be at most 64 characters of [A-Za-z0-9._-], got {str(run_id)[:80]!r}")
         return cls(
             server_round=server_round, num_rounds=rounds, labels=tuple(labels), run_dir=str(config.get("run-dir", "")),
             base_model_id=str(config.get("base-model-id", "")), validate_first=bool(config.get("validate-first", False)),
+            run_id=run_id,
         )
 
 

@@ -320,19 +320,25 @@ def check_adapter_state(
 METADATA_FILE = "fedtune.json"
 
 
-def save_adapter(model: torch.nn.Module, folder: Path, *, metadata: dict | None = None) -> None:  # type: ignore[type-arg]
-    """Save in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``), atomically.
+def save_adapter(
+    model: torch.nn.Module, folder: Path, *, metadata: dict | None = None, extra_files: dict[str, bytes] | None = None  # type: ignore[type-arg]
+) -> None:
+    """Save in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``), atomically and durably.
 
     ``metadata`` (labels, max length, base model) and the head's pooling go to ``fedtune.json``
-    beside them, so the folder alone is enough to predict. Written to a sibling temporary folder and renamed, so a
-    crash never leaves half a checkpoint.
+    beside them, so the folder alone is enough to predict; ``extra_files`` (name -> bytes) are
+    written beside them too (a checkpoint's resume state). Written to a sibling temporary folder,
+    every file and the folder fsynced, then renamed and the parent fsynced: a crash or power loss
+    never leaves half a checkpoint under ``folder``'s name.
     """
     import json
     import os
     import shutil
     import tempfile
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    from .io import fsync_dir, make_dirs
+
+    make_dirs(folder.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
@@ -340,6 +346,16 @@ def save_adapter(model: torch.nn.Module, folder: Path, *, metadata: dict | None 
             # The head's pooling is part of the model: inference must rebuild the same one.
             metadata = {**metadata, "pooling": pooling_of(model)}
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or name.startswith("."):
+                raise ConfigError(f"extra file name {name!r} must be a plain file name (no folder, not hidden).")
+            (tmp / name).write_bytes(data)
+        # save_pretrained does not fsync: without this a power loss after the rename below can
+        # leave a folder whose names exist but whose bytes do not.
+        for path in tmp.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -348,5 +364,6 @@ def save_adapter(model: torch.nn.Module, folder: Path, *, metadata: dict | None 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
+        fsync_dir(folder.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -171,7 +171,50 @@ def _resolve_config(config_file: str | None, prefix: str, **flags: Any):  # type
     return run
 
 
+def _resume_options(f: Any) -> Any:
+    """--resume RUN_DIR and --allow-change KEY[,KEY]: continue a run after a crash (server/resume.py)."""
+    f = click.option("--allow-change", "allow_change", multiple=True, metavar="KEY[,KEY]",
+                     help="With --resume: settings that may differ from RUN_DIR/config.toml, e.g. federation.rounds "
+                          "to extend the run or federation.round_timeout.")(f)
+    f = click.option("--resume", "resume", type=click.Path(file_okay=False, path_type=Path), metavar="RUN_DIR",
+                     help="Continue the run in RUN_DIR from its last complete checkpoint (same run id, config, labels and "
+                          "round numbering); flags given change its config only when --allow-change names them.")(f)
+    return f
+
+
+def _resume_config(run_dir: Path, config_file: str | None, allow_change: tuple[str, ...], *, simulation: bool,
+                   **flags: Any):  # type: ignore[no-untyped-def]
+    """The config a resumed run continues with: RUN_DIR's, changed only where --allow-change says.
+
+    Leaves the resume request in RUN_DIR for the coordinator (server/resume.py), which checks it again.
+    """
+    from fedtune.common.config import from_dict, load_toml
+    from fedtune.common.io import check_writable
+    from fedtune.server.resume import parse_allow_change, request_resume, stored_config
+    from fedtune.server.robust import aggregation_problems
+
+    if flags.get("out"):
+        raise ConfigError(f"--out cannot be combined with --resume: the run continues in its own directory {run_dir}.")
+    run_dir = run_dir.resolve()
+    allowed = parse_allow_change(allow_change)
+    base = stored_config(run_dir)
+    if base.simulation != simulation:
+        raise ConfigError(f"{run_dir} holds a {'simulated' if base.simulation else 'deployed'} run: resume it with "
+                          f"`fedtune {'simulate' if base.simulation else 'run'} --resume {run_dir}`.")
+    if config_file:
+        base = load_toml(config_file, base=base)
+    run = from_dict({**_overrides(**flags), "out": str(run_dir), "simulation": simulation}, base=base)
+    problems = aggregation_problems(run)
+    if problems:
+        raise ConfigError(problems)
+    check_writable(run_dir, what="run directory (--resume)")
+    for change in request_resume(run_dir, run, allowed):
+        click.echo(f"fedtune: resuming with {change} (--allow-change {change.key})", err=True)
+    return run
+
+
 @main.command()
+@_resume_options
 @_run_options
 @click.option("--sites", type=int, help="Number of simulated sites [3].")
 @click.option("--partition", help="How sites split the data: iid | dirichlet:ALPHA | column:NAME [iid].")
@@ -184,17 +227,30 @@ def simulate(config_file: str | None, **flags: Any) -> None:
 
     With no flags: the packaged clinical triage demo, 3 sites, DP on (epsilon 8, delta 1e-5).
     Writes the run directory: adapter/, checkpoints/round-N/, metrics.jsonl, summary.json,
-    config.toml and report.png.
+    config.toml and report.png. After a crash, `--resume RUN_DIR` continues from the last
+    complete checkpoint.
     """
     _offline_env()
-    run = _resolve_config(config_file, "sim", **flags)
+    resume, allow_change = flags.pop("resume"), flags.pop("allow_change")
+    if resume:
+        run = _resume_config(resume, config_file, allow_change, simulation=True, **flags)
+    else:
+        if allow_change:
+            raise ConfigError("--allow-change is for --resume RUN_DIR only.")
+        run = _resolve_config(config_file, "sim", **flags)
+        from fedtune.common.io import check_writable
+        from fedtune.simulations.simulate import preflight
+
+        preflight(run)  # a bad flag or data file is reported before the run directory is created
+        check_writable(Path(run.out).resolve(), what="run directory (--out)")
     from fedtune.simulations.simulate import run_simulation
 
-    run_dir = run_simulation(run)
+    run_dir = run_simulation(run, resume=bool(resume))
     _print_summary(run_dir)
 
 
 @main.command("run")
+@_resume_options
 @_run_options
 @click.option("--coordinator", "address", default="127.0.0.1:9092", show_default=True,
               help="The coordinator's admin HOST:PORT (`coordinator start --admin-port`), not the sites' port.")
@@ -211,18 +267,26 @@ def run_cmd(config_file: str | None, address: str, certs: Path | None, insecure:
     --labels (comma-separated, or a file with one label per line) is required: every site checks
     its data against it. The run directory (adapter/, checkpoints/, metrics.jsonl, summary.json,
     report.png) is written by the coordinator at --out, a path on the coordinator's machine.
+    After a coordinator crash, `--resume RUN_DIR` (on the coordinator's machine: it reads
+    RUN_DIR/config.toml and leaves the request there) continues from the last complete checkpoint.
     """
     from fedtune.cli_deploy import _connect
     from fedtune.common.config import RunConfig, from_dict
     from fedtune.server.coordinator import app_dir, flwr_command, run_config_args
 
+    resume, allow_change = flags.pop("resume"), flags.pop("allow_change")
     labels = flags.get("labels")
-    if not labels:
+    if not labels and not resume:
         raise ConfigError("--labels is required: the run's label set, as L1,L2,... or a file with one label per line.")
-    if Path(labels).is_file():
+    if labels and Path(labels).is_file():
         flags["labels"] = ",".join(line.strip() for line in Path(labels).read_text(encoding="utf-8").splitlines() if line.strip())
-    run = _resolve_config(config_file, "run", **flags)
-    run = from_dict({"simulation": False, "out": str(Path(run.out).resolve())}, base=run)
+    if resume:
+        run = _resume_config(resume, config_file, allow_change, simulation=False, **flags)
+    else:
+        if allow_change:
+            raise ConfigError("--allow-change is for --resume RUN_DIR only.")
+        run = _resolve_config(config_file, "run", **flags)
+        run = from_dict({"simulation": False, "out": str(Path(run.out).resolve())}, base=run)
     conn, env = _connect(address, certs, insecure)
     app = app_dir(RunConfig().to_flat())
     cmd = flwr_command("run", str(app), conn, *run_config_args(run.to_flat()), "--stream")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -13,16 +14,29 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedtune.common.config import RunConfig, dump_toml, from_flat
 from fedtune.common.errors import ConfigError
+from fedtune.common.io import check_writable
 from fedtune.common.messages import RoundInstructions
 from fedtune.common.model import adapter_state, base_model_id, build_model, load_adapter_state, resolve_base_model, save_adapter, uses_ffa
 from fedtune.common.sitedata import load_config_table, resolve_data_path, run_labels, simulated_split
 from fedtune.common.tasks import encode, evaluate
 
 from .client_dp import ClientLevelDP
-from .client_dp_plan import ClientLevelPlan, connected_sites, plan_client_level
+from .client_dp_plan import ClientLevelPlan, client_level_epsilon, connected_sites, plan_client_level
 from .records import RunRecorder
 from .robust import robust_strategy
-from .rounds import TestScore, checkpoint_dir, run_rounds
+from .resume import (
+    RoundState,
+    begin_run,
+    checkpoint_arrays,
+    checkpoint_files,
+    restore_strategy,
+    restored_sites,
+    resumed_client_plan,
+    strategy_parts,
+    write_identity,
+    write_manifest,
+)
+from .rounds import RoundTotals, TestScore, checkpoint_dir, run_rounds
 from .server_opt import server_optimizer
 
 logger = logging.getLogger(__name__)
@@ -86,22 +100,34 @@ def resolve_run_dir(run: RunConfig, run_id: int) -> Path:
 
 
 def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
-    """Run every round of a federated run; returns the run directory."""
+    """Run every round of a federated run, or the rounds left of a resumed one; returns the run directory.
+
+    The run directory must take a durable write before anything starts (a ConfigError names it).
+    A directory that holds a run is continued only on a `--resume` request (`server/resume.py`):
+    from its last complete checkpoint, under the run's first identity, with its label set.
+    """
     started = time.perf_counter()
     run_dir = resolve_run_dir(run, run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir, what="run directory (out)")
+    identity, resume = begin_run(run_dir, run, flower_run_id=run_id)
     dump_toml(run, run_dir / "config.toml")
+    last = resume.checkpoint if resume else None
 
     table = load_config_table(run.data) if run.simulation else None
     labels = run_labels(run.data, table) if (run.simulation or run.data.labels) else []
     if not labels:
         raise ConfigError("data.labels is empty: a deployed run needs its label set (fedtune run --labels L1,L2,...).")
+    if last is not None and tuple(labels) != last.state.labels:
+        raise ConfigError(f"the resumed run's labels {labels} are not the checkpoint's {list(last.state.labels)} "
+                          f"({last.folder}): the data or data.labels changed since the run started.")
     # Under FFA-LoRA the initial arrays, the screened updates and the aggregate are B and the head
     # only; the checkpoints and the final adapter still hold A (this model's, derived from the seed
     # as every site derives it), so they load with plain PEFT.
     bundle = build_model(run.model, run.lora, len(labels), seed=run.seed, ffa=uses_ffa(run))
     model = bundle.model
     initial = ArrayRecord(adapter_state(model))
+    if last is not None:
+        initial = checkpoint_arrays(last, adapter_state(model))
 
     test_fn = None
     if table is not None:
@@ -123,21 +149,52 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
 
     metadata = {"labels": labels, "max_length": run.model.max_length, "base_model": str(resolve_base_model(run.model))}
 
-    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
-        load_adapter_state(model, arrays.to_torch_state_dict())
-        save_adapter(model, checkpoint_dir(run_dir, server_round), metadata={**metadata, "round": server_round})
-
     # Calibrated once, for the sites actually connected: the same plan drives the strategy and is recorded in the summary.
-    client_plan = client_dp_plan(run, grid) if run.client_dp.enabled else None
+    # A resumed run keeps its plan (the rounds already released were drawn with its z).
+    client_plan = resumed_client_plan(last, run) if last is not None else None
+    if client_plan is None and run.client_dp.enabled:
+        client_plan = client_dp_plan(run, grid)
+    strategy = make_strategy(run, client_plan)
+    optimizer, client_dp = strategy_parts(strategy)
+    if last is not None:
+        restore_strategy(strategy, last, {k: v.numpy() for k, v in initial.items()})
     recorder = RunRecorder(run_dir)
+    recorder.restore(resume.metrics.lines if resume else [], restored_sites(last))
+    totals = RoundTotals(bytes_up=last.state.bytes_up, bytes_down=last.state.bytes_down) if last else RoundTotals()
+    seconds_before = last.state.seconds if last else 0.0
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        # Everything a resume needs goes into the checkpoint's folder; complete.json, written last, makes it count.
+        state = RoundState(
+            round=server_round, run_id=identity.run_id, labels=tuple(labels), line=recorder.rounds[-1],
+            sites={name: record.to_state() for name, record in sorted(recorder.sites.items())},
+            bytes_up=totals.bytes_up, bytes_down=totals.bytes_down,
+            seconds=round(seconds_before + time.perf_counter() - started, 3),
+            optimizer_steps=optimizer.state.steps if optimizer else None,
+            client_dp=client_dp.state().to_json() if client_dp else None,
+            client_plan=dataclasses.asdict(client_plan) if client_plan else None,
+        )
+        folder = checkpoint_dir(run_dir, server_round)
+        load_adapter_state(model, arrays.to_torch_state_dict())
+        save_adapter(model, folder, metadata={**metadata, "round": server_round},
+                     extra_files=checkpoint_files(state, optimizer.state if optimizer else None))
+        write_manifest(folder, server_round=server_round, run_id=identity.run_id)
+
     instructions = RoundInstructions(
-        server_round=1, num_rounds=run.federation.rounds, labels=tuple(labels), run_dir=str(run_dir), base_model_id=base_model_id(run.model)
+        server_round=1, num_rounds=run.federation.rounds, labels=tuple(labels), run_dir=str(run_dir), base_model_id=base_model_id(run.model),
+        run_id=identity.run_id,
     )
-    print(f"fedtune: {run.federation.rounds} rounds, {_describe_privacy(run)}, labels {labels}, run dir {run_dir}", flush=True)
+    if resume is None:
+        write_identity(run_dir, identity)  # before any site is asked anything: its charges go under this id
+    first = resume.next_round if resume else 1
+    print(f"fedtune: {run.federation.rounds} rounds, {_describe_privacy(run)}, labels {labels}, run dir {run_dir}"
+          + (f"; resuming run {identity.run_id} at round {first}" if resume else ""), flush=True)
     final, totals = run_rounds(
         grid,
-        make_strategy(run, client_plan),
+        strategy,
         initial=initial,
+        start_round=first,
+        totals=totals,
         num_rounds=run.federation.rounds,
         instructions=instructions,
         timeout=run.federation.round_timeout,
@@ -151,7 +208,14 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     )
     load_adapter_state(model, final.to_torch_state_dict())
     save_adapter(model, run_dir / "adapter", metadata={**metadata, "round": run.federation.rounds})
-    last = recorder.rounds[-1] if recorder.rounds else {}
+    if client_plan is not None and client_dp is not None and client_dp.state().rounds != client_plan.rounds:
+        # Every release counts: the guarantee is stated for the rounds actually released.
+        released = client_dp.state().rounds
+        logger.warning("client-level DP released %d rounds, planned %d: the summary accounts %d", released, client_plan.rounds, released)
+        client_plan = dataclasses.replace(client_plan, rounds=released, epsilon=client_level_epsilon(
+            sample_rate=client_plan.sample_rate, noise_multiplier=client_plan.noise_multiplier, rounds=released,
+            delta=client_plan.delta, accountant=client_plan.accountant))
+    last_line = recorder.rounds[-1] if recorder.rounds else {}
     adapter_bytes = sum(t.numel() * t.element_size() for t in adapter_state(model).values())
     # The frozen base model alone: neither the LoRA matrices nor PEFT's trainable copy of the head.
     base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
@@ -174,14 +238,18 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
             if run.secure_agg.enabled else None
         ),
         "max_epsilon": max((s.epsilon for s in recorder.sites.values()), default=0.0) if run.privacy.enabled else None,
-        "test": {"accuracy": last.get("test_accuracy"), "macro_f1": last.get("test_macro_f1")} if test_fn else None,
+        "test": {"accuracy": last_line.get("test_accuracy"), "macro_f1": last_line.get("test_macro_f1")} if test_fn else None,
         # Federated validation of the final adapter on the sites' validation splits.
         "validation": totals.final_validation,
         "bytes_up": totals.bytes_up,
         "bytes_down": totals.bytes_down,
         "adapter_bytes": adapter_bytes,
         "full_model_bytes": base_params * 4,
-        "seconds": round(time.perf_counter() - started, 2),
+        # Over every session of the run (a crash's lost round and the time until the resume excluded).
+        "seconds": round(seconds_before + time.perf_counter() - started, 2),
+        # One record per resume after a crash: the checkpoint continued from and the round redone. A site that
+        # trained in the lost round was charged for it: its epsilon above includes that round.
+        "resumes": list(identity.resumes),
     }
     recorder.write_summary(summary)
     recorder.plot(dp=run.privacy.enabled, final_validation=totals.final_validation)

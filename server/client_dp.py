@@ -35,7 +35,8 @@ import math
 import random
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -182,6 +183,42 @@ def _noisy_mean(
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClientDPState:
+    """What `ClientLevelDP` needs to continue a run after a crash (see `fedtune.server.resume`).
+
+    Attributes:
+        rounds: T so far, the noisy aggregates released (one per `aggregate_train`); the
+            guarantee is accounted for every one of them, those before a crash included.
+        sampling: the seeded sampling generator's state (`random.Random.getstate()` as JSON
+            lists), or None when sites are sampled from the OS CSPRNG (nothing to continue).
+        noise: the seeded noise generator's `bit_generator.state`, or None without a seed (a
+            fresh CSPRNG-seeded generator every round).
+    """
+
+    rounds: int
+    sampling: list[Any] | None = None
+    noise: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "sampling": self.sampling, "noise": self.noise}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ClientDPState:
+        try:
+            return cls(rounds=int(data["rounds"]), sampling=data.get("sampling"), noise=data.get("noise"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"client-level DP state {dict(data)!r} is malformed ({err}).") from None
+
+
+def _json_lists(value: Any) -> Any:
+    return [_json_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 class ClientLevelDP(Strategy):
     """DP-FedAvg around a Flower strategy: this one samples sites and aggregates; the inner one evaluates.
 
@@ -272,6 +309,7 @@ class ClientLevelDP(Strategy):
         self._seeded_rng = np.random.default_rng(seed) if seed is not None else None
         self._global: ArrayRecord | None = None
         self._global_round: int | None = None
+        self._released = 0
         if self.noise_multiplier == 0.0:
             logger.warning("client-level DP with noise_multiplier=0: updates are clipped but NOT private")
 
@@ -292,6 +330,33 @@ class ClientLevelDP(Strategy):
     def noise_std(self) -> float:
         """z C / m: the standard deviation of the noise on each coordinate of the mean delta."""
         return self.noise_multiplier * self.clip_norm / self.expected_sites
+
+    def state(self) -> ClientDPState:
+        """The rounds released so far and, when seeded, both generators' positions."""
+        sampling = None
+        if not isinstance(self.sampling_rng, random.SystemRandom):
+            sampling = _json_lists(self.sampling_rng.getstate())
+        noise = dict(self._seeded_rng.bit_generator.state) if self._seeded_rng is not None else None
+        return ClientDPState(rounds=self._released, sampling=sampling, noise=noise)
+
+    def load_state(self, state: ClientDPState) -> None:
+        """Continue from a checkpoint's state: the same sites and noise a run that never stopped would draw.
+
+        Raises:
+            ConfigError: the state is seeded and this strategy is not (or the reverse): a deployed
+                run must never continue a simulation's predictable generators.
+        """
+        seeded = self._seeded_rng is not None
+        if (state.noise is not None) != seeded or (state.sampling is not None) != (not isinstance(self.sampling_rng, random.SystemRandom)):
+            raise ConfigError(
+                f"client-level DP state is {'seeded' if state.noise is not None else 'unseeded'}, but this run's "
+                f"strategy is {'seeded' if seeded else 'unseeded (OS CSPRNG)'}: it belongs to another kind of run."
+            )
+        if state.sampling is not None:
+            self.sampling_rng.setstate(_tuples(state.sampling))
+        if state.noise is not None and self._seeded_rng is not None:
+            self._seeded_rng.bit_generator.state = state.noise
+        self._released = state.rounds
 
     def _rng(self) -> np.random.Generator:
         if self._seeded_rng is not None:
@@ -344,6 +409,7 @@ class ClientLevelDP(Strategy):
             clipped, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier,
             expected_sites=self.expected_sites, rng=self._rng(), template=global_arrays,
         )
+        self._released += 1
         new = ArrayRecord(
             {
                 name: Array.from_numpy_ndarray(

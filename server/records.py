@@ -4,7 +4,9 @@
 RUN_DIR/
   config.toml              the resolved config
   metrics.jsonl            one JSON line per round
-  checkpoints/round-N/     the global adapter after round N (PEFT format)
+  run.json                 the run's identity (the ledger run id sites charge under), written before round 1
+  checkpoints/round-N/     the global adapter after round N (PEFT format), the state a resume needs
+                           (resume-state.json, server-opt.safetensors) and complete.json, written last
   adapter/                 the final global adapter (PEFT format)
   summary.json             the run's result, privacy per site
   report.png               accuracy and epsilon per round
@@ -13,13 +15,14 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.common.io import append_jsonl, atomic_write_json
+from fedtune.common.io import append_jsonl, atomic_write_bytes, atomic_write_json
 from fedtune.common.messages import TrainReply, ValidationStats
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,16 @@ class SiteRecord:
         self.statistics_epsilon = max(self.statistics_epsilon, stats.epsilon)
         self.epsilon = max(self.training_epsilon, self.statistics_epsilon)
 
+    def to_state(self) -> dict[str, Any]:
+        """Everything, for a checkpoint: the summary's fields and the epsilon of every round."""
+        return {**self.to_json(), "epsilon_by_round": {str(k): v for k, v in sorted(self.epsilon_by_round.items())}}
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any]) -> SiteRecord:
+        """The inverse of :meth:`to_state`."""
+        by_round = {int(k): float(v) for k, v in data.get("epsilon_by_round", {}).items()}
+        return cls(**{**{k: v for k, v in data.items() if k != "epsilon_by_round"}, "epsilon_by_round": by_round})
+
     def to_json(self) -> dict[str, Any]:
         return {
             "site": self.site,
@@ -109,8 +122,21 @@ class RunRecorder:
         return self.sites.setdefault(name, SiteRecord(site=name))
 
     def add_round(self, line: dict[str, Any]) -> None:
+        self.note_round(line)
+        self.append_round(line)
+
+    def note_round(self, line: dict[str, Any]) -> None:
+        """Keep a round's line in memory only: the round loop checkpoints it before it reaches metrics.jsonl."""
         self.rounds.append(line)
+
+    def append_round(self, line: dict[str, Any]) -> None:
+        """Append a round's line to metrics.jsonl (fsynced)."""
         append_jsonl(self.run_dir / "metrics.jsonl", line)
+
+    def restore(self, rounds: list[dict[str, Any]], sites: dict[str, SiteRecord]) -> None:
+        """Continue from a checkpoint: the round lines already in metrics.jsonl and each site's record."""
+        self.rounds = list(rounds)
+        self.sites = dict(sites)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         summary["sites"] = [s.to_json() for s in sorted(self.sites.values(), key=lambda s: s.site)]
@@ -158,8 +184,10 @@ class RunRecorder:
         ax_eps.grid(alpha=0.3)
         fig.tight_layout()
         path = self.run_dir / "report.png"
-        fig.savefig(path, dpi=100)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue())
         return path
 
 

@@ -144,8 +144,16 @@ def run_rounds(
     validate: bool = True,
     echo: Callable[[str], None] = print,
     max_update_norm: float = 0.0,
+    start_round: int = 1,
+    totals: RoundTotals | None = None,
 ) -> tuple[ArrayRecord, RoundTotals]:
-    """Run ``num_rounds`` rounds; returns the final global adapter and the bytes exchanged.
+    """Run rounds ``start_round``..``num_rounds``; returns the final global adapter and the bytes exchanged.
+
+    A resumed run starts after its last complete checkpoint, with ``initial`` that checkpoint's
+    adapter and ``totals`` its bytes so far. Each round's line is kept by the recorder, then the
+    round is checkpointed, and only then is the line appended to metrics.jsonl and printed: nothing
+    computed from a round's aggregate (its test score, its line) leaves the coordinator before the
+    checkpoint that a resume would continue from, so a round lost to a crash released nothing.
 
     One message exchange per round: each sampled site first validates the global adapter it
     receives, then trains (``validate``). Round r's ``loss``/``accuracy``/``macro_f1`` are
@@ -160,9 +168,9 @@ def run_rounds(
     only: secure aggregation hides the updates, and `make_strategy` refuses the combination).
     """
     arrays = initial
-    totals = RoundTotals()
+    totals = totals if totals is not None else RoundTotals()
     train_config = dataclasses.replace(instructions, validate_first=validate).to_config()
-    for server_round in range(1, num_rounds + 1):
+    for server_round in range(start_round, num_rounds + 1):
         started = time.perf_counter()
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
         if secure is not None and secure.enabled:
@@ -175,7 +183,6 @@ def run_rounds(
             recorder.site(reply.site).update(server_round, reply)
 
         score = test_fn(arrays) if test_fn else None
-        checkpoint(server_round, arrays)
         totals.bytes_up += exchange.bytes_up
         totals.bytes_down += exchange.bytes_down
         trained = exchange.updates
@@ -206,7 +213,9 @@ def run_rounds(
             "bytes_down": exchange.bytes_down,
             "seconds": round(time.perf_counter() - started, 3),
         }
-        recorder.add_round(line)
+        recorder.note_round(line)
+        checkpoint(server_round, arrays)
+        recorder.append_round(line)
         echo(_round_line(line, num_rounds))
     if validate:
         totals.final_validation = _final_validation(grid, strategy, num_rounds, arrays, instructions, timeout, totals, recorder)

@@ -42,7 +42,9 @@ returns None) is not a step: the adapter stays x_t and the optimiser's state (m,
 count) is left exactly as it was. DP-FedAvg always releases (noise only when no site took part),
 so under client-level DP every round is a step.
 
-The state lives in memory for the length of a run: it is not written to checkpoints.
+The state (m, v and the step count) is part of every checkpoint (`OptimizerState.to_arrays`,
+`ServerOptimizer.load_state`, written by `fedtune.server.resume`): a run resumed after a crash
+takes exactly the step an uninterrupted one would, instead of restarting Adam's moments at zero.
 """
 
 from __future__ import annotations
@@ -107,6 +109,25 @@ class OptimizerState:
     m: dict[str, np.ndarray] = field(default_factory=dict)
     v: dict[str, np.ndarray] = field(default_factory=dict)
     steps: int = 0
+
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """m and v as one name -> float64 array map ("m/<tensor>", "v/<tensor>") for a safetensors file."""
+        return {**{f"m/{k}": a for k, a in self.m.items()}, **{f"v/{k}": a for k, a in self.v.items()}}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], *, steps: int) -> OptimizerState:
+        """The inverse of :meth:`to_arrays`; a key that is neither "m/..." nor "v/..." is refused."""
+        m: dict[str, np.ndarray] = {}
+        v: dict[str, np.ndarray] = {}
+        for key, array in arrays.items():
+            kind, _, name = key.partition("/")
+            if kind not in ("m", "v") or not name:
+                raise ConfigError(f"server optimiser state: key {key!r} is not 'm/<tensor>' or 'v/<tensor>'.")
+            (m if kind == "m" else v)[name] = np.asarray(array, dtype=np.float64)
+        if not (isinstance(steps, int) and steps >= 0):
+            raise ConfigError(f"server optimiser state: steps must be an integer >= 0, got {steps!r}.")
+        return cls(m=m, v=v, steps=steps)
 
 
 @dataclass(frozen=True)
@@ -177,6 +198,38 @@ class ServerOptimizer(Strategy):
     def state(self) -> OptimizerState:
         """The optimiser's state after the last step (read-only; arrays are float64 copies held here)."""
         return self._state
+
+    def load_state(self, state: OptimizerState, *, adapter: Mapping[str, np.ndarray]) -> None:
+        """Continue from ``state`` (a checkpoint's), checked against the run's ``adapter`` tensors.
+
+        m (and v for 'adam'/'yogi') must name exactly the adapter's tensors with their shapes once a
+        step was taken, and be empty before; 'sgd' keeps none.
+
+        Raises:
+            ConfigError: the state belongs to another optimiser or another adapter.
+        """
+        s = self.settings
+        problems = []
+        wants_m = s.name != "sgd" and state.steps > 0
+        wants_v = s.name in ("adam", "yogi") and state.steps > 0
+        for label, held, wanted in (("m", state.m, wants_m), ("v", state.v, wants_v)):
+            if not wanted:
+                if held:
+                    problems.append(f"server optimiser state holds {label} for {len(held)} tensors, but {s.name!r} after "
+                                    f"{state.steps} steps keeps none.")
+                continue
+            if set(held) != set(adapter):
+                missing, extra = sorted(set(adapter) - set(held)), sorted(set(held) - set(adapter))
+                problems.append(f"server optimiser state {label} names other tensors than the adapter's: missing "
+                                f"{missing[:3]}, unexpected {extra[:3]}.")
+                continue
+            for name, ref in adapter.items():
+                if np.shape(held[name]) != np.shape(ref):
+                    problems.append(f"server optimiser state {label}/{name} has shape {list(np.shape(held[name]))}, "
+                                    f"expected {list(np.shape(ref))}.")
+        if problems:
+            raise ConfigError(problems)
+        self._state = state
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._current, self._current_round = arrays, server_round

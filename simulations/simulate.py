@@ -43,8 +43,12 @@ def preflight(run: RunConfig) -> None:
     simulated_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
 
 
-def run_simulation(run: RunConfig) -> Path:
-    """Run a whole federated simulation; returns the run directory."""
+def run_simulation(run: RunConfig, *, resume: bool = False) -> Path:
+    """Run a whole federated simulation; returns the run directory.
+
+    ``resume``: continue the run in ``run.out`` (``fedtune simulate --resume`` has left the request
+    that the coordinator checks, see ``server/resume.py``) instead of refusing a used directory.
+    """
     from fedtune.common.environment import OFFLINE
 
     for key, value in OFFLINE.items():  # no hub and no per-run dependency installation, ever
@@ -58,8 +62,9 @@ def run_simulation(run: RunConfig) -> Path:
 
     preflight(run)
     run_dir = resolve_run_dir(run, 0)
-    if (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"run directory {run_dir} already holds a run (metrics.jsonl); choose another --out.")
+    if not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "run.json").exists()):
+        raise ConfigError(f"run directory {run_dir} already holds a run; continue it with `fedtune simulate --resume {run_dir}` "
+                          "or choose another --out.")
     flat = run.to_flat()
     flat["out"] = str(run_dir)
     with warnings.catch_warnings():
