@@ -7,9 +7,10 @@ load once.
 A site whose policy caps the LoRA rank (``[policy] max_lora_rank``; ``lora.site_ranks`` in
 simulation) builds its model at r_i = min(r, cap), keeps the first r_i rank slots of the global
 adapter it receives, trains and validates that, and replies at rank r_i; the coordinator pads the
-reply (``common/lora_rank.py``). In a SecAgg+ round the site pads its own reply to rank r with
-zeros before masking: the protocol sums equal-length vectors, and the zeros are what the
-coordinator would have padded anyway.
+reply with the global adapter's values in the slots it did not train (``common/lora_rank.py``).
+In a SecAgg+ round the site pads its own reply to rank r before masking, with the global adapter
+it received: the protocol sums equal-length vectors, and those values are what the coordinator
+would have padded with (the site's update is zero in the slots it did not train).
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def handle(req: SiteRequest) -> SiteReply:
         logger.info("%s trains LoRA rank %d of the run's %d (its policy's max_lora_rank)", site.settings.name, rank, run.lora.rank)
     bundle = _model(run, len(labels), rank)
     received = {k: torch.from_numpy(np.asarray(v)) for k, v in req.arrays.items()}
+    global_adapter = received  # the rank-r adapter as received: a secure reply is padded with it
     if rank < run.lora.rank:
         # Truncated only from the run's own rank: a larger adapter must be refused, not cut to fit.
         sent = adapter_rank({k: tuple(v.shape) for k, v in received.items()})
@@ -175,7 +177,7 @@ def handle(req: SiteRequest) -> SiteReply:
         if max_weight is not None and rank < run.lora.rank:
             # A SecAgg+ round (client/secure_agg.py sets the max weight on its masking stage only):
             # masking needs the global shapes, and the coordinator cannot pad what it cannot see.
-            state = pad_lora(state, run.lora.rank)
+            state = pad_lora(state, global_adapter)
         arrays = OrderedDict((k, v.numpy()) for k, v in state.items())
         return SiteReply(site=site.settings.name, metrics=reply.to_metrics(), arrays=arrays)
     if req.kind == "evaluate":

@@ -66,7 +66,8 @@ class SitePolicy:
         statistics_loss_bound: L, the bound each example's loss is clipped to before summing.
         max_lora_rank: The highest LoRA rank this site trains (its hardware, or its choice); 0:
             no limit. Not a refusal: a run of rank r is trained at min(r, max_lora_rank), on the
-            first rank slots of the global adapter, and the coordinator zero-pads the reply
+            first rank slots of the global adapter, and the coordinator pads the reply with the
+            global adapter's values, so the site's update is zero in the slots it did not train
             (``common/lora_rank.py``).
     """
 

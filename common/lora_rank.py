@@ -3,17 +3,27 @@
 The coordinator keeps the global adapter at the run's rank r. A site that may train only rank
 r_i (its ``[policy] max_lora_rank``, or ``lora.site_ranks`` in simulation) keeps the first r_i
 slots of what it receives (:func:`truncate_lora`: A[:r_i, :], B[:, :r_i]), trains them and
-replies at rank r_i; the coordinator zero-pads the reply back to rank r (:func:`pad_lora`) right
-after screening, so every aggregation rule sees rank-r adapters. This is HetLoRA's zero padding
-(Cho, Manoel, Joshi, Sim, Dimitriadis, "Heterogeneous LoRA for Federated Fine-tuning of
-On-Device Foundation Models", EMNLP 2024); no SVD re-factorisation is done.
+replies at rank r_i; the coordinator pads the reply back to rank r right after screening, with
+the global adapter's own values in the slots the site did not train (:func:`pad_array`; a site in
+a SecAgg+ round pads its own reply with the adapter it received, :func:`pad_lora`), so every
+aggregation rule sees rank-r adapters and a site's update (reply minus the global adapter) is
+exactly zero in the slots it lacks. This is HetLoRA-style rank truncation (Cho, Manoel, Joshi,
+Sim, Dimitriadis, "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
+EMNLP 2024) with global-value padding instead of HetLoRA's zeros; no SVD re-factorisation is done.
 
-What the padded mean is. With FedAvg weights w_i (sum 1), slot j of the aggregate is
-sum_{i: r_i > j} w_i X_i[j]: a site that lacks slot j counts as zero there, so the high slots,
-which only high-rank sites train, are shrunk by the weight of the sites that lack them (HetLoRA's
-known effect). Under plain LoRA the product of the averaged factors is, as ever, not the average
-of the products. Under FFA-LoRA (A frozen and shared) padding is exact: pad(B_i) A = B_i A[:r_i],
-so mean_w(pad(B_i)) A = mean_w(B_i A[:r_i]), the mean of what each site's model adds.
+Why not zeros: a zero slot is a vote for 0. Slots only high-rank sites train would shrink every
+round by the weight of the sites that lack them (plain LoRA's random A rows included), and the
+update norm bound and client-level DP's clipping would see minus the global adapter's values
+there, so a low-rank site's update would look large and be clipped or rejected for slots it never
+touched.
+
+What the padded mean is. With FedAvg weights w_i (sum 1) and X_g the global adapter of the round,
+slot j of the aggregate is sum_{i: r_i > j} w_i X_i[j] + sum_{i: r_i <= j} w_i X_g[j]: the global
+value plus the weighted mean of the changes, each site's change being 0 where it has no slot j.
+Under plain LoRA the product of the averaged factors is, as ever, not the average of the products.
+Under FFA-LoRA (A frozen and shared) it is exact: pad(B_i) A = B_g A + (B_i - B_g[:, :r_i]) A[:r_i, :],
+so mean_w(pad(B_i)) A = B_g A + sum_i w_i (B_i - B_g[:, :r_i]) A[:r_i, :], the global product plus
+the weighted mean of each site's change of what its model adds.
 
 Why the same scale: PEFT multiplies B A by alpha / r. A site that trains rank r_i with the run's
 alpha would scale its update by alpha / r_i, r / r_i times the global model's; it uses
@@ -31,6 +41,8 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .errors import UpdateError
 
@@ -107,22 +119,65 @@ def truncate_lora(state: Mapping[str, torch.Tensor], rank: int) -> OrderedDict[s
     return out
 
 
-def pad_lora(state: Mapping[str, torch.Tensor], rank: int) -> OrderedDict[str, torch.Tensor]:
-    """Zero-pad every LoRA tensor to ``rank`` slots (the new slots after the existing ones); others unchanged.
+def _check_pad(name: str, shape: Sequence[int], reference: Sequence[int]) -> int | None:
+    """The rank dimension to pad ``name`` along (None: nothing to pad), or UpdateError unless ``shape``
+    is the reference's at a rank 1 <= r_i <= the reference's."""
+    dim, have, full = rank_dim(name), tensor_rank(name, shape), tensor_rank(name, reference)
+    if dim is None or have is None or tuple(shape) == tuple(reference):
+        if tuple(shape) != tuple(reference):
+            raise UpdateError(f"tensor {name} has shape {list(shape)}, the global adapter's is {list(reference)}")
+        return None
+    if full is None or not 1 <= have <= full or tuple(shape) != shape_at_rank(name, reference, have):
+        raise UpdateError(
+            f"tensor {name} has shape {list(shape)}; padding it to the global adapter's {list(reference)} needs the "
+            f"global shape at a rank 1 <= r_i <= {full}"
+        )
+    return dim
+
+
+def pad_array(name: str, values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``values`` padded to ``reference``'s shape with the reference's values in the slots it lacks.
+
+    For a LoRA tensor at rank r_i trained from the global tensor ``reference`` at rank r: the
+    first r_i rank slots are ``values``, the others ``reference``'s (so the update, result minus
+    reference, is zero there); the result has ``values``' dtype. Any other tensor must already
+    have the reference's shape and is returned as it is.
 
     Raises:
-        UpdateError: a LoRA tensor already has more than ``rank`` slots.
+        UpdateError: ``values`` is not the reference's shape at a rank 1 <= r_i <= r.
+    """
+    dim = _check_pad(name, values.shape, reference.shape)
+    if dim is None:
+        return values
+    padded = np.array(reference, dtype=values.dtype, copy=True)
+    padded[tuple(slice(0, n) if d == dim else slice(None) for d, n in enumerate(values.shape))] = values
+    return padded
+
+
+def pad_lora(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """Pad every LoRA tensor of ``state`` to the rank of ``reference`` (the global adapter it was
+    truncated from) with the reference's values in the slots it lacks; other tensors unchanged.
+
+    The torch counterpart of :func:`pad_array`, for a site that pads its own reply (a SecAgg+ round,
+    where the coordinator sees only the sum). The new slots take ``state``'s dtype and device.
+
+    Raises:
+        UpdateError: a LoRA tensor is missing from ``reference``, or is not its shape at a rank 1 <= r_i <= r.
     """
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for name, tensor in state.items():
-        dim, have = rank_dim(name), tensor_rank(name, tuple(tensor.shape))
-        if dim is None or have is None or have == rank:
+        if rank_dim(name) is None:
             out[name] = tensor
             continue
-        if have > rank:
-            raise UpdateError(f"tensor {name} has rank {have} (shape {list(tensor.shape)}), above the {rank} it is padded to")
-        padded = tensor.new_zeros(shape_at_rank(name, tuple(tensor.shape), rank))
-        padded.narrow(dim, 0, have).copy_(tensor)
+        if name not in reference:
+            raise UpdateError(f"tensor {name} is not in the global adapter it is padded from")
+        ref = reference[name]
+        dim = _check_pad(name, tuple(tensor.shape), tuple(ref.shape))
+        if dim is None:
+            out[name] = tensor
+            continue
+        padded = ref.to(dtype=tensor.dtype, device=tensor.device, copy=True)
+        padded.narrow(dim, 0, int(tensor.shape[dim])).copy_(tensor)
         out[name] = padded
     return out
 

@@ -20,11 +20,12 @@ the norms of honest rounds, which are logged at DEBUG per site and group.
 Heterogeneous LoRA ranks (``common/lora_rank.py``): a site may reply at a lower rank r_i than
 the global adapter's r (A: [r_i, in], B: [out, r_i], 1 <= r_i <= r), the same r_i in all its
 LoRA tensors; names, the other dimensions, dtypes and finiteness are checked as ever.
-:func:`screen_train_replies` then zero-pads the accepted reply to rank r in the message itself,
-before any rule (FedAvg, a robust rule, client-level DP, a server optimiser) sees it, and the
-norm bound is checked on the padded update: slots a site lacks count as zero, so its update
-there is minus the global adapter's (HetLoRA's zero padding; a bound set from full-rank rounds
-may be too tight for a low-rank site once those slots have grown).
+:func:`screen_train_replies` then pads the accepted reply to rank r in the message itself, with
+the values of the global adapter the round started from in the slots the site did not train,
+before any rule (FedAvg, a robust rule, client-level DP, a server optimiser) sees it (HetLoRA-style
+rank truncation with global-value padding: a site's update is zero in slots it did not train).
+The norm bound is checked on the padded update, so a low-rank site is bounded on what it changed,
+not on the global values of the slots it lacks.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
 from fedtune.common.errors import UpdateError, check_tensor_names
-from fedtune.common.lora_rank import adapter_rank, likely_rank, rank_dim, shape_at_rank, tensor_rank
+from fedtune.common.lora_rank import adapter_rank, likely_rank, pad_array, rank_dim, shape_at_rank, tensor_rank
 from fedtune.common.messages import ARRAYS_RECORD, METRICS_RECORD, REFUSAL_ERROR_CODE, SITE_RECORD, Refusal, TrainReply
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,8 @@ def _reply_rank(got: ArrayRecord, expected: ArrayRecord) -> int | None:
 
 
 def _check_reply(msg: Message, expected: ArrayRecord, max_update_norm: float) -> tuple[TrainReply, dict[str, np.ndarray], int | None]:
-    """:func:`check_train_reply`, also returning the values zero-padded to the global shapes and the reply's LoRA rank."""
+    """:func:`check_train_reply`, also returning the values padded to the global shapes (global values in
+    the slots a lower-rank reply lacks) and the reply's LoRA rank."""
     content = msg.content
     if ARRAYS_RECORD not in content.array_records:
         raise UpdateError(f"reply has no '{ARRAYS_RECORD}' record; records found: {sorted(content.keys())}")
@@ -143,6 +145,7 @@ def _check_reply(msg: Message, expected: ArrayRecord, max_update_norm: float) ->
     got = content.array_records[ARRAYS_RECORD]
     check_tensor_names(expected.keys(), got.keys(), source="the update")
     rank = _reply_rank(got, expected)
+    glob = {name: ref.numpy() for name, ref in expected.items()}
     values: dict[str, np.ndarray] = {}
     for name, ref in expected.items():
         full = tensor_rank(name, ref.shape)
@@ -155,9 +158,9 @@ def _check_reply(msg: Message, expected: ArrayRecord, max_update_norm: float) ->
         decoded = _decode(name, got[name], ref, shape, hint)
         if not _all_finite(decoded):
             raise UpdateError(f"tensor {name} has NaN or Inf values")
-        values[name] = _pad(name, decoded, tuple(ref.shape))
+        values[name] = pad_array(name, decoded, glob[name])
     if max_update_norm > 0:
-        norms = group_update_norms(values, {name: ref.numpy() for name, ref in expected.items()})
+        norms = group_update_norms(values, glob)
         logger.debug("update norms from %s: %s", site, {g: round(v, 6) for g, v in norms.items()})
         over = {g: v for g, v in norms.items() if not v <= max_update_norm}
         if over:
@@ -167,19 +170,6 @@ def _check_reply(msg: Message, expected: ArrayRecord, max_update_norm: float) ->
                 f"(federation.max_update_norm; groups over it: {sorted(over)})"
             )
     return reply, values, rank
-
-
-def _pad(name: str, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Zero-pad a LoRA tensor's rank dimension to the global ``shape`` (HetLoRA; ``common/lora_rank.py``)."""
-    if values.shape == shape:
-        return values
-    dim = rank_dim(name)
-    if dim is None:  # _decode checked the shape; only a rank dimension can differ
-        raise UpdateError(f"tensor {name} has shape {list(values.shape)}, expected {list(shape)}")
-    padded = np.zeros(shape, dtype=values.dtype)
-    index = tuple(slice(0, n) if d == dim else slice(None) for d, n in enumerate(values.shape))
-    padded[index] = values
-    return padded
 
 
 def check_train_reply(msg: Message, expected: ArrayRecord, *, max_update_norm: float = 0.0) -> TrainReply:
@@ -192,7 +182,7 @@ def check_train_reply(msg: Message, expected: ArrayRecord, *, max_update_norm: f
         msg: a site's reply to a train message.
         expected: the global adapter the round started from.
         max_update_norm: the bound on each tensor group's update norm (see the module docstring),
-            checked on the update zero-padded to the global rank; 0: off.
+            checked on the update padded to the global rank (zero in the slots a lower-rank reply lacks); 0: off.
     """
     return _check_reply(msg, expected, max_update_norm)[0]
 
@@ -208,7 +198,8 @@ def screen_train_replies(
 
     ``max_update_norm`` > 0 bounds each tensor group's update norm (:func:`check_train_reply`).
     An accepted reply at a lower LoRA rank r_i has its arrays replaced, in the message, by their
-    zero-padding to the global rank: whatever reads the accepted messages sees rank-r adapters.
+    padding to the global rank with ``expected``'s values: whatever reads the accepted messages sees rank-r
+    adapters, unchanged in the slots a site did not train.
     """
     accepted: list[tuple[Message, TrainReply]] = []
     rejected: list[Rejection] = []
@@ -220,7 +211,7 @@ def screen_train_replies(
         try:
             reply, values, rank = _check_reply(msg, expected, max_update_norm)
             if rank is not None and full is not None and rank < full:
-                logger.info("site %s trained LoRA rank %d of %d: its reply is zero-padded", reply.site, rank, full)
+                logger.info("site %s trained LoRA rank %d of %d: its reply is padded with the global values", reply.site, rank, full)
                 msg.content[ARRAYS_RECORD] = ArrayRecord(OrderedDict((k, Array.from_numpy_ndarray(v)) for k, v in values.items()))
             accepted.append((msg, reply))
         except UpdateError as err:

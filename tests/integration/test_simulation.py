@@ -232,10 +232,11 @@ def test_ffa_run_exchanges_only_b_and_the_head_and_saves_the_seed_derived_a(run_
 
 def test_heterogeneous_rank_run_pads_lower_rank_replies_and_keeps_the_runs_rank(tiny_model_dir: Path, tmp_path: Path) -> None:
     """lora.site_ranks through Flower's engine: sites of rank 4 and 2 in a rank-8 run. Both replies
-    pass screening; the saved adapter is rank 8, with slots 4..7 exactly zero (no site has them:
-    zero-padded) and slots 2..3 set by the rank-4 site alone (the rank-2 site counts as zero there)."""
+    pass screening and are padded with the global adapter's values, so the saved rank-8 adapter
+    keeps the initial global adapter in slots 4..7 (no site trained them: PEFT's random A rows,
+    B's zero columns), and slots 2..3 move by the rank-4 site's change alone (weighted), the rank-2
+    site's update being zero there. Zero padding would have zeroed A's rows 4..7."""
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     from fedtune.common.model import load_classifier
     from fedtune.simulations.simulate import run_simulation
@@ -255,14 +256,21 @@ def test_heterogeneous_rank_run_pads_lower_rank_replies_and_keeps_the_runs_rank(
     assert [x["round"] for x in lines] == [1]
     assert lines[0]["sites_replied"] == 2 and not lines[0]["sites_rejected"], lines[0]
     assert json.loads((het_dir / "adapter" / "adapter_config.json").read_text())["r"] == 8
-    saved = load_file(str(het_dir / "adapter" / "adapter_model.safetensors"))
-    lora_a = {k: v for k, v in saved.items() if ".lora_A." in k}
-    lora_b = {k: v for k, v in saved.items() if ".lora_B." in k}
-    assert lora_a and lora_b
-    for a in lora_a.values():
-        # PEFT's A starts random in every slot: zeros in 4..7 are the coordinator's padding.
-        assert a.shape[0] == 8 and not a[4:].any() and a[2:4].abs().min() > 0
-    for b in lora_b.values():
-        assert b.shape[1] == 8 and not b[:, 4:].any() and b[:, 2:4].any()
     labels = json.loads((het_dir / "summary.json").read_text())["labels"]
-    PeftModel.from_pretrained(load_classifier(tiny_model_dir, len(labels), pooling=run.model.pooling), str(het_dir / "adapter"))
+    # The coordinator's initial adapter, rebuilt from the run's seed as the coordinator builds it.
+    initial = adapter_state(build_model(run.model, run.lora, len(labels), seed=run.seed).model)
+    saved = adapter_state(PeftModel.from_pretrained(load_classifier(tiny_model_dir, len(labels), pooling=run.model.pooling),
+                                                    str(het_dir / "adapter")))
+    assert saved.keys() == initial.keys()
+    lora_a = [k for k in saved if ".lora_A." in k]
+    lora_b = [k for k in saved if ".lora_B." in k]
+    assert lora_a and lora_b
+    for k in lora_a:
+        a, a0 = saved[k], initial[k]
+        assert a.shape[0] == 8 and a0[4:].abs().min() > 0, "PEFT's A starts random in every slot"
+        # FedAvg of two equal values, w1 x + w2 x in float32: the initial value up to rounding.
+        assert torch.allclose(a[4:], a0[4:], rtol=1e-6, atol=0), k
+        assert not torch.allclose(a[2:4], a0[2:4], rtol=1e-4, atol=0), f"{k}: the rank-4 site trained slots 2..3"
+    for k in lora_b:
+        b, b0 = saved[k], initial[k]
+        assert b.shape[1] == 8 and not b0.any() and not b[:, 4:].any() and b[:, 2:4].any(), k

@@ -1,8 +1,11 @@
-"""Heterogeneous LoRA ranks (HetLoRA zero padding): a site trains the first r_i <= r rank slots.
+"""Heterogeneous LoRA ranks (HetLoRA-style truncation, global-value padding): a site trains the
+first r_i <= r rank slots, and its update is zero in the slots it did not train.
 
 Real PEFT modules of the tiny BERT and real Flower messages through the coordinator's screening
-and strategy. Oracles: the sites' own PEFT delta weights averaged with ``np.average`` (FFA-LoRA,
-exact), and a slot-by-slot weighted sum written out in NumPy (plain LoRA's padded mean).
+and strategy, always with a non-zero global adapter (B = 0 would hide what padding does).
+Oracles: the global's and the sites' own PEFT delta weights (FFA-LoRA, exact: the global product
+plus the weighted mean of each site's change of its product), and a slot-by-slot weighted sum
+written out in NumPy (plain LoRA's padded mean).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from fedtune.client.policy import SitePolicy, policy_for, policy_from_mapping, policy_from_node_config
 from fedtune.common.config import LoraSettings, ModelConfig, RunConfig, from_dict, from_flat
 from fedtune.common.errors import ConfigError, UpdateError
-from fedtune.common.lora_rank import adapter_rank, pad_lora, site_lora_alpha, truncate_lora
+from fedtune.common.lora_rank import adapter_rank, pad_array, pad_lora, site_lora_alpha, truncate_lora
 from fedtune.common.messages import PrivacyParams, TrainReply
 from fedtune.common.model import ADAPTER_NAME, adapter_state, build_model, load_adapter_state, load_tokenizer, uses_ffa
 
@@ -66,24 +69,41 @@ def _reply(arrays: dict[str, np.ndarray], *, site: str, n: int) -> Message:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_truncate_keeps_the_first_slots_and_pad_restores_them_with_zeros_after() -> None:
+def test_truncate_keeps_the_first_slots_and_pad_fills_the_others_from_the_global_adapter() -> None:
     a = torch.arange(12.0).reshape(3, 4)  # [r = 3, in = 4]
     b = torch.arange(15.0).reshape(5, 3) + 100  # [out = 5, r = 3]
     state = OrderedDict([("m.lora_A.weight", a), ("m.lora_B.weight", b), ("classifier.weight", torch.ones(2, 4))])
+    trained = OrderedDict((k, -v) for k, v in truncate_lora(state, 2).items())  # a site's rank-2 reply, every value changed
 
     cut = truncate_lora(state, 2)
-    back = pad_lora(cut, 3)
+    back = pad_lora(cut, state)
+    padded = pad_lora(trained, state)
 
     assert cut["m.lora_A.weight"].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert cut["m.lora_B.weight"].tolist() == [[100, 101], [103, 104], [106, 107], [109, 110], [112, 113]]
     assert cut["classifier.weight"] is state["classifier.weight"]
-    assert back["m.lora_A.weight"].tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 0, 0, 0]]
-    assert back["m.lora_B.weight"][:, 2].tolist() == [0] * 5 and torch.equal(back["m.lora_B.weight"][:, :2], cut["m.lora_B.weight"])
-    assert adapter_rank({k: tuple(v.shape) for k, v in back.items()}) == 3
+    assert all(torch.equal(back[k], state[k]) for k in state), "the global's own truncation pads back to the global"
+    assert padded["m.lora_A.weight"].tolist() == [[0, -1, -2, -3], [-4, -5, -6, -7], [8, 9, 10, 11]]
+    assert padded["m.lora_B.weight"][:, 2].tolist() == [102, 105, 108, 111, 114]
+    assert torch.equal(padded["m.lora_B.weight"][:, :2], trained["m.lora_B.weight"])
+    assert torch.equal(padded["classifier.weight"], trained["classifier.weight"])
+    assert adapter_rank({k: tuple(v.shape) for k, v in padded.items()}) == 3
+    # The NumPy twin the coordinator uses: the same values, the reply's dtype, the reference untouched.
+    reference = b.numpy().astype(np.float64)
+    np_padded = pad_array("m.lora_B.weight", trained["m.lora_B.weight"].numpy(), reference)
+    assert np_padded.dtype == np.float32 and np.array_equal(np_padded, padded["m.lora_B.weight"].numpy())
+    assert np.array_equal(reference, b.numpy()), "the reference is copied, not written to"
     with pytest.raises(UpdateError, match=r"tensor m.lora_A.weight has rank 3 \(shape \[3, 4\]\); cannot keep 4"):
         truncate_lora(state, 4)
-    with pytest.raises(UpdateError, match=r"m.lora_A.weight has rank 3 .*above the 2 it is padded to"):
-        pad_lora(state, 2)
+    with pytest.raises(UpdateError, match=r"m.lora_A.weight has shape \[3, 4\]; padding it to the global adapter's \[2, 4\] "
+                                          r"needs the global shape at a rank 1 <= r_i <= 2"):
+        pad_lora(state, cut)
+    with pytest.raises(UpdateError, match=r"m.lora_B.weight has shape \[4, 2\]; padding it to the global adapter's \[5, 3\]"):
+        pad_array("m.lora_B.weight", np.zeros((4, 2)), b.numpy())
+    with pytest.raises(UpdateError, match=r"classifier.weight has shape \[2, 3\], the global adapter's is \[2, 4\]"):
+        pad_array("classifier.weight", np.zeros((2, 3)), np.ones((2, 4)))
+    with pytest.raises(UpdateError, match="tensor m.lora_A.weight is not in the global adapter it is padded from"):
+        pad_lora(cut, {"m.lora_B.weight": b})
     with pytest.raises(UpdateError, match="must share one rank"):
         adapter_rank({"x.lora_A.weight": (2, 4), "x.lora_B.weight": (4, 3)})
 
@@ -107,7 +127,8 @@ def test_a_lower_rank_site_computes_what_the_global_model_does_when_its_missing_
     # Prepare: a global rank-4 adapter whose slots 2 and 3 are zero, and a rank-2 site model.
     run = _run(tiny_model_dir, aggregation)
     glob = _model(run)
-    state = pad_lora(truncate_lora(_random_state(glob, seed=11), 2), 4)
+    random = _random_state(glob, seed=11)
+    state = pad_lora(truncate_lora(random, 2), OrderedDict((k, torch.zeros_like(v)) for k, v in random.items()))
     load_adapter_state(glob, state)
     site = _model(run, site_rank=2)
     # The same truncation with the run's alpha: PEFT would scale it by alpha / 2, twice the global scale.
@@ -146,21 +167,31 @@ def test_under_ffa_a_lower_rank_site_freezes_the_first_rows_of_the_runs_a_bit_fo
 
 
 @pytest.mark.usefixtures("flower_task_identity")
-def test_ffa_zero_padding_is_exact_the_average_of_the_sites_products_through_screening_and_fedavg(tiny_model_dir: Path) -> None:
+def test_ffa_global_value_padding_is_exact_the_global_product_plus_the_mean_change_of_the_sites_products(tiny_model_dir: Path) -> None:
     from fedtune.server.app import make_strategy
     from fedtune.server.screening import screen_train_replies
 
-    # Prepare: three sites at ranks 4, 2 and 1, each with its own trained B and head, on real PEFT modules.
+    # Prepare: a global adapter with a non-zero B (as after a round) and three sites at ranks 4, 2
+    # and 1, each starting from its truncation of it and changing every B and head value it has.
     run = _run(tiny_model_dir, "ffa")
     glob = _model(run)
+    global_state = _random_state(glob, seed=99)
+    load_adapter_state(glob, global_state)
+    global_delta = _delta_weights(glob)  # scale * B_g A
     initial = ArrayRecord(adapter_state(glob))
     ranks, weights = [4, 2, 1], [12, 30, 58]
-    replies, deltas = [], []
+    replies, changes, heads = [], [], []
     for i, (rank, n) in enumerate(zip(ranks, weights, strict=True)):
         site = _model(run, site_rank=rank)
-        load_adapter_state(site, _random_state(site, seed=100 + i))
-        deltas.append(_delta_weights(site))  # scale * B_i A[:r_i], as the site's PEFT model computes it
+        start = truncate_lora(global_state, rank)
+        load_adapter_state(site, start)
+        before = _delta_weights(site)  # scale * B_g[:, :r_i] A[:r_i, :], by the site's own PEFT model
+        change = _random_state(site, seed=100 + i)
+        load_adapter_state(site, OrderedDict((k, v + change[k]) for k, v in start.items()))
+        after = _delta_weights(site)  # scale * B_i A[:r_i, :]
+        changes.append({name: after[name] - before[name] for name in after})
         sent = {k: v.numpy() for k, v in adapter_state(site).items()}
+        heads.append({k: v for k, v in sent.items() if ".lora_" not in k})
         assert adapter_rank({k: v.shape for k, v in sent.items()}) == rank
         replies.append(_reply(sent, site=f"site-{i}", n=n))
 
@@ -168,14 +199,18 @@ def test_ffa_zero_padding_is_exact_the_average_of_the_sites_products_through_scr
     accepted, rejected = screen_train_replies(replies, initial)
     arrays, _ = make_strategy(run).aggregate_train(1, [m for m, _ in accepted])
 
-    # Assert: mean_w(pad(B_i)) A == mean_w(B_i A[:r_i]), up to float32 rounding.
+    # Assert: pad(B_i) A averaged == B_g A + mean_w((B_i - B_g[:, :r_i]) A[:r_i, :]), up to float32 rounding.
     assert not rejected and arrays is not None and len(accepted) == 3
     load_adapter_state(glob, arrays.to_torch_state_dict())
     got = _delta_weights(glob)
-    assert got.keys() == deltas[0].keys()
+    assert got.keys() == global_delta.keys() == changes[0].keys()
     for name, value in got.items():
-        oracle = np.average(np.stack([d[name] for d in deltas]), axis=0, weights=weights)
+        oracle = global_delta[name] + np.average(np.stack([c[name] for c in changes]), axis=0, weights=weights)
         assert np.abs(value - oracle).max() <= 1e-5 * np.abs(oracle).max(), name
+        assert np.abs(value - global_delta[name]).max() > 1e-3 * np.abs(oracle).max(), "the sites' changes must show"
+    for name in heads[0]:
+        np.testing.assert_allclose(arrays[name].numpy(), np.average([h[name] for h in heads], axis=0, weights=weights),
+                                   rtol=1e-5, atol=1e-6)
 
 
 SHAPES = {"m.lora_A.weight": (4, 6), "m.lora_B.weight": (5, 4), "classifier.weight": (3, 6)}
@@ -197,27 +232,57 @@ def test_plain_lora_padded_fedavg_matches_a_slot_by_slot_numpy_oracle() -> None:
     from fedtune.server.app import make_strategy
     from fedtune.server.screening import screen_train_replies
 
+    glob = _global()
+    g = {k: v.numpy().astype(np.float64) for k, v in glob.items()}
     ranks, weights = [4, 2, 1, 3], [10, 40, 25, 5]
     sent = [_site_arrays(10 + i, r) for i, r in enumerate(ranks)]
     replies = [_reply(a, site=f"s{i}", n=n) for i, (a, n) in enumerate(zip(sent, weights, strict=True))]
 
-    accepted, rejected = screen_train_replies(replies, _global())
+    accepted, rejected = screen_train_replies(replies, glob)
     arrays, _ = make_strategy(from_dict({"federation": {"sites": 4}})).aggregate_train(1, [m for m, _ in accepted])
 
     assert not rejected and arrays is not None
     total = sum(weights)
-    # Slot j: sum over the sites that have it of w_i X_i[j], over the weight of *every* site.
+    # Slot j: the sites that have it count with their own values, the others with the global's.
     a_oracle = np.zeros((4, 6))
     b_oracle = np.zeros((5, 4))
     for j in range(4):
-        a_oracle[j] = sum(w * x["m.lora_A.weight"][j] for x, w, r in zip(sent, weights, ranks, strict=True) if j < r) / total
-        b_oracle[:, j] = sum(w * x["m.lora_B.weight"][:, j] for x, w, r in zip(sent, weights, ranks, strict=True) if j < r) / total
+        for x, w, r in zip(sent, weights, ranks, strict=True):
+            a_oracle[j] += w * (x["m.lora_A.weight"][j] if j < r else g["m.lora_A.weight"][j]) / total
+            b_oracle[:, j] += w * (x["m.lora_B.weight"][:, j] if j < r else g["m.lora_B.weight"][:, j]) / total
     np.testing.assert_allclose(arrays["m.lora_A.weight"].numpy(), a_oracle, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(arrays["m.lora_B.weight"].numpy(), b_oracle, rtol=1e-5, atol=1e-6)
     head = np.average([x["classifier.weight"] for x in sent], axis=0, weights=weights)
     np.testing.assert_allclose(arrays["classifier.weight"].numpy(), head, rtol=1e-5, atol=1e-6)
-    # HetLoRA's known effect: slot 3, trained by sites of weight 10 + 5 of 80, is shrunk to 15/80 of their mean.
-    assert np.abs(a_oracle[3]).max() < np.abs(a_oracle[0]).max()
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_slot_only_lower_rank_sites_replied_for_keeps_the_global_value_and_their_update_is_zero_there() -> None:
+    from fedtune.server.aggregation import update_delta
+    from fedtune.server.app import make_strategy
+    from fedtune.server.screening import screen_train_replies
+
+    # Prepare: a global adapter non-zero in every slot, and the round's only reply from a rank-1 site.
+    # Zero padding would set slots 1..3 to 0 here (and scale them by the weight of the sites that
+    # lack them in a round with others), and the site's update there would be minus the global values.
+    glob = _global()
+    g = {k: v.numpy() for k, v in glob.items()}
+    assert all(np.abs(v).min() > 0 for v in g.values())
+    sent = _site_arrays(30, 1)
+
+    # Execute
+    accepted, rejected = screen_train_replies([_reply(sent, site="small", n=7)], glob)
+    arrays, _ = make_strategy(from_dict({"federation": {"sites": 2}})).aggregate_train(1, [m for m, _ in accepted])
+
+    # Assert
+    assert not rejected and arrays is not None
+    update = update_delta({k: v.numpy() for k, v in accepted[0][0].content["arrays"].items()}, g)
+    assert not update["m.lora_A.weight"][1:].any() and not update["m.lora_B.weight"][:, 1:].any()
+    a, b = arrays["m.lora_A.weight"].numpy(), arrays["m.lora_B.weight"].numpy()
+    np.testing.assert_array_equal(a[1:], g["m.lora_A.weight"][1:])
+    np.testing.assert_array_equal(b[:, 1:], g["m.lora_B.weight"][:, 1:])
+    np.testing.assert_array_equal(a[:1], sent["m.lora_A.weight"])
+    np.testing.assert_array_equal(b[:, :1], sent["m.lora_B.weight"])
 
 
 @pytest.mark.usefixtures("flower_task_identity")
@@ -238,14 +303,18 @@ def test_a_robust_rule_sees_the_padded_updates() -> None:
     arrays, _ = strategy.aggregate_train(1, [m for m, _ in accepted])
 
     assert not rejected and arrays is not None
-    padded = []
+    changes = []
     for x, r in zip(sent, ranks, strict=True):
-        a, b = np.zeros((4, 6)), np.zeros((5, 4))
-        a[:r], b[:, :r] = x["m.lora_A.weight"], x["m.lora_B.weight"]
-        padded.append({"m.lora_A.weight": a, "m.lora_B.weight": b, "classifier.weight": x["classifier.weight"]})
+        # Written out, not through the implementation: a site's change is zero in the slots it lacks.
+        da, db = np.zeros((4, 6)), np.zeros((5, 4))
+        da[:r] = x["m.lora_A.weight"] - g["m.lora_A.weight"][:r]
+        db[:, :r] = x["m.lora_B.weight"] - g["m.lora_B.weight"][:, :r]
+        changes.append({"m.lora_A.weight": da, "m.lora_B.weight": db, "classifier.weight": x["classifier.weight"] - g["classifier.weight"]})
     for name in SHAPES:
-        oracle = g[name] + np.median([p[name] - g[name] for p in padded], axis=0)
+        oracle = g[name] + np.median([c[name] for c in changes], axis=0)
         np.testing.assert_allclose(arrays[name].numpy(), oracle, rtol=1e-5, atol=1e-6)
+    # Slot 3 only the rank-4 site has: the median of (its change, 0, 0) keeps the global value.
+    np.testing.assert_allclose(arrays["m.lora_A.weight"].numpy()[3], g["m.lora_A.weight"][3], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,14 +331,17 @@ def test_screening_accepts_a_lower_rank_reply_and_pads_it_in_the_message() -> No
     check_train_reply(msg, _global())
     assert tuple(msg.content["arrays"]["m.lora_A.weight"].shape) == (2, 6), "check_train_reply leaves the message as sent"
 
-    accepted, rejected = screen_train_replies([msg], _global())
+    glob = _global()
+    g = {k: v.numpy() for k, v in glob.items()}
+    accepted, rejected = screen_train_replies([msg], glob)
 
     assert not rejected and accepted[0][1].site == "small"
     got = accepted[0][0].content["arrays"]
     a, b = got["m.lora_A.weight"].numpy(), got["m.lora_B.weight"].numpy()
     assert a.shape == (4, 6) and b.shape == (5, 4) and a.dtype == np.float32
-    assert np.array_equal(a[:2], sent["m.lora_A.weight"]) and not a[2:].any()
-    assert np.array_equal(b[:, :2], sent["m.lora_B.weight"]) and not b[:, 2:].any()
+    assert np.array_equal(a[:2], sent["m.lora_A.weight"]) and np.array_equal(a[2:], g["m.lora_A.weight"][2:])
+    assert np.array_equal(b[:, :2], sent["m.lora_B.weight"]) and np.array_equal(b[:, 2:], g["m.lora_B.weight"][:, 2:])
+    assert np.array_equal(glob["m.lora_A.weight"].numpy(), g["m.lora_A.weight"]), "the global adapter is not written to"
     assert np.array_equal(got["classifier.weight"].numpy(), sent["classifier.weight"])
 
 
@@ -311,17 +383,23 @@ def test_screening_rejects_any_other_shape_naming_the_tensor_the_shape_found_and
 
 
 @pytest.mark.usefixtures("flower_task_identity")
-def test_the_norm_bound_applies_to_the_padded_update() -> None:
+def test_the_norm_bound_sees_only_what_a_lower_rank_site_changed() -> None:
     from fedtune.server.screening import screen_train_replies
 
-    # A rank-1 site that kept the global slot 0 exactly: its padded B update is minus B's slots 1..3.
+    # A rank-1 site that moved slot 0 of A and B by small steps: its padded update is those steps
+    # alone. Zero padding would add minus the global's slots 1..3 (norms of about 4 and 3.5 here).
     glob = _global()
     g = {k: v.numpy() for k, v in glob.items()}
-    sent = {"m.lora_A.weight": g["m.lora_A.weight"][:1], "m.lora_B.weight": g["m.lora_B.weight"][:, :1],
+    rng = np.random.default_rng(5)
+    step_a = (0.01 * rng.normal(size=(1, 6))).astype(np.float32)
+    step_b = (0.02 * rng.normal(size=(5, 1))).astype(np.float32)
+    sent = {"m.lora_A.weight": g["m.lora_A.weight"][:1] + step_a, "m.lora_B.weight": g["m.lora_B.weight"][:, :1] + step_b,
             "classifier.weight": g["classifier.weight"]}
-    norm_a = float(np.linalg.norm(g["m.lora_A.weight"][1:].astype(np.float64)))
-    norm_b = float(np.linalg.norm(g["m.lora_B.weight"][:, 1:].astype(np.float64)))
+    # The norm of what the site changed, from the float32 values it sent (the step after rounding).
+    norm_a = float(np.linalg.norm(sent["m.lora_A.weight"].astype(np.float64) - g["m.lora_A.weight"][:1]))
+    norm_b = float(np.linalg.norm(sent["m.lora_B.weight"].astype(np.float64) - g["m.lora_B.weight"][:, :1]))
     bound = max(norm_a, norm_b)
+    assert bound < 0.1 < float(np.linalg.norm(g["m.lora_B.weight"][:, 1:]))
 
     passed, _ = screen_train_replies([_reply(sent, site="at", n=10)], glob, max_update_norm=bound * (1 + 1e-9))
     _, over = screen_train_replies([_reply(sent, site="under", n=10)], glob, max_update_norm=bound * (1 - 1e-6))
@@ -455,9 +533,11 @@ def test_a_simulated_site_replies_at_its_rank_and_pads_its_own_reply_in_a_secure
 
     assert adapter_rank({k: v.shape for k, v in plain.items()}) == 2
     assert adapter_rank({k: v.shape for k, v in secure.items()}) == 4
+    # The site pads with the adapter it received: its update is zero in slots 2..3, and it trained slots 0..1.
     for name, value in secure.items():
-        if ".lora_A." in name:
-            assert not value[2:].any() and value[:2].any(), name
-        elif ".lora_B." in name:
-            assert not value[:, 2:].any() and value[:, :2].any(), name
         assert value.shape == received[name].shape
+        if ".lora_A." in name:
+            assert np.array_equal(value[2:], received[name][2:]) and not np.array_equal(value[:2], received[name][:2]), name
+        elif ".lora_B." in name:
+            assert np.array_equal(value[:, 2:], received[name][:, 2:]) and not np.array_equal(value[:, :2], received[name][:, :2]), name
+    assert any(np.abs(received[k][:, 2:]).min() > 0 for k in received if ".lora_B." in k), "zero padding must fail this test"
