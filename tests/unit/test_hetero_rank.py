@@ -387,7 +387,7 @@ def test_the_norm_bound_sees_only_what_a_lower_rank_site_changed() -> None:
     from fedtune.server.screening import screen_train_replies
 
     # A rank-1 site that moved slot 0 of A and B by small steps: its padded update is those steps
-    # alone. Zero padding would add minus the global's slots 1..3 (norms of about 4 and 3.5 here).
+    # alone. Zero padding would add minus the global's slots 1..3 (norms 4.09 for A and 3.25 for B here).
     glob = _global()
     g = {k: v.numpy() for k, v in glob.items()}
     rng = np.random.default_rng(5)
