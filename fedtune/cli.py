@@ -11,12 +11,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from fedtune import __version__
 from fedtune.common.errors import ConfigError, FedtuneError
+
+if TYPE_CHECKING:
+    from fedtune.common.config import RunConfig
 
 
 class _Group(click.Group):
@@ -183,7 +186,7 @@ def _resume_options(f: Any) -> Any:
 
 
 def _resume_config(run_dir: Path, config_file: str | None, allow_change: tuple[str, ...], *, simulation: bool,
-                   **flags: Any):  # type: ignore[no-untyped-def]
+                   **flags: Any) -> RunConfig:
     """The config a resumed run continues with: RUN_DIR's, changed only where --allow-change says.
 
     Leaves the resume request in RUN_DIR for the coordinator (server/resume.py), which checks it again.

@@ -87,7 +87,8 @@ def build_privacy_report(run_dir: Path) -> dict[str, Any]:
     site, examples, epsilon_spent, budget_epsilon, delta, noise_multiplier (z), clip_norm (C),
     sample_rate (q), steps, rounds, accountant); ``max_epsilon`` and ``max_epsilon_site``;
     ``epsilon_by_round`` ({site: [{round, epsilon}]}, only the rounds the site took part in);
-    ``warnings`` (inconsistencies found between the files, or a site over its budget).
+    ``resumes`` (each resume after a coordinator crash: the checkpoint continued from, the round
+    redone); ``warnings`` (inconsistencies found between the files, or a site over its budget).
 
     Raises:
         ConfigError: ``summary.json`` missing, unreadable, or lacking a required key.
@@ -160,6 +161,9 @@ def build_privacy_report(run_dir: Path) -> dict[str, Any]:
         "epsilon_by_round": epsilon_by_round,
         "client_level": summary.get("client_level"),
         "secure_aggregation": summary.get("secure_aggregation"),
+        # Resumes after a coordinator crash: a round lost to the crash was charged by the sites that trained in it,
+        # and their epsilon above includes it (their ledgers count every round noise was drawn for).
+        "resumes": summary.get("resumes") or [],
         "warnings": warnings,
     }
 
