@@ -180,7 +180,7 @@ def test_noiseless_aggregate_clips_each_site_before_summing() -> None:
 # of the sample std ~ sigma/sqrt(2n) = 0.0016, of the fraction within one sigma
 # sqrt(0.6827 * 0.3173 / n) = 0.0010. Each check allows 5 standard errors: for a seed drawn at random
 # the three together fail with probability < 2e-6 (the seed is fixed, so the test is deterministic).
-NOISE_SHAPES = {"lora_A": (400, 250), "lora_B": (100, 1000)}
+NOISE_SHAPES = {"lora_A": (400, 250), "lora_B": (250, 400)}  # one LoRA pair of rank 400, 200,000 coordinates
 N_COORDS = 200_000
 
 
