@@ -96,7 +96,8 @@ def _check_policy(site: SiteConfig) -> str:
               if p.require_secure_agg else "optional")
     return (f"DP {'required' if p.require_dp else 'optional'}; per run epsilon <= {p.max_epsilon_per_run:g}, z >= {p.min_noise_multiplier:g}, "
             f"C <= {p.max_clip_norm:g}, q <= {p.max_sample_rate:g}, steps {p.min_steps_per_round}-{p.max_steps_per_round}; "
-            f"secure aggregation {secure}; statistics released: {p.statistics}; validation split {site.val_fraction:g}")
+            f"secure aggregation {secure}; statistics released: {p.statistics}; validation split {site.val_fraction:g}"
+            + (f"; LoRA rank <= {p.max_lora_rank}" if p.max_lora_rank else ""))
 
 
 CHECKS: tuple[tuple[str, Callable[[SiteConfig], str]], ...] = (
