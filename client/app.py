@@ -88,11 +88,15 @@ def refusal(msg: Message, kind: str, err: Exception, context: Context | None = N
 def _serve(msg: Message, context: Context, kind: str, overrides: dict[str, Any]) -> Message:
     from fedtune.common.messages import check_outgoing_metrics
 
+    from .faults import InjectedCrash
+
     try:
         arrays = OrderedDict((k, arr.numpy()) for k, arr in msg.content["arrays"].items())
         reply = site_reply(context, kind, overrides, arrays, dict(msg.content["config"]))
         # The last check before anything leaves: the reply must be the declared message type.
         check_outgoing_metrics(kind, reply.metrics)
+    except InjectedCrash:  # `--fail-site NAME@ROUND:crash` (simulated sites only): crash as a real ClientApp does
+        raise
     except Exception as err:  # every failure, ours or a library's, leaves as a code only
         return refusal(msg, kind, err, context)
     records: dict[str, Any] = {"metrics": MetricRecord(reply.metrics), "site": ConfigRecord({"name": reply.site})}
@@ -127,6 +131,22 @@ def build_client_app(run_config: dict[str, Any] | None = None) -> ClientApp:
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return _serve(msg, context, "evaluate", overrides)
+
+    @client_app.query()
+    def ready(msg: Message, context: Context) -> Message:
+        """Simulation only: load the site's libraries before round 1 and say its name.
+
+        The coordinator waits for this before round 1, so that a round's deadline measures the
+        round, not the simulation engine's start-up. A deployed site answers only train and evaluate.
+        """
+        from fedtune.common.errors import PolicyRefusal
+        from fedtune.common.messages import RefusalCode
+
+        if "partition-id" not in context.node_config:
+            return refusal(msg, "query", PolicyRefusal(RefusalCode.BAD_REQUEST, "a deployed site answers train and evaluate only"), context)
+        import fedtune.client.handlers  # noqa: F401  (torch, PEFT, Opacus: the bulk of a first message's time)
+
+        return Message(RecordDict({"site": ConfigRecord({"name": site_label(context.node_config)})}), reply_to=msg)
 
     return client_app
 

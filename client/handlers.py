@@ -49,6 +49,7 @@ from fedtune.common.model import (
 )
 from fedtune.common.tasks import encode
 
+from .faults import after_training, before_training, site_fault
 from .local import PreparedSite
 from .site_request import SiteReply, SiteRequest
 
@@ -127,6 +128,8 @@ def handle(req: SiteRequest) -> SiteReply:
     instructions = RoundInstructions.from_config(req.config)
     labels = list(instructions.labels)
     server_round = instructions.server_round
+    # Before anything is read: a deployed site refuses a run that carries a fault plan.
+    fault = site_fault(run, req.node_config, server_round=server_round, kind=req.kind)
     site = prepare_site(run, req.node_config, run_dir=instructions.run_dir, labels=labels)
     run = _site_model(run, site.settings, instructions.base_model_id)
     rank = site.settings.policy.lora_rank(run.lora.rank)
@@ -149,6 +152,7 @@ def handle(req: SiteRequest) -> SiteReply:
     # ledger's noise plan and charges stay under it. The budget check never depends on it.
     run_id = instructions.run_id or str(req.run_id)
     if req.kind == "train":
+        before_training(fault, run)  # an injected refusal or hang comes before any charge
         n = len(site.examples.train_texts)
         max_weight = req.config.get(MAX_WEIGHT_KEY)
         if max_weight is not None and n > float(max_weight):
@@ -165,6 +169,7 @@ def handle(req: SiteRequest) -> SiteReply:
             num_rounds=instructions.num_rounds, seed=_site_seed(run.seed, site.settings.name, server_round),
             proximal_reference=reference,
         )
+        after_training(fault)  # an injected crash comes after the charge: privacy is spent when noise is drawn
         clear = site.settings.policy.statistics == "clear"
         reply = TrainReply(
             site=site.settings.name,

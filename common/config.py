@@ -388,6 +388,75 @@ class FederationConfig:
         return p
 
 
+FAULT_MODES = ("crash", "hang", "refuse")
+FAIL_SITE_SYNTAX = "NAME@ROUND[:crash|hang|refuse]"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteFault:
+    """One injected fault: simulated site ``site`` fails its train message of round ``round``.
+
+    ``mode``: 'crash' (its ClientApp raises, after the round's ledger charge), 'hang' (it sleeps
+    past the round's deadline, then replies late) or 'refuse' (it refuses with a code, before
+    training). Injected by ``client/faults.py``; simulated sites only.
+    """
+
+    site: str
+    round: int
+    mode: str = "crash"
+
+    def __str__(self) -> str:
+        return f"{self.site}@{self.round}:{self.mode}"
+
+
+def parse_site_fault(text: str, *, where: str = "faults.fail_sites") -> SiteFault:
+    """Parse ``NAME@ROUND[:MODE]``; ConfigError names ``where``, the value and the syntax."""
+    name, at, rest = str(text).strip().partition("@")
+    number, _, mode = rest.partition(":")
+    mode = mode or "crash"
+    syntax = f"the syntax is {FAIL_SITE_SYNTAX}, e.g. site-1@2:crash (mode crash when omitted)"
+    if not at or not name or not number:
+        raise ConfigError(f"{where} {text!r}: {syntax}.")
+    if not number.isdigit() or int(number) < 1:
+        raise ConfigError(f"{where} {text!r}: ROUND must be an integer >= 1, got {number!r}; {syntax}.")
+    if mode not in FAULT_MODES:
+        raise ConfigError(f"{where} {text!r}: the mode must be one of {list(FAULT_MODES)}, got {mode!r}; {syntax}.")
+    return SiteFault(site=name, round=int(number), mode=mode)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultsConfig:
+    """Fault injection for tests and research (``fedtune simulate --fail-site``); simulation only.
+
+    A deployed site refuses any run that carries a fault plan (``client/faults.py``): a
+    coordinator can never make a real site crash or hang.
+
+    Attributes:
+        fail_sites: Entries ``NAME@ROUND[:crash|hang|refuse]``, NAME a simulated site's name as
+            in summaries (site-0, site-1, ...), at most one per site and round.
+    """
+
+    fail_sites: tuple[str, ...] = ()
+
+    @property
+    def plan(self) -> tuple[SiteFault, ...]:
+        return tuple(parse_site_fault(text) for text in self.fail_sites)
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        seen: set[tuple[str, int]] = set()
+        for text in self.fail_sites:
+            try:
+                fault = parse_site_fault(text)
+            except ConfigError as err:
+                p.extend(err.problems)
+                continue
+            if (fault.site, fault.round) in seen:
+                p.append(f"faults.fail_sites names {fault.site} in round {fault.round} twice; one fault per site and round.")
+            seen.add((fault.site, fault.round))
+        return p
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Everything one federated run needs; written whole to the run's ``config.toml``."""
@@ -400,6 +469,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
     secure_agg: SecureAggConfig = field(default_factory=SecureAggConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     seed: int = 0
     out: str = ""
     simulation: bool = True
@@ -429,10 +499,33 @@ class RunConfig:
                 f"lora.site_ranks must give one rank per simulated site (federation.sites = {fed.sites}), "
                 f"got {len(self.lora.site_ranks)}: {list(self.lora.site_ranks)}."
             )
+        problems.extend(self._fault_problems())
         if self.secure_agg.enabled and fed.min_sites < 2:
             problems.append(f"secure_agg needs federation.min_sites >= 2 (a sum over one site is that site's update), got {fed.min_sites}.")
         if problems:
             raise ConfigError(problems)
+
+    def _fault_problems(self) -> list[str]:
+        """A fault plan names simulated sites and planned rounds, in a simulation (its syntax: FaultsConfig)."""
+        if not self.faults.fail_sites:
+            return []
+        if not self.simulation:
+            return [f"faults.fail_sites = {list(self.faults.fail_sites)} applies to simulations only (fedtune simulate "
+                    "--fail-site); a deployed site refuses any run that carries a fault plan."]
+        p: list[str] = []
+        names = [f"site-{k}" for k in range(self.federation.sites)]
+        for text in self.faults.fail_sites:
+            try:
+                fault = parse_site_fault(text)
+            except ConfigError:
+                continue  # reported by FaultsConfig.problems
+            if fault.site not in names:
+                p.append(f"faults.fail_sites (--fail-site) {text!r}: {fault.site!r} is not a simulated site; "
+                         f"the {self.federation.sites} sites are {names[0]}..{names[-1]}.")
+            if fault.round > self.federation.rounds:
+                p.append(f"faults.fail_sites (--fail-site) {text!r}: round {fault.round} is after the last round "
+                         f"(federation.rounds = {self.federation.rounds}).")
+        return p
 
     @property
     def learning_rate(self) -> float:
@@ -476,6 +569,7 @@ _SECTION_TYPES: dict[str, type] = {
     "federation": FederationConfig,
     "client_dp": ClientDPConfig,
     "secure_agg": SecureAggConfig,
+    "faults": FaultsConfig,
 }
 
 

@@ -79,3 +79,20 @@ class PolicyRefusal(FedtuneError):
     def __init__(self, code: object, message: str) -> None:
         self.code = str(getattr(code, "value", code))  # type: ignore[misc]
         super().__init__(message)
+
+
+class RoundFailedError(FedtuneError):
+    """A round ended with fewer usable site updates than ``federation.min_sites``.
+
+    The run stops after the previous round's checkpoint, before anything is aggregated or
+    released for this round, and can be continued with ``--resume`` once the sites are back.
+    ``missing`` names each sampled site without a usable update and why ("site-b: timeout").
+    """
+
+    def __init__(self, message: str, *, server_round: int, usable: int, sampled: int, min_sites: int, missing: list[str]) -> None:
+        self.server_round = server_round
+        self.usable = usable
+        self.sampled = sampled
+        self.min_sites = min_sites
+        self.missing = list(missing)
+        super().__init__(message)

@@ -53,6 +53,9 @@ class RefusalCode(str, Enum):
     SECURE_AGG_DROPPED = "secure-agg:active-and-dropped"
     SECURE_AGG_MAX_WEIGHT = "secure-agg:max-weight"
     SECURE_AGG_RANGE = "secure-agg:clipping-range"
+    # A refusal injected by `fedtune simulate --fail-site NAME@ROUND:refuse` (simulated sites only):
+    # no real code fits, and a researcher must tell an injected refusal from a real one.
+    INJECTED = "injected"
 
 
 # A site's refusal travels as Flower's Error with this code; the reason is "<code> site=<name>".

@@ -7,7 +7,6 @@ Errors print one line naming the fix and exit non-zero; ``--debug`` shows the tr
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -95,6 +94,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "client_dp_epsilon": ("client_dp", "target_epsilon"),
         "client_dp_clip_norm": ("client_dp", "clip_norm"),
         "base_model": ("model", "base_model"),
+        "fail_sites": ("faults", "fail_sites"),
         "max_length": ("model", "max_length"),
         "seed": (None, "seed"),
         "out": (None, "out"),
@@ -174,6 +174,13 @@ def _resolve_config(config_file: str | None, prefix: str, **flags: Any):  # type
     return run
 
 
+def _fail_sites(values: tuple[str, ...]) -> tuple[str, ...] | None:
+    """--fail-site values, each checked against the syntax (the error names the flag); None when none is given."""
+    from fedtune.common.config import parse_site_fault
+
+    return tuple(str(parse_site_fault(v, where="--fail-site")) for v in values) or None
+
+
 def _resume_options(f: Any) -> Any:
     """--resume RUN_DIR and --allow-change KEY[,KEY]: continue a run after a crash (server/resume.py)."""
     f = click.option("--allow-change", "allow_change", multiple=True, metavar="KEY[,KEY]",
@@ -225,6 +232,9 @@ def _resume_config(run_dir: Path, config_file: str | None, allow_change: tuple[s
 @click.option("--fraction-train", type=float, help="Fraction of sites sampled each round [1].")
 @click.option("--site-ranks", help="LoRA rank each simulated site trains, one per site, each <= --lora-rank, e.g. 8,4,4,2; "
               "the coordinator zero-pads lower ranks (HetLoRA) [every site: --lora-rank].")
+@click.option("--fail-site", "fail_sites", multiple=True, metavar="NAME@ROUND[:crash|hang|refuse]",
+              help="Inject a fault, repeatable: simulated site NAME (site-0, site-1, ...) crashes (after its ledger charge), "
+                   "hangs past the round deadline (federation.round_timeout) or refuses in round ROUND [crash].")
 def simulate(config_file: str | None, **flags: Any) -> None:
     """Simulate N sites on this machine through Flower's simulation engine.
 
@@ -235,6 +245,7 @@ def simulate(config_file: str | None, **flags: Any) -> None:
     """
     _offline_env()
     resume, allow_change = flags.pop("resume"), flags.pop("allow_change")
+    flags["fail_sites"] = _fail_sites(flags.pop("fail_sites"))
     if resume:
         run = _resume_config(resume, config_file, allow_change, simulation=True, **flags)
     else:
@@ -293,9 +304,9 @@ def run_cmd(config_file: str | None, address: str, certs: Path | None, insecure:
     conn, env = _connect(address, certs, insecure)
     app = app_dir(RunConfig().to_flat())
     cmd = flwr_command("run", str(app), conn, *run_config_args(run.to_flat()), "--stream")
-    code = subprocess.call(cmd, env=env)
-    if code:
-        sys.exit(code)
+    from fedtune.cli_deploy import follow_run
+
+    follow_run(cmd, conn, env, run_dir=Path(run.out))  # a run that failed on the coordinator exits non-zero, with its reason
     if (Path(run.out) / "summary.json").exists():
         _print_summary(Path(run.out))
     else:

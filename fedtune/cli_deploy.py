@@ -262,6 +262,58 @@ def _flwr(args: list[str], env: dict[str, str]) -> None:
         sys.exit(code)
 
 
+def follow_run(cmd: list[str], conn: str, env: dict[str, str], *, run_dir: Path, poll: float = 1.0, settle: float = 60.0) -> None:
+    """Run ``flwr run ... --stream`` (``cmd``), echoing its output, then fail unless the run completed.
+
+    Flower's ``flwr run --stream`` exits 0 however the run ends: it only streams the logs. The run's
+    own status (``flwr ls --run-id``) says whether the ServerApp completed, failed (and with which
+    exception) or was stopped.
+
+    Raises:
+        FedtuneError: naming the run, its status and the coordinator's reason (e.g. a round that
+            failed for too few sites, which says how to resume it).
+        SystemExit: flwr's own non-zero exit code (it could not submit, or lost the coordinator).
+    """
+    import json
+    import re
+    import time
+
+    from fedtune.common.errors import FedtuneError
+    from fedtune.server.coordinator import flwr_command
+
+    run_id: str | None = None
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    assert proc.stdout is not None  # stdout=PIPE
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if run_id is None and (found := re.search(r"started run (\d+)", line)):
+            run_id = found.group(1)
+    code = proc.wait()
+    if code:
+        click.echo(f"fedtune: flwr exited {code}; if the coordinator stopped mid-run, continue the run with "
+                   f"`fedtune run --resume {run_dir}` on the coordinator's machine once it is back.", err=True)
+        sys.exit(code)
+    if run_id is None:
+        raise FedtuneError("flwr run did not say which run it started; check `fedtune status`.")
+    deadline = time.monotonic() + settle  # the log stream can end a moment before the status is final
+    while True:
+        out = subprocess.run(flwr_command("ls", conn, "--run-id", run_id, "--format", "json"), env=env,
+                             capture_output=True, text=True)
+        try:
+            row = json.loads(out.stdout[out.stdout.index("{"):])["runs"][0]
+            status, details = str(row["status"]), str(row.get("status-details") or "")
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise FedtuneError(f"cannot read run {run_id}'s status (flwr ls exited {out.returncode}): "
+                               f"{(out.stdout + out.stderr).strip()[-300:]}") from None
+        if status.startswith("finished") or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    if status != "finished:completed":
+        reason = details.removeprefix("ServerApp failed with exception: ") or "no reason given"
+        raise FedtuneError(f"run {run_id} ended {status} on the coordinator: {reason}")
+
+
 @coordinator.command("add-site")
 @click.argument("pubkey", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--name", required=True, help="The site's name.")

@@ -36,7 +36,7 @@ from .resume import (
     write_identity,
     write_manifest,
 )
-from .rounds import RoundTotals, TestScore, checkpoint_dir, run_rounds
+from .rounds import FailureRule, RoundTotals, TestScore, checkpoint_dir, missed_rounds, run_rounds
 from .server_opt import server_optimizer
 
 logger = logging.getLogger(__name__)
@@ -205,6 +205,11 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         validate=run.federation.fraction_evaluate > 0,
         echo=lambda line: print(line, flush=True),
         max_update_norm=run.federation.max_update_norm,
+        # Too few usable updates fail the round, except under client-level DP: DP-FedAvg releases a
+        # noised adapter even for a round nobody took part in, or an unchanged one would tell.
+        failure=FailureRule(min_sites=0 if client_plan is not None else run.federation.min_sites,
+                            resume_command=f"fedtune {'simulate' if run.simulation else 'run'} --resume {run_dir}"),
+        warm_up=run.federation.sites if run.simulation else 0,
     )
     load_adapter_state(model, final.to_torch_state_dict())
     save_adapter(model, run_dir / "adapter", metadata={**metadata, "round": run.federation.rounds})
@@ -250,6 +255,9 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         # One record per resume after a crash: the checkpoint continued from and the round redone. A site that
         # trained in the lost round was charged for it: its epsilon above includes that round.
         "resumes": list(identity.resumes),
+        # Sites that missed rounds and why; one that crashed or timed out may have spent budget that no
+        # reply reported (its own ledger is the record).
+        "missed_rounds": missed_rounds(recorder.rounds),
     }
     recorder.write_summary(summary)
     recorder.plot(dp=run.privacy.enabled, final_validation=totals.final_validation)

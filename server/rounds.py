@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune.common.config import SecureAggConfig
-from fedtune.common.errors import UpdateError
+from fedtune.common.errors import RoundFailedError, UpdateError
 from fedtune.common.messages import METRICS_RECORD, EvaluateReply, RoundInstructions, TrainReply, ValidationStats
 
-from .exchange import send_and_receive
+from .exchange import NodeNames, WatchedGrid, send_and_receive
 from .records import RunRecorder
 from .screening import Rejection, arrays_nbytes, rejection_of_error, screen_train_replies, site_name
 
@@ -57,6 +57,69 @@ class TrainExchange:
     bytes_down: int
     strategy_metrics: dict | None = None  # type: ignore[type-arg]
     secure: dict | None = None  # type: ignore[type-arg]
+    missing: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the round line's sites_missing
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailureRule:
+    """When a round fails (:class:`RoundFailedError`) and what the error tells the operator to do.
+
+    ``min_sites``: fewer usable updates than this fail the round (0: never, as under client-level
+    DP, which releases a noised adapter even for a round nobody took part in). ``resume_command``:
+    how to continue the run, e.g. ``fedtune run --resume RUN_DIR``.
+    """
+
+    min_sites: int = 0
+    resume_command: str = ""
+
+    def check(self, server_round: int, *, usable: int, sampled: int, missing: list[dict[str, Any]], what: str = "") -> None:
+        if usable >= self.min_sites:
+            return
+        names = [describe_missing(m) for m in missing]
+        stopped = f"after round {server_round - 1}'s checkpoint" if server_round > 1 else "before its first checkpoint"
+        resume = f"; continue it with `{self.resume_command}` once the sites are back" if self.resume_command else ""
+        raise RoundFailedError(
+            f"round {server_round}: {usable} of {sampled} sampled sites {what or 'sent a usable update'}"
+            f"{' (' + ', '.join(names) + ')' if names else ''}; federation.min_sites is {self.min_sites}. "
+            f"The run stopped {stopped}{resume}.",
+            server_round=server_round, usable=usable, sampled=sampled, min_sites=self.min_sites, missing=names,
+        )
+
+
+def describe_missing(entry: dict[str, Any]) -> str:
+    """'site-b: timeout', 'site-c: refused budget-exhausted', 'site-a: crash'."""
+    return f"{entry['site']}: {entry['reason']}" + (f" {entry['code']}" if entry.get("code") else "")
+
+
+def missing_sites(rejected: list[Rejection], grid: WatchedGrid, names: NodeNames) -> list[dict[str, Any]]:
+    """Every sampled site without a usable update and why: its rejection's kind, or 'timeout' for no reply by the deadline."""
+    out: list[dict[str, Any]] = []
+    for r in rejected:
+        entry: dict[str, Any] = {"site": r.site, "reason": r.kind}
+        if r.code:
+            entry["code"] = r.code
+        elif r.reason != r.kind:
+            entry["detail"] = r.reason.removeprefix(f"{r.kind}: ")
+        out.append(entry)
+    seen = {e["site"] for e in out}
+    out += [{"site": names.name(node), "reason": "timeout"} for node in grid.unanswered() if names.name(node) not in seen]
+    return out
+
+
+def wait_for_sites(grid: Grid, *, needed: int, timeout: float, server_round: int, rule: FailureRule) -> None:
+    """Wait up to ``timeout`` seconds for ``needed`` connected sites, else fail the round.
+
+    Flower's strategies wait for their minimum of connected nodes without a bound: a site daemon
+    that never comes back would hang the run instead of failing the round by name.
+    """
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() >= deadline:
+            rule.check(server_round, usable=connected, sampled=needed, missing=[],
+                       what=f"connected to the coordinator within federation.round_timeout ({timeout:g}s) of the round's start")
+            return
+        logger.info("round %d: waiting for sites: %d connected, %d needed", server_round, connected, needed)
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def _weighted(pairs: list[tuple[float | None, float]]) -> float | None:
@@ -75,12 +138,42 @@ def _validation_means(stats: list[ValidationStats]) -> dict[str, float | None]:
     }
 
 
+WARM_UP_SECONDS = 600.0
+"""Bound on the wait for simulated sites to load their libraries before round 1."""
+
+
+def warm_up_sites(grid: Grid, names: NodeNames, *, expected: int, timeout: float) -> None:
+    """Simulation: wait until ``expected`` sites are connected and each has loaded its libraries.
+
+    One query message per site, answered with its name once its ClientApp has imported torch,
+    PEFT and Opacus: the engine starts its sites lazily, and that start-up (a minute on a busy
+    machine) would otherwise count against round 1's deadline. Bounded by ``timeout``; a site
+    that does not answer is simply asked again in round 1.
+    """
+    started = time.monotonic()
+    while len(nodes := list(grid.get_node_ids())) < expected and time.monotonic() - started < timeout:
+        time.sleep(0.2)
+    messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    watched = WatchedGrid(grid)
+    replies = send_and_receive(watched, messages, timeout=max(1.0, timeout - (time.monotonic() - started)))
+    names.learn(replies, watched)
+    ready = sum(not r.has_error() for r in replies)
+    logger.info("%d of %d simulated sites ready in %.1fs", ready, len(messages), time.monotonic() - started)
+
+
 def _plain_exchange(
-    grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, messages: list[Message], timeout: float, max_update_norm: float = 0.0
+    grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord, messages: list[Message], timeout: float, max_update_norm: float = 0.0,
+    *, names: NodeNames | None = None, rule: FailureRule | None = None,
 ) -> TrainExchange:
     down = arrays_nbytes(arrays) * len(messages)
-    replies = send_and_receive(grid, messages, timeout=timeout) if messages else []
-    accepted, rejected = screen_train_replies(replies, arrays, max_update_norm=max_update_norm)
+    names = names if names is not None else NodeNames()
+    watched = WatchedGrid(grid)
+    replies = send_and_receive(watched, messages, timeout=timeout) if messages else []
+    names.learn(replies, watched)
+    accepted, rejected = screen_train_replies(replies, arrays, max_update_norm=max_update_norm, name_of=lambda m: names.of(m, watched))
+    missing = missing_sites(rejected, watched, names)
+    # Before aggregation: a failed round changes no state a resume would have to undo.
+    (rule or FailureRule()).check(server_round, usable=len(accepted), sampled=len(messages), missing=missing)
     if not accepted:
         logger.warning("round %d: no usable update (%d sites sampled)", server_round, len(messages))
     # Called even with no update: a DP strategy must still release a noised adapter, or an
@@ -93,26 +186,42 @@ def _plain_exchange(
         bytes_up=sum(arrays_nbytes(m.content.array_records["arrays"]) for m, _ in accepted),
         bytes_down=down,
         strategy_metrics=dict(strategy_metrics or {}),
+        missing=missing,
     )
 
 
 def _secure_exchange(
     grid: Grid, server_round: int, arrays: ArrayRecord, messages: list[Message], timeout: float, secure: SecureAggConfig,
-    strategy: Strategy | None = None,
+    strategy: Strategy | None = None, *, names: NodeNames | None = None, rule: FailureRule | None = None,
 ) -> TrainExchange:
-    from .secure_agg import secure_train_round
+    from .secure_agg import SecureAggregationError, secure_train_round
     from .server_opt import ServerOptimizer
 
-    outcome = secure_train_round(grid, messages, server_round=server_round, expected=arrays, settings=secure, timeout=timeout)
+    names = names if names is not None else NodeNames()
+    watched = WatchedGrid(grid)
+    try:
+        outcome = secure_train_round(watched, messages, server_round=server_round, expected=arrays, settings=secure, timeout=timeout)
+    except SecureAggregationError as err:
+        names.learn(watched.replies, watched)
+        errors = [rejection_of_error(m, names.of(m, watched)) for m in watched.replies if m.has_error()]
+        missing = [describe_missing(m) for m in missing_sites(errors, watched, names)]
+        stopped = f"after round {server_round - 1}'s checkpoint" if server_round > 1 else "before its first checkpoint"
+        resume = f"; continue it with `{rule.resume_command}` once the sites are back" if rule and rule.resume_command else ""
+        raise SecureAggregationError(f"{err}. Sites without a reply: {', '.join(missing) or 'none'}. The run stopped {stopped}{resume}.") from None
+    names.learn(watched.replies, watched)
     # The protocol's mean replaces the strategy's aggregation, so a server optimiser steps from it
     # here: it needs only the mean, which is all SecAgg+ shows the coordinator anyway.
     aggregate = strategy.apply(server_round, outcome.aggregate) if isinstance(strategy, ServerOptimizer) else outcome.aggregate
-    updates, rejected = [], [rejection_of_error(m) for m in outcome.errors]
+    updates, rejected = [], [rejection_of_error(m, names.of(m, watched)) for m in outcome.errors]
     for m in outcome.updates:
         try:
             updates.append(TrainReply.from_metrics(site_name(m), dict(m.content.config_records["fitres.metrics"])))
         except UpdateError as err:  # its masked vector is already in the sum: only its figures are dropped
             rejected.append(Rejection(site_name(m), f"metrics not recorded: {err}"))
+    # Sites whose masked vector is not in the sum: an error at some stage, or no reply by a stage's deadline.
+    in_sum = {watched.node_of(m) for m in outcome.updates}
+    missing = [e for e in missing_sites(rejected, watched, names) if e["site"] not in {names.name(n) for n in in_sum}]
+    (rule or FailureRule()).check(server_round, usable=len(outcome.updates), sampled=len(messages), missing=missing)
     return TrainExchange(
         arrays=aggregate,
         updates=updates,
@@ -126,6 +235,7 @@ def _secure_exchange(
             "quantization_range": outcome.quantization_range,
             "quantization_error_bound": outcome.error_bound,
         },
+        missing=missing,
     )
 
 
@@ -146,6 +256,8 @@ def run_rounds(
     max_update_norm: float = 0.0,
     start_round: int = 1,
     totals: RoundTotals | None = None,
+    failure: FailureRule | None = None,
+    warm_up: int = 0,
 ) -> tuple[ArrayRecord, RoundTotals]:
     """Run rounds ``start_round``..``num_rounds``; returns the final global adapter and the bytes exchanged.
 
@@ -166,17 +278,34 @@ def run_rounds(
 
     ``max_update_norm`` > 0 bounds each tensor group's update norm in screening (plain exchanges
     only: secure aggregation hides the updates, and `make_strategy` refuses the combination).
+
+    Each exchange closes at ``timeout`` (``federation.round_timeout``) with the replies it has;
+    the round's line names in ``sites_missing`` every sampled site without a usable update and
+    why ('timeout', 'crash', 'refused' with its code, 'offline', 'rejected', 'error'). A site
+    that missed a round is sampled again as usual. With ``failure`` (``min_sites`` > 0), a round
+    with fewer usable updates, or fewer connected sites by ``timeout``, raises
+    :class:`~fedtune.common.errors.RoundFailedError` before anything of it is aggregated,
+    checkpointed or recorded: the run stops after the previous round's checkpoint.
+
+    ``warm_up`` > 0 (simulation: the number of sites) first waits for the sites to load their
+    libraries (:func:`warm_up_sites`), so that round 1's deadline does not include that start-up.
     """
     arrays = initial
+    rule = failure or FailureRule()
+    names = NodeNames()  # node id -> site name, from the replies that carry one
+    if warm_up > 0:
+        warm_up_sites(grid, names, expected=warm_up, timeout=max(timeout, WARM_UP_SECONDS))
     totals = totals if totals is not None else RoundTotals()
     train_config = dataclasses.replace(instructions, validate_first=validate).to_config()
     for server_round in range(start_round, num_rounds + 1):
         started = time.perf_counter()
+        if rule.min_sites > 0:
+            wait_for_sites(grid, needed=rule.min_sites, timeout=timeout, server_round=server_round, rule=rule)
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
         if secure is not None and secure.enabled:
-            exchange = _secure_exchange(grid, server_round, arrays, messages, timeout, secure, strategy)
+            exchange = _secure_exchange(grid, server_round, arrays, messages, timeout, secure, strategy, names=names, rule=rule)
         else:
-            exchange = _plain_exchange(grid, strategy, server_round, arrays, messages, timeout, max_update_norm)
+            exchange = _plain_exchange(grid, strategy, server_round, arrays, messages, timeout, max_update_norm, names=names, rule=rule)
         if exchange.arrays is not None:
             arrays = exchange.arrays
         for reply in exchange.updates:
@@ -195,6 +324,8 @@ def run_rounds(
             "sites_sampled": len(messages),
             "sites_replied": len(exchange.updates),
             "sites_rejected": [{"site": r.site, "reason": r.reason, "code": r.code} for r in exchange.rejected],
+            # Every sampled site without a usable update, by name, and why ('timeout': no reply by the deadline).
+            "sites_missing": exchange.missing,
             "train_loss": _weighted([(r.training.loss if r.training else None, r.weight) for r in trained]),
             "validated_round": server_round - 1 if validations else None,
             "loss": means["loss"],
@@ -218,17 +349,18 @@ def run_rounds(
         recorder.append_round(line)
         echo(_round_line(line, num_rounds))
     if validate:
-        totals.final_validation = _final_validation(grid, strategy, num_rounds, arrays, instructions, timeout, totals, recorder)
+        totals.final_validation = _final_validation(grid, strategy, num_rounds, arrays, instructions, timeout, totals, recorder, names)
     return arrays, totals
 
 
 def _final_validation(
     grid: Grid, strategy: Strategy, num_rounds: int, arrays: ArrayRecord, instructions: RoundInstructions, timeout: float,
-    totals: RoundTotals, recorder: RunRecorder,
+    totals: RoundTotals, recorder: RunRecorder, names: NodeNames | None = None,
 ) -> dict[str, Any] | None:
     """The final adapter's federated validation: one evaluate exchange after the last round.
 
     Sites whose policy releases no statistics refuse it (``policy:statistics``); they are counted.
+    Sites that did not answer by the deadline are named in ``sites_missing``.
     """
     config = dataclasses.replace(instructions, server_round=num_rounds).to_config()
     messages = list(strategy.configure_evaluate(num_rounds, arrays, ConfigRecord(config), grid))
@@ -237,9 +369,13 @@ def _final_validation(
     totals.bytes_down += arrays_nbytes(arrays) * len(messages)
     results: list[ValidationStats] = []
     refused: list[dict[str, Any]] = []
-    for m in send_and_receive(grid, messages, timeout=timeout):
+    names = names if names is not None else NodeNames()
+    watched = WatchedGrid(grid)
+    replies = send_and_receive(watched, messages, timeout=timeout)
+    names.learn(replies, watched)
+    for m in replies:
         if m.has_error():
-            r = rejection_of_error(m)
+            r = rejection_of_error(m, names.of(m, watched))
             refused.append({"site": r.site, "reason": r.reason, "code": r.code})
             continue
         try:
@@ -249,7 +385,21 @@ def _final_validation(
             continue
         recorder.site(reply.site).validated(reply.validation)
         results.append(reply.validation)
-    return {"round": num_rounds, "sites": len(results), "sites_refused": refused, **_validation_means(results)}
+    missing = [{"site": names.name(node), "reason": "timeout"} for node in watched.unanswered()]
+    return {"round": num_rounds, "sites": len(results), "sites_refused": refused, "sites_missing": missing, **_validation_means(results)}
+
+
+def missed_rounds(lines: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each site's missed rounds from the round lines: ``{site: [{"round": r, "reason": ...}, ...]}``.
+
+    A site that crashed or timed out may have been charged for that round (privacy is spent when
+    noise is drawn) without any reply reporting it; its own ledger is the record.
+    """
+    out: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        for m in line.get("sites_missing") or []:
+            out.setdefault(m["site"], []).append({"round": line["round"], "reason": m["reason"], **({"code": m["code"]} if m.get("code") else {})})
+    return dict(sorted(out.items()))
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -260,8 +410,10 @@ def _round_line(line: dict, num_rounds: int) -> str:  # type: ignore[type-arg]
     test = f"  test-accuracy {line['test_accuracy']:.3f}" if line["test_accuracy"] is not None else ""
     # Training loss exists only when a site's policy releases clear statistics.
     train = f"  train-loss {line['train_loss']:.4f}" if line["train_loss"] is not None else ""
+    missing = ", ".join(describe_missing(m) for m in line.get("sites_missing") or [])
     return (
-        f"round {line['round']}/{num_rounds}  sites {line['sites_replied']}/{line['sites_sampled']}{train}"
+        f"round {line['round']}/{num_rounds}  sites {line['sites_replied']}/{line['sites_sampled']}"
+        f"{' (' + missing + ')' if missing else ''}{train}"
         f"  val-accuracy(round {_fmt(line['validated_round'], 'd')}) {_fmt(line['accuracy'], '.3f')}{test}"
         f"  max-epsilon {_fmt(line['max_epsilon'], '.2f')}"
         f"  up {line['bytes_up'] / 1e3:.0f} kB  down {line['bytes_down'] / 1e3:.0f} kB  {line['seconds']:.1f}s"

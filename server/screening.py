@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,19 +48,44 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Rejection:
-    """An update not used: a site's refusal (its code) or the coordinator's own screening reason."""
+    """An update not used: a site's refusal (its code) or the coordinator's own screening reason.
+
+    ``kind`` says which, for the round line's ``sites_missing``: 'refused' (a site's refusal code),
+    'crash' (Flower's error for a ClientApp that raised or died), 'offline' (the SuperLink's
+    error for a node that missed its heartbeats), 'error' (another Flower error) or 'rejected'
+    (screening refused the reply).
+    """
 
     site: str
     reason: str
     code: str | None = None  # a site refusal's RefusalCode value
+    kind: str = "rejected"
 
 
-def rejection_of_error(msg: Message) -> Rejection:
-    """A site's error reply as a rejection: its refusal code, or Flower's own error text."""
+# Flower's error codes (flwr.common.constant.ErrorCode) for a ClientApp that failed to load, raised or died.
+_CRASH_CODES = {1: "crash", 2: "crash", 8: "crash", 5: "offline"}
+
+
+def rejection_of_error(msg: Message, name: str | None = None) -> Rejection:
+    """A site's error reply as a rejection: its refusal code, or Flower's own error text.
+
+    ``name``: the site's name when the coordinator knows it better than the reply does (Flower's
+    own errors carry no site name).
+    """
     refusal = Refusal.parse(msg.error.reason) if msg.error.code == REFUSAL_ERROR_CODE else None
     if refusal is not None:
-        return Rejection(site_name(msg), f"site refused: {refusal.code.value}", refusal.code.value)
-    return Rejection(site_name(msg), f"error {msg.error.code}: {msg.error.reason[:200]}")
+        return Rejection(name or site_name(msg), f"site refused: {refusal.code.value}", refusal.code.value, kind="refused")
+    kind = _CRASH_CODES.get(int(msg.error.code), "error")
+    detail = _condensed(msg.error.reason)
+    reason = f"{kind}: {detail}" if kind != "error" else f"error {msg.error.code}: {detail}"
+    return Rejection(name or site_name(msg), reason, kind=kind)
+
+
+def _condensed(text: str, limit: int = 300) -> str:
+    """Flower's error text on one line, without terminal colours; a long one keeps its head (the
+    exception's type) and its tail (the exception's message, last in a traceback)."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+    return text if len(text) <= limit else f"{text[:limit // 3]} ... {text[-(2 * limit) // 3:]}"
 
 
 def site_name(msg: Message) -> str:
@@ -192,11 +218,12 @@ def _all_finite(values: np.ndarray) -> bool:
 
 
 def screen_train_replies(
-    replies: list[Message], expected: ArrayRecord, *, max_update_norm: float = 0.0
+    replies: list[Message], expected: ArrayRecord, *, max_update_norm: float = 0.0, name_of: Callable[[Message], str] | None = None
 ) -> tuple[list[tuple[Message, TrainReply]], list[Rejection]]:
     """Split replies into accepted updates (with their parsed replies) and rejections (logged with the site and reason).
 
     ``max_update_norm`` > 0 bounds each tensor group's update norm (:func:`check_train_reply`).
+    ``name_of`` names the site of a reply (the coordinator's memory of node ids; default :func:`site_name`).
     An accepted reply at a lower LoRA rank r_i has its arrays replaced, in the message, by their
     padding to the global rank with ``expected``'s values: whatever reads the accepted messages sees rank-r
     adapters, unchanged in the slots a site did not train.
@@ -206,7 +233,7 @@ def screen_train_replies(
     full = adapter_rank({name: arr.shape for name, arr in expected.items()})
     for msg in replies:
         if msg.has_error():
-            rejected.append(rejection_of_error(msg))
+            rejected.append(rejection_of_error(msg, name_of(msg) if name_of else None))
             continue
         try:
             reply, values, rank = _check_reply(msg, expected, max_update_norm)
@@ -215,7 +242,7 @@ def screen_train_replies(
                 msg.content[ARRAYS_RECORD] = ArrayRecord(OrderedDict((k, Array.from_numpy_ndarray(v)) for k, v in values.items()))
             accepted.append((msg, reply))
         except UpdateError as err:
-            rejected.append(Rejection(site_name(msg), f"rejected update: {err}"))
+            rejected.append(Rejection(name_of(msg) if name_of else site_name(msg), f"rejected update: {err}"))
     for r in rejected:
         logger.warning("round update from %s not used: %s", r.site, r.reason)
     return accepted, rejected
