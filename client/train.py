@@ -40,7 +40,7 @@ from torch.utils.data import TensorDataset
 
 from fedtune.common.config import TrainConfig
 from fedtune.common.errors import ConfigError
-from fedtune.common.tasks import forward_loss
+from fedtune.common.tasks import LossFn, classification_loss
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ def train_local(
     learning_rate: float | None = None,
     on_step: StepHook | None = None,
     proximal_reference: Mapping[str, torch.Tensor] | None = None,
+    loss_fn: LossFn = classification_loss,
 ) -> TrainResult:
     """Run ``plan.steps`` logical steps on ``dataset``; with ``dp`` they are DP-SGD steps.
 
@@ -156,6 +157,9 @@ def train_local(
 
     ``proximal_reference`` is FedProx's w_g (see :func:`proximal_reference` and the module
     docstring), required when ``train.proximal_mu`` > 0 and unused when it is 0.
+
+    ``loss_fn`` is the task's per-example loss (``common.tasks.task_loss``); sampling, clipping,
+    noise and normalisation are the same for every task.
     """
     secure = seed is None
     if seed is None:
@@ -178,18 +182,21 @@ def train_local(
     model.train()
     start = time.perf_counter()
     if dp is None:
-        loss, seen = _train_plain(model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, on_step, prox)
+        loss, seen = _train_plain(
+            model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, on_step, prox, loss_fn
+        )
         clipped = 0.0
     else:
         loss, seen, clipped = _train_dp(
-            model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, dp, seed, secure, on_step, prox
+            model, dataset, optimizer, plan, sampler_rng, train.physical_batch_size, expected_batch, dp, seed, secure, on_step, prox,
+            loss_fn,
         )
     return TrainResult(
         loss=loss, steps=plan.steps, examples_seen=seen, clipped_fraction=clipped, seconds=time.perf_counter() - start
     )
 
 
-def _train_plain(model, dataset, optimizer, plan, rng, physical, expected_batch, on_step, prox):  # type: ignore[no-untyped-def]
+def _train_plain(model, dataset, optimizer, plan, rng, physical, expected_batch, on_step, prox, loss_fn):  # type: ignore[no-untyped-def]
     total_loss, seen = 0.0, 0
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for step, indices in enumerate(_poisson_batches(len(dataset), plan, rng)):
@@ -197,7 +204,7 @@ def _train_plain(model, dataset, optimizer, plan, rng, physical, expected_batch,
         # decay), as the DP path does, so DP with z = 0 and no clipping equals this path.
         optimizer.zero_grad(set_to_none=False)
         for chunk in _physical(indices, physical):
-            loss_sum, _ = forward_loss(model, dataset[chunk], reduction="sum")
+            loss_sum = loss_fn(model, dataset[chunk], "sum")
             objective = loss_sum
             if prox is not None:  # (mu/2) ||w - w_g||^2 in each example's loss
                 pairs, mu = prox
@@ -215,7 +222,7 @@ def _train_plain(model, dataset, optimizer, plan, rng, physical, expected_batch,
 
 
 def _train_dp(  # type: ignore[no-untyped-def]
-    model, dataset, optimizer, plan, rng, physical, expected_batch, dp, seed, secure, on_step, prox
+    model, dataset, optimizer, plan, rng, physical, expected_batch, dp, seed, secure, on_step, prox, loss_fn
 ):
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -245,7 +252,7 @@ def _train_dp(  # type: ignore[no-untyped-def]
                 dp_optimizer.step()
             for i, chunk in enumerate(chunks):
                 dp_optimizer.zero_grad(set_to_none=True)  # keeps the logical batch's clipped sum until its last chunk
-                loss, _ = forward_loss(gs_model, dataset[chunk])
+                loss = loss_fn(gs_model, dataset[chunk], "mean")
                 loss.backward()
                 if prox is not None:
                     _add_proximal_gradient(*prox)

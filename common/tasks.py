@@ -1,10 +1,13 @@
 """The classification task: text -> tensors, and the metrics both sides report.
 
-One seam for the task (columns, head, loss, metrics), so a generative task can sit beside it.
+One seam for the task (columns, head, loss, metrics), so a generative task can sit beside it:
+:func:`task_loss` gives each task's loss to the shared DP-SGD loop (``client/train.py``); the
+causal-LM task lives in ``common/causal_lm.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -12,7 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import DataError
+from .errors import ConfigError, DataError
+
+TASKS = ("classification", "causal-lm")
+
+# loss(model, batch, reduction) for a batch of the task's TensorDataset. With "mean" it must be the
+# mean over the batch of per-example losses (Opacus scales each per-example gradient by the batch
+# size) and with "sum" their sum; no example's loss may depend on another example of the batch.
+LossFn = Callable[[torch.nn.Module, Sequence[torch.Tensor], str], torch.Tensor]
 
 
 def encode(
@@ -42,6 +52,21 @@ def forward_loss(model: torch.nn.Module, batch: Sequence[torch.Tensor], reductio
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     loss = torch.nn.functional.cross_entropy(logits, labels, reduction=reduction)
     return loss, logits
+
+
+def classification_loss(model: torch.nn.Module, batch: Sequence[torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    return forward_loss(model, batch, reduction=reduction)[0]
+
+
+def task_loss(task: str) -> LossFn:
+    """The per-example loss DP-SGD clips for ``task`` (one of ``TASKS``)."""
+    if task == "classification":
+        return classification_loss
+    if task == "causal-lm":
+        from .causal_lm import lm_loss
+
+        return lm_loss
+    raise ConfigError(f"task must be one of {list(TASKS)}, got {task!r}.")
 
 
 @dataclass(frozen=True)
