@@ -83,7 +83,7 @@ def federated_run(run, *, data_dir: Path, centralized: bool = False, every_round
     global_state = adapter_state(model)
     split = simulated_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
     test = encode(tokenizer, [table.texts[i] for i in split.test], [table.labels[i] for i in split.test], labels,
-                  max_length=run.model.max_length)
+                  max_length=run.max_length)
     prepared = [prepare_site(run, {"partition-id": pid, "num-partitions": run.federation.sites}, run_dir=str(data_dir), labels=labels)
                 for pid in range(run.federation.sites)]
     if centralized:  # one party: every site's training split (their validation splits stay out, as in the federation)
@@ -92,7 +92,7 @@ def federated_run(run, *, data_dir: Path, centralized: bool = False, every_round
         first = prepared[0]
         prepared = [PreparedSite(settings=dataclasses.replace(first.settings, name="centralized", state_dir=data_dir / "centralized"),
                                  examples=union, train_records=[r for s in prepared for r in s.train_records], val_records=[])]
-    sites = [(site, encode(tokenizer, site.examples.train_texts, site.examples.train_labels, labels, max_length=run.model.max_length))
+    sites = [(site, encode(tokenizer, site.examples.train_texts, site.examples.train_labels, labels, max_length=run.max_length))
              for site in prepared]
     optimizer = _server_opt(run)
     started = time.perf_counter()

@@ -41,12 +41,13 @@ from fedtune.common.model import (
     ModelBundle,
     adapter_state,
     base_model_id,
-    build_model,
+    build_run_model,
     load_adapter_state,
     load_tokenizer,
     resolve_base_model,
     uses_ffa,
 )
+from fedtune.common.lm_site import empty_dataset
 from fedtune.common.tasks import encode
 
 from .faults import after_training, before_training, site_fault
@@ -66,17 +67,18 @@ def _model(run: RunConfig, num_labels: int, rank: int | None = None) -> ModelBun
     # (None: the run's).
     ffa = uses_ffa(run)
     rank = run.lora.rank if rank is None else rank
-    key = (run.model, run.lora, num_labels, ffa, run.seed if ffa else None, rank)
+    key = (run.task, run.model, run.lora, num_labels, ffa, run.seed if ffa else None, rank)
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = build_model(run.model, run.lora, num_labels, seed=run.seed, ffa=ffa, site_rank=rank)
+        _MODELS[key] = build_run_model(run, num_labels, site_rank=rank)
     return _MODELS[key]
 
 
 def _tokenizer(run: RunConfig):  # type: ignore[no-untyped-def]
-    if run.model not in _TOKENIZERS:
-        _TOKENIZERS[run.model] = load_tokenizer(run.model)
-    return _TOKENIZERS[run.model]
+    key = (run.model, run.task)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(run.model, run.task)
+    return _TOKENIZERS[key]
 
 
 def _site_seed(seed: int, name: str, server_round: int) -> int:
@@ -89,10 +91,10 @@ def _site_model(run: RunConfig, settings: Any, expected_id: str) -> RunConfig:
     and refuses a run whose model differs from it."""
     if settings.base_model is not None:
         run = dataclasses.replace(run, model=dataclasses.replace(run.model, base_model=settings.base_model))
-    if expected_id and base_model_id(run.model) != expected_id:
+    if expected_id and base_model_id(run.model, run.task) != expected_id:
         raise PolicyRefusal(
             RefusalCode.MODEL_MISMATCH,
-            f"site {settings.name}: its base model ({resolve_base_model(run.model)}, id {base_model_id(run.model)}) "
+            f"site {settings.name}: its base model ({resolve_base_model(run.model, run.task)}, id {base_model_id(run.model, run.task)}) "
             f"is not the run's (id {expected_id}); set [model] base_model in site.toml to the run's model folder.",
         )
     return run
@@ -110,18 +112,23 @@ def _validation(bundle: ModelBundle, tokenizer: Any, site: PreparedSite, labels:
     from .statistics import ReleaseContext, noise_generator, release_validation
 
     ex = site.examples
-    dataset = encode(tokenizer, ex.val_texts, ex.val_labels, labels, max_length=run.model.max_length)
+    if site.lm is not None:  # causal-lm: encoded when the site was prepared
+        dataset = site.lm.val.dataset if site.lm.val is not None else empty_dataset()
+    else:
+        dataset = encode(tokenizer, ex.val_texts, ex.val_labels, labels, max_length=run.max_length)
     charge = ReleaseContext(
         ledger=PrivacyLedger(site.settings.state_dir), records=site.val_records, all_records=site.all_records, run=run_id, round=server_round,
         delta=site.settings.delta, budget_epsilon=site.settings.budget_epsilon, accountant=run.privacy.accountant,
     )
     return release_validation(bundle.model, dataset, len(labels), policy=site.settings.policy, charge=charge,
-                              rng=noise_generator(_round_seed(run, site, server_round, "/statistics")), required=required)
+                              rng=noise_generator(_round_seed(run, site, server_round, "/statistics")), required=required,
+                              causal_lm=run.causal_lm)
 
 
 def handle(req: SiteRequest) -> SiteReply:
     """Serve one request. Raises FedtuneError (policy, budget, data, protocol) for a typed refusal."""
     from .local import prepare_site, train_round
+    from .site import resolve_site
     from .train import proximal_reference
 
     run = from_flat(req.run_config)
@@ -130,8 +137,12 @@ def handle(req: SiteRequest) -> SiteReply:
     server_round = instructions.server_round
     # Before anything is read: a deployed site refuses a run that carries a fault plan.
     fault = site_fault(run, req.node_config, server_round=server_round, kind=req.kind)
-    site = prepare_site(run, req.node_config, run_dir=instructions.run_dir, labels=labels)
-    run = _site_model(run, site.settings, instructions.base_model_id)
+    if run.causal_lm:  # the site's own model first: its tokenizer encodes the examples (labels do not apply)
+        run = _site_model(run, resolve_site(req.node_config, run, run_dir=instructions.run_dir), instructions.base_model_id)
+        site = prepare_site(run, req.node_config, run_dir=instructions.run_dir, labels=labels, tokenizer=_tokenizer(run))
+    else:
+        site = prepare_site(run, req.node_config, run_dir=instructions.run_dir, labels=labels)
+        run = _site_model(run, site.settings, instructions.base_model_id)
     rank = site.settings.policy.lora_rank(run.lora.rank)
     if rank < run.lora.rank:
         logger.info("%s trains LoRA rank %d of the run's %d (its policy's max_lora_rank)", site.settings.name, rank, run.lora.rank)
@@ -153,7 +164,7 @@ def handle(req: SiteRequest) -> SiteReply:
     run_id = instructions.run_id or str(req.run_id)
     if req.kind == "train":
         before_training(fault, run)  # an injected refusal or hang comes before any charge
-        n = len(site.examples.train_texts)
+        n = site.train_size
         max_weight = req.config.get(MAX_WEIGHT_KEY)
         if max_weight is not None and n > float(max_weight):
             # Checked before training: a refused secure round must not spend privacy budget.
@@ -163,7 +174,8 @@ def handle(req: SiteRequest) -> SiteReply:
         # separate evaluate exchange would cost a second ClientApp process start every round.
         validation = (_validation(bundle, tokenizer, site, labels, run, run_id=run_id, server_round=server_round, required=False)
                       if instructions.validate_first else None)
-        dataset = encode(tokenizer, site.examples.train_texts, site.examples.train_labels, labels, max_length=run.model.max_length)
+        dataset = (site.lm.train.dataset if site.lm is not None else
+                   encode(tokenizer, site.examples.train_texts, site.examples.train_labels, labels, max_length=run.max_length))
         privacy, result = train_round(
             bundle.model, dataset, site=site, run=run, run_id=run_id, server_round=server_round,
             num_rounds=instructions.num_rounds, seed=_site_seed(run.seed, site.settings.name, server_round),

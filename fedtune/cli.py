@@ -49,7 +49,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     Coordinators:  fedtune certs init, coordinator start, coordinator add-site, run, status, logs, stop
     Site operators: fedtune site init, site check, site start, site ledger
     Auditors:      fedtune report RUN_DIR, audit RUN_DIR    (privacy report, membership inference)
-    Everyone:      fedtune evaluate / predict           (use a trained adapter)
+    Everyone:      fedtune evaluate / predict / generate (use a trained adapter)
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -96,6 +96,10 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "base_model": ("model", "base_model"),
         "fail_sites": ("faults", "fail_sites"),
         "max_length": ("model", "max_length"),
+        "task": (None, "task"),
+        "prompt_column": ("data", "prompt_column"),
+        "response_column": ("data", "response_column"),
+        "messages_column": ("data", "messages_column"),
         "seed": (None, "seed"),
         "out": (None, "out"),
     }
@@ -119,15 +123,30 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 
 def _run_options(f: Any) -> Any:
     """Options shared by every command that starts a federated run; [defaults] come from the config."""
-    from fedtune.common.config import AGGREGATION_SYNTAX, DP_LEARNING_RATE, PLAIN_LEARNING_RATE, SERVER_OPTIMIZERS, RunConfig
+    from fedtune.common.config import (
+        AGGREGATION_SYNTAX,
+        DP_LEARNING_RATE,
+        PLAIN_LEARNING_RATE,
+        SERVER_OPTIMIZERS,
+        TASK_MAX_LENGTH,
+        TASKS,
+        RunConfig,
+    )
 
     d = RunConfig()
     options = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file; flags override it."),
-        click.option("--data", help="CSV, JSONL or Parquet with a text and a label column (default: packaged clinical demo; 'demo:bank_intents' for the bank demo)."),
+        click.option("--task", type=click.Choice(list(TASKS)),
+                     help=f"classification (text -> label) or causal-lm (prompt -> response, LoRA on a causal LM) [{d.task}]."),
+        click.option("--data", help="CSV, JSONL or Parquet with a text and a label column, or prompt and response columns for causal-lm "
+                     "(default: packaged clinical demo; 'demo:bank_intents' for the bank demo; causal-lm: 'demo:clinical_summaries')."),
         click.option("--text-column", help=f"Text column name [{d.data.text_column}]."),
         click.option("--label-column", help=f"Label column name [{d.data.label_column}]."),
         click.option("--labels", help="The run's label set, comma-separated [the labels found in the data]."),
+        click.option("--prompt-column", help=f"causal-lm: prompt column name [{d.data.prompt_column}]."),
+        click.option("--response-column", help=f"causal-lm: response column name, the tokens trained on [{d.data.response_column}]."),
+        click.option("--messages-column", help="causal-lm: a column of chats ({role, content} lists ending with the assistant's answer) "
+                     "instead of prompt and response [none]."),
         click.option("--rounds", type=int, help=f"Federated rounds [{d.federation.rounds}]."),
         click.option("--local-epochs", type=float, help=f"Local passes over each site's data per round [{d.train.local_epochs:g}]."),
         click.option("--batch-size", type=int, help=f"Expected logical batch; Poisson sampling rate q = min(1, batch/n) [{d.train.batch_size}]."),
@@ -149,8 +168,9 @@ def _run_options(f: Any) -> Any:
                      help=f"Reject a site whose update's L2 norm in any tensor group (LoRA A, LoRA B, head) exceeds this; 0: off [{d.federation.max_update_norm:g}]."),
         click.option("--proximal-mu", type=float, help=f"FedProx mu: each site's proximal term (mu/2)||w - w_global||^2 [{d.train.proximal_mu:g}]."),
         click.option("--lora-rank", type=int, help=f"LoRA rank r [{d.lora.rank}]."),
-        click.option("--base-model", type=click.Path(file_okay=False), help="Local Hugging Face model folder (default: packaged all-MiniLM-L6-v2)."),
-        click.option("--max-length", type=int, help=f"Tokens per example [{d.model.max_length}]."),
+        click.option("--base-model", type=click.Path(file_okay=False),
+                     help="Local Hugging Face model folder (default: packaged all-MiniLM-L6-v2; causal-lm: SmolLM2-135M-Instruct, converted on first use)."),
+        click.option("--max-length", type=int, help=f"Tokens per example [{TASK_MAX_LENGTH['classification']}; causal-lm {TASK_MAX_LENGTH['causal-lm']}]."),
         click.option("--seed", type=int, help=f"Seed for splits, initialisation and sampling [{d.seed}]."),
         click.option("--out", type=click.Path(file_okay=False), help="Run directory [runs/<command>-<time>]."),
     ]
@@ -290,7 +310,7 @@ def run_cmd(config_file: str | None, address: str, certs: Path | None, insecure:
 
     resume, allow_change = flags.pop("resume"), flags.pop("allow_change")
     labels = flags.get("labels")
-    if not labels and not resume:
+    if not labels and not resume and flags.get("task") != "causal-lm":  # a causal LM has no label set
         raise ConfigError("--labels is required: the run's label set, as L1,L2,... or a file with one label per line.")
     if labels and Path(labels).is_file():
         flags["labels"] = ",".join(line.strip() for line in Path(labels).read_text(encoding="utf-8").splitlines() if line.strip())
@@ -324,6 +344,10 @@ def _print_summary(run_dir: Path) -> None:
     test = summary.get("test") or {}
     if test.get("accuracy") is not None:
         console.print(f"held-out test: accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}")
+    if test.get("perplexity") is not None:
+        base = (summary.get("base") or {}).get("perplexity")
+        console.print(f"held-out test: perplexity {test['perplexity']:.2f}" + (f" (base model {base:.2f})" if base is not None else "")
+                      + f"; example generations in {run_dir / 'generations.jsonl'}")
     val = summary.get("validation") or {}
     if val.get("accuracy") is not None:
         f1 = f", macro-F1 {val['macro_f1']:.3f}" if val.get("macro_f1") is not None else ""
@@ -402,6 +426,22 @@ def predict(adapter: str, base_model: str | None, texts: tuple[str, ...]) -> Non
     for text, p in zip(texts, probs):
         k = int(p.argmax())
         click.echo(f"{loaded.labels[k]}\t{p[k]:.3f}\t{text}")
+
+
+@main.command()
+@click.option("--adapter", required=True, type=click.Path(file_okay=False), help="A causal-lm adapter folder (a run's adapter/).")
+@click.option("--base-model", type=click.Path(file_okay=False), help="Base model folder (default: the one the run used).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens to generate per prompt.")
+@click.argument("prompts", nargs=-1, required=True)
+def generate(adapter: str, base_model: str | None, max_new_tokens: int, prompts: tuple[str, ...]) -> None:
+    """Greedy continuation of each PROMPT by a causal-lm adapter (rendered as in training), one per line."""
+    _offline_env()
+    from fedtune.common.causal_lm import generate as greedy
+    from fedtune.inference import load_lm_adapter
+
+    loaded = load_lm_adapter(Path(adapter), base_model=base_model)
+    for text in greedy(loaded.model, loaded.tokenizer, list(prompts), max_new_tokens=max_new_tokens, template=loaded.template):
+        click.echo(text.replace("\n", " ").strip())
 
 
 def _register_commands() -> None:

@@ -1,4 +1,4 @@
-"""Load a trained adapter folder for evaluation and prediction, the plain PEFT way."""
+"""Load a trained adapter folder for evaluation, prediction and generation, the plain PEFT way."""
 
 from __future__ import annotations
 
@@ -21,11 +21,8 @@ class LoadedAdapter:
     max_length: int
 
 
-def load_adapter(folder: Path, *, base_model: str | None = None) -> LoadedAdapter:
-    """Base model + ``PeftModel.from_pretrained(folder)``; labels come from the folder's metadata."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
+def _metadata(folder: Path, base_model: str | None) -> tuple[dict[str, Any], Path]:
+    """The adapter folder's ``fedtune.json`` and the base model folder to load it on."""
     if not (folder / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter {folder} has no adapter_config.json; give a run's adapter/ or checkpoints/round-N/ folder.")
     meta_path = folder / METADATA_FILE
@@ -35,6 +32,17 @@ def load_adapter(folder: Path, *, base_model: str | None = None) -> LoadedAdapte
     base = Path(base_model or meta["base_model"])
     if not (base / "config.json").is_file():
         raise ConfigError(f"base model folder {base} not found; pass --base-model DIR.")
+    return meta, base
+
+
+def load_adapter(folder: Path, *, base_model: str | None = None) -> LoadedAdapter:
+    """Base model + ``PeftModel.from_pretrained(folder)``; labels come from the folder's metadata."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    meta, base = _metadata(folder, base_model)
+    if meta.get("task") == "causal-lm":
+        raise ConfigError(f"--adapter {folder} is a causal-lm adapter (no labels to predict); use `fedtune generate --adapter {folder} PROMPT`.")
     labels = list(meta["labels"])
     # Adapters written before the pooling setting existed used the model's own [CLS] head.
     pooling = meta.get("pooling", "cls")
@@ -46,3 +54,29 @@ def load_adapter(folder: Path, *, base_model: str | None = None) -> LoadedAdapte
     return LoadedAdapter(
         model=model, tokenizer=AutoTokenizer.from_pretrained(str(base)), labels=labels, max_length=int(meta["max_length"])
     )
+
+
+@dataclass(frozen=True)
+class LoadedLM:
+    """A causal-LM adapter on its base model, and how its prompts were rendered in training."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    template: str
+    max_length: int
+
+
+def load_lm_adapter(folder: Path, *, base_model: str | None = None) -> LoadedLM:
+    """``AutoModelForCausalLM`` + ``PeftModel.from_pretrained(folder)`` for a causal-lm adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.common.causal_lm import load_lm_tokenizer
+
+    meta, base = _metadata(folder, base_model)
+    if meta.get("task") != "causal-lm":
+        raise ConfigError(f"--adapter {folder} is a classification adapter, not a causal-lm one; use `fedtune predict --adapter {folder} TEXT`.")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(folder))
+    model.eval()
+    return LoadedLM(model=model, tokenizer=load_lm_tokenizer(base), template=str(meta.get("template", "auto")),
+                    max_length=int(meta["max_length"]))

@@ -16,7 +16,8 @@ from fedtune.common.config import RunConfig, dump_toml, from_flat
 from fedtune.common.errors import ConfigError
 from fedtune.common.io import check_writable
 from fedtune.common.messages import RoundInstructions
-from fedtune.common.model import adapter_state, base_model_id, build_model, load_adapter_state, resolve_base_model, save_adapter, uses_ffa
+from fedtune.common.model import adapter_state, base_model_id, build_run_model, load_adapter_state, resolve_base_model, save_adapter
+from fedtune.common.lm_site import resolve_lm_data_path
 from fedtune.common.sitedata import load_config_table, resolve_data_path, run_labels, simulated_split
 from fedtune.common.tasks import encode, evaluate
 
@@ -113,9 +114,9 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     dump_toml(run, run_dir / "config.toml")
     last = resume.checkpoint if resume else None
 
-    table = load_config_table(run.data) if run.simulation else None
-    labels = run_labels(run.data, table) if (run.simulation or run.data.labels) else []
-    if not labels:
+    table = load_config_table(run.data) if run.simulation and not run.causal_lm else None
+    labels = run_labels(run.data, table) if not run.causal_lm and (run.simulation or run.data.labels) else []
+    if not labels and not run.causal_lm:  # a causal LM has no label set
         raise ConfigError("data.labels is empty: a deployed run needs its label set (fedtune run --labels L1,L2,...).")
     if last is not None and tuple(labels) != last.state.labels:
         raise ConfigError(f"the resumed run's labels {labels} are not the checkpoint's {list(last.state.labels)} "
@@ -123,14 +124,28 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     # Under FFA-LoRA the initial arrays, the screened updates and the aggregate are B and the head
     # only; the checkpoints and the final adapter still hold A (this model's, derived from the seed
     # as every site derives it), so they load with plain PEFT.
-    bundle = build_model(run.model, run.lora, len(labels), seed=run.seed, ffa=uses_ffa(run))
+    bundle = build_run_model(run, len(labels))
     model = bundle.model
     initial = ArrayRecord(adapter_state(model))
     if last is not None:
         initial = checkpoint_arrays(last, adapter_state(model))
 
     test_fn = None
-    if table is not None:
+    lm_test = None
+    if run.causal_lm and run.simulation:
+        from fedtune.common.causal_lm import evaluate_lm
+
+        from .lm_eval import lm_test_set
+
+        lm_test = lm_test_set(run)
+        test_set = lm_test.encoded.dataset
+
+        def test_fn(arrays: ArrayRecord) -> TestScore:
+            load_adapter_state(model, arrays.to_torch_state_dict())
+            res = evaluate_lm(model, test_set)
+            return TestScore(accuracy=None, macro_f1=None, loss=res.loss, perplexity=res.perplexity)
+
+    elif table is not None:
         from fedtune.common.model import load_tokenizer
 
         split = simulated_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
@@ -139,7 +154,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
             [table.texts[i] for i in split.test],
             [table.labels[i] for i in split.test],
             labels,
-            max_length=run.model.max_length,
+            max_length=run.max_length,
         )
 
         def test_fn(arrays: ArrayRecord) -> TestScore:
@@ -147,7 +162,10 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
             res = evaluate(model, test_set, len(labels))
             return TestScore(accuracy=res.accuracy, macro_f1=res.macro_f1, loss=res.loss)
 
-    metadata = {"labels": labels, "max_length": run.model.max_length, "base_model": str(resolve_base_model(run.model))}
+    metadata: dict[str, Any] = {"task": run.task, "labels": labels, "max_length": run.max_length,
+                                "base_model": str(resolve_base_model(run.model, run.task))}
+    if run.causal_lm:
+        metadata["template"] = run.data.template  # how `fedtune generate` renders a prompt, as training did
 
     # Calibrated once, for the sites actually connected: the same plan drives the strategy and is recorded in the summary.
     # A resumed run keeps its plan (the rounds already released were drawn with its z).
@@ -181,13 +199,14 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         write_manifest(folder, server_round=server_round, run_id=identity.run_id)
 
     instructions = RoundInstructions(
-        server_round=1, num_rounds=run.federation.rounds, labels=tuple(labels), run_dir=str(run_dir), base_model_id=base_model_id(run.model),
+        server_round=1, num_rounds=run.federation.rounds, labels=tuple(labels), run_dir=str(run_dir), base_model_id=base_model_id(run.model, run.task),
         run_id=identity.run_id,
     )
     if resume is None:
         write_identity(run_dir, identity)  # before any site is asked anything: its charges go under this id
     first = resume.next_round if resume else 1
-    print(f"fedtune: {run.federation.rounds} rounds, {_describe_privacy(run)}, labels {labels}, run dir {run_dir}"
+    print(f"fedtune: {run.federation.rounds} rounds, {_describe_privacy(run)}, "
+          f"{'task causal-lm' if run.causal_lm else f'labels {labels}'}, run dir {run_dir}"
           + (f"; resuming run {identity.run_id} at round {first}" if resume else ""), flush=True)
     final, totals = run_rounds(
         grid,
@@ -213,6 +232,12 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     )
     load_adapter_state(model, final.to_torch_state_dict())
     save_adapter(model, run_dir / "adapter", metadata={**metadata, "round": run.federation.rounds})
+    base_score = None
+    if lm_test is not None:  # the base model's fit, and what the tuned one writes, on held-out prompts
+        from .lm_eval import evaluate_base, write_generations
+
+        base_score = evaluate_base(model, lm_test)
+        write_generations(model, lm_test, run_dir)
     if client_plan is not None and client_dp is not None and client_dp.state().rounds != client_plan.rounds:
         # Every release counts: the guarantee is stated for the rounds actually released.
         released = client_dp.state().rounds
@@ -226,10 +251,10 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     base_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n)
     summary: dict[str, Any] = {
         "rounds": run.federation.rounds,
-        "base_model": str(resolve_base_model(run.model)),
-        "task": "sequence-classification",
+        "base_model": str(resolve_base_model(run.model, run.task)),
+        "task": "causal-lm" if run.causal_lm else "sequence-classification",
         "labels": labels,
-        "data": str(resolve_data_path(run.data)) if run.simulation else None,
+        "data": str(resolve_lm_data_path(run.data) if run.causal_lm else resolve_data_path(run.data)) if run.simulation else None,
         "dp": run.privacy.enabled,
         "privacy": (
             {"level": "sample-level DP-SGD at each site", "target_epsilon": run.privacy.target_epsilon, "delta": run.privacy.delta, "accountant": run.privacy.accountant}
@@ -243,7 +268,9 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
             if run.secure_agg.enabled else None
         ),
         "max_epsilon": max((s.epsilon for s in recorder.sites.values()), default=0.0) if run.privacy.enabled else None,
-        "test": {"accuracy": last_line.get("test_accuracy"), "macro_f1": last_line.get("test_macro_f1")} if test_fn else None,
+        "test": ({"loss": last_line.get("test_loss"), "perplexity": last_line.get("test_perplexity")} if run.causal_lm else
+                 {"accuracy": last_line.get("test_accuracy"), "macro_f1": last_line.get("test_macro_f1")}) if test_fn else None,
+        **({"base": {"loss": base_score.loss, "perplexity": base_score.perplexity} if base_score else None} if run.causal_lm else {}),
         # Federated validation of the final adapter on the sites' validation splits.
         "validation": totals.final_validation,
         "bytes_up": totals.bytes_up,

@@ -253,11 +253,13 @@ def write_privacy_report(run_dir: Path) -> Path:
     return path
 
 
-def model_card(summary: dict[str, Any], *, accountant: str | None = None, pooling: str = "cls") -> str:
+def model_card(summary: dict[str, Any], *, accountant: str | None = None, pooling: str = "cls",
+               base_info: dict[str, Any] | None = None) -> str:
     """A README.md for the adapter folder: what it is, who trained it on how much, its privacy, how to load it.
 
     ``pooling`` is the head's (the adapter's ``fedtune.json``): a mean-pooling head is not a
-    transformers class, so its card loads the adapter through fedtune.
+    transformers class, so its card loads the adapter through fedtune. ``base_info`` is a causal
+    base model's ``fedtune-base.json`` (``common/base_models.py``): where its weights came from.
     """
     dp = bool(summary.get("dp"))
     privacy = summary.get("privacy") or {}
@@ -285,8 +287,10 @@ def model_card(summary: dict[str, Any], *, accountant: str | None = None, poolin
         "",
         f"# LoRA adapter for {task}, trained federated with fedtune",
         "",
-        f"A LoRA adapter (plus classification head) on top of `{base}`, trained with federated learning "
-        f"(Flower, FedAvg) over {len(sites)} site(s) in {summary.get('rounds', '?')} round(s). "
+        (f"A LoRA adapter for the causal language model `{base}` (on its projection layers; its embeddings "
+         "and LM head stay frozen), trained with federated learning " if task == "causal-lm" else
+         f"A LoRA adapter (plus classification head) on top of `{base}`, trained with federated learning ")
+        + f"(Flower, FedAvg) over {len(sites)} site(s) in {summary.get('rounds', '?')} round(s). "
         "No site's text left its premises; each site sent only adapter tensors and scalar metrics.",
         "",
         "## Privacy",
@@ -321,7 +325,10 @@ def model_card(summary: dict[str, Any], *, accountant: str | None = None, poolin
         lines += [f"| {s['site']} | {s['examples']} |" for s in sites]
     if summary.get("secure_aggregation"):
         lines += ["", SECURE_AGG_SENTENCE]
-    lines += ["", f"Total training examples (approx.): {sum(int(s['examples']) for s in sites)}.", "", "## Labels", ""]
+    lines += ["", f"Total training examples (approx.): {sum(int(s['examples']) for s in sites)}."]
+    if task == "causal-lm":
+        return "\n".join(lines + _lm_card(summary, base, base_info))
+    lines += ["", "## Labels", ""]
     lines += [f"{i}. `{name}`" for i, name in enumerate(labels)] or ["(not recorded)"]
     test = summary.get("test") or {}
     if test.get("accuracy") is not None:
@@ -371,6 +378,44 @@ def model_card(summary: dict[str, Any], *, accountant: str | None = None, poolin
     return "\n".join(lines)
 
 
+def _lm_card(summary: dict[str, Any], base: str, base_info: dict[str, Any] | None) -> list[str]:
+    """A causal-LM card's base model, evaluation and loading sections (no labels; pooling does not apply)."""
+    lines = ["", "## Base model", ""]
+    if base_info:
+        lines.append(
+            f"`{base}` is a conversion made by fedtune of `{base_info.get('gguf_file', '?')}` from {base_info.get('source', '?')} "
+            f"(licence {base_info.get('licence', '?')}). **Its weights are a dequantised 4-bit export "
+            f"({base_info.get('quantisation', '?')}), not the original release**: expect it to score somewhat below "
+            "the full-precision model. This adapter was trained on, and must be used with, that conversion."
+        )
+    else:
+        lines.append(f"`{base}`, a local Hugging Face causal-LM folder.")
+    test, before = summary.get("test") or {}, summary.get("base") or {}
+    if test.get("perplexity") is not None:
+        lines += ["", "## Evaluation", "",
+                  "Held-out test split (never trained on), perplexity of the response tokens given their prompts "
+                  f"(lower is better): **{test['perplexity']:.2f}** with this adapter"
+                  + (f", {before['perplexity']:.2f} for the base model alone." if before.get("perplexity") is not None else ".")]
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+        'model = PeftModel.from_pretrained(base, "path/to/this/adapter").eval()',
+        f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
+        "```",
+        "",
+        'Or with fedtune (greedy, prompts rendered as in training): `fedtune generate --adapter path/to/this/adapter "a prompt"`. '
+        "`fedtune.json` beside this file holds the maximum length and the prompt template.",
+        "",
+    ]
+    return lines
+
+
 def write_model_card(run_dir: Path) -> Path:
     """Write ``RUN_DIR/adapter/README.md`` (atomically, replacing PEFT's generic card)."""
     run_dir = Path(run_dir)
@@ -381,7 +426,9 @@ def write_model_card(run_dir: Path) -> Path:
     path = adapter / CARD_FILE
     meta_path = adapter / "fedtune.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-    card = model_card(summary, accountant=_config_accountant(run_dir), pooling=str(meta.get("pooling", "cls")))
+    base_meta = Path(str(summary.get("base_model", ""))) / "fedtune-base.json"  # common.base_models.METADATA_FILE
+    base_info = json.loads(base_meta.read_text(encoding="utf-8")) if summary.get("task") == "causal-lm" and base_meta.is_file() else None
+    card = model_card(summary, accountant=_config_accountant(run_dir), pooling=str(meta.get("pooling", "cls")), base_info=base_info)
     atomic_write_bytes(path, card.encode("utf-8"))
     return path
 

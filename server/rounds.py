@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TestScore:
-    accuracy: float
-    macro_f1: float
+    accuracy: float | None  # None for a causal LM, which has a perplexity instead
+    macro_f1: float | None
     loss: float
+    perplexity: float | None = None
 
 
 @dataclass
@@ -335,6 +336,8 @@ def run_rounds(
             "statistics": {r.site: (r.validation.mode if r.validation else "none") + ("+training" if r.training else "") for r in trained},
             "test_accuracy": score.accuracy if score else None,
             "test_macro_f1": score.macro_f1 if score else None,
+            "test_loss": score.loss if score else None,
+            "test_perplexity": score.perplexity if score else None,
             "epsilon_by_site": epsilons,
             "max_epsilon": max(epsilons.values()) if epsilons else None,
             # Only the strategy's own figures: a mean of the sites' epsilons would mislead.
@@ -408,13 +411,18 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _round_line(line: dict, num_rounds: int) -> str:  # type: ignore[type-arg]
     test = f"  test-accuracy {line['test_accuracy']:.3f}" if line["test_accuracy"] is not None else ""
+    if line.get("test_perplexity") is not None:  # a causal LM
+        test = f"  test-perplexity {line['test_perplexity']:.2f}"
+    val = (f"  val-loss(round {_fmt(line['validated_round'], 'd')}) {_fmt(line['loss'], '.3f')}"
+           if line["accuracy"] is None and line.get("loss") is not None else
+           f"  val-accuracy(round {_fmt(line['validated_round'], 'd')}) {_fmt(line['accuracy'], '.3f')}")
     # Training loss exists only when a site's policy releases clear statistics.
     train = f"  train-loss {line['train_loss']:.4f}" if line["train_loss"] is not None else ""
     missing = ", ".join(describe_missing(m) for m in line.get("sites_missing") or [])
     return (
         f"round {line['round']}/{num_rounds}  sites {line['sites_replied']}/{line['sites_sampled']}"
         f"{' (' + missing + ')' if missing else ''}{train}"
-        f"  val-accuracy(round {_fmt(line['validated_round'], 'd')}) {_fmt(line['accuracy'], '.3f')}{test}"
+        f"{val}{test}"
         f"  max-epsilon {_fmt(line['max_epsilon'], '.2f')}"
         f"  up {line['bytes_up'] / 1e3:.0f} kB  down {line['bytes_down'] / 1e3:.0f} kB  {line['seconds']:.1f}s"
     )

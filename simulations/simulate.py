@@ -34,7 +34,12 @@ def preflight(run: RunConfig) -> None:
     from fedtune.common.model import resolve_base_model
     from fedtune.common.sitedata import load_config_table, run_labels, simulated_split
 
-    resolve_base_model(run.model)
+    resolve_base_model(run.model, run.task)  # causal-lm's default base is converted here on first use
+    if run.causal_lm:  # prompt/response examples, no labels; the same split the coordinator and sites make
+        from fedtune.common.lm_site import load_config_lm_table, simulated_lm_split
+
+        simulated_lm_split(load_config_lm_table(run.data), run.data, num_sites=run.federation.sites, seed=run.seed)
+        return
     table = load_config_table(run.data)
     labels = run_labels(run.data, table)
     check_labels(table, labels)

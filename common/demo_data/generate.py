@@ -713,6 +713,104 @@ def bank_message(label: str, ambiguous: bool, rng: random.Random) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Clinical notes -> one-line summaries (the causal-LM demo, `--task causal-lm`)
+# --------------------------------------------------------------------------------------------------
+
+SUMMARY_ROWS = 480
+# specialty -> (what the note says, how the summary says it). The summary is a fixed rewrite of the
+# note's facts (age, sex, complaint, duration, history, where it goes), so a model can learn it.
+SUMMARY_COMPLAINTS: dict[str, list[tuple[str, str]]] = {
+    "cardiology": [
+        ("complains of chest pain radiating to the {rad}", "chest pain radiating to the {rad}"),
+        ("reports palpitations, worse when lying down", "palpitations"),
+        ("fainted without warning, now alert", "syncope"),
+        ("notes swelling of both ankles and gets breathless on stairs", "ankle swelling and exertional breathlessness"),
+        ("describes chest pressure on exertion, relieved by rest", "exertional chest pressure"),
+        ("says the heart is racing and feels lightheaded", "racing heart and lightheadedness"),
+    ],
+    "neurology": [
+        ("complains of a severe headache with sensitivity to light", "severe headache with photophobia"),
+        ("has sudden weakness on the {side} side", "sudden {side}-sided weakness"),
+        ("had a seizure lasting about two minutes, now drowsy", "seizure, now drowsy"),
+        ("reports the room spinning, worse when turning the head", "positional vertigo"),
+        ("has numbness and tingling in the {side} hand", "numbness of the {side} hand"),
+        ("is confused and cannot recall recent events", "acute confusion"),
+    ],
+    "gastroenterology": [
+        ("complains of abdominal pain with nausea and vomiting", "abdominal pain with vomiting"),
+        ("reports black tarry stools", "melaena"),
+        ("has burning upper abdominal pain after meals", "postprandial epigastric pain"),
+        ("noticed yellow eyes and dark urine", "jaundice"),
+        ("has difficulty swallowing, food feels stuck", "dysphagia"),
+        ("reports pain that moved from the navel to the lower right abdomen", "right lower quadrant pain"),
+    ],
+    "pulmonology": [
+        ("complains of shortness of breath, worse with exertion", "exertional breathlessness"),
+        ("has a productive cough with green sputum and fever", "productive cough with fever"),
+        ("is wheezing and using the inhaler every hour", "wheeze despite hourly inhaler"),
+        ("coughed up blood-streaked sputum", "haemoptysis"),
+        ("has sharp chest pain on breathing in after a long flight", "pleuritic chest pain after a long flight"),
+        ("reports night sweats, cough and weight loss", "night sweats, cough and weight loss"),
+    ],
+    "orthopedics": [
+        ("fell and has {joint} pain, unable to bear weight", "{joint} pain after a fall, not weight bearing"),
+        ("twisted the {joint} playing sport and heard a pop", "{joint} twisting injury with a pop"),
+        ("has low back pain radiating down the {side} leg", "low back pain radiating to the {side} leg"),
+        ("reports swelling and bruising of the {joint} after a fall", "{joint} swelling and bruising after a fall"),
+        ("has a stiff, aching {joint}, worse in the mornings", "morning stiffness of the {joint}"),
+        ("cannot raise the {side} arm after a fall", "unable to raise the {side} arm after a fall"),
+    ],
+}
+SUMMARY_DURATIONS = [
+    ("since yesterday", "for 1 day"), ("for 2 days", "for 2 days"), ("for 3 days", "for 3 days"),
+    ("for the past week", "for 1 week"), ("for two weeks", "for 2 weeks"), ("since this morning", "since this morning"),
+    ("for a few hours", "for hours"), ("for over a month", "for over a month"),
+]
+SUMMARY_SLOTS: dict[str, list[str]] = {
+    "rad": ["left arm", "jaw", "back", "left shoulder", "neck"],
+    "side": ["left", "right"],
+    "joint": ["knee", "ankle", "wrist", "shoulder", "hip", "elbow"],
+}
+SUMMARY_INSTRUCTION = "Summarise this triage note in one line."
+
+
+def clinical_summary(rng: random.Random) -> tuple[str, str, str]:
+    """(prompt, response, specialty): a short triage note and its one-line summary."""
+    specialty = rng.choice(CLINICAL_LABELS)
+    age = rng.randint(18, 92)
+    male = rng.random() < 0.5
+    note_phrase, summary_phrase = rng.choice(SUMMARY_COMPLAINTS[specialty])
+    values = {name: rng.choice(options) for name, options in SUMMARY_SLOTS.items()}
+    note_phrase, summary_phrase = note_phrase.format(**values), summary_phrase.format(**values)
+    said, short = rng.choice(SUMMARY_DURATIONS)
+    who = rng.choice([f"{age}-year-old {'man' if male else 'woman'}", f"{age}yo {'M' if male else 'F'}",
+                      f"Patient, {'male' if male else 'female'}, {age},"])
+    sentences = [f"{who} {note_phrase} {said}."]
+    history = rng.choice(HISTORY) if rng.random() < 0.6 else ""
+    if history:
+        sentences.append(f"History of {history}.")
+    if rng.random() < 0.5:
+        sentences.append(f"BP {_bp(rng)}, HR {rng.randint(55, 130)}.")
+    if rng.random() < 0.4:
+        sentences.append(fill(rng.choice(CLIN_FINDINGS[specialty]), CLIN_SLOTS, rng))
+    note = " ".join(sentences)
+    summary = f"{age}{'M' if male else 'F'} with {summary_phrase} {short}" + (f"; history of {history}" if history else "")
+    summary += f"; refer to {specialty}."
+    return f"{SUMMARY_INSTRUCTION}\n{note}", summary, specialty
+
+
+def build_summaries(n: int, rng: random.Random) -> list[tuple[str, str, str]]:
+    """``n`` distinct (prompt, response, specialty) rows."""
+    rows, seen = [], set()
+    while len(rows) < n:
+        row = clinical_summary(rng)
+        if row[0] not in seen:  # a prompt in both train and test would flatter any model
+            seen.add(row[0])
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # Assembly, writing, and the bag-of-words check
 # --------------------------------------------------------------------------------------------------
 
@@ -824,6 +922,9 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(args.out_dir / "clinical_triage.csv", ["text", "label", "hospital"], clinical)
     write_csv(args.out_dir / "bank_intents.csv", ["text", "label", "branch"], bank)
+    # The causal-LM demo: its own generator stream, so it leaves the classification files unchanged.
+    summaries = build_summaries(SUMMARY_ROWS * args.scale, random.Random(SEED + 2))
+    write_csv(args.out_dir / "clinical_summaries.csv", ["prompt", "response", "specialty"], summaries)
     if args.check:
         report("clinical_triage.csv", clinical, clinical_tally, CLINICAL_LABELS, list(HOSPITALS))
         report("bank_intents.csv", bank, bank_tally, BANK_LABELS, list(BRANCHES))

@@ -1,0 +1,74 @@
+"""The coordinator's view of a causal-LM run: its held-out test split, perplexity, example generations.
+
+Simulation only: the test split is the coordinator's (held out of the run's one table before it
+is cut into sites); a deployed coordinator has no data and evaluates nothing here. Every figure
+and generation comes from held-out prompts; no site's text is read.
+
+Perplexity is exp of the token-weighted mean response loss (``common.causal_lm.evaluate_lm``).
+The base model's is measured once with the adapter disabled (PEFT's ``disable_adapter``), so the
+summary shows what fine-tuning bought on the same prompts and tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune.common.causal_lm import EncodedLM, LMEvalResult, LMTable, encode_lm, evaluate_lm, generate, load_lm_tokenizer
+from fedtune.common.config import RunConfig
+from fedtune.common.io import atomic_write_bytes
+from fedtune.common.lm_site import load_config_lm_table, prompt_texts, simulated_lm_split, subset
+from fedtune.common.model import resolve_base_model
+
+logger = logging.getLogger(__name__)
+
+GENERATIONS_FILE = "generations.jsonl"
+GENERATION_EXAMPLES = 3
+GENERATION_MAX_NEW_TOKENS = 48
+
+
+@dataclass(frozen=True)
+class LMTestSet:
+    """The run's held-out test split, as loaded and as encoded (``encoded.dropped_rows`` left out)."""
+
+    table: LMTable
+    encoded: EncodedLM
+    tokenizer: Any
+    template: str
+
+
+def lm_test_set(run: RunConfig) -> LMTestSet:
+    """The held-out split of a simulated causal-LM run (the same split its sites leave out)."""
+    table = load_config_lm_table(run.data)
+    split = simulated_lm_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
+    test = subset(table, split.test, "held-out test split")
+    tokenizer = load_lm_tokenizer(resolve_base_model(run.model, run.task))
+    encoded = encode_lm(tokenizer, test, max_length=run.max_length, template=run.data.template)
+    return LMTestSet(table=test, encoded=encoded, tokenizer=tokenizer, template=run.data.template)
+
+
+def evaluate_base(model: torch.nn.Module, test: LMTestSet) -> LMEvalResult:
+    """The base model's fit on the test split: the PEFT model with its adapter disabled."""
+    with model.disable_adapter():  # type: ignore[operator]
+        return evaluate_lm(model, test.encoded.dataset)
+
+
+def write_generations(model: torch.nn.Module, test: LMTestSet, run_dir: Path, *, examples: int = GENERATION_EXAMPLES,
+                      max_new_tokens: int = GENERATION_MAX_NEW_TOKENS) -> Path:
+    """Greedy generations of the tuned and the base model for the first ``examples`` held-out prompts,
+    one JSON object per line: prompt, reference (the held-out response), tuned, base."""
+    rows = test.table.conversations[:examples]
+    prompts = prompt_texts(subset(test.table, range(len(rows)), "generation prompts"))
+    tuned = generate(model, test.tokenizer, prompts, max_new_tokens=max_new_tokens, template=test.template)
+    with model.disable_adapter():  # type: ignore[operator]
+        base = generate(model, test.tokenizer, prompts, max_new_tokens=max_new_tokens, template=test.template)
+    lines = [json.dumps({"prompt": p, "reference": conv[-1].content, "tuned": t, "base": b}, ensure_ascii=False)
+             for p, conv, t, b in zip(prompts, rows, tuned, base)]
+    path = run_dir / GENERATIONS_FILE
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return path
