@@ -388,17 +388,29 @@ def _load_adapter(adapter: str, base_model: str | None):  # type: ignore[no-unty
 
 @main.command("evaluate")
 @click.option("--adapter", required=True, type=click.Path(file_okay=False), help="Adapter folder (a run's adapter/ or checkpoints/round-N/).")
-@click.option("--data", required=True, help="CSV, JSONL or Parquet with text and label columns.")
+@click.option("--data", required=True, help="CSV, JSONL or Parquet with text and label columns (causal-lm: prompt and response).")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
+@click.option("--prompt-column", default="prompt", show_default=True, help="causal-lm adapters.")
+@click.option("--response-column", default="response", show_default=True, help="causal-lm adapters.")
+@click.option("--messages-column", default="", help="causal-lm adapters: a column of chats instead of prompt and response.")
 @click.option("--base-model", type=click.Path(file_okay=False), help="Base model folder (default: the one the run used).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics to this JSON file.")
-def evaluate_cmd(adapter: str, data: str, text_column: str, label_column: str, base_model: str | None, json_out: str | None) -> None:
-    """Accuracy and macro-F1 of a trained adapter on labeled data."""
+def evaluate_cmd(adapter: str, data: str, text_column: str, label_column: str, prompt_column: str, response_column: str,
+                 messages_column: str, base_model: str | None, json_out: str | None) -> None:
+    """Accuracy and macro-F1 of a trained adapter on labeled data; a causal-lm adapter's perplexity on prompt/response data."""
     _offline_env()
     from fedtune.common.data import check_labels, load_table
     from fedtune.common.tasks import encode, evaluate
+    from fedtune.inference import adapter_task
 
+    if adapter_task(Path(adapter)) == "causal-lm":
+        out = _evaluate_lm(adapter, data, prompt_column, response_column, messages_column, base_model)
+        click.echo(f"examples {out['examples']}  perplexity {out['perplexity']:.4f}  loss {out['loss']:.4f}")
+        click.echo(json.dumps(out))
+        if json_out:
+            Path(json_out).write_text(json.dumps(out, indent=2) + "\n")
+        return
     loaded = _load_adapter(adapter, base_model)
     table = load_table(data, text_column=text_column, label_column=label_column)
     check_labels(table, loaded.labels)
@@ -409,6 +421,20 @@ def evaluate_cmd(adapter: str, data: str, text_column: str, label_column: str, b
     click.echo(json.dumps(out))
     if json_out:
         Path(json_out).write_text(json.dumps(out, indent=2) + "\n")
+
+
+def _evaluate_lm(adapter: str, data: str, prompt_column: str, response_column: str, messages_column: str,
+                 base_model: str | None) -> dict[str, Any]:
+    from fedtune.common.causal_lm import LMDataSettings, encode_lm, evaluate_lm, load_lm_table
+    from fedtune.inference import load_lm_adapter
+
+    loaded = load_lm_adapter(Path(adapter), base_model=base_model)
+    settings = LMDataSettings(prompt_column=prompt_column, response_column=response_column, messages_column=messages_column,
+                              template=loaded.template)
+    encoded = encode_lm(loaded.tokenizer, load_lm_table(data, settings), max_length=loaded.max_length, template=loaded.template)
+    result = evaluate_lm(loaded.model, encoded.dataset)
+    return {"examples": result.examples, "tokens": result.tokens, "perplexity": result.perplexity, "loss": result.loss,
+            "truncated": encoded.truncated, "dropped": len(encoded.dropped_rows)}
 
 
 @main.command()

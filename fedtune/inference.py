@@ -35,6 +35,14 @@ def _metadata(folder: Path, base_model: str | None) -> tuple[dict[str, Any], Pat
     return meta, base
 
 
+def adapter_task(folder: Path) -> str:
+    """The task an adapter folder was trained for ('classification' when its metadata predates tasks)."""
+    meta_path = folder / METADATA_FILE
+    if not meta_path.is_file():
+        return "classification"  # load_adapter names what is missing
+    return str(json.loads(meta_path.read_text(encoding="utf-8")).get("task", "classification"))
+
+
 def load_adapter(folder: Path, *, base_model: str | None = None) -> LoadedAdapter:
     """Base model + ``PeftModel.from_pretrained(folder)``; labels come from the folder's metadata."""
     from peft import PeftModel

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Generate fedtune's two demo datasets: clinical triage notes and bank customer intents.
+"""Generate fedtune's demo datasets: clinical triage notes and bank customer intents (classification),
+and triage notes with one-line summaries (``clinical_summaries.csv``, for ``--task causal-lm``).
 
 SEED = 20240611. The clinical file is drawn from ``random.Random(SEED)``, the bank file from
-``random.Random(SEED + 1)``, so editing one generator leaves the other file unchanged. Running
+``random.Random(SEED + 1)``, the summaries from ``random.Random(SEED + 2)``, so editing one
+generator leaves the other files unchanged. Running
 
-    python common/demo_data/generate.py           # rewrites clinical_triage.csv and bank_intents.csv
+    python common/demo_data/generate.py           # rewrites the three CSVs
     python common/demo_data/generate.py --check   # also trains a bag-of-words Naive Bayes, prints accuracy
 
 reproduces both CSVs byte for byte (checked on CPython 3.10, 3.11 and 3.12). The data is GENERATED:

@@ -88,6 +88,24 @@ def test_the_adapter_loads_with_plain_peft_and_scores_what_the_summary_says(lm_r
     assert len(generations) == 3 and all(g["prompt"] in held_out and g["reference"] == held_out[g["prompt"]] for g in generations)
 
 
+def test_fedtune_evaluate_reports_the_test_perplexity_of_a_causal_lm_adapter(lm_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.cli import main
+    from fedtune.common.config import load_toml
+    from fedtune.common.lm_site import load_config_lm_table, simulated_lm_split
+
+    run = load_toml(lm_run["run"] / "config.toml")
+    table = load_config_lm_table(run.data)
+    rows = [table.conversations[i] for i in simulated_lm_split(table, run.data, num_sites=2, seed=run.seed).test]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"note": c[0].content, "summary": c[1].content}) + "\n" for c in rows), encoding="utf-8")
+    result = CliRunner().invoke(main, ["evaluate", "--adapter", str(lm_run["run"] / "adapter"), "--data", str(data),
+                                       "--prompt-column", "note", "--response-column", "summary"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    out = json.loads(result.output.splitlines()[-1])
+    summary = json.loads((lm_run["run"] / "summary.json").read_text())
+    assert out["perplexity"] == pytest.approx(summary["test"]["perplexity"], rel=1e-4) and out["examples"] == len(rows)
+
+
 def test_fedtune_generate_continues_prompts_as_the_coordinator_did(lm_run) -> None:  # type: ignore[no-untyped-def]
     from fedtune.cli import main
 
