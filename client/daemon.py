@@ -242,6 +242,12 @@ def _die_with_parent() -> None:
         pass
 
 
+# How long after its SuperNode first fails a daemon keeps starting it again: the coordinator keeps a crashed
+# node's session for 2 missed heartbeats of 30 s (flwr.common.constant HEARTBEAT_PATIENCE, HEARTBEAT_DEFAULT_INTERVAL).
+REJOIN_SECONDS = 2 * 30 + 20
+REJOIN_RETRY_SECONDS = 5.0
+
+
 def run_daemon(
     config_path: Path, *, runtime_port: int, max_retries: int | None, warm_worker: bool = True, threads: int | None = None
 ) -> int:
@@ -308,9 +314,29 @@ def run_daemon(
         cmd = supernode_command(site, runtime_port=runtime_port, max_retries=max_retries, extra_node_config=extra,
                                 site_config=Path(config_path), writable=writable)
         print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-        supernode = subprocess.Popen(cmd, env=supernode_env, start_new_session=True, preexec_fn=_die_with_parent)
-        procs.append(supernode)
-        return supernode.wait()
+        # After a crash (SIGKILL, power loss) the coordinator holds this node's previous session until it
+        # misses two heartbeats (Flower: 2 x 30 s) and refuses to activate it again before ("Failed to
+        # activate SuperNode", exit code 305 in its log, 1 for the process). Start it again for as long
+        # as that can last after the first failure, so a restarted site rejoins by itself; a refusal
+        # that lasts longer (an unregistered key) still ends the daemon.
+        rejoin_until: float | None = None
+        restarts = 0
+        while True:
+            supernode = subprocess.Popen(cmd, env=supernode_env, start_new_session=True, preexec_fn=_die_with_parent)
+            procs.append(supernode)
+            code = supernode.wait()
+            if rejoin_until is None:
+                rejoin_until = time.monotonic() + REJOIN_SECONDS
+            if (code == 0 or signalled or time.monotonic() > rejoin_until
+                    or (max_retries is not None and restarts >= max_retries)):
+                return code
+            restarts += 1
+            procs.remove(supernode)
+            print(f"fedtune: the coordinator did not accept this site yet (its previous session may still be open); "
+                  f"retrying in {REJOIN_RETRY_SECONDS:g}s", file=sys.stderr, flush=True)
+            time.sleep(REJOIN_RETRY_SECONDS)
+            if signalled:  # stopped while waiting
+                return code
     finally:
         stop()
         for proc in procs:

@@ -120,12 +120,51 @@ class Processes:
             except ProcessLookupError:
                 pass
 
+    def kill(self, name: str, timeout: float = 15) -> None:
+        """SIGKILL ``name``'s own process only: its children in their own sessions get what they asked for on its death."""
+        proc = self.running.pop(name)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+
+    def crash(self, name: str, timeout: float = 15) -> None:
+        """SIGKILL ``name`` and every process it started (their own sessions included), as a crash of its host would."""
+        proc = self.running.pop(name)
+        # Leaves first: a killed parent would send its children the SIGTERM they asked for (PR_SET_PDEATHSIG),
+        # and a SuperNode that gets one deactivates gracefully, which a crash never does.
+        for pid in [*reversed(descendants(proc.pid)), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=timeout)
+
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def stop_all(self) -> None:
         for name in list(self.running):
             self.stop(name)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+                # The command name (2nd field) is in parentheses and may hold spaces: split after it.
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, queue = [], list(children.get(pid, []))
+    while queue:
+        child = queue.pop(0)
+        out.append(child)
+        queue += children.get(child, [])
+    return out
 
 
 def start_coordinator(procs: Processes, *, certs: Path, state: Path, ports: CoordinatorPorts, env: dict[str, str]) -> None:
