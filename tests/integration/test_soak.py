@@ -149,6 +149,7 @@ def test_a_run_survives_two_site_restarts_and_a_coordinator_crash(tiny_model_dir
         # The operator resumes once every site is back: the victim when its old session has expired.
         soak.wait_for(f"{VICTIM} rejoined after its host crash", lambda: len(soak.node_ids(VICTIM)) >= 3)
         resumed = soak.submit("--resume", str(soak.out), log="run-2.log")
+        soak.wait_for("the resumed run's first round", lambda: soak.last_round() > crashed_at, runner=resumed)
         soak.wait_for("the resumed run to finish", lambda: resumed.poll() is not None)
         elapsed = time.monotonic() - soak.started
 
