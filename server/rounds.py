@@ -73,14 +73,14 @@ class FailureRule:
     min_sites: int = 0
     resume_command: str = ""
 
-    def check(self, server_round: int, *, usable: int, sampled: int, missing: list[dict[str, Any]], what: str = "") -> None:
+    def check(self, server_round: int, *, usable: int, sampled: int, missing: list[dict[str, Any]], headline: str = "") -> None:
         if usable >= self.min_sites:
             return
         names = [describe_missing(m) for m in missing]
         stopped = f"after round {server_round - 1}'s checkpoint" if server_round > 1 else "before its first checkpoint"
         resume = f"; continue it with `{self.resume_command}` once the sites are back" if self.resume_command else ""
         raise RoundFailedError(
-            f"round {server_round}: {usable} of {sampled} sampled sites {what or 'sent a usable update'}"
+            f"round {server_round}: {headline or f'{usable} of {sampled} sampled sites sent a usable update'}"
             f"{' (' + ', '.join(names) + ')' if names else ''}; federation.min_sites is {self.min_sites}. "
             f"The run stopped {stopped}{resume}.",
             server_round=server_round, usable=usable, sampled=sampled, min_sites=self.min_sites, missing=names,
@@ -117,7 +117,7 @@ def wait_for_sites(grid: Grid, *, needed: int, timeout: float, server_round: int
     while (connected := len(list(grid.get_node_ids()))) < needed:
         if time.monotonic() >= deadline:
             rule.check(server_round, usable=connected, sampled=needed, missing=[],
-                       what=f"connected to the coordinator within federation.round_timeout ({timeout:g}s) of the round's start")
+                       headline=f"{connected} site(s) connected to the coordinator within federation.round_timeout ({timeout:g}s)")
             return
         logger.info("round %d: waiting for sites: %d connected, %d needed", server_round, connected, needed)
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
