@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--from-results", default="", help="FILE[,FILE...]: only summarise and plot these JSON-lines results")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "study")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.from_results:
         rows = [json.loads(line) for f in args.from_results.split(",") for line in Path(f).read_text().splitlines() if line.strip()]
         report(rows, args, args.out / f"study-{time.strftime('%Y%m%d-%H%M%S')}")
