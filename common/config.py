@@ -83,8 +83,9 @@ class LoraSettings:
             parameters mean less total noise, and backpropagation stops at the lowest adapted layer.
         site_ranks: Simulation only: the LoRA rank each simulated site trains (site k: the k-th
             value, each in [1, rank]); empty: every site trains ``rank``. A lower-rank site trains
-            the first r_k rank slots of the global adapter and the coordinator zero-pads its reply
-            (HetLoRA; see ``common/lora_rank.py``). A deployed site sets ``[policy] max_lora_rank``.
+            the first r_k rank slots of the global adapter and the coordinator pads its reply with
+            the global adapter's values, so its update is zero in the slots it did not train
+            (HetLoRA-style truncation; see ``common/lora_rank.py``). A deployed site sets ``[policy] max_lora_rank``.
     """
 
     rank: int = 8

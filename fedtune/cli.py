@@ -251,7 +251,7 @@ def _resume_config(run_dir: Path, config_file: str | None, allow_change: tuple[s
 @click.option("--min-sites", type=int, help="Minimum sites sampled per round [2].")
 @click.option("--fraction-train", type=float, help="Fraction of sites sampled each round [1].")
 @click.option("--site-ranks", help="LoRA rank each simulated site trains, one per site, each <= --lora-rank, e.g. 8,4,4,2; "
-              "the coordinator zero-pads lower ranks (HetLoRA) [every site: --lora-rank].")
+              "the coordinator pads lower ranks with the global adapter's values (HetLoRA-style) [every site: --lora-rank].")
 @click.option("--fail-site", "fail_sites", multiple=True, metavar="NAME@ROUND[:crash|hang|refuse]",
               help="Inject a fault, repeatable: simulated site NAME (site-0, site-1, ...) crashes (after its ledger charge), "
                    "hangs past the round deadline (federation.round_timeout) or refuses in round ROUND [crash].")
