@@ -171,6 +171,9 @@ def _plain_exchange(
     watched = WatchedGrid(grid)
     replies = send_and_receive(watched, messages, timeout=timeout) if messages else []
     names.learn(replies, watched)
+    # Measured as received: screening pads a lower-rank reply to the global rank in the message.
+    received = {id(m): arrays_nbytes(m.content.array_records["arrays"]) for m in replies
+                if not m.has_error() and "arrays" in m.content.array_records}
     accepted, rejected = screen_train_replies(replies, arrays, max_update_norm=max_update_norm, name_of=lambda m: names.of(m, watched))
     missing = missing_sites(rejected, watched, names)
     # Before aggregation: a failed round changes no state a resume would have to undo.
@@ -184,7 +187,7 @@ def _plain_exchange(
         arrays=new_arrays,
         updates=[reply for _, reply in accepted],
         rejected=rejected,
-        bytes_up=sum(arrays_nbytes(m.content.array_records["arrays"]) for m, _ in accepted),
+        bytes_up=sum(received[id(m)] for m, _ in accepted),
         bytes_down=down,
         strategy_metrics=dict(strategy_metrics or {}),
         missing=missing,
@@ -342,6 +345,8 @@ def run_rounds(
             "max_epsilon": max(epsilons.values()) if epsilons else None,
             # Only the strategy's own figures: a mean of the sites' epsilons would mislead.
             "client_dp": {k: v for k, v in (exchange.strategy_metrics or {}).items() if str(k).startswith("client-dp-")} or None,
+            # A robust rule's own count: sites it saw, updates it averaged, or that it refused the round.
+            "robust": {k: v for k, v in (exchange.strategy_metrics or {}).items() if str(k).startswith("robust-")} or None,
             "secure_agg": exchange.secure,
             "bytes_up": exchange.bytes_up,
             "bytes_down": exchange.bytes_down,

@@ -412,6 +412,9 @@ def test_round_loop_applies_the_rule_to_updates_and_adds_back_the_global_adapter
 
     # Assert: the oracle over the updates (site - global) of the 4 accepted sites, plus the global adapter
     assert line["sites_sampled"] == 7 and line["sites_replied"] == 5
+    assert line["robust"]["robust-sites"] == 5  # the rule's own count is in the round line
+    if rule == "multi-krum:1":
+        assert line["robust"]["robust-selected"] == 4  # Multi-Krum averages n - F updates
     assert [r["site"] for r in line["sites_rejected"]] == ["site-55"]
     assert "NaN or Inf" in line["sites_rejected"][0]["reason"]
     used = [{k: sent[n][k] - glob[k] for k in SHAPES} for n in (11, 22, 33, 44, 77)]
@@ -436,8 +439,26 @@ def test_krum_round_with_too_few_accepted_updates_keeps_the_global_adapter(tmp_p
     final, line = _run(strategy, FakeSitesGrid(lambda node, _: None if node == 3 else {"arrays": _random(node)}, nodes), glob, tmp_path)
 
     assert line["sites_replied"] == 4
+    assert line["robust"] == {"robust-sites": 4, "robust-skipped": 1}
     for k in SHAPES:
         assert np.array_equal(final[k].numpy(), glob[k].astype(np.float32))
+
+
+def test_bytes_up_counts_a_lower_rank_reply_as_received_not_as_padded(tmp_path: Path) -> None:
+    # Site 1 replies at the run's rank 4, site 2 at rank 2; screening pads site 2's reply to rank 4 in the message.
+    glob = _as64(_record(_random(0)))
+    full = _random(1)
+    low = {**_random(2), "a.lora_A.weight": _random(2)["a.lora_A.weight"][:2], "a.lora_B.weight": _random(2)["a.lora_B.weight"][:, :2]}
+    replies = {1: full, 2: low}
+    strategy = make_strategy(_run_config(sites=2))
+
+    final, line = _run(strategy, FakeSitesGrid(lambda node, _: {"arrays": replies[node]}, [1, 2]), glob, tmp_path)
+
+    # What travelled: each reply's arrays as Flower serialises them (numpy .npy bytes), before any padding.
+    sent = sum(len(Array.from_numpy_ndarray(np.asarray(v, dtype=np.float32)).data) for r in replies.values() for v in r.values())
+    padded = 2 * sum(len(Array.from_numpy_ndarray(np.asarray(v, dtype=np.float32)).data) for v in full.values())
+    assert line["sites_replied"] == 2 and line["bytes_up"] == sent < padded
+    assert final["a.lora_A.weight"].numpy().shape == (4, 6)
 
 
 def test_krum_through_the_round_loop_ignores_a_scaled_site(tmp_path: Path) -> None:
