@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtune.client.policy import SitePolicy, policy_for, policy_from_mapping, policy_from_node_config
-from fedtune.common.config import LoraSettings, ModelConfig, RunConfig, from_dict, from_flat
+from fedtune.common.config import LoraSettings, RunConfig, from_dict, from_flat
 from fedtune.common.errors import ConfigError, UpdateError
 from fedtune.common.lora_rank import adapter_rank, pad_array, pad_lora, site_lora_alpha, truncate_lora
 from fedtune.common.messages import PrivacyParams, TrainReply
