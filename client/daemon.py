@@ -248,6 +248,24 @@ REJOIN_SECONDS = 2 * 30 + 20
 REJOIN_RETRY_SECONDS = 5.0
 
 
+RUNTIME_HOST = "127.0.0.1"  # flower-supernode's Runtime HTTP API host (flwr.supercore.constant.UVICORN_DEFAULT_HOST)
+
+
+def check_runtime_port(port: int, *, host: str = RUNTIME_HOST) -> None:
+    """Refuse at once when ``port`` is taken: flower-supernode would log a traceback ("SuperNode Runtime
+    HTTP API failed to start") and keep running as if healthy, e.g. for a second site on one machine."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ConfigError(
+                f"--runtime-port {port}: {host}:{port} is already in use ({err.strerror}); another site daemon on this machine? "
+                "Give each site its own port, e.g. --runtime-port 9095."
+            ) from None
+
+
 def run_daemon(
     config_path: Path, *, runtime_port: int, max_retries: int | None, warm_worker: bool = True, threads: int | None = None
 ) -> int:
@@ -267,6 +285,7 @@ def run_daemon(
     from .worker import prepare_worker, worker_paths
 
     site = load_site_config(config_path)
+    check_runtime_port(runtime_port)
     site.state_dir.mkdir(parents=True, exist_ok=True)
     env = flower_environment()
     env["FLWR_HOME"] = str(site.state_dir / "flower")  # Flower's own files stay in the site's state folder

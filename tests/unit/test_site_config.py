@@ -148,3 +148,17 @@ def test_a_site_can_pin_its_own_base_model_folder(tmp_path: Path) -> None:
 def test_without_a_pinned_model_the_site_uses_the_packaged_one(tmp_path: Path) -> None:
     path = _write(tmp_path, '[site]\nname = "a"\ncoordinator = "127.0.0.1:9093"\ninsecure = true\n[data]\npath = "d.csv"\n')
     assert load_site_config(path).node_config()["base-model"] == ""
+
+
+def test_a_taken_runtime_port_is_refused_naming_the_flag_before_anything_starts() -> None:
+    import socket
+
+    from fedtune.client.daemon import check_runtime_port
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"--runtime-port {port}: 127.0.0.1:{port} is already in use"):
+            check_runtime_port(port)
+    check_runtime_port(port)  # free again: accepted
