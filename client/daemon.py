@@ -251,19 +251,29 @@ REJOIN_RETRY_SECONDS = 5.0
 RUNTIME_HOST = "127.0.0.1"  # flower-supernode's Runtime HTTP API host (flwr.supercore.constant.UVICORN_DEFAULT_HOST)
 
 
-def check_runtime_port(port: int, *, host: str = RUNTIME_HOST) -> None:
-    """Refuse at once when ``port`` is taken: flower-supernode would log a traceback ("SuperNode Runtime
-    HTTP API failed to start") and keep running as if healthy, e.g. for a second site on one machine."""
-    import socket
+def check_runtime_port(port: int, *, host: str = RUNTIME_HOST, wait: float = 5.0) -> None:
+    """Refuse when ``port`` is taken: flower-supernode would log a traceback ("SuperNode Runtime HTTP API
+    failed to start") and keep running as if healthy, e.g. for a second site on one machine.
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise ConfigError(
-                f"--runtime-port {port}: {host}:{port} is already in use ({err.strerror}); another site daemon on this machine? "
-                "Give each site its own port, e.g. --runtime-port 9095."
-            ) from None
+    It waits up to ``wait`` seconds first: a daemon restarted at once after a kill may find its old
+    SuperNode still releasing the port.
+    """
+    import socket
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+                return
+            except OSError as err:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(
+                        f"--runtime-port {port}: {host}:{port} is already in use ({err.strerror}); another site daemon on this "
+                        "machine? Give each site its own port, e.g. --runtime-port 9095."
+                    ) from None
+        time.sleep(0.5)
 
 
 def run_daemon(
