@@ -264,6 +264,8 @@ def check_runtime_port(port: int, *, host: str = RUNTIME_HOST, wait: float = 5.0
     deadline = time.monotonic() + wait
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As uvicorn binds: closed connections in TIME_WAIT do not block it, a listener does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
                 return
