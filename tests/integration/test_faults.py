@@ -167,3 +167,26 @@ def test_a_deployed_site_refuses_a_run_that_carries_a_fault_plan(tiny_model_dir:
     # A run claiming to be a simulation reaches the fault check; an honest deployed one fails the config's own check.
     assert refusal.code.value == ("bad-request" if simulation else "site-config")
     assert PrivacyLedger(tmp_path / "state").charges() == [], "refused before anything was charged"
+
+
+def test_a_deployed_site_refuses_the_warm_up_query_and_a_simulated_one_says_only_its_name(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The query message exists for the simulation's warm-up; a coordinator sending it to a real site learns nothing."""
+    from fedtune.client.app import build_client_app
+    from fedtune.common.messages import REFUSAL_ERROR_CODE, Refusal
+
+    _, run_config = _train_message(tiny_model_dir, tmp_path, [], simulation=False)
+    query = Message(RecordDict({"config": ConfigRecord({"data-path": "/etc/passwd"})}), dst_node_id=1, message_type=MessageType.QUERY)
+
+    deployed = build_client_app()(query, _deployed_context(tiny_model_dir, tmp_path, run_config))
+
+    assert deployed.has_error() and deployed.error.code == REFUSAL_ERROR_CODE, deployed.error
+    refusal = Refusal.parse(deployed.error.reason)
+    assert refusal is not None and refusal.code.value == "bad-request" and refusal.site == "hospital-a"
+
+    simulated_context = Context(run_id=9, node_id=1, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
+                                run_config=run_config)
+    simulated = build_client_app()(query, simulated_context)
+
+    assert not simulated.has_error()
+    assert not simulated.content.array_records and not simulated.content.metric_records
+    assert {k: dict(v) for k, v in simulated.content.config_records.items()} == {"site": {"name": "site-1"}}
