@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from fedtune.common.errors import FedtuneError
 from fedtune.common.io import parse_host_port
@@ -36,13 +36,164 @@ def _check_data(site: SiteConfig) -> str:
     return f"{len(table.labels)} rows ({distinct} distinct records in the ledger's sense), {len(labels)} labels {counts}"
 
 
+# causal-lm: at most this many row numbers are named per problem (never a row's text).
+SHOWN_ROWS = 10
+
+
+def _rows(where: list[str]) -> str:
+    return ", ".join(where[:SHOWN_ROWS]) + (f" and {len(where) - SHOWN_ROWS} more" if len(where) > SHOWN_ROWS else "")
+
+
+def _chat_problem(value: Any) -> str:
+    """Why a messages cell is not a chat, without quoting it (``_conversation``'s errors quote the value)."""
+    import json
+
+    from fedtune.common.causal_lm import ROLES
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return "is not a JSON list of messages"
+    if not isinstance(value, list) or not value:
+        return "is not a non-empty list of {role, content} messages"
+    for i, item in enumerate(value, start=1):
+        if not isinstance(item, dict) or item.get("role") not in ROLES:
+            return f"message {i}: role must be one of {list(ROLES)}"
+        if not isinstance(item.get("content"), str) or not item["content"].strip():
+            return f"message {i}: content must be non-blank text"
+    return "must end with the assistant's answer, after a user message"
+
+
+def _read_lm_rows(site: SiteConfig) -> tuple[list[Any], list[str], list[str], list[str]]:
+    """Every row of a causal-lm site's file: (conversations, blank-prompt rows, empty-response rows,
+    other bad rows with the reason), read through the training path's readers and rules."""
+    from fedtune.common.causal_lm import ChatMessage, _conversation
+    from fedtune.common.data import _MISSING, _READERS
+
+    reader = _READERS.get(site.data_path.suffix.lower())
+    if reader is None:
+        raise FedtuneError(f"{site.data_path}: unsupported file type {site.data_path.suffix!r}; use one of {sorted(_READERS)}.")
+    if not site.data_path.is_file():
+        raise FedtuneError(f"{site.data_path}: {'not a file' if site.data_path.exists() else 'no such file'} (data.path).")
+    chats = site.messages_column
+    columns = [chats] if chats else [site.prompt_column, site.response_column]
+    convs: list[Any] = []
+    blank_prompts: list[str] = []
+    empty_responses: list[str] = []
+    bad: list[str] = []
+    for where, values in reader(site.data_path, columns):
+        row = where.removeprefix(f"{site.data_path} ")
+        if chats:
+            try:
+                convs.append(_conversation(values[chats], where, chats))
+            except FedtuneError:
+                bad.append(f"{row}: column {chats!r} {_chat_problem(values[chats])}")
+            continue
+        prompt, response = values[site.prompt_column], values[site.response_column]
+        if isinstance(response, int) and not isinstance(response, bool):
+            response = str(response)  # as the training path reads it
+        if prompt is _MISSING or prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+            blank_prompts.append(row)
+        elif not isinstance(prompt, str):
+            bad.append(f"{row}: column {site.prompt_column!r} holds {type(prompt).__name__}, not text")
+        elif response is _MISSING or response is None or (isinstance(response, str) and not response.strip()):
+            empty_responses.append(row)
+        elif not isinstance(response, str):
+            bad.append(f"{row}: column {site.response_column!r} holds {type(response).__name__}, not text")
+        else:
+            convs.append((ChatMessage("user", prompt), ChatMessage("assistant", response)))
+    return convs, blank_prompts, empty_responses, bad
+
+
+def _check_lm_data(site: SiteConfig, *, max_length: int = 0) -> str:
+    """Rows, empty responses and token lengths against ``max_length`` (0: the causal-lm default),
+    with the site's base model's tokenizer. Only counts and row numbers are printed, never text."""
+    import statistics
+
+    from fedtune.common.causal_lm import LMTable, _example_ids, _use_chat, lm_record_digests, load_lm_tokenizer
+    from fedtune.common.config import TASK_MAX_LENGTH, ModelConfig
+    from fedtune.common.model import resolve_base_model
+
+    max_length = max_length or TASK_MAX_LENGTH["causal-lm"]
+    convs, blank_prompts, empty_responses, bad = _read_lm_rows(site)
+    problems = []
+    if blank_prompts:
+        problems.append(f"{len(blank_prompts)} blank prompts in column {site.prompt_column!r} ({_rows(blank_prompts)})")
+    if empty_responses:
+        problems.append(f"{len(empty_responses)} empty responses in column {site.response_column!r} ({_rows(empty_responses)})")
+    if bad:
+        problems.append(f"{len(bad)} unusable rows: " + "; ".join(bad[:SHOWN_ROWS]))
+    rows = len(convs) + len(blank_prompts) + len(empty_responses) + len(bad)
+    if not rows:
+        raise FedtuneError(f"{site.data_path}: no data rows.")
+    if problems:
+        raise FedtuneError(f"{site.data_path}: {rows} rows; " + "; ".join(problems) + ". Training refuses the file until every row "
+                           "has a prompt and a response: fill or remove those rows.")
+    tokenizer = load_lm_tokenizer(resolve_base_model(ModelConfig(base_model=str(site.base_model or "")), "causal-lm"))
+    chat = _use_chat(tokenizer, "auto", needed=bool(site.messages_column))
+    lengths, truncated, dropped, no_tokens = [], 0, [], []
+    for row, conv in enumerate(convs, start=1):
+        prompt, response = _example_ids(tokenizer, conv, chat)
+        if not prompt or not response:
+            no_tokens.append(f"row {row}")
+        lengths.append(len(prompt) + len(response))
+        if len(prompt) >= max_length:
+            dropped.append(f"row {row}")
+        elif len(prompt) + len(response) > max_length:
+            truncated += 1
+    if no_tokens:
+        raise FedtuneError(f"{site.data_path}: {len(no_tokens)} rows whose prompt or response encodes to no tokens ({_rows(no_tokens)}).")
+    if len(dropped) == rows:
+        raise FedtuneError(f"{site.data_path}: every prompt fills max_length {max_length} tokens; no example would train.")
+    distinct = len(set(lm_record_digests(LMTable(conversations=convs, source=str(site.data_path), from_messages=bool(site.messages_column)))))
+    columns = f"chats in {site.messages_column!r}" if site.messages_column else f"{site.prompt_column!r} -> {site.response_column!r}"
+    ordered = sorted(lengths)
+    return (f"causal-lm: {rows} rows ({distinct} distinct records in the ledger's sense), {columns}, rendered "
+            f"{'with the chat template' if chat else 'as plain text'}; tokens per example: median {statistics.median(lengths):g}, "
+            f"95th percentile {ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}, max {ordered[-1]}; at max_length {max_length}: "
+            f"{truncated} would be truncated (end of the response cut), {len(dropped)} dropped (the prompt alone fills it"
+            + (f": {_rows(dropped)}" if dropped else "") + ")")
+
+
+def _check_site_data(site: SiteConfig, *, max_length: int = 0) -> str:
+    """The data checks of every task the site's policy allows."""
+    details = []
+    if "classification" in site.policy.allowed_tasks:
+        details.append(_check_data(site))
+    if "causal-lm" in site.policy.allowed_tasks:
+        details.append(_check_lm_data(site, max_length=max_length))
+    return "; ".join(details)
+
+
+def site_record_digests(site: SiteConfig) -> list[str]:
+    """The privacy ledger's keys of the site's rows, for every task its policy allows."""
+    from fedtune.common.data import load_table, record_digests
+
+    records: list[str] = []
+    if "classification" in site.policy.allowed_tasks:
+        table = load_table(site.data_path, text_column=site.text_column, label_column=site.label_column)
+        records += record_digests(table.texts, table.labels)
+    if "causal-lm" in site.policy.allowed_tasks:
+        from fedtune.common.causal_lm import LMDataSettings, lm_record_digests, load_lm_table
+
+        settings = LMDataSettings(prompt_column=site.prompt_column, response_column=site.response_column,
+                                  messages_column=site.messages_column)
+        records += lm_record_digests(load_lm_table(site.data_path, settings))
+    return list(dict.fromkeys(records))
+
+
 def _check_model(site: SiteConfig) -> str:
     from fedtune.common.config import ModelConfig
     from fedtune.common.model import load_tokenizer, resolve_base_model
 
-    path = resolve_base_model(ModelConfig())
-    load_tokenizer(ModelConfig())
-    return f"default base model loads from {path}"
+    config = ModelConfig(base_model=str(site.base_model or ""))
+    found = []
+    for task in site.policy.allowed_tasks:  # the site's own folder, else each task's packaged default
+        path = resolve_base_model(config, task)
+        load_tokenizer(config, task)
+        found.append(f"{task}: {'base model' if site.base_model else 'default base model'} loads from {path}")
+    return "; ".join(found)
 
 
 def _check_keys(site: SiteConfig) -> str:
@@ -62,13 +213,10 @@ def _check_keys(site: SiteConfig) -> str:
 
 
 def _check_ledger(site: SiteConfig, shown: int = 10) -> str:
-    from fedtune.common.data import load_table, record_digests
-
     from .ledger import PrivacyLedger
 
     ledger = PrivacyLedger(site.state_dir)
-    table = load_table(site.data_path, text_column=site.text_column, label_column=site.label_column)
-    summary = ledger.summary(record_digests(table.texts, table.labels), delta=site.delta)
+    summary = ledger.summary(site_record_digests(site), delta=site.delta)
     lines = [f"{ledger.path}: max epsilon {summary.max_epsilon:.3f} of budget {site.budget_epsilon:g} (delta {site.delta:g}), "
              f"left {summary.left(site.budget_epsilon):.3f}; {summary.at_max} of {summary.records} records at the max, "
              f"{summary.never_spent} never spent; {len(summary.charges)} charges"]
@@ -97,11 +245,11 @@ def _check_policy(site: SiteConfig) -> str:
     return (f"DP {'required' if p.require_dp else 'optional'}; per run epsilon <= {p.max_epsilon_per_run:g}, z >= {p.min_noise_multiplier:g}, "
             f"C <= {p.max_clip_norm:g}, q <= {p.max_sample_rate:g}, steps {p.min_steps_per_round}-{p.max_steps_per_round}; "
             f"secure aggregation {secure}; statistics released: {p.statistics}; validation split {site.val_fraction:g}"
-            + (f"; LoRA rank <= {p.max_lora_rank}" if p.max_lora_rank else ""))
+            + (f"; LoRA rank <= {p.max_lora_rank}" if p.max_lora_rank else "") + f"; tasks allowed: {', '.join(p.allowed_tasks)}")
 
 
 CHECKS: tuple[tuple[str, Callable[[SiteConfig], str]], ...] = (
-    ("data", _check_data),
+    ("data", _check_site_data),
     ("policy", _check_policy),
     ("model", _check_model),
     ("certificates", _check_keys),
@@ -110,10 +258,14 @@ CHECKS: tuple[tuple[str, Callable[[SiteConfig], str]], ...] = (
 )
 
 
-def run_checks(site: SiteConfig) -> Iterator[CheckResult]:
-    """Run every check; a failure is reported with its reason and the others still run."""
+def run_checks(site: SiteConfig, *, max_length: int = 0) -> Iterator[CheckResult]:
+    """Run every check; a failure is reported with its reason and the others still run.
+
+    ``max_length``: causal-lm, the run's ``model.max_length`` that truncation is counted against
+    (0: the task's default).
+    """
     for name, check in CHECKS:
         try:
-            yield CheckResult(name, True, check(site))
+            yield CheckResult(name, True, _check_site_data(site, max_length=max_length) if check is _check_site_data else check(site))
         except (FedtuneError, OSError, ValueError, ssl.SSLError) as err:
             yield CheckResult(name, False, f"{type(err).__name__}: {err}")

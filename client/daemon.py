@@ -17,12 +17,16 @@ text_column = "text"
 label_column = "label"
 labels = ["cardiology", "neurology"]  # optional: the label set this site publishes; runs are checked against it, not the data
 val_fraction = 0.1            # this site's own validation split (a run cannot shrink it)
+# prompt_column = "prompt"    # causal-lm sites: the prompt and response columns,
+# response_column = "response"
+# messages_column = "messages"  # or one column of chats (the run decides data.template)
 [privacy]
 budget_epsilon = 8.0          # lifetime epsilon of each record (the ledger accounts per row)
 delta = 1e-5
 [policy]                      # limits no run can loosen; see client/policy.py for every key
 require_dp = true             # refuse runs without DP (they would spend privacy no ledger counts)
 statistics = "none"           # none | dp | clear: what may leave besides the adapter
+allowed_tasks = ["classification"]  # add "causal-lm" to let runs train a generative model here
 ```
 Relative paths are relative to the folder holding ``site.toml``.
 """
@@ -44,6 +48,8 @@ from .app_guard import AppPolicy, app_policy_from_mapping
 from .policy import SitePolicy, policy_from_mapping
 
 SITE_FILE = "site.toml"
+# [data] keys of a causal-lm site, and their defaults (those of common.config.DataConfig).
+LM_COLUMNS = {"prompt_column": "prompt", "response_column": "response", "messages_column": ""}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +72,10 @@ class SiteConfig:
     policy: SitePolicy = SitePolicy()
     apps: AppPolicy = AppPolicy()  # which app bundles a run may ship (see client/app_guard.py)
     val_fraction: float = 0.1
+    # causal-lm: the site's own columns (the run's data.template decides how they are rendered).
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = ""
 
     def node_config(self) -> dict[str, str | float]:
         """What the ClientApp sees as ``context.node_config`` (see ``client/site.py``)."""
@@ -80,6 +90,10 @@ class SiteConfig:
             **({"labels": json.dumps(list(self.labels))} if self.labels else {}),
             "base-model": str(self.base_model) if self.base_model else "",
             "val-fraction": float(self.val_fraction),
+            # Always set for a site that allows causal-lm: a missing one would fall back to the run's
+            # (client/site.py), and the coordinator would pick which of the site's columns is trained on.
+            **({"prompt-column": self.prompt_column, "response-column": self.response_column,
+                "messages-column": self.messages_column} if "causal-lm" in self.policy.allowed_tasks else {}),
             **self.policy.to_node_config(),
         }
 
@@ -94,7 +108,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     data: dict[str, Any] = raw.get("data", {})
     privacy: dict[str, Any] = raw.get("privacy", {})
     allowed = {"site": {"name", "coordinator", "ca", "node_key", "state_dir", "insecure"},
-               "data": {"path", "text_column", "label_column", "val_fraction", "labels"}, "privacy": {"budget_epsilon", "delta", "allow_no_dp"},
+               "data": {"path", "text_column", "label_column", "val_fraction", "labels", *LM_COLUMNS}, "privacy": {"budget_epsilon", "delta", "allow_no_dp"},
                "policy": set(SitePolicy.__dataclass_fields__),
                "model": {"base_model"}, "apps": {"trusted_hashes", "trusted_signers"}}
     for section, keys in allowed.items():
@@ -143,6 +157,12 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         problems.append(f"data.val_fraction must be a number in [0, 1), got {val_fraction!r}.")
         val_fraction = 0.1
+    lm_columns = {k: data.get(k, default) for k, default in LM_COLUMNS.items()}
+    for key, value in lm_columns.items():
+        if not isinstance(value, str) or (key != "messages_column" and not value.strip()):
+            problems.append(f"data.{key} must be a {'' if key == 'messages_column' else 'non-empty '}string (a column name), got {value!r}.")
+    if not lm_columns["messages_column"] and lm_columns["prompt_column"] == lm_columns["response_column"]:
+        problems.append(f"data.prompt_column and data.response_column must differ, both are {lm_columns['prompt_column']!r}.")
     if problems:
         raise ConfigError([f"{path}: {p}" for p in problems])
 
@@ -165,6 +185,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
         policy=policy,
         apps=apps,
         val_fraction=float(val_fraction),
+        prompt_column=str(lm_columns["prompt_column"]),
+        response_column=str(lm_columns["response_column"]),
+        messages_column=str(lm_columns["messages_column"]),
         insecure=insecure,
         base_model=resolve(raw["model"]["base_model"]) if raw.get("model", {}).get("base_model") else None,
     )
@@ -172,8 +195,13 @@ def load_site_config(path: str | Path) -> SiteConfig:
 
 def write_site_config(out_dir: Path, *, name: str, coordinator: str, ca: Path, data: Path, text_column: str,
                       label_column: str, budget_epsilon: float, delta: float, overwrite: bool = False,
-                      base_model: Path | None = None) -> Path:
-    """Write ``out_dir/site.toml`` (validated by reading it back)."""
+                      base_model: Path | None = None, task: str = "classification", prompt_column: str = "prompt",
+                      response_column: str = "response", messages_column: str = "") -> Path:
+    """Write ``out_dir/site.toml`` (validated by reading it back).
+
+    ``task`` 'causal-lm' writes the prompt/response (or messages) columns instead of text/label,
+    and a policy that allows causal-lm runs only: the operator chose it by asking for it.
+    """
     import tomli_w
 
     from fedtune.common.io import write_file_exclusive
@@ -183,8 +211,11 @@ def write_site_config(out_dir: Path, *, name: str, coordinator: str, ca: Path, d
         "data": {"path": str(data.resolve()), "text_column": text_column, "label_column": label_column},
         "privacy": {"budget_epsilon": float(budget_epsilon), "delta": float(delta)},
         # Written out whole so the operator sees every limit a run must respect (client/policy.py).
-        "policy": dataclasses.asdict(SitePolicy()),
+        "policy": dataclasses.asdict(SitePolicy(allowed_tasks=(task,))),
     }
+    if task == "causal-lm":
+        columns = {"messages_column": messages_column} if messages_column else {"prompt_column": prompt_column, "response_column": response_column}
+        doc["data"] = {"path": doc["data"]["path"], **columns}
     if base_model is not None:
         doc["model"] = {"base_model": str(base_model.resolve())}
     path = out_dir / SITE_FILE

@@ -21,6 +21,7 @@ statistics = "none"               # what else may leave: none | dp | clear
 statistics_noise_multiplier = 2.0 # z of the Gaussian mechanism on released statistics (statistics = "dp")
 statistics_loss_bound = 5.0       # per-example loss clipped to [0, L] before it is summed
 max_lora_rank = 0                 # train at most this LoRA rank (0: the run's); not a refusal
+allowed_tasks = ["classification"] # tasks a run may train here: classification, causal-lm
 ```
 """
 
@@ -30,7 +31,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from fedtune.common.config import coerce_setting
+from fedtune.common.config import TASKS, coerce_setting
 from fedtune.common.errors import ConfigError, PolicyRefusal
 from fedtune.common.lora_rank import site_lora_rank
 from fedtune.common.messages import RefusalCode
@@ -69,6 +70,12 @@ class SitePolicy:
             first rank slots of the global adapter, and the coordinator pads the reply with the
             global adapter's values, so the site's update is zero in the slots it did not train
             (``common/lora_rank.py``).
+        allowed_tasks: The tasks a run may train on this site's data. Classification only unless
+            the operator adds 'causal-lm': a generative model learns to write text and can repeat
+            rare training sequences verbatim (Carlini et al. 2021, arXiv:2012.07805), which a
+            classification head's label probabilities cannot. DP-SGD bounds that risk at the
+            run's epsilon, but whether the site's text may be learned to be written is the
+            operator's decision, not the coordinator's.
     """
 
     max_epsilon_per_run: float = 8.0
@@ -85,6 +92,7 @@ class SitePolicy:
     statistics_noise_multiplier: float = 2.0
     statistics_loss_bound: float = 5.0
     max_lora_rank: int = 0
+    allowed_tasks: tuple[str, ...] = ("classification",)
 
     def lora_rank(self, run_rank: int) -> int:
         """The LoRA rank this site trains in a run of rank ``run_rank``: min(run_rank, max_lora_rank)."""
@@ -116,6 +124,9 @@ class SitePolicy:
             p.append(f"policy.statistics_loss_bound must be > 0, got {self.statistics_loss_bound}.")
         if self.max_lora_rank < 0:
             p.append(f"policy.max_lora_rank must be >= 0 (0: the run's rank, no limit), got {self.max_lora_rank}.")
+        unknown = [t for t in self.allowed_tasks if t not in TASKS]
+        if unknown or not self.allowed_tasks or len(set(self.allowed_tasks)) != len(self.allowed_tasks):
+            p.append(f"policy.allowed_tasks must list distinct tasks, at least one, of {list(TASKS)}, got {list(self.allowed_tasks)}.")
         return p
 
     # -- the checks a run must pass, before training --------------------------------------------
@@ -132,6 +143,11 @@ class SitePolicy:
         _at_most(RefusalCode.MAX_STEPS, "DP-SGD steps per round", steps, self.max_steps_per_round, "policy.max_steps_per_round")
         if steps < self.min_steps_per_round:
             _refuse(RefusalCode.MIN_STEPS, "DP-SGD steps per round", f">= {self.min_steps_per_round} (policy.min_steps_per_round)", steps)
+
+    def check_task(self, task: str) -> None:
+        """Refuse a run whose task this site does not allow (checked before its data or model is read)."""
+        if task not in self.allowed_tasks:
+            _refuse(RefusalCode.TASK_NOT_ALLOWED, "the run's task", f"only {list(self.allowed_tasks)} (policy.allowed_tasks)", repr(task))
 
     def check_noise(self, noise_multiplier: float) -> None:
         if noise_multiplier < self.min_noise_multiplier:
@@ -157,7 +173,11 @@ class SitePolicy:
         out: dict[str, str | float | int] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[NODE_PREFIX + f.name] = ("true" if value else "false") if isinstance(value, bool) else value
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, tuple):  # node_config values are scalars; read back as a comma-separated list
+                value = ",".join(value)
+            out[NODE_PREFIX + f.name] = value
         return out
 
 
@@ -203,7 +223,7 @@ def simulation_policy(statistics: str, *, max_lora_rank: int = 0) -> SitePolicy:
     return SitePolicy(
         max_epsilon_per_run=float("inf"), min_noise_multiplier=0.0, max_clip_norm=float("inf"), require_dp=False,
         min_secure_agg_threshold=2, min_secure_agg_participants=2, max_steps_per_round=10**9, max_sample_rate=1.0,
-        statistics=statistics, max_lora_rank=max_lora_rank,
+        statistics=statistics, max_lora_rank=max_lora_rank, allowed_tasks=TASKS,
     )
 
 

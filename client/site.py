@@ -63,7 +63,13 @@ class SiteSettings:
 
 
 def resolve_site(node_config: Mapping[str, Any], run: RunConfig, *, run_dir: str) -> SiteSettings:
-    """Build the site's settings from Flower's node_config (and, in simulation, the run config)."""
+    """Build the site's settings from Flower's node_config (and, in simulation, the run config).
+
+    Raises:
+        PolicyRefusal: ``policy:task`` when a deployed site's policy does not allow the run's task.
+            Both task paths call this first, so the refusal comes before the site reads its data,
+            its model or its tokenizer.
+    """
     if "partition-id" in node_config:
         pid = int(node_config["partition-id"])
         name = f"site-{pid}"
@@ -104,6 +110,7 @@ def resolve_site(node_config: Mapping[str, Any], run: RunConfig, *, run_dir: str
         partition="iid",
     )
     policy = policy_for(node_config)
+    policy.check_task(run.task)
     return SiteSettings(
         name=str(node_config["site-name"]),
         data=data,

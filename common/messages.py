@@ -46,6 +46,8 @@ class RefusalCode(str, Enum):
     MAX_SAMPLE_RATE = "policy:max-sample-rate"
     VAL_FRACTION = "policy:val-fraction"
     STATISTICS = "policy:statistics"
+    # The run's task (classification, causal-lm) is not in the site's policy.allowed_tasks.
+    TASK_NOT_ALLOWED = "policy:task"
     REQUIRE_SECURE_AGG = "policy:require-secure-agg"
     SECURE_AGG_THRESHOLD = "policy:secure-agg-threshold"
     SECURE_AGG_PARTICIPANTS = "policy:secure-agg-participants"

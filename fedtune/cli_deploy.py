@@ -84,14 +84,21 @@ def site() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for site.toml and the node key.")
 @click.option("--budget-epsilon", type=float, default=8.0, show_default=True, help="Lifetime epsilon budget of each record.")
 @click.option("--delta", type=float, default=1e-5, show_default=True, help="delta of the site's guarantee.")
+@click.option("--task", type=click.Choice(["classification", "causal-lm"]), default="classification", show_default=True,
+              help="What runs may train on this data; causal-lm writes [policy] allowed_tasks = [\"causal-lm\"] and the prompt/response columns.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
+@click.option("--prompt-column", default=None, help="causal-lm: the prompt column [prompt].")
+@click.option("--response-column", default=None, help="causal-lm: the response column, the only tokens trained on [response].")
+@click.option("--messages-column", default=None, help="causal-lm: a column of chats ({role, content} lists ending with the assistant's answer) "
+              "instead of prompt and response.")
 @click.option("--base-model", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="This site's copy of the base model (a local Hugging Face folder) [the packaged all-MiniLM-L6-v2]. "
                    "Runs must use the same model; the site never loads a folder the coordinator names.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing site.toml and key pair.")
-def site_init(name: str, data: Path, coordinator: str, ca: Path, out: Path, budget_epsilon: float, delta: float,
-              text_column: str, label_column: str, base_model: Path | None, overwrite: bool) -> None:
+def site_init(name: str, data: Path, coordinator: str, ca: Path, out: Path, budget_epsilon: float, delta: float, task: str,
+              text_column: str, label_column: str, prompt_column: str | None, response_column: str | None, messages_column: str | None,
+              base_model: Path | None, overwrite: bool) -> None:
     """Write site.toml and this site's node-authentication key pair."""
     from fedtune.client.daemon import write_site_config
     from fedtune.client.identity import create_node_key, public_key_fingerprint
@@ -100,11 +107,21 @@ def site_init(name: str, data: Path, coordinator: str, ca: Path, out: Path, budg
         raise ConfigError(f"--ca {ca} does not exist; it is ca.crt from the coordinator's `fedtune certs init`.")
     if base_model is not None and not (base_model / "config.json").is_file():
         raise ConfigError(f"--base-model {base_model} has no config.json; give a local Hugging Face model folder.")
+    lm_flags = {"--prompt-column": prompt_column, "--response-column": response_column, "--messages-column": messages_column}
+    given = [flag for flag, value in lm_flags.items() if value is not None]
+    if task != "causal-lm" and given:
+        raise ConfigError(f"{', '.join(given)} apply to --task causal-lm only; this site is initialised for --task {task}.")
+    if messages_column and (prompt_column or response_column):
+        raise ConfigError("--messages-column replaces --prompt-column and --response-column; give one or the other.")
     config = write_site_config(out, name=name, coordinator=coordinator, ca=ca, data=data, text_column=text_column,
                                label_column=label_column, budget_epsilon=budget_epsilon, delta=delta, overwrite=overwrite,
-                               base_model=base_model)
+                               base_model=base_model, task=task, prompt_column=prompt_column or "prompt",
+                               response_column=response_column or "response", messages_column=messages_column or "")
     keys = create_node_key(out, overwrite=overwrite)
     click.echo(f"site config: {config}")
+    if task == "causal-lm":
+        click.echo("policy: runs may train a generative model (causal-lm) on this data, and nothing else "
+                   "([policy] allowed_tasks; a generative model can learn to repeat training text, within the run's epsilon).")
     click.echo(f"node key (secret, stays here): {keys.private_key}")
     click.echo(f"hand this file to the coordinator: {keys.public_key}  ({public_key_fingerprint(keys.public_key)})")
     click.echo(f"  they run: fedtune coordinator add-site {keys.public_key} --name {name}")
@@ -113,7 +130,9 @@ def site_init(name: str, data: Path, coordinator: str, ca: Path, out: Path, budg
 
 @site.command("check")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The site's site.toml.")
-def site_check(config_path: Path) -> None:
+@click.option("--max-length", type=click.IntRange(min=2), default=None,
+              help="causal-lm: the run's model.max_length, to count the examples it would truncate [256].")
+def site_check(config_path: Path, max_length: int | None) -> None:
     """Check data, model, certificates, privacy ledger and the coordinator; non-zero exit on any failure."""
     from fedtune.cli import _offline_env
     from fedtune.client.check import run_checks
@@ -122,7 +141,7 @@ def site_check(config_path: Path) -> None:
     _offline_env()
     config = load_site_config(config_path)
     failed = 0
-    for result in run_checks(config):
+    for result in run_checks(config, max_length=max_length or 0):
         mark = click.style("ok  ", fg="green") if result.ok else click.style("FAIL", fg="red")
         click.echo(f"{mark} {result.name:<15} {result.detail}")
         failed += not result.ok
@@ -172,17 +191,16 @@ def site_worker(config_path: Path) -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The site's site.toml.")
 def site_ledger(config_path: Path) -> None:
     """Print what the records of this site's data file have spent, and every charge that touched them."""
+    from fedtune.client.check import site_record_digests
     from fedtune.client.daemon import load_site_config
     from fedtune.client.ledger import PrivacyLedger
-    from fedtune.common.data import load_table, record_digests
     from fedtune.common.errors import DataError
 
     config = load_site_config(config_path)
     ledger = PrivacyLedger(config.state_dir)
     try:
-        table = load_table(config.data_path, text_column=config.text_column, label_column=config.label_column)
-        records: list[str] | None = record_digests(table.texts, table.labels)
-        scope = f"the {len(table)} rows of {config.data_path}"
+        records: list[str] | None = site_record_digests(config)  # the keys of every task the site allows
+        scope = f"the rows of {config.data_path}"
     except DataError as err:
         # The ledger must stay readable when the data is not: fall back to every record it knows.
         click.echo(f"cannot read the data file ({err}); showing every record the ledger has charged.", err=True)

@@ -132,7 +132,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
 
     test_fn = None
     lm_test = None
-    if run.causal_lm and run.simulation:
+    if run.causal_lm and (run.simulation or run.data.path):  # deployed: the coordinator's own held-out file, if named
         from fedtune.common.causal_lm import evaluate_lm
 
         from .lm_eval import lm_test_set

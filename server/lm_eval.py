@@ -1,8 +1,11 @@
 """The coordinator's view of a causal-LM run: its held-out test split, perplexity, example generations.
 
-Simulation only: the test split is the coordinator's (held out of the run's one table before it
-is cut into sites); a deployed coordinator has no data and evaluates nothing here. Every figure
-and generation comes from held-out prompts; no site's text is read.
+In simulation the test split is the coordinator's (held out of the run's one table before it is
+cut into sites). A deployed coordinator evaluates only when the run names a file of its own
+(``fedtune run --task causal-lm --data FILE``, a path on the coordinator's machine; sites never
+read it, they train on their own files): every row of it is the test set. Without one it
+evaluates nothing here. Every figure and generation comes from held-out prompts; no site's text
+is read.
 
 Perplexity is exp of the token-weighted mean response loss (``common.causal_lm.evaluate_lm``).
 The base model's is measured once with the adapter disabled (PEFT's ``disable_adapter``), so the
@@ -43,10 +46,14 @@ class LMTestSet:
 
 
 def lm_test_set(run: RunConfig) -> LMTestSet:
-    """The held-out split of a simulated causal-LM run (the same split its sites leave out)."""
+    """The held-out split of a simulated causal-LM run (the same split its sites leave out), or the
+    whole of a deployed run's ``data.path`` (the coordinator's own held-out file)."""
     table = load_config_lm_table(run.data)
-    split = simulated_lm_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
-    test = subset(table, split.test, "held-out test split")
+    if run.simulation:
+        split = simulated_lm_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
+        test = subset(table, split.test, "held-out test split")
+    else:
+        test = subset(table, range(len(table)), "the coordinator's held-out file")
     tokenizer = load_lm_tokenizer(resolve_base_model(run.model, run.task))
     encoded = encode_lm(tokenizer, test, max_length=run.max_length, template=run.data.template)
     return LMTestSet(table=test, encoded=encoded, tokenizer=tokenizer, template=run.data.template)
