@@ -179,7 +179,8 @@ def test_a_deployed_site_reads_its_own_columns_and_splits_with_its_secret_seed(l
 
     run = from_dict({**_run(lm_files, data={"val_fraction": 0.2}).to_dict(), "simulation": False})
     node = {"site-name": "clinic", "data-path": str(lm_files["site_data"]), "state-dir": str(tmp_path / "state"),
-            "budget-epsilon": 10.0, "delta": 1e-4, "val-fraction": 0.2, "prompt-column": "question", "response-column": "answer"}
+            "budget-epsilon": 10.0, "delta": 1e-4, "val-fraction": 0.2, "prompt-column": "question", "response-column": "answer",
+            "policy.allowed_tasks": "causal-lm"}  # a deployed site allows classification only unless its operator adds causal-lm
     site = prepare_site(run, node, run_dir="", labels=["labels", "do not apply"], tokenizer=load_lm_tokenizer(lm_files["model"]))
     assert (tmp_path / "state" / VALIDATION_SEED_FILE).is_file()
     keys = {record_digests([p], [r])[0] for p, r in ROWS[:20] if _expected_fate(p, r) != "dropped"}
