@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from fedtune.common.errors import FedtuneError
-from fedtune.common.io import parse_host_port
+from cryptography import x509
+
+from fedtune.common.errors import ConfigError, FedtuneError
+from fedtune.common.io import parse_host_port, read_bytes
+from fedtune.common.tls import check_ca_certificate, check_server_certificate, now_utc, parse_pem_certificate
 
 from .daemon import SiteConfig
 
@@ -199,17 +203,83 @@ def _check_model(site: SiteConfig) -> str:
 def _check_keys(site: SiteConfig) -> str:
     if site.insecure:
         raise FedtuneError("site.insecure = true: no TLS and no node authentication (local experiments only).")
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-
     if site.ca is None or site.node_key is None:
         raise FedtuneError("site.ca and site.node_key are required unless site.insecure = true.")
-    ca = x509.load_pem_x509_certificate(site.ca.read_bytes())
+    ca, _ = check_credentials(site, probe=False)
     mode = site.node_key.stat().st_mode & 0o777
     if mode & 0o077:
         raise FedtuneError(f"{site.node_key} is readable by others (mode {mode:o}); run chmod 600 {site.node_key}.")
-    load_ssh_private_key(site.node_key.read_bytes(), None)
     return f"CA {ca.subject.rfc4514_string()} (until {ca.not_valid_after_utc:%Y-%m-%d}); node key {site.node_key} (0600)"
+
+
+def check_credentials(
+    site: SiteConfig, *, probe: bool = True, at: dt.datetime | None = None, timeout: float = 5.0
+) -> tuple[x509.Certificate, x509.Certificate | None]:
+    """Check a secure site's TLS and node-authentication inputs before any Flower process uses them.
+
+    ``site.ca`` must be a PEM CA certificate valid now and ``site.node_key`` a key flower-supernode
+    can use (``identity.check_node_private_key``). With ``probe``, the certificate the coordinator
+    presents at ``site.coordinator`` is read (a handshake that verifies nothing and sends nothing) and
+    must be issued by that CA, valid now and name the host dialled. A coordinator that does not
+    answer is not an error here: the daemon keeps trying, and `site check` reports it.
+
+    Returns:
+        The CA certificate, and the coordinator's certificate (None if not probed or not reachable).
+
+    Raises:
+        ConfigError: naming the setting and file (or the coordinator's address), what was found
+            (the validity window and now, the names the certificate covers, its issuer, the key's
+            type) and what to do.
+    """
+    from .identity import check_node_private_key
+
+    if site.ca is None or site.node_key is None:
+        raise ConfigError("site.ca and site.node_key are required unless site.insecure = true.")
+    when = now_utc(at)
+    ca = parse_pem_certificate(read_bytes(site.ca), source=f"site.ca {site.ca}")
+    check_ca_certificate(ca, subject=f"site.ca {site.ca}", at=when)
+    check_node_private_key(site.node_key)
+    return ca, check_coordinator_certificate(site, ca, at=when, timeout=timeout) if probe else None
+
+
+def check_coordinator_certificate(
+    site: SiteConfig, ca: x509.Certificate, *, at: dt.datetime | None = None, timeout: float = 5.0
+) -> x509.Certificate | None:
+    """Read the certificate the coordinator presents at ``site.coordinator`` and check it against ``ca``.
+
+    Returns:
+        The certificate, or None when nothing answers there with TLS.
+
+    Raises:
+        ConfigError: it is not issued by ``ca``, not valid now or does not name the host dialled.
+    """
+    host, port = parse_host_port(site.coordinator, where="site.coordinator")
+    served = served_certificate(host, port, timeout=timeout)
+    if served is not None:
+        check_server_certificate(
+            served, ca, host=host, at=now_utc(at), subject=f"the certificate the coordinator at {site.coordinator} presents",
+            ca_subject=f"site.ca {site.ca}", fix_host=f"set site.coordinator to a name it covers, or have the coordinator "
+                                                      f"create one that names {host!r} (`fedtune certs init --host {host}`)",
+        )
+    return served
+
+
+def served_certificate(host: str, port: int, *, timeout: float = 5.0) -> x509.Certificate | None:
+    """The certificate a TLS server at ``host:port`` presents, unverified; None if nothing answers with TLS.
+
+    Read so that a wrong certificate is named precisely (`check_credentials`), before OpenSSL's
+    "certificate verify failed"; it is checked by the caller.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
+    return x509.load_der_x509_certificate(der) if der else None
 
 
 def _check_ledger(site: SiteConfig, shown: int = 10) -> str:
@@ -230,6 +300,9 @@ def _check_ledger(site: SiteConfig, shown: int = 10) -> str:
 
 def _check_coordinator(site: SiteConfig, timeout: float = 5.0) -> str:
     host, port = parse_host_port(site.coordinator, where="site.coordinator")
+    if not site.insecure and site.ca is not None:
+        # Names a wrong certificate (expired, another host, another CA) before the verified handshake below.
+        check_coordinator_certificate(site, parse_pem_certificate(read_bytes(site.ca), source=f"site.ca {site.ca}"), timeout=timeout)
     with socket.create_connection((host, port), timeout=timeout) as sock:
         if site.insecure:
             return f"{site.coordinator} accepts TCP connections (no TLS: insecure)"

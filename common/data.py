@@ -5,6 +5,18 @@ Row numbers. Every message names the file and a 1-based *data row*: the n-th rec
 blank lines skipped. It equals the table index + 1, so `load_table` and `check_labels` count alike. For CSV
 and JSON Lines the physical line where the record starts is named too ("row 3 (line 5)"), because a quoted
 CSV field may span lines and a blank line shifts the count; that is the number an editor shows.
+
+Encoding. Files are UTF-8; a leading byte-order mark is dropped (spreadsheet exports add one, and left in it
+would rename the first column), line endings may be LF or CRLF, and a quoted CSV field keeps its line breaks.
+Bytes that are not UTF-8 (a file partly saved as Latin-1 or Windows-1252) are refused, naming the line and
+byte offset of the first one, rather than decoded by a guess: a guessed character changes the text, and
+with it the record's digest under which the privacy ledger counts its spend, so re-saving the file
+correctly later would make the same person's record a new one with a fresh budget.
+
+Size. Files are read a record at a time, and a record (a CSV row with its quoted line breaks, a JSON line,
+a Parquet value) longer than `MAX_RECORD_CHARS` is refused, naming the file and row, after reading at most
+that much of it: a file with one gigabyte-long row (a missing closing quote, a file without line breaks)
+never gets into memory whole.
 """
 
 from __future__ import annotations
@@ -24,11 +36,19 @@ from fedtune.common.errors import ConfigError, DataError, LabelsMismatchError
 
 logger = logging.getLogger(__name__)
 
+MAX_RECORD_CHARS = 1 << 20
+"""The longest record a data file may hold, in characters (1 MiB of plain text), line breaks included.
+
+About 150,000 words: far more than a model reads of one text (``model.max_length`` tokens), so no
+useful record is refused, while a malformed one is refused after reading at most this much of it.
+Read at each load, so a site that truly needs longer records may raise it before loading."""
+
 # A record as a reader yields it: where it is (for messages) and the raw value of each wanted column.
 _Record = tuple[str, dict[str, Any]]
 # Marks a column absent from one JSON object, which is not the same as a JSON null.
 _MISSING: Any = object()
-_UTF8_HINT = "files exported as Latin-1 or Windows-1252 must be re-saved as UTF-8"
+_UTF8_HINT = ("files exported as Latin-1 or Windows-1252 must be re-saved as UTF-8, e.g. "
+              "`iconv -f WINDOWS-1252 -t UTF-8 FILE > FILE.utf8` (fedtune does not guess encodings; see common/data.py)")
 
 
 @dataclass(frozen=True)
@@ -225,18 +245,83 @@ def _as_value(value: Any, where: str, column: str) -> str:
     )
 
 
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
-    # Spreadsheet exports often start with a BOM; left in, it would rename the first CSV column.
-    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[start:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        offset = start + err.start
-        line = raw.count(b"\n", 0, offset) + 1
-        raise DataError(
-            f"{path} line {line}, byte offset {offset}: byte 0x{raw[offset]:02x} is not valid UTF-8; {_UTF8_HINT}."
-        ) from None
+class _Lines:
+    """The physical lines of a UTF-8 text file, each record read with a bounded buffer.
+
+    ``TextIOWrapper.readline(n)`` stops after ``n`` characters even without a line break, so a
+    record over the limit is refused after reading at most ``MAX_RECORD_CHARS + 1`` of its characters.
+    A CSV record may span several lines: the reader calls `start` before each record, and the
+    limit counts every line of it.
+    """
+
+    def __init__(self, path: Path, stream: io.TextIOWrapper) -> None:
+        self.path = path
+        self.lines = 0  # physical lines read so far
+        self._stream = stream
+        self._limit = MAX_RECORD_CHARS
+        self._used = 0
+        self._where = str(path)
+
+    def start(self, where: str) -> None:
+        """A new record begins; ``where`` names it in a refusal ("notes.csv row 3 (line 5)")."""
+        self._used = 0
+        self._where = where
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            line = self._stream.readline(self._limit - self._used + 1)
+        except UnicodeDecodeError:
+            raise _not_utf8(self.path) from None
+        if not line:
+            raise StopIteration
+        self._used += len(line)
+        if self._used > self._limit:
+            raise DataError(
+                f"{self._where}: the record is longer than {self._limit:,} characters (MAX_RECORD_CHARS in "
+                "fedtune.common.data), so it was not read further; such a record is most likely a quoted field that "
+                "is never closed, or a file without line breaks. Fix or shorten it (a model reads at most "
+                "model.max_length tokens of a text)."
+            )
+        self.lines += 1
+        return line
+
+
+def _open_text(path: Path, newline: str) -> io.TextIOWrapper:
+    # utf-8-sig drops a leading byte-order mark and nothing else; errors surface as UnicodeDecodeError.
+    return open(path, encoding="utf-8-sig", errors="strict", newline=newline)
+
+
+def _not_utf8(path: Path) -> DataError:
+    """Name the first byte of ``path`` that is not UTF-8: its line and byte offset, found in bounded memory.
+
+    The text reader decodes ahead in chunks, so where it failed says little; the file is scanned
+    again here, a block at a time.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    offset = newlines = 0
+    with path.open("rb") as f:
+        head = f.read(2)
+        if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            return DataError(f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark); re-save it as UTF-8.")
+        f.seek(0)
+        while True:
+            chunk = f.read(1 << 16)
+            pending = len(decoder.getstate()[0])  # bytes of a character split across blocks, before this block
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                bad = offset - pending + err.start
+                line = newlines + chunk.count(b"\n", 0, max(0, bad - offset)) + 1
+                value = err.object[err.start]
+                return DataError(f"{path} line {line}, byte offset {bad}: byte 0x{value:02x} is not valid UTF-8; {_UTF8_HINT}.")
+            if not chunk:
+                break
+            newlines += chunk.count(b"\n")
+            offset += len(chunk)
+    return DataError(f"{path}: not valid UTF-8; {_UTF8_HINT}.")  # unreachable unless the file changed meanwhile
 
 
 def _missing_columns(path: Path, wanted: list[str], found: Sequence[str]) -> DataError | None:
@@ -247,12 +332,27 @@ def _missing_columns(path: Path, wanted: list[str], found: Sequence[str]) -> Dat
 
 
 def _read_csv(path: Path, wanted: list[str]) -> Iterator[_Record]:
-    text = _decode(path)
-    if not text.strip():
-        raise DataError(f"{path}: file is empty; expected a header row naming the columns, then data rows.")
-    # newline="" leaves line endings to the csv module, so quoted fields may hold line breaks.
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader)
+    # newline="" leaves line endings to the csv module, so quoted fields may hold line breaks (CRLF kept as is).
+    # Records are bounded by _Lines; the csv module's own field limit (128 Ki characters by default) would
+    # refuse a long but legal text with a vaguer message. It is process-wide, so it is only ever raised (a
+    # reader in another thread must never see it drop under its feet).
+    if csv.field_size_limit() < MAX_RECORD_CHARS:
+        csv.field_size_limit(MAX_RECORD_CHARS)
+    with _open_text(path, newline="") as stream:
+        yield from _csv_records(path, _Lines(path, stream), wanted)
+
+
+def _csv_records(path: Path, lines: _Lines, wanted: list[str]) -> Iterator[_Record]:
+    reader = csv.reader(lines)
+    header: list[str] = []
+    try:
+        while not any(field.strip() for field in header):  # blank lines before the header
+            lines.start(f"{path} header (line {lines.lines + 1})")
+            header = next(reader)
+    except StopIteration:
+        raise DataError(f"{path}: file is empty; expected a header row naming the columns, then data rows.") from None
+    except csv.Error as err:
+        raise DataError(f"{path} header: malformed CSV record: {err}.") from None
     error = _missing_columns(path, wanted, header)
     if error:
         raise error
@@ -262,7 +362,8 @@ def _read_csv(path: Path, wanted: list[str]) -> Iterator[_Record]:
     positions = {name: header.index(name) for name in wanted}
     row = 0
     while True:
-        line = reader.line_num + 1
+        line = lines.lines + 1
+        lines.start(f"{path} row {row + 1} (line {line})")
         try:
             fields = next(reader)
         except StopIteration:
@@ -282,27 +383,33 @@ def _read_csv(path: Path, wanted: list[str]) -> Iterator[_Record]:
 
 
 def _read_jsonl(path: Path, wanted: list[str]) -> Iterator[_Record]:
-    text = _decode(path)
-    row = 0
-    # Split on "\n" only: str.splitlines would also split at U+2028 and friends, which JSON strings may hold raw.
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        row += 1
-        where = f"{path} row {row} (line {line_no})"
-        is_array = line.lstrip().startswith("[")
-        hint = "; a .json file must hold one JSON object per line, not one array" if is_array else ""
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: malformed JSON at column {err.colno}: {err.msg}{hint}.") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}{hint}.")
-        if row == 1:
-            error = _missing_columns(path, wanted, list(record))
-            if error:
-                raise error
-        yield where, {name: record.get(name, _MISSING) for name in wanted}
+    # newline="\n": split on "\n" only; str.splitlines would also split at U+2028 and friends, which JSON strings
+    # may hold raw. A CRLF line keeps its "\r", which JSON ignores as whitespace.
+    with _open_text(path, newline="\n") as stream:
+        lines = _Lines(path, stream)
+        row = 0
+        while True:
+            lines.start(f"{path} row {row + 1} (line {lines.lines + 1})")
+            line = next(lines, None)
+            if line is None:
+                return
+            if not line.strip():
+                continue
+            row += 1
+            where = f"{path} row {row} (line {lines.lines})"
+            is_array = line.lstrip().startswith("[")
+            hint = "; a .json file must hold one JSON object per line, not one array" if is_array else ""
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: malformed JSON at column {err.colno}: {err.msg}{hint}.") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}{hint}.")
+            if row == 1:
+                error = _missing_columns(path, wanted, list(record))
+                if error:
+                    raise error
+            yield where, {name: record.get(name, _MISSING) for name in wanted}
 
 
 def _read_parquet(path: Path, wanted: list[str]) -> Iterator[_Record]:
@@ -311,15 +418,29 @@ def _read_parquet(path: Path, wanted: list[str]) -> Iterator[_Record]:
     import pyarrow.parquet as pq
 
     try:
-        error = _missing_columns(path, wanted, pq.read_schema(path).names)
+        parquet = pq.ParquetFile(path)
+        error = _missing_columns(path, wanted, parquet.schema_arrow.names)
         if error:
             raise error
-        table = pq.read_table(path, columns=wanted)
+        batches = parquet.iter_batches(batch_size=1024, columns=wanted)
+        row = 0
+        # A batch at a time: memory is bounded by one row group's pages (Parquet's unit of reading), not
+        # by MAX_RECORD_CHARS; values over the limit are still refused, naming the row.
+        for batch in batches:
+            columns = {name: batch.column(name).to_pylist() for name in wanted}
+            for i in range(batch.num_rows):
+                row += 1
+                where = f"{path} row {row}"
+                values = {name: column[i] for name, column in columns.items()}
+                for name, value in values.items():
+                    if isinstance(value, str) and len(value) > MAX_RECORD_CHARS:
+                        raise DataError(
+                            f"{where}: column {name!r} holds {len(value):,} characters, more than the {MAX_RECORD_CHARS:,} "
+                            "a record may hold (MAX_RECORD_CHARS in fedtune.common.data); fix or shorten it."
+                        )
+                yield where, values
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: not a readable Parquet file: {err}.") from None
-    columns = {name: table.column(name).to_pylist() for name in wanted}
-    for i in range(table.num_rows):
-        yield f"{path} row {i + 1}", {name: values[i] for name, values in columns.items()}
 
 
 _READERS: dict[str, Callable[[Path, list[str]], Iterator[_Record]]] = {

@@ -163,10 +163,18 @@ def site_start(config_path: Path, runtime_port: int, max_retries: int | None, no
 
     The SuperNode polls the coordinator every 0.2 s while idle (FEDTUNE_SUPERNODE_POLL seconds).
     """
+    from fedtune.client.check import check_credentials
     from fedtune.client.daemon import load_site_config, run_daemon
 
-    if load_site_config(config_path).insecure:
+    config = load_site_config(config_path)
+    if config.insecure:
         _warn_insecure()
+    else:
+        # Refused here, in one line: flower-supernode would retry a handshake that can never succeed.
+        _, served = check_credentials(config)
+        if served is None:
+            click.echo(f"note: the coordinator at {config.coordinator} does not answer yet; its certificate is checked "
+                       "when it does (the daemon keeps trying).", err=True)
     sys.exit(run_daemon(config_path, runtime_port=runtime_port, max_retries=max_retries, warm_worker=not no_warm_worker, threads=threads))
 
 
@@ -269,7 +277,17 @@ def _connect(address: str, certs: Path | None, insecure: bool) -> tuple[str, dic
         return admin_connection(address, certs=None)
     if certs is None:
         raise ConfigError("--certs DIR (the admin's ca.crt, admin.crt and admin.key) is required, or --insecure for local experiments.")
-    return admin_connection(address, certs=certs)
+    from fedtune.server.pki import check_ca_file, check_served_certificate
+
+    if (certs / "ca.crt").is_file():
+        check_ca_file(certs / "ca.crt")  # a bad file would otherwise surface as an SSL error inside the connection check
+    try:
+        return admin_connection(address, certs=certs)
+    except ConfigError:
+        # Say why in the operator's terms (expired, another host, another CA) when the coordinator's certificate is the cause.
+        if all((certs / name).is_file() for name in ("ca.crt", "admin.crt", "admin.key")):
+            check_served_certificate(address, certs / "ca.crt", client_cert=certs / "admin.crt", client_key=certs / "admin.key")
+        raise
 
 
 def _flwr(args: list[str], env: dict[str, str]) -> None:
@@ -338,8 +356,11 @@ def follow_run(cmd: list[str], conn: str, env: dict[str, str], *, run_dir: Path,
 @_connection_options
 def coordinator_add_site(pubkey: Path, name: str, address: str, certs: Path | None, insecure: bool) -> None:
     """Register a site's public key (node-key.pub) so its daemon may connect."""
+    from fedtune.client.identity import check_node_public_key
+
     if not pubkey.is_file():
         raise ConfigError(f"{pubkey} does not exist; it is node-key.pub from the site's `fedtune site init`.")
+    check_node_public_key(pubkey, setting="PUBKEY")  # before anything is sent: it may be a private key
     conn, env = _connect(address, certs, insecure)
     _flwr(["supernode", "register", str(pubkey), conn, "--name", name], env)
 

@@ -43,14 +43,13 @@ from pathlib import Path
 from typing import Sequence
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from fedtune.common.errors import ConfigError
 from fedtune.common.io import read_bytes, write_file_exclusive
+from fedtune.common.tls import check_ca_certificate, check_server_certificate, now_utc, parse_pem_certificate, utc
 
 logger = logging.getLogger(__name__)
 
@@ -253,8 +252,8 @@ def load_admin_certificates(path: Path, *, at: dt.datetime | None = None) -> lis
         elif eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku or ExtendedKeyUsageOID.SERVER_AUTH in eku:
             problems.append(f"{who} is not an admin client certificate (extendedKeyUsage must be clientAuth only).")
         elif not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
-            problems.append(f"{who} is valid only from {cert.not_valid_before_utc:%Y-%m-%d} to "
-                            f"{cert.not_valid_after_utc:%Y-%m-%d}; issue a new one with `fedtune certs admin`.")
+            problems.append(f"{who} is valid only from {utc(cert.not_valid_before_utc)} to "
+                            f"{utc(cert.not_valid_after_utc)} and now is {utc(when)}; issue a new one with `fedtune certs admin`.")
     if problems:
         raise ConfigError(problems)
     return certs
@@ -279,8 +278,8 @@ def check_admin_credentials(cert_path: Path, key_path: Path, *, at: dt.datetime 
     if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise ConfigError(f"{cert_path} is not an admin client certificate (no clientAuth in its extendedKeyUsage).")
     if not cert.not_valid_before_utc <= when <= cert.not_valid_after_utc:
-        raise ConfigError(f"{cert_path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d} to "
-                          f"{cert.not_valid_after_utc:%Y-%m-%d}; ask for a new one (`fedtune certs admin`).")
+        raise ConfigError(f"{cert_path} is valid only from {utc(cert.not_valid_before_utc)} to "
+                          f"{utc(cert.not_valid_after_utc)} and now is {utc(when)}; ask for a new one (`fedtune certs admin`).")
     return cert
 
 
@@ -339,10 +338,9 @@ def verify_server_certificate(
 ) -> None:
     """Check that ``cert_path`` is a valid TLS server certificate for ``host`` issued by ``ca_path``.
 
-    Checks, each with its own message: the CA is a CA, the certificate is signed by it, both are
-    within their validity period at ``at`` (default: now), ``host`` is among its subjectAltNames and
-    it allows serverAuth; then a full RFC 5280 path validation (cryptography's verifier) catches
-    anything else.
+    Checks, each with its own message (see ``common/tls.py``): the CA is a CA and valid, the
+    certificate is signed by it and within its validity period at ``at`` (default: now), ``host`` is
+    among its subjectAltNames and it allows serverAuth; then a full RFC 5280 path validation.
 
     Args:
         ca_path: The CA certificate (PEM), e.g. ``ca.crt``.
@@ -351,69 +349,76 @@ def verify_server_certificate(
         at: The moment to check validity for (timezone-aware); default now.
 
     Raises:
-        ConfigError: naming the file and the reason.
+        ConfigError: naming the file, what was found (validity window and now, the names covered,
+            the issuer) and what to do.
     """
     ca_path, cert_path = Path(ca_path), Path(cert_path)
-    when = at if at is not None else dt.datetime.now(dt.timezone.utc)
-    if when.tzinfo is None:
-        raise ConfigError(f"`at` must be timezone-aware, got {when!r}.")
+    when = now_utc(at)
     ca = _load_cert(ca_path)
     cert = _load_cert(cert_path)
     target = _validate_hosts([host])[0]
+    check_server_certificate(
+        cert, ca, host=target, at=when, subject=str(cert_path), ca_subject=str(ca_path),
+        fix_host=f"create a certificate that names it (`fedtune certs init --host {target}`)",
+    )
 
+
+def check_ca_file(ca_path: Path, *, at: dt.datetime | None = None) -> x509.Certificate:
+    """The CA certificate in ``ca_path``, checked: a PEM CA certificate, valid at ``at`` (default now).
+
+    Raises:
+        ConfigError: naming the file, what it holds instead or its validity window and now.
+    """
+    ca = _load_cert(Path(ca_path))
+    check_ca_certificate(ca, subject=str(ca_path), at=now_utc(at))
+    return ca
+
+
+def check_served_certificate(
+    address: str, ca_path: Path, *, client_cert: Path | None = None, client_key: Path | None = None,
+    at: dt.datetime | None = None, timeout: float = 5.0,
+) -> None:
+    """Check the certificate the server at ``address`` presents against ``ca_path`` and the host dialled.
+
+    Used when a verified TLS connection failed, to say why in the operator's terms (expired, not yet
+    valid, another host, another CA) instead of OpenSSL's "certificate verify failed". The handshake
+    here does not verify (it only reads the certificate), and sends nothing after it.
+
+    Returns quietly when nothing answers with TLS there: the caller's own error stands then.
+
+    Raises:
+        ConfigError: the presented certificate is wrong, naming the address, what it covers or
+            its validity window, and now.
+    """
+    import socket
+    import ssl
+
+    from fedtune.common.io import parse_host_port
+
+    host, port = parse_host_port(address, where="--coordinator")
+    ca = _load_cert(Path(ca_path))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if client_cert is not None and client_key is not None:
+        try:
+            context.load_cert_chain(client_cert, client_key)  # an admin listener asks for one
+        except (OSError, ssl.SSLError):
+            pass  # a wrong admin key is named by check_admin_credentials; the server's certificate still comes
     try:
-        is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if not is_ca:
-        raise ConfigError(f"{ca_path} is not a CA certificate (its BasicConstraints do not say CA:TRUE).")
-
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature) as err:
-        raise ConfigError(
-            f"{cert_path} is not signed by the CA in {ca_path} (issuer {cert.issuer.rfc4514_string()!r}, "
-            f"CA {ca.subject.rfc4514_string()!r}): {err or type(err).__name__}. "
-            "Use the ca.crt that was created together with this server certificate."
-        ) from err
-
-    for path, c in ((ca_path, ca), (cert_path, cert)):
-        if when < c.not_valid_before_utc:
-            raise ConfigError(f"{path} is not valid yet: valid from {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC.")
-        if when > c.not_valid_after_utc:
-            raise ConfigError(
-                f"{path} expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
-                "create new certificates (`fedtune certs init`)."
-            )
-
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise ConfigError(f"{cert_path} has no subjectAltName; it cannot be used for host {target!r}.") from None
-    dns = san.get_values_for_type(x509.DNSName)
-    ips = san.get_values_for_type(x509.IPAddress)
-    target_ip = _ip(target)
-    found = target_ip in ips if target_ip is not None else any(_dns_match(p, target) for p in dns)
-    if not found:
-        listed = [*dns, *(str(ip) for ip in ips)]
-        raise ConfigError(
-            f"{cert_path} does not name host {target!r}; its subjectAltNames are {listed}. "
-            f"Create a certificate with `--host {target}`."
-        )
-
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        eku = None
-    if eku is not None and ExtendedKeyUsageOID.SERVER_AUTH not in eku:
-        raise ConfigError(f"{cert_path} is not a TLS server certificate (no serverAuth in its extendedKeyUsage).")
-
-    subject = x509.IPAddress(target_ip) if target_ip is not None else x509.DNSName(target)
-    verifier = PolicyBuilder().store(Store([ca])).time(when).build_server_verifier(subject)
-    try:
-        verifier.verify(cert, [])
-    except VerificationError as err:
-        raise ConfigError(f"{cert_path} failed validation against {ca_path} for {target!r}: {err}") from err
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return
+    if not der:
+        return
+    check_server_certificate(
+        x509.load_der_x509_certificate(der), ca, host=host, at=now_utc(at),
+        subject=f"the certificate {address} presents", ca_subject=str(ca_path),
+        fix_host=f"dial a name it covers, or have the coordinator create one that names {host!r} "
+                 f"(`fedtune certs init --host {host}`)",
+    )
 
 
 def _validate_hosts(hosts: Sequence[str]) -> list[str]:
@@ -446,15 +451,6 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def _dns_match(pattern: str, host: str) -> bool:
-    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
-    if pattern.startswith("*."):
-        # A wildcard stands for exactly one left-most label (RFC 6125).
-        head, _, rest = host.partition(".")
-        return bool(head) and rest == pattern[2:]
-    return pattern == host
-
-
 def _name(common_name: str) -> x509.Name:
     return x509.Name(
         [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedtune"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
@@ -482,8 +478,4 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _load_cert(path: Path) -> x509.Certificate:
-    data = read_bytes(path)
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError as err:
-        raise ConfigError(f"{path} is not a PEM certificate: {err}.") from None
+    return parse_pem_certificate(read_bytes(path), source=str(path))
