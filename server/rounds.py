@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune.common.config import SecureAggConfig
-from fedtune.common.errors import RoundFailedError, UpdateError
+from fedtune.common.errors import ConfigError, RoundFailedError, UpdateError
 from fedtune.common.messages import METRICS_RECORD, EvaluateReply, RoundInstructions, TrainReply, ValidationStats
 
 from .exchange import NodeNames, WatchedGrid, send_and_receive
@@ -140,6 +140,7 @@ def _validation_means(stats: list[ValidationStats]) -> dict[str, float | None]:
 
 
 WARM_UP_SECONDS = 600.0
+NODES_REGISTER_SECONDS = 15.0
 """Bound on the wait for simulated sites to load their libraries before round 1."""
 
 
@@ -152,8 +153,16 @@ def warm_up_sites(grid: Grid, names: NodeNames, *, expected: int, timeout: float
     that does not answer is simply asked again in round 1.
     """
     started = time.monotonic()
-    while len(nodes := list(grid.get_node_ids())) < expected and time.monotonic() - started < timeout:
+    # The engine registers all its SuperNodes at start; a short wait covers only the hand-over.
+    while len(nodes := list(grid.get_node_ids())) < expected and time.monotonic() - started < NODES_REGISTER_SECONDS:
         time.sleep(0.2)
+    if len(nodes) != expected:
+        # Each simulated site takes the share `partition-id` of a `federation.sites`-way split: with
+        # fewer SuperNodes some shares would silently go untrained, with more some would have none.
+        raise ConfigError(
+            f"the simulation engine runs {len(nodes)} SuperNodes but federation.sites is {expected}: make them equal "
+            f"(with `flwr run`: --run-config \"federation.sites={len(nodes)}\", or set the federation's num-supernodes)."
+        )
     messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     watched = WatchedGrid(grid)
     replies = send_and_receive(watched, messages, timeout=max(1.0, timeout - (time.monotonic() - started)))

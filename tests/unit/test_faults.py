@@ -260,6 +260,17 @@ def test_a_round_waits_a_bounded_time_for_enough_connected_sites() -> None:
     wait_for_sites(grid, needed=1, timeout=0.2, server_round=3, rule=FailureRule(min_sites=1))  # type: ignore[arg-type]
 
 
+def test_a_simulation_whose_engine_runs_another_number_of_sites_fails_at_once_naming_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `flwr run .` on Flower's default federation runs 2 SuperNodes; fedtune's default is 3 sites.
+    from fedtune.server import rounds
+    from fedtune.server.exchange import NodeNames
+
+    monkeypatch.setattr(rounds, "NODES_REGISTER_SECONDS", 0.3)
+    for nodes in ({11: _named("site-0"), 12: _named("site-1")}, {n: _named(f"site-{n}") for n in range(4)}):
+        with pytest.raises(ConfigError, match=rf"runs {len(nodes)} SuperNodes but federation.sites is 3.*federation.sites={len(nodes)}"):
+            rounds.warm_up_sites(ScriptedGrid(nodes), NodeNames(), expected=3, timeout=5.0)  # type: ignore[arg-type]
+
+
 def test_the_round_line_and_the_summary_name_the_missing_sites() -> None:
     from fedtune.server.rounds import _round_line, missed_rounds
 
