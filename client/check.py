@@ -265,20 +265,34 @@ def check_coordinator_certificate(
 
 
 def served_certificate(host: str, port: int, *, timeout: float = 5.0) -> x509.Certificate | None:
-    """The certificate a TLS server at ``host:port`` presents, unverified; None if nothing answers with TLS.
+    """The certificate a TLS server at ``host:port`` presents, unverified; None if nothing answers there.
 
     Read so that a wrong certificate is named precisely (`check_credentials`), before OpenSSL's
     "certificate verify failed"; it is checked by the caller.
+
+    Raises:
+        ConfigError: something accepts the connection but does not complete a TLS handshake (a
+            coordinator started with --insecure, or another service on that port).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            with context.wrap_socket(sock, server_hostname=host) as tls:
-                der = tls.getpeercert(binary_form=True)
-    except (OSError, ssl.SSLError):
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
         return None
+    try:
+        with context.wrap_socket(sock, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except (ssl.SSLError, ConnectionError) as err:
+        raise ConfigError(
+            f"site.coordinator {host}:{port} accepts connections but does not complete a TLS handshake ({err}); is the "
+            "coordinator started with --insecure, or is this not its sites' port (`coordinator start --port`)?"
+        ) from None
+    except OSError:
+        return None  # a timeout: treated as not answering yet
+    finally:
+        sock.close()
     return x509.load_der_x509_certificate(der) if der else None
 
 

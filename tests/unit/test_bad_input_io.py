@@ -143,7 +143,7 @@ def one_error_line(result, *, ignore: str = "") -> str:  # type: ignore[no-untyp
 
 
 class TLSServer:
-    """A TLS server on 127.0.0.1 presenting one certificate; it answers nothing and counts connections."""
+    """A TLS server on 127.0.0.1 presenting one certificate (none: plain TCP); it answers nothing and counts connections."""
 
     def __init__(self, tmp: Path, key: ec.EllipticCurvePrivateKey | None, cert: x509.Certificate | None) -> None:
         self.connections = 0
@@ -173,8 +173,7 @@ class TLSServer:
                 if self.context is not None:
                     with self.context.wrap_socket(conn, server_side=True) as tls:
                         tls.recv(1)  # until the client gives up
-                else:
-                    conn.recv(1)
+                # else: a plain listener hangs up at once, as a non-TLS service answers a TLS hello
             except (OSError, ssl.SSLError):
                 pass
             finally:
@@ -383,6 +382,20 @@ def test_site_start_goes_on_when_the_coordinator_is_not_up_yet(tmp_path: Path, m
     assert result.exit_code == 0, result.output
     assert started == [config]
     assert "does not answer yet" in result.stderr
+
+
+def test_site_start_names_a_coordinator_port_that_does_not_speak_tls(tmp_path: Path, serve, no_processes: None) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a plain TCP listener, as a coordinator started with --insecure would be.
+    listener = serve()
+    config = make_site(tmp_path, ca=pem(make_ca().cert), node_key=GOOD_NODE_KEY, coordinator=listener.address)
+
+    # Execute
+    result = CliRunner().invoke(main, ["site", "start", "--config", str(config)])
+
+    # Assert
+    line = one_error_line(result)
+    assert f"site.coordinator {listener.address} accepts connections but does not complete a TLS handshake" in line
+    assert "--insecure" in line
 
 
 def _admin_folder(tmp_path: Path, ca: CA) -> Path:
