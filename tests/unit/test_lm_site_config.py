@@ -268,6 +268,20 @@ def test_site_check_reports_rows_and_truncation_with_the_site_s_tokenizer_and_no
     assert not any(word in everything for word in LEAKS), everything
 
 
+def test_site_check_command_counts_truncation_at_the_run_s_max_length(tmp_path: Path, tiny_llama: Path) -> None:
+    from fedtune.cli import main
+
+    site = _lm_site(tmp_path, tiny_llama, [{"prompt": p, "response": r} for p, r in ROWS])
+    truncated, dropped = _expected(ROWS, 12)
+
+    result = CliRunner().invoke(main, ["site", "check", "--config", str(site), "--max-length", "12"])
+
+    assert result.exit_code == 1, result.output  # an insecure site with no coordinator running fails those two checks
+    (line,) = [x for x in result.output.splitlines() if " data " in x]
+    assert line.startswith("ok") and f"at max_length 12: {truncated} would be truncated" in line and f"{dropped} dropped" in line, line
+    assert not any(word in result.output for word in LEAKS), result.output
+
+
 def test_site_check_counts_empty_responses_naming_rows_not_text(tmp_path: Path, tiny_llama: Path) -> None:
     rows = [{"prompt": p, "response": r} for p, r in ROWS]
     rows[2]["response"] = "  "
