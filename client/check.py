@@ -284,13 +284,17 @@ def served_certificate(host: str, port: int, *, timeout: float = 5.0) -> x509.Ce
     try:
         with context.wrap_socket(sock, server_hostname=host) as tls:
             der = tls.getpeercert(binary_form=True)
-    except (ssl.SSLError, ConnectionError) as err:
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError, TimeoutError):
+        # Hung up or silent: a coordinator starting or stopping looks like this; the daemon keeps trying.
+        return None
+    except ssl.SSLError as err:
+        # It answered, but not with TLS (an HTTP server replies "400 Bad Request" to a TLS hello).
         raise ConfigError(
-            f"site.coordinator {host}:{port} accepts connections but does not complete a TLS handshake ({err}); is the "
+            f"site.coordinator {host}:{port} accepts connections but does not speak TLS ({err.reason or err}); is the "
             "coordinator started with --insecure, or is this not its sites' port (`coordinator start --port`)?"
         ) from None
     except OSError:
-        return None  # a timeout: treated as not answering yet
+        return None
     finally:
         sock.close()
     return x509.load_der_x509_certificate(der) if der else None

@@ -173,7 +173,8 @@ class TLSServer:
                 if self.context is not None:
                     with self.context.wrap_socket(conn, server_side=True) as tls:
                         tls.recv(1)  # until the client gives up
-                # else: a plain listener hangs up at once, as a non-TLS service answers a TLS hello
+                else:  # answers a TLS hello as an HTTP server (uvicorn without TLS) does
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
             except (OSError, ssl.SSLError):
                 pass
             finally:
@@ -385,7 +386,7 @@ def test_site_start_goes_on_when_the_coordinator_is_not_up_yet(tmp_path: Path, m
 
 
 def test_site_start_names_a_coordinator_port_that_does_not_speak_tls(tmp_path: Path, serve, no_processes: None) -> None:  # type: ignore[no-untyped-def]
-    # Prepare: a plain TCP listener, as a coordinator started with --insecure would be.
+    # Prepare: a plain HTTP answer, as from a coordinator started with --insecure.
     listener = serve()
     config = make_site(tmp_path, ca=pem(make_ca().cert), node_key=GOOD_NODE_KEY, coordinator=listener.address)
 
@@ -394,7 +395,7 @@ def test_site_start_names_a_coordinator_port_that_does_not_speak_tls(tmp_path: P
 
     # Assert
     line = one_error_line(result)
-    assert f"site.coordinator {listener.address} accepts connections but does not complete a TLS handshake" in line
+    assert f"site.coordinator {listener.address} accepts connections but does not speak TLS" in line
     assert "--insecure" in line
 
 
