@@ -321,6 +321,9 @@ def run_cmd(config_file: str | None, address: str, certs: Path | None, insecure:
             raise ConfigError("--allow-change is for --resume RUN_DIR only.")
         run = _resolve_config(config_file, "run", **flags)
         run = from_dict({"simulation": False, "out": str(Path(run.out).resolve())}, base=run)
+        if run.causal_lm and run.data.path and not run.data.path.startswith("demo:"):
+            # The coordinator's own held-out file (server/lm_eval.py), read by the ServerApp in another folder.
+            run = from_dict({"data": {"path": str(Path(run.data.path).resolve())}}, base=run)
     conn, env = _connect(address, certs, insecure)
     app = app_dir(RunConfig().to_flat())
     cmd = flwr_command("run", str(app), conn, *run_config_args(run.to_flat()), "--stream")
