@@ -199,3 +199,69 @@ def test_secure_aggregation_runs_across_real_site_daemons(deployment: Deployment
     summary = json.loads((out / "summary.json").read_text())
     assert summary["secure_aggregation"] is not None
     assert "secure aggregation" in (out / "adapter" / "README.md").read_text().lower()
+
+
+def _write_lm_rows(path: Path, rows: list[tuple[str, str]], prompt: str, response: str) -> Path:
+    path.write_text("".join(json.dumps({prompt: p, response: r}) + "\n" for p, r in rows), encoding="utf-8")
+    return path
+
+
+def test_a_causal_lm_run_trains_on_generative_sites_while_classification_sites_refuse_it(deployment: Deployment) -> None:
+    """Last in this module: it adds two causal-lm site daemons (tiny Llama, their own column names),
+    and the two classification sites, still connected, must refuse the run by their policy."""
+    import re
+    import time
+
+    from fedtune.client.ledger import PrivacyLedger
+    from fedtune.common.causal_lm import load_lm_table
+    from fedtune.common.sitedata import demo_data_path
+    from tests.unit.test_causal_lm_run import save_tiny_llama
+
+    root = deployment.root
+    convs = load_lm_table(demo_data_path("clinical_summaries")).conversations
+    pairs = [(c[0].content, c[-1].content) for c in convs]
+    model = save_tiny_llama(root / "tiny-llama", [t for pair in pairs for t in pair])
+    lm_sites = {"lm-a": pairs[:40], "lm-b": pairs[40:80]}
+    classification_charges = {name: len(PrivacyLedger(deployment.site_dir(name) / "state").charges()) for name in ("site-a", "site-b")}
+    try:
+        for name, rows in lm_sites.items():
+            data = _write_lm_rows(root / f"{name}.jsonl", rows, "note", "summary")  # the site's own column names
+            fedtune("site", "init", "--name", name, "--task", "causal-lm", "--prompt-column", "note", "--response-column", "summary",
+                    "--data", str(data), "--coordinator", deployment.address, "--ca", str(deployment.certs / "ca.crt"),
+                    "--out", str(deployment.site_dir(name)), "--base-model", str(model), env=deployment.env)
+            fedtune("coordinator", "add-site", str(deployment.site_dir(name) / "node-key.pub"), "--name", name,
+                    "--coordinator", deployment.admin_address, "--certs", str(deployment.certs), env=deployment.env)
+            deployment.start_site(name)
+        deadline = time.monotonic() + 180
+        while not all(re.search(r"SuperNode ID: \d+", deployment.procs.log(n)) for n in lm_sites):  # both joined: 4 sites connected
+            assert time.monotonic() < deadline, "the causal-lm sites did not connect:\n" + deployment.procs.log("lm-a")[-2000:]
+            time.sleep(0.5)
+        # The coordinator's own held-out file (prompt/response: the run's column names), on its machine.
+        test_file = _write_lm_rows(root / "coordinator-test.jsonl", pairs[80:92], "prompt", "response")
+        out = root / "run-causal-lm"
+        fedtune("run", "--coordinator", deployment.admin_address, "--certs", str(deployment.certs), "--task", "causal-lm",
+                "--base-model", str(model), "--data", str(test_file), "--max-length", "96", "--rounds", "1", "--epsilon", "3",
+                "--min-sites", "2", "--fraction-evaluate", "0", "--out", str(out), env=deployment.env, timeout=420)
+    finally:
+        for name in lm_sites:
+            if name in deployment.procs.running:
+                deployment.procs.stop(name)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "causal-lm" and summary["dp"] is True
+    assert 1.0 < summary["test"]["perplexity"] < float("inf") and 1.0 < summary["base"]["perplexity"] < float("inf")
+    generations = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert generations and {g["prompt"] for g in generations} <= {p for p, _ in pairs[80:92]}, "held-out prompts only"
+    sites = {s["site"]: s for s in summary["sites"]}
+    assert set(sites) == set(lm_sites)
+    for name, site in sites.items():
+        charges = [c for c in PrivacyLedger(deployment.site_dir(name) / "state").charges() if c.kind == "dp-sgd"]
+        assert charges and 0 < site["epsilon"] <= 3.0
+        assert PrivacyLedger(deployment.site_dir(name) / "state").summary(delta=site["delta"]).max_epsilon == pytest.approx(site["epsilon"])
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["sites_replied"] == 2
+    refused = {r["site"]: r["code"] for r in line["sites_rejected"]}
+    assert refused == {"site-a": "policy:task", "site-b": "policy:task"}, line["sites_rejected"]
+    for name, before in classification_charges.items():
+        assert len(PrivacyLedger(deployment.site_dir(name) / "state").charges()) == before, f"{name} refused before any charge"
+        assert "policy.allowed_tasks" in deployment.procs.log(name), "the refusing site's own log names the policy key"
