@@ -157,8 +157,9 @@ def test_site_init_refuses_lm_flags_that_do_not_fit_in_one_line(tmp_path: Path, 
 @pytest.fixture
 def refusing_site(tmp_path: Path) -> Context:
     """A deployed classification site whose data file and model folder do not exist: any read fails loudly."""
-    path = _site_toml(tmp_path, 'path = "missing.csv"\n', model=f'[model]\nbase_model = "{tmp_path / "no-model"}"\n')
-    return Context(run_id=9, node_id=1, node_config=_node_config(path), state=RecordDict(), run_config={})
+    node_config = _node_config(_site_toml(tmp_path, 'path = "missing.csv"\n'))
+    node_config["base-model"] = str(tmp_path / "no-model")  # set past site.toml's own checks of the folder
+    return Context(run_id=9, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
 
 def _malicious(task: str, tmp_path: Path) -> tuple[dict[str, Any], ConfigRecord]:
@@ -187,7 +188,7 @@ def test_a_run_whose_task_the_policy_does_not_allow_is_refused_with_a_code_befor
     assert Refusal.parse(reply.error.reason) == Refusal(site="clinic-a", code=RefusalCode.TASK_NOT_ALLOWED)
     assert reply.error.reason == "policy:task site=clinic-a"
     # Had the site read its data or its model first, the missing file or folder would have been the refusal.
-    (line,) = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "fedtune.client.app"]
     assert "policy:task" in line and "'causal-lm'" in line and "policy.allowed_tasks" in line, line
     assert not (tmp_path / "state").exists(), "nothing was written in the site's state folder (no ledger, no seed)"
 
