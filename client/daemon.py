@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.common.config import check_model_folder, coerce_setting, unknown_key
 from fedtune.common.errors import ConfigError
 from fedtune.common.io import parse_host_port, read_toml
 
@@ -112,12 +113,19 @@ def load_site_config(path: str | Path) -> SiteConfig:
                "policy": set(SitePolicy.__dataclass_fields__),
                "model": {"base_model"}, "apps": {"trusted_hashes", "trusted_signers"}}
     for section, keys in allowed.items():
+        if not isinstance(raw.get(section, {}), dict):  # `policy = 5`: read as an empty table, reported here
+            problems.append(f"[{section}] must be a table, got {raw[section]!r}.")
+            raw[section] = {}
         for key in raw.get(section, {}):
             if key not in keys:
-                problems.append(f"unknown key {section}.{key}; allowed: {sorted(keys)}.")
+                problems.append(unknown_key(f"key {section}.{key}", key, keys))
+    site, data, privacy = raw.get("site", {}), raw.get("data", {}), raw.get("privacy", {})
     for section in raw:
         if section not in allowed:
-            problems.append(f"unknown section [{section}]; allowed: {sorted(allowed)}.")
+            problems.append(unknown_key(f"section [{section}]", section, allowed))
+    for key, flag in (("site.insecure", site.get("insecure", False)), ("privacy.allow_no_dp", privacy.get("allow_no_dp", False))):
+        if not isinstance(flag, bool):  # bool("false") is True: a quoted "false" would turn TLS off
+            problems.append(f"{key} must be true or false (unquoted), got {flag!r}.")
     for key, table in (("site.name", site.get("name")), ("site.coordinator", site.get("coordinator")), ("data.path", data.get("path"))):
         if not isinstance(table, str) or not table:
             problems.append(f"{key} is required (a non-empty string), got {table!r}.")
@@ -129,23 +137,21 @@ def load_site_config(path: str | Path) -> SiteConfig:
             parse_host_port(site["coordinator"], where="site.coordinator")
         except ConfigError as err:
             problems += err.problems
-    insecure = bool(site.get("insecure", False))
+    insecure = site.get("insecure", False) is True
     if not insecure:
         for key in ("ca", "node_key"):
             if not site.get(key):
                 problems.append(f"site.{key} is required unless site.insecure = true.")
-    try:
-        budget = float(privacy.get("budget_epsilon", 8.0))
-        delta = float(privacy.get("delta", 1e-5))
-    except (TypeError, ValueError) as err:
-        problems.append(f"privacy.budget_epsilon and privacy.delta must be numbers: {err}.")
-        budget, delta = 0.0, 0.0
-    if budget <= 0:
+    typed = len(problems)  # a range says nothing new about a value of the wrong type: one problem per key
+    budget = coerce_setting("privacy.budget_epsilon", privacy.get("budget_epsilon", 8.0), 8.0, problems)
+    if len(problems) == typed and not budget > 0:
         problems.append(f"privacy.budget_epsilon must be > 0, got {privacy.get('budget_epsilon')!r}.")
-    if not 0 < delta < 1:
+    typed = len(problems)
+    delta = coerce_setting("privacy.delta", privacy.get("delta", 1e-5), 1e-5, problems)
+    if len(problems) == typed and not 0 < delta < 1:
         problems.append(f"privacy.delta must be in (0, 1), got {privacy.get('delta')!r}.")
     legacy = privacy.get("allow_no_dp")
-    policy, policy_problems = policy_from_mapping(raw.get("policy", {}), legacy_allow_no_dp=None if legacy is None else bool(legacy))
+    policy, policy_problems = policy_from_mapping(raw.get("policy", {}), legacy_allow_no_dp=None if legacy is None else legacy is True)
     problems += [p for p in policy_problems if not p.startswith("unknown key")]  # unknown keys are reported above
     apps, app_problems = app_policy_from_mapping(raw.get("apps", {}), base=base)
     problems += [p for p in app_problems if not p.startswith("unknown key")]
@@ -328,6 +334,8 @@ def run_daemon(
     from .worker import prepare_worker, worker_paths
 
     site = load_site_config(config_path)
+    if site.base_model is not None:  # here, not in load_site_config: `site ledger` must work without the model
+        check_model_folder(site.base_model, where=f"{config_path}: model.base_model")
     check_runtime_port(runtime_port)
     site.state_dir.mkdir(parents=True, exist_ok=True)
     env = flower_environment()

@@ -31,7 +31,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from fedtune.common.config import TASKS, coerce_setting
+from fedtune.common.config import TASKS, coerce_setting, unknown_key
 from fedtune.common.errors import ConfigError, PolicyRefusal
 from fedtune.common.lora_rank import site_lora_rank
 from fedtune.common.messages import RefusalCode
@@ -198,7 +198,7 @@ def policy_from_mapping(raw: Mapping[str, Any], *, legacy_allow_no_dp: bool | No
     """
     defaults = SitePolicy()
     allowed = {f.name for f in dataclasses.fields(SitePolicy)}
-    problems = [f"unknown key policy.{k}; allowed: {sorted(allowed)}." for k in raw if k not in allowed]
+    problems = [unknown_key(f"key policy.{k}", k, allowed) for k in raw if k not in allowed]
     values = {k: coerce_setting(f"policy.{k}", v, getattr(defaults, k), problems) for k, v in raw.items() if k in allowed}
     if legacy_allow_no_dp is not None and "require_dp" not in values:
         values["require_dp"] = not legacy_allow_no_dp

@@ -21,6 +21,17 @@ def _check(problems: list[str], ok: bool, message: str) -> None:
         problems.append(message)
 
 
+def unknown_key(what: str, key: str, allowed: Any) -> str:
+    """The problem for an unknown ``key`` in ``what`` ("key federation.round", "section [privcy]"): a
+    did-you-mean when one allowed name is close (a typo is the usual cause), and every allowed name."""
+    import difflib
+
+    names = sorted(str(a) for a in allowed)
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {what}{hint}; allowed: {names}."
+
+
 POOLINGS = ("mean", "cls")
 # common.tasks.TASKS, repeated here so that the config stays free of torch (a test keeps them equal).
 TASKS = ("classification", "causal-lm")
@@ -58,6 +69,41 @@ class ModelConfig:
                f"model.max_length must be in [8, 4096] (0: the task's default), got {self.max_length}.")
         _check(p, self.pooling in POOLINGS, f"model.pooling must be one of {list(POOLINGS)}, got {self.pooling!r}.")
         return p
+
+
+# What transformers' from_pretrained reads: one of these weight files (or a sharded index of one) and a tokenizer.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+MODEL_FOLDER = ("a local Hugging Face model folder needs config.json (with model_type), weights "
+                f"({' or '.join(WEIGHT_FILES[::2])}) and a tokenizer (e.g. tokenizer.json)")
+
+
+def check_model_folder(path: Path, *, where: str) -> Path:
+    """``path`` if it is a model folder transformers can load; else a ConfigError naming ``where``, the
+    path, what is wrong and what a model folder needs. Checked before anything loads or starts, so a
+    wrong folder is one line, not a transformers traceback from inside a site."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{where}: {path} does not exist; {MODEL_FOLDER}.")
+    if not path.is_dir():
+        raise ConfigError(f"{where}: {path} is a file, not a folder; {MODEL_FOLDER}.")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"{where}: {path} has no config.json; {MODEL_FOLDER}.")
+    import json
+
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{where}: {config} is not valid JSON ({err}); {MODEL_FOLDER}.") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("model_type"), str):
+        raise ConfigError(f"{where}: {config} has no model_type string; {MODEL_FOLDER}.")
+    missing = [what for what, names in (("weights", WEIGHT_FILES), ("tokenizer", TOKENIZER_FILES))
+               if not any((path / name).is_file() for name in names)]
+    if missing:
+        raise ConfigError(f"{where}: {path} has no {' and no '.join(missing)} "
+                          f"(it holds {sorted(p.name for p in path.iterdir())[:8]}); {MODEL_FOLDER}.")
+    return path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,8 +251,12 @@ class PrivacyConfig:
         p: list[str] = []
         _check(p, self.statistics in STATISTICS, f"privacy.statistics must be one of {list(STATISTICS)}, got {self.statistics!r}.")
         _check(p, self.target_epsilon > 0, f"privacy.target_epsilon must be > 0, got {self.target_epsilon}.")
+        _check(p, not self.target_epsilon > 0 or math.isfinite(self.target_epsilon),
+               f"privacy.target_epsilon must be finite, got {self.target_epsilon}; to train without DP set privacy.enabled = false (--no-dp).")
         _check(p, 0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}.")
         _check(p, self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}.")
+        _check(p, not self.clip_norm > 0 or math.isfinite(self.clip_norm),
+               f"privacy.clip_norm must be finite (an infinite C bounds nothing, and the noise z*C is infinite), got {self.clip_norm}.")
         _check(p, self.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}.")
         _check(p, self.accountant in ACCOUNTANTS, f"privacy.accountant must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}.")
         return p
@@ -237,8 +287,12 @@ class ClientDPConfig:
     def problems(self) -> list[str]:
         p: list[str] = []
         _check(p, self.clip_norm > 0, f"client_dp.clip_norm must be > 0, got {self.clip_norm}.")
+        _check(p, not self.clip_norm > 0 or math.isfinite(self.clip_norm),
+               f"client_dp.clip_norm must be finite (an infinite S bounds no site's update), got {self.clip_norm}.")
         _check(p, self.noise_multiplier >= 0, f"client_dp.noise_multiplier must be >= 0, got {self.noise_multiplier}.")
         _check(p, self.target_epsilon > 0, f"client_dp.target_epsilon must be > 0, got {self.target_epsilon}.")
+        _check(p, not self.target_epsilon > 0 or math.isfinite(self.target_epsilon),
+               f"client_dp.target_epsilon must be finite, got {self.target_epsilon}.")
         _check(p, 0 < self.delta < 1, f"client_dp.delta must be in (0, 1), got {self.delta}.")
         return p
 
@@ -713,7 +767,7 @@ def from_dict(data: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
             updates = {}
             for sub, v in value.items():
                 if sub not in allowed:
-                    problems.append(f"unknown key {key}.{sub}; allowed: {sorted(allowed)}.")
+                    problems.append(unknown_key(f"key {key}.{sub}", sub, allowed))
                     continue
                 items = allowed[sub].metadata.get("items", str)
                 updates[sub] = coerce_setting(f"{key}.{sub}", v, getattr(current, sub), problems, items=items)
@@ -721,7 +775,8 @@ def from_dict(data: Mapping[str, Any], *, base: RunConfig | None = None) -> RunC
         elif key in top:
             top[key] = coerce_setting(key, value, top[key], problems)
         else:
-            problems.append(f"unknown key {key!r}; allowed: {sorted([*_SECTION_TYPES, *top])}.")
+            what = f"section [{key}]" if isinstance(value, Mapping) else f"key {key!r}"
+            problems.append(unknown_key(what, key, [*_SECTION_TYPES, *top]))
     built = {name: dataclasses.replace(section, **new_sections.get(name, {})) for name, section in sections.items()}
     try:
         config = RunConfig(**built, **top)

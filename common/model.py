@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CLASSIFIER_TARGET_MODULES, POOLINGS, LoraSettings, ModelConfig, RunConfig
+from .config import CLASSIFIER_TARGET_MODULES, POOLINGS, LoraSettings, ModelConfig, RunConfig, check_model_folder
 from .errors import ConfigError, UpdateError, check_tensor_names
 from .lora_rank import site_lora_alpha
 
@@ -46,17 +46,18 @@ def resolve_base_model(config: ModelConfig, task: str = "classification") -> Pat
 
         return default_causal_lm()
     path = Path(config.base_model) if config.base_model else default_base_model_dir()
-    if not path.is_dir():
-        raise ConfigError(f"model.base_model: {path} is not a directory; give a local Hugging Face model folder.")
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.base_model: {path} has no config.json; is it a Hugging Face model folder?")
-    return path
+    return check_model_folder(path, where="model.base_model")
+
+
+def model_fingerprint(path: Path) -> str:
+    """A short fingerprint of the model folder's ``config.json`` (what :func:`base_model_id` compares)."""
+    return hashlib.sha256((Path(path) / "config.json").read_bytes()).hexdigest()[:16]
 
 
 def base_model_id(config: ModelConfig, task: str = "classification") -> str:
     """A short fingerprint of the base model's ``config.json``: coordinator and sites compare it,
     since each loads the model from its own folder."""
-    return hashlib.sha256((resolve_base_model(config, task) / "config.json").read_bytes()).hexdigest()[:16]
+    return model_fingerprint(resolve_base_model(config, task))
 
 
 def load_tokenizer(config: ModelConfig, task: str = "classification"):  # type: ignore[no-untyped-def]
@@ -370,6 +371,10 @@ def save_adapter(
         if metadata is not None and metadata.get("task", "classification") == "classification":
             # The head's pooling is part of the model: inference must rebuild the same one.
             metadata = {**metadata, "pooling": pooling_of(model)}
+        if (metadata is not None and metadata.get("base_model") and "base_model_id" not in metadata
+                and (Path(metadata["base_model"]) / "config.json").is_file()):
+            # Inference refuses another base model by this, even one whose shapes fit the adapter.
+            metadata = {**metadata, "base_model_id": model_fingerprint(Path(metadata["base_model"]))}
         if metadata is not None:
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         for name, data in (extra_files or {}).items():

@@ -179,11 +179,39 @@ def _run_options(f: Any) -> Any:
     return f
 
 
+def _with_flags(problems: list[str], flags: dict[str, Any]) -> list[str]:
+    """Each problem about a setting a flag gave, with the flag named ("... got 0.0 (set by --epsilon).")."""
+    named = []
+    for flag, value in flags.items():
+        for section, values in _overrides(**{flag: value}).items():
+            for key in values if isinstance(values, dict) else [None]:
+                setting = f"{section}.{key}" if key else section
+                named.append((setting, "--fail-site" if flag == "fail_sites" else "--" + flag.replace("_", "-")))
+    out = []
+    for problem in problems:
+        for setting, option in named:
+            if problem.startswith(f"{setting} must") or problem.startswith(f"{setting}: "):
+                problem = f"{problem.rstrip('.')} (set by {option})."
+                break
+        out.append(problem)
+    return out
+
+
+def _apply_flags(flags: dict[str, Any], base: RunConfig) -> RunConfig:
+    """``base`` with the given flags applied; a ConfigError names the flag beside the setting."""
+    from fedtune.common.config import from_dict
+
+    try:
+        return from_dict(_overrides(**flags), base=base)
+    except ConfigError as err:
+        raise ConfigError(_with_flags(err.problems, flags)) from None
+
+
 def _resolve_config(config_file: str | None, prefix: str, **flags: Any):  # type: ignore[no-untyped-def]
     from fedtune.common.config import RunConfig, from_dict, load_toml
 
     base = load_toml(config_file) if config_file else RunConfig()
-    run = from_dict(_overrides(**flags), base=base)
+    run = _apply_flags(flags, base)
     if not run.out:
         run = from_dict({"out": f"runs/{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"}, base=run)
     from fedtune.server.robust import aggregation_problems
@@ -233,7 +261,10 @@ def _resume_config(run_dir: Path, config_file: str | None, allow_change: tuple[s
                           f"`fedtune {'simulate' if base.simulation else 'run'} --resume {run_dir}`.")
     if config_file:
         base = load_toml(config_file, base=base)
-    run = from_dict({**_overrides(**flags), "out": str(run_dir), "simulation": simulation}, base=base)
+    try:
+        run = from_dict({**_overrides(**flags), "out": str(run_dir), "simulation": simulation}, base=base)
+    except ConfigError as err:
+        raise ConfigError(_with_flags(err.problems, flags)) from None
     problems = aggregation_problems(run)
     if problems:
         raise ConfigError(problems)
@@ -275,7 +306,13 @@ def simulate(config_file: str | None, **flags: Any) -> None:
         from fedtune.common.io import check_writable
         from fedtune.simulations.simulate import preflight
 
-        preflight(run)  # a bad flag or data file is reported before the run directory is created
+        try:
+            preflight(run)  # a bad flag or data file is reported before the run directory is created
+        except ConfigError as err:  # e.g. model.base_model: named with --base-model, or the file, that gave it
+            problems = _with_flags(err.problems, flags)
+            if config_file and not flags.get("base_model"):
+                problems = [f"{config_file}: {q}" if q.startswith("model.base_model") else q for q in problems]
+            raise ConfigError(problems) from None
         check_writable(Path(run.out).resolve(), what="run directory (--out)")
     from fedtune.simulations.simulate import run_simulation
 
@@ -404,6 +441,7 @@ def evaluate_cmd(adapter: str, data: str, text_column: str, label_column: str, p
     """Accuracy and macro-F1 of a trained adapter on labeled data; a causal-lm adapter's perplexity on prompt/response data."""
     _offline_env()
     from fedtune.common.data import check_labels, load_table
+    from fedtune.common.errors import LabelsMismatchError
     from fedtune.common.tasks import encode, evaluate
     from fedtune.inference import adapter_task
 
@@ -416,7 +454,10 @@ def evaluate_cmd(adapter: str, data: str, text_column: str, label_column: str, p
         return
     loaded = _load_adapter(adapter, base_model)
     table = load_table(data, text_column=text_column, label_column=label_column)
-    check_labels(table, loaded.labels)
+    try:
+        check_labels(table, loaded.labels)
+    except LabelsMismatchError as err:
+        raise LabelsMismatchError(f"--adapter {adapter} was trained on the labels {loaded.labels}; --data {err}") from None
     dataset = encode(loaded.tokenizer, table.texts, table.labels, loaded.labels, max_length=loaded.max_length)
     result = evaluate(loaded.model, dataset, len(loaded.labels))
     out = {"examples": result.examples, "accuracy": result.accuracy, "macro_f1": result.macro_f1, "loss": result.loss}

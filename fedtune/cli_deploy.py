@@ -105,8 +105,10 @@ def site_init(name: str, data: Path, coordinator: str, ca: Path, out: Path, budg
 
     if not ca.is_file():
         raise ConfigError(f"--ca {ca} does not exist; it is ca.crt from the coordinator's `fedtune certs init`.")
-    if base_model is not None and not (base_model / "config.json").is_file():
-        raise ConfigError(f"--base-model {base_model} has no config.json; give a local Hugging Face model folder.")
+    if base_model is not None:
+        from fedtune.common.config import check_model_folder
+
+        check_model_folder(base_model, where="--base-model")
     lm_flags = {"--prompt-column": prompt_column, "--response-column": response_column, "--messages-column": messages_column}
     given = [flag for flag, value in lm_flags.items() if value is not None]
     if task != "causal-lm" and given:

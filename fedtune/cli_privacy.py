@@ -49,7 +49,9 @@ def report(run_dir: Path) -> None:
     from rich.table import Table
 
     from fedtune.server.report import PLOT_FILE, write_model_card, write_privacy_report
+    from fedtune.server.run_format import check_run_format
 
+    check_run_format(run_dir, action="report on it")  # before anything is written into it
     json_path = write_privacy_report(run_dir)
     rep = json.loads(json_path.read_text(encoding="utf-8"))
     card = write_model_card(run_dir) if (run_dir / "adapter").is_dir() else None
@@ -119,8 +121,10 @@ def audit(run_dir: Path, members: Path, non_members: Path, json_out: Path | None
     """
     from fedtune.audit import run_audit
     from fedtune.cli import _offline_env
+    from fedtune.server.run_format import check_run_format
 
     _offline_env()
+    check_run_format(run_dir, action="audit it")
     result = run_audit(run_dir, members=members, non_members=non_members, text_column=text_column,
                        label_column=label_column, max_examples=max_examples, resamples=resamples, seed=seed,
                        base_model=base_model)
@@ -156,7 +160,12 @@ def _dp_tpr_bound(run_dir: Path) -> float | None:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    if not summary.get("dp") or not summary.get("sites"):
+    try:
+        if not summary.get("dp") or not summary.get("sites"):
+            return None
+        top = max(summary["sites"], key=lambda s: float(s["epsilon"]))
+        return min(1.0, math.exp(float(top["epsilon"])) * 0.01 + float(top["delta"]))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        # A summary without per-site epsilon (another fedtune's): the audit stands without the bound.
+        click.secho(f"note: {path} lacks per-site epsilon and delta; no DP bound is shown.", fg="yellow", err=True)
         return None
-    top = max(summary["sites"], key=lambda s: s["epsilon"])
-    return min(1.0, math.exp(top["epsilon"]) * 0.01 + top["delta"])

@@ -54,19 +54,17 @@ from fedtune.common.io import atomic_write_bytes, atomic_write_json, fsync_dir
 from .client_dp import ClientDPState, ClientLevelDP
 from .client_dp_plan import ClientLevelPlan, client_level_epsilon
 from .records import SiteRecord
+from .run_format import FORMAT, RUN_FILE, check_run_format, format_problem
 from .server_opt import OptimizerState, ServerOptimizer
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 REQUEST_FILE = "resume-request.json"
 STATE_FILE = "resume-state.json"
 OPTIMIZER_FILE = "server-opt.safetensors"
 MANIFEST_FILE = "complete.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 METRICS_FILE = "metrics.jsonl"
-FORMAT = 1
-"""Format of run.json, resume-state.json and complete.json; another one is refused, never guessed at."""
 
 # Settings a resumed run can never change, even when named in --allow-change, and why.
 _FIXED_PREFIXES: dict[str, str] = {
@@ -176,7 +174,15 @@ def stored_config(run_dir: Path) -> RunConfig:
     if not (run_dir / RUN_FILE).is_file():
         raise ConfigError(f"--resume {run_dir}: no {RUN_FILE} there; the run was made by a fedtune that cannot resume it, "
                           "or it stopped before round 1 was ever planned. Start a new run instead.")
-    return load_toml(path)
+    check_run_format(run_dir, action="resume it")  # before config.toml: a newer fedtune's keys would be named as typos
+    try:
+        return load_toml(path)
+    except ConfigError as err:
+        identity = read_identity(run_dir)
+        if identity is None or identity.fedtune_version == __version__:
+            raise
+        raise ConfigError([*err.problems, f"{run_dir} was written by fedtune {identity.fedtune_version}, this is fedtune "
+                           f"{__version__}: resume it with fedtune {identity.fedtune_version}."]) from None
 
 
 def config_digest(run: RunConfig) -> str:
@@ -222,8 +228,7 @@ def read_identity(run_dir: Path) -> RunIdentity | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format") != FORMAT:
-            raise ConfigError(f"{path} has format {data.get('format')!r}, this fedtune reads format {FORMAT}: "
-                              "resume it with the fedtune that wrote it.")
+            raise ConfigError(format_problem(path, data, action="resume it"))
         return RunIdentity(run_id=str(data["run_id"]), created=float(data["created"]),
                            fedtune_version=str(data["fedtune_version"]), resumes=tuple(data.get("resumes", ())))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
