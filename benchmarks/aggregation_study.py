@@ -2,6 +2,7 @@
 
     python benchmarks/aggregation_study.py [--data real] [--seeds 0,1,2] [--sites 4] [--partition dirichlet:0.5]
         [--rounds 5] [--epsilon 8] [--methods fedavg,ffa,fedadam,fedprox,central]
+        [--fedadam-lr 0.01] [--fedavgm-lr 0.3] [--fedavgm-momentum 0.9] [--proximal-mu 0.1]
         [--set federation.server_lr=0.01 ...] [--out benchmarks/out/study]
 
 For every seed (which picks the held-out test set, the sites' partition, the initialisation and
@@ -13,15 +14,19 @@ server optimiser step). Methods:
     fedavg   example-weighted FedAvg of the LoRA factors and head (fedtune's default)
     ffa      FFA-LoRA: A frozen at a seed-derived value, B and the head averaged (exact)
     fedadam  FedAvg's mean as a pseudo-gradient for FedAdam (--fedadam-lr, default 0.01)
-    fedavgm  FedAvgM, server momentum 0.9 (--fedavgm-lr, default 0.3)
+    fedavgm  FedAvgM (--fedavgm-momentum beta, default 0.9; --fedavgm-lr eta, default 0.3); on a
+             steady update its step tends to eta / (1 - beta), and under DP it averages about
+             (1 + beta) / (1 - beta) rounds of noise, so sweep beta at a fixed eta / (1 - beta)
     fedprox  FedAvg with FedProx's proximal term at each site (--proximal-mu, default 0.1)
     central  the centralized reference: one party with the union of the sites' training splits,
              the same model, head, length, rounds and local epochs (DP-SGD at the same epsilon)
 
-Prints one JSON line per run, then a table of final test accuracy (mean and sample standard
-deviation over the seeds, and the gap to centralized non-private), and writes the JSON lines and a
-plot of test accuracy per round (mean, with a band of one standard deviation) into --out. Asserts
-nothing.
+Prints one JSON line per run (with the method's settings, e.g. "federation.server_momentum"),
+then a table of final test accuracy (mean and sample standard deviation over the seeds, and the gap
+to centralized non-private), and writes the JSON lines and a plot of test accuracy per round (mean,
+with a band of one standard deviation) into --out. A method's rows are grouped by its settings
+(the label, e.g. "fedavgm b=0.5 lr=0.5"), so `--from-results` over two sweeps of one method keeps
+them apart. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ def method_overrides(method: str, args: argparse.Namespace) -> dict[str, object]
         "central": {},
         "ffa": {"federation.aggregation": "ffa"},
         "fedadam": {"federation.server_opt": "adam", "federation.server_lr": args.fedadam_lr},
-        "fedavgm": {"federation.server_opt": "momentum", "federation.server_lr": args.fedavgm_lr},
+        "fedavgm": {"federation.server_opt": "momentum", "federation.server_lr": args.fedavgm_lr,
+                    "federation.server_momentum": args.fedavgm_momentum},
         "fedprox": {"train.proximal_mu": args.proximal_mu},
     }[method]
 
@@ -65,26 +71,44 @@ def data_path(name: str, rows: int) -> str:
     return name
 
 
+# FedAvgM's momentum before it was a setting (rows from older results files do not record it).
+FIXED_FEDAVGM_MOMENTUM = 0.9
+
+
+def method_label(row: dict) -> str:  # type: ignore[type-arg]
+    """The method with the settings that tell its runs apart: 'fedavgm b=0.9 lr=0.1', 'fedadam lr=0.05', 'fedprox mu=0.1'."""
+    method = row["method"]
+    if method == "fedavgm":
+        return f"fedavgm b={row.get('federation.server_momentum', FIXED_FEDAVGM_MOMENTUM):g} lr={row['federation.server_lr']:g}"
+    if method == "fedadam":
+        return f"fedadam lr={row['federation.server_lr']:g}"
+    if method == "fedprox":
+        return f"fedprox mu={row['train.proximal_mu']:g}"
+    return str(method)
+
+
 def summarise(rows: list[dict], args: argparse.Namespace) -> list[str]:  # type: ignore[type-arg]
     groups: dict[tuple[str, str], list[dict]] = {}  # type: ignore[type-arg]
     for r in rows:
-        groups.setdefault((r["method"], r["mode"]), []).append(r)
+        groups.setdefault((method_label(r), r["mode"]), []).append(r)
     reference = groups.get(("central", "nodp"))
     ref_mean = statistics.fmean(r["test_accuracy"] for r in reference) if reference else None
     first = rows[0]
     lines = [f"{first['data']}{' (' + str(first['rows']) + ' rows)' if first.get('rows') else ''}: {first['sites']} sites, "
              f"{first['partition']}, {first['rounds']} rounds, DP at epsilon {first['epsilon']:g} per site"
              + (f", {' '.join(first['set'])}" if first["set"] else ""),
-             f"{'method':<9} {'mode':<5} {'seeds':>5} {'test acc (mean +- sd)':>22} {'macro-F1':>8} {'vs central no-DP':>16} {'max eps':>7} {'s/run':>6}"]
-    for method in METHODS:
+             f"{'method':<20} {'mode':<5} {'seeds':>5} {'test acc (mean +- sd)':>22} {'macro-F1':>8} {'vs central no-DP':>16} {'max eps':>7} {'s/run':>6}"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    labels = sorted({label for label, _ in groups}, key=lambda label: (order.get(label.split()[0], len(order)), label))
+    for label in labels:
         for mode in ("dp", "nodp"):
-            runs = groups.get((method, mode))
+            runs = groups.get((label, mode))
             if not runs:
                 continue
             acc = [r["test_accuracy"] for r in runs]
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
             gap = f"{100 * (statistics.fmean(acc) - ref_mean):+.1f} pts" if ref_mean is not None else "-"
-            lines.append(f"{method:<9} {mode:<5} {len(runs):>5} {statistics.fmean(acc):>14.3f} +- {sd:.3f} "
+            lines.append(f"{label:<20} {mode:<5} {len(runs):>5} {statistics.fmean(acc):>14.3f} +- {sd:.3f} "
                          f"{statistics.fmean(r['test_macro_f1'] for r in runs):>8.3f} {gap:>16} "
                          f"{max(r['max_epsilon'] for r in runs):>7.2f} {statistics.fmean(r['seconds'] for r in runs):>6.0f}")
     return lines
@@ -100,7 +124,7 @@ def plot(rows: list[dict], path: Path) -> None:  # type: ignore[type-arg]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[str, list[list[float]]] = {}
     for r in rows:
-        groups.setdefault(f"{r['method']} ({'DP' if r['mode'] == 'dp' else 'no DP'})", []).append(r["accuracy_by_round"])
+        groups.setdefault(f"{method_label(r)} ({'DP' if r['mode'] == 'dp' else 'no DP'})", []).append(r["accuracy_by_round"])
     for label, curves in sorted(groups.items()):
         a = np.array(curves)
         x = np.arange(1, a.shape[1] + 1)
@@ -128,6 +152,7 @@ def main() -> None:
     parser.add_argument("--methods", default="fedavg,ffa,fedadam,fedprox,central")
     parser.add_argument("--fedadam-lr", type=float, default=0.01)
     parser.add_argument("--fedavgm-lr", type=float, default=0.3)
+    parser.add_argument("--fedavgm-momentum", type=float, default=0.9, help="FedAvgM's server momentum beta, in [0, 1)")
     parser.add_argument("--proximal-mu", type=float, default=0.1)
     parser.add_argument("--modes", default="dp,nodp", help="'nodp' runs only for fedavg and central")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key for every run (repeatable)")
@@ -156,6 +181,8 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         fixed[key] = _value(value)
+    for method in methods:  # a bad setting (e.g. --fedavgm-momentum 1) fails now, naming its key, not after hours of runs
+        run_config({**fixed, **method_overrides(method, args)})
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in methods:

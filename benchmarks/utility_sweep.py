@@ -48,12 +48,11 @@ def run_config(overrides: dict[str, object]):  # type: ignore[no-untyped-def]
 
 def _server_opt(run):  # type: ignore[no-untyped-def]
     """The run's server optimiser (server.server_opt's pure step), or None for plain FedAvg."""
-    from fedtune.server.server_opt import OptimizerState, ServerOptSettings
+    from fedtune.server.server_opt import OptimizerState, server_opt_settings
 
     fed = run.federation
-    if fed.server_opt == "none" and fed.server_lr == 1.0:
-        return None
-    return ServerOptSettings(name="sgd" if fed.server_opt == "none" else fed.server_opt, lr=fed.server_lr), OptimizerState()
+    settings = server_opt_settings(name=fed.server_opt, lr=fed.server_lr, momentum=fed.server_momentum)
+    return None if settings is None else (settings, OptimizerState())
 
 
 def federated_run(run, *, data_dir: Path, centralized: bool = False, every_round: bool = False) -> dict:  # type: ignore[no-untyped-def, type-arg]

@@ -431,6 +431,8 @@ class FederationConfig:
         server_opt: Server optimiser over the averaged adapter update (Reddi et al. 2021):
             'none' (the average becomes the new adapter), 'momentum' (FedAvgM), 'adam', 'yogi'.
         server_lr: The server optimiser's learning rate (1.0 with 'none' is plain FedAvg).
+        server_momentum: beta1 of 'momentum' (FedAvgM's momentum), 'adam' and 'yogi' (first-moment
+            decay), in [0, 1); under DP it sets how many rounds of noise the optimiser averages.
         max_update_norm: Bound on the L2 norm of a site's update (its adapter minus the global one)
             in each tensor group (LoRA A, LoRA B, head) before aggregation; a site over it is
             rejected for the round. 0 turns it off (the default: an honest norm depends on the
@@ -446,6 +448,7 @@ class FederationConfig:
     aggregation: str = "fedavg"
     server_opt: str = "none"
     server_lr: float = 1.0
+    server_momentum: float = 0.9
     max_update_norm: float = 0.0
 
     @property
@@ -466,6 +469,8 @@ class FederationConfig:
             p.extend(err.problems)
         _check(p, self.server_opt in SERVER_OPTIMIZERS, f"federation.server_opt must be one of {list(SERVER_OPTIMIZERS)}, got {self.server_opt!r}.")
         _check(p, self.server_lr > 0, f"federation.server_lr must be > 0, got {self.server_lr}.")
+        _check(p, 0 <= self.server_momentum < 1,
+               f"federation.server_momentum (beta1 of 'momentum', 'adam', 'yogi') must be in [0, 1), got {self.server_momentum}.")
         _check(
             p, math.isfinite(self.max_update_norm) and self.max_update_norm >= 0,
             f"federation.max_update_norm must be a finite number >= 0 (0: off), got {self.max_update_norm}.",

@@ -62,7 +62,7 @@ def make_strategy(run: RunConfig, client_plan: ClientLevelPlan | None = None) ->
         strategy = ClientLevelDP.from_plan(strategy, client_plan, seed=run.seed if run.simulation else None)
     # Outermost: the server optimiser steps from whatever the round released (a DP release stays DP:
     # post-processing); under secure aggregation rounds.py hands it the SecAgg+ mean instead.
-    return server_optimizer(strategy, name=fed.server_opt, lr=fed.server_lr)
+    return server_optimizer(strategy, name=fed.server_opt, lr=fed.server_lr, momentum=fed.server_momentum)
 
 
 def client_dp_plan(run: RunConfig, grid: Grid | None = None) -> ClientLevelPlan:

@@ -79,6 +79,7 @@ _FIXED_KEYS: dict[str, str] = {
     "federation.sites": "it sets the simulated split and client-level DP's N",
     "federation.aggregation": "it decides which tensors are exchanged and how the checkpoint was made",
     "federation.server_opt": "the checkpoint holds this optimiser's state",
+    "federation.server_momentum": "the checkpoint's momentum was accumulated with this beta1",
     "privacy.enabled": "it is the run's privacy guarantee",
     "secure_agg.enabled": "it is the run's protection of the updates",
 }

@@ -17,7 +17,8 @@ coordinate (squares, roots and divisions elementwise), with server learning rate
 - 'yogi'     as 'adam', but v_t = v_{t-1} - (1 - beta2) Delta_t^2 sign(v_{t-1} - Delta_t^2)
 
 with m_{-1} = 0 and v_{-1} = tau^2, the smallest start Algorithm 2 allows (v_{-1} >= tau^2), and
-beta1 = 0.9, beta2 = 0.99, tau = 1e-3 (the paper's defaults). As in the paper there is no bias
+beta1 = 0.9, beta2 = 0.99, tau = 1e-3 (the paper's defaults; beta1 is ``federation.server_momentum``,
+``--server-momentum``, so it can be swept under DP). As in the paper there is no bias
 correction. Flower 1.42's FedAdam differs on both points (v starts at 0, and it scales eta by
 sqrt(1 - beta2^(t+1)) / (1 - beta1^(t+1))); its FedAvgM is the same recursion as 'momentum' here.
 
@@ -31,7 +32,10 @@ Privacy: the optimiser reads only what the round released, so under client-level
 post-processing and the guarantee is unchanged; under secure aggregation it reads only the
 mean, which the coordinator sees anyway. Under DP, momentum averages the noise of past rounds:
 with independent noise each round, m_t carries (1 - beta1) / (1 + beta1) of one round's noise
-variance relative to a steady Delta (5% at beta1 = 0.9).
+variance relative to a steady Delta (5% at beta1 = 0.9). For FedAvgM the step on a steady Delta
+tends to eta / (1 - beta1) Delta, so a sweep of beta1 at a fixed eta / (1 - beta1) compares only
+how many rounds of noise the momentum averages (about (1 + beta1) / (1 - beta1)), at the price of
+a slower response in a run of few rounds.
 
 Adaptive steps are scale-free: where |Delta| >> tau, an 'adam'/'yogi' step is about eta per
 coordinate in the first rounds, whatever the size of Delta, so eta must be chosen for the size of
@@ -251,8 +255,8 @@ class ServerOptimizer(Strategy):
         self._state = step.state
         delta_norm = math.sqrt(sum(float(np.sum((aggregate[k].numpy().astype(np.float64) - x[k].astype(np.float64)) ** 2)) for k in x))
         step_norm = math.sqrt(sum(float(np.sum((step.arrays[k] - x[k].astype(np.float64)) ** 2)) for k in x))
-        logger.info("round %d: server optimiser %s (eta %g): |Delta| %.3g, |step| %.3g", server_round, self.settings.name,
-                    self.settings.lr, delta_norm, step_norm)
+        logger.info("round %d: server optimiser %s (eta %g, beta1 %g): |Delta| %.3g, |step| %.3g", server_round, self.settings.name,
+                    self.settings.lr, self.settings.beta1, delta_norm, step_norm)
         return ArrayRecord({name: Array.from_numpy_ndarray(step.arrays[name].astype(ref.dtype, copy=False)) for name, ref in x.items()})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -276,14 +280,22 @@ class ServerOptimizer(Strategy):
         self.inner.summary()
 
 
-def server_optimizer(inner: Strategy, *, name: str, lr: float) -> Strategy:
-    """``inner`` wrapped in the optimiser ``federation.server_opt`` names, or ``inner`` itself for plain FedAvg.
+def server_opt_settings(*, name: str, lr: float, momentum: float = BETA1) -> ServerOptSettings | None:
+    """The settings ``federation.server_opt``, ``server_lr`` and ``server_momentum`` name, or None for plain FedAvg.
 
-    'none' with eta = 1 is FedAvg (no wrapper: the average is the new adapter, exactly); 'none'
-    with another eta is server SGD, x_t + eta Delta_t (Reddi et al.'s FedOpt with SGD).
+    'none' with eta = 1 is FedAvg (no optimiser: the average is the new adapter, exactly); 'none'
+    with another eta is server SGD, x_t + eta Delta_t (Reddi et al.'s FedOpt with SGD), which has
+    no momentum. ``momentum`` is beta1 of 'momentum', 'adam' and 'yogi'.
     """
     if name == "none":
         if lr == 1.0:
-            return inner
+            return None
         name = "sgd"
-    return ServerOptimizer(inner, ServerOptSettings(name=name, lr=lr))
+    return ServerOptSettings(name=name, lr=lr, beta1=momentum)
+
+
+def server_optimizer(inner: Strategy, *, name: str, lr: float, momentum: float = BETA1) -> Strategy:
+    """``inner`` wrapped in the optimiser ``federation.server_opt`` names, or ``inner`` itself for plain FedAvg
+    (see :func:`server_opt_settings`)."""
+    settings = server_opt_settings(name=name, lr=lr, momentum=momentum)
+    return inner if settings is None else ServerOptimizer(inner, settings)

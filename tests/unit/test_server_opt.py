@@ -408,3 +408,87 @@ def test_under_secure_aggregation_the_optimizer_steps_from_the_secagg_mean(stub_
         np.testing.assert_allclose(final[k].numpy(), x2, rtol=0, atol=2 * bound + 1e-6, err_msg=k)
         assert np.abs(x2 - y).max() > 100 * bound, "x_2 must differ from the plain secure mean for the test to mean anything"
     assert strategy.state.steps == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# federation.server_momentum (--server-momentum): beta1 as a setting
+# ---------------------------------------------------------------------------------------------
+
+
+def test_server_momentum_reaches_fedavgm_and_steps_as_the_oracle_with_beta_half() -> None:
+    # Prepare: the key through make_strategy (as app.py builds it), against FedAvgM with beta 0.5 on a flat vector
+    rng = np.random.default_rng(21)
+    x0 = _random(rng)
+    rounds = [_round_updates(rng) for _ in range(3)]
+    strategy = make_strategy(_run_config(server_opt="momentum", server_lr=0.5, server_momentum=0.5))
+    assert isinstance(strategy, ServerOptimizer) and strategy.settings.beta1 == 0.5
+    half, default = PaperOracle("momentum", _flat(x0), eta=0.5, beta1=0.5), PaperOracle("momentum", _flat(x0), eta=0.5, beta1=0.9)
+
+    # Execute
+    got = _play(strategy, x0, rounds)
+
+    # Assert: each of the 3 steps is beta 0.5's; by step 3 beta 0.9's adapter is measurably elsewhere
+    for r, (new, (updates, weights)) in enumerate(zip(got, rounds), start=1):
+        mean = _oracle_mean(updates, weights)
+        expected, other = half.step(mean), default.step(mean)
+        np.testing.assert_allclose(_flat(new), expected, rtol=2e-5, atol=2e-6, err_msg=f"round {r}")
+    assert np.abs(expected - other).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["adam", "yogi"])
+def test_server_momentum_is_beta1_of_adam_and_yogi_too(name: str) -> None:
+    strategy = make_strategy(_run_config(server_opt=name, server_lr=0.01, server_momentum=0.3))
+    assert isinstance(strategy, ServerOptimizer)
+    assert (strategy.settings.beta1, strategy.settings.beta2, strategy.settings.tau) == (0.3, 0.99, 1e-3)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, 1.5])
+def test_server_momentum_outside_0_1_is_refused_naming_key_value_and_range(value: float) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_dict({"federation": {"server_opt": "momentum", "server_momentum": value}})
+    assert err.value.problems == [f"federation.server_momentum (beta1 of 'momentum', 'adam', 'yogi') must be in [0, 1), got {value}."]
+
+
+def test_server_momentum_flag_is_validated_before_anything_starts(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fedtune.cli import main
+
+    for command in (["simulate"], ["run", "--insecure", "--labels", "a,b"]):
+        result = CliRunner().invoke(main, [*command, "--server-opt", "momentum", "--server-momentum", "1", "--out", str(tmp_path / "r")])
+        assert result.exit_code != 0, result.output
+        assert "federation.server_momentum (beta1 of 'momentum', 'adam', 'yogi') must be in [0, 1), got 1.0." in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_server_momentum_is_recorded_in_config_toml_and_a_resume_may_never_change_it(tmp_path: Path) -> None:
+    # Prepare: a run directory as the coordinator leaves it (config.toml, identity), FedAvgM at beta 0.5
+    from click.testing import CliRunner
+
+    from fedtune.cli import main
+    from fedtune.common.config import dump_toml, load_toml
+    from fedtune.server.resume import RunIdentity, check_changes, config_diff, parse_allow_change, write_identity
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stored = from_dict({"federation": {"server_opt": "momentum", "server_lr": 0.5, "server_momentum": 0.5}, "out": str(run_dir)})
+    dump_toml(stored, run_dir / "config.toml")
+    write_identity(run_dir, RunIdentity(run_id="42", created=0.0, fedtune_version="test"))
+
+    # Execute: resume with --server-momentum 0.9 (the CLI); then the change named in --allow-change (the checks
+    # the CLI runs, called directly: were it wrongly accepted, the CLI would start a whole simulation)
+    refused = CliRunner().invoke(main, ["simulate", "--resume", str(run_dir), "--server-momentum", "0.9"])
+    with pytest.raises(ConfigError) as named:
+        parse_allow_change(["federation.server_momentum"])
+    changes = config_diff(load_toml(run_dir / "config.toml"), from_dict({"federation": {"server_momentum": 0.9}}, base=stored))
+    with pytest.raises(ConfigError) as allowed:
+        check_changes(changes, ("federation.server_momentum",), run_dir=run_dir)
+
+    # Assert: recorded as set; refused, naming key, both values and why; no resume request left behind
+    assert "server_momentum = 0.5" in (run_dir / "config.toml").read_text()
+    assert [str(c) for c in changes] == ["federation.server_momentum: 0.5 -> 0.9"]
+    assert refused.exit_code == 2, refused.output
+    assert "federation.server_momentum can never change when a run resumes (0.5 -> 0.9): the checkpoint's momentum" in refused.output
+    assert not (run_dir / "resume-request.json").exists()
+    assert "federation.server_momentum can never change when a run resumes: the checkpoint's momentum was accumulated with this beta1" in str(named.value)
+    assert "federation.server_momentum can never change when a run resumes (0.5 -> 0.9)" in str(allowed.value)
