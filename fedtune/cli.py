@@ -391,6 +391,9 @@ def _print_summary(run_dir: Path) -> None:
         base = (summary.get("base") or {}).get("perplexity")
         console.print(f"held-out test: perplexity {test['perplexity']:.2f}" + (f" (base model {base:.2f})" if base is not None else "")
                       + f"; example generations in {run_dir / 'generations.jsonl'}")
+        if test.get("rouge_l") is not None:
+            base_rouge = (summary.get("base") or {}).get("rouge_l")
+            console.print(f"held-out test: ROUGE-L {test['rouge_l']:.3f}" + (f" (base model {base_rouge:.3f})" if base_rouge is not None else ""))
     val = summary.get("validation") or {}
     if val.get("accuracy") is not None:
         f1 = f", macro-F1 {val['macro_f1']:.3f}" if val.get("macro_f1") is not None else ""

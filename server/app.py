@@ -232,12 +232,12 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     )
     load_adapter_state(model, final.to_torch_state_dict())
     save_adapter(model, run_dir / "adapter", metadata={**metadata, "round": run.federation.rounds})
-    base_score = None
-    if lm_test is not None:  # the base model's fit, and what the tuned one writes, on held-out prompts
-        from .lm_eval import evaluate_base, write_generations
+    base_score = generations = None
+    if lm_test is not None:  # the base model's fit, and what each model writes, on held-out prompts
+        from .lm_eval import evaluate_base, score_generations
 
         base_score = evaluate_base(model, lm_test)
-        write_generations(model, lm_test, run_dir)
+        generations = score_generations(model, lm_test, run_dir)
     if client_plan is not None and client_dp is not None and client_dp.state().rounds != client_plan.rounds:
         # Every release counts: the guarantee is stated for the rounds actually released.
         released = client_dp.state().rounds
@@ -268,9 +268,12 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
             if run.secure_agg.enabled else None
         ),
         "max_epsilon": max((s.epsilon for s in recorder.sites.values()), default=0.0) if run.privacy.enabled else None,
-        "test": ({"loss": last_line.get("test_loss"), "perplexity": last_line.get("test_perplexity")} if run.causal_lm else
+        "test": ({"loss": last_line.get("test_loss"), "perplexity": last_line.get("test_perplexity"),
+                  "rouge_l": generations.tuned_rouge_l if generations else None,
+                  "rouge_l_examples": generations.examples if generations else None} if run.causal_lm else
                  {"accuracy": last_line.get("test_accuracy"), "macro_f1": last_line.get("test_macro_f1")}) if test_fn else None,
-        **({"base": {"loss": base_score.loss, "perplexity": base_score.perplexity} if base_score else None} if run.causal_lm else {}),
+        **({"base": {"loss": base_score.loss, "perplexity": base_score.perplexity,
+                     "rouge_l": generations.base_rouge_l if generations else None} if base_score else None} if run.causal_lm else {}),
         # Federated validation of the final adapter on the sites' validation splits.
         "validation": totals.final_validation,
         "bytes_up": totals.bytes_up,

@@ -8,6 +8,8 @@ evaluates nothing here. Every figure and generation comes from held-out prompts;
 is read.
 
 Perplexity is exp of the token-weighted mean response loss (``common.causal_lm.evaluate_lm``).
+ROUGE-L (``common.rouge``) scores greedy answers to the first held-out prompts against their
+held-out responses, after the last round only.
 The base model's is measured once with the adapter disabled (PEFT's ``disable_adapter``), so the
 summary shows what fine-tuning bought on the same prompts and tokens.
 """
@@ -27,12 +29,16 @@ from fedtune.common.config import RunConfig
 from fedtune.common.io import atomic_write_bytes
 from fedtune.common.lm_site import load_config_lm_table, prompt_texts, simulated_lm_split, subset
 from fedtune.common.model import resolve_base_model
+from fedtune.common.rouge import mean_rouge_l
 
 logger = logging.getLogger(__name__)
 
 GENERATIONS_FILE = "generations.jsonl"
 GENERATION_EXAMPLES = 3
 GENERATION_MAX_NEW_TOKENS = 48
+# Greedy generation is the costly part of the final evaluation (ROUGE_EXAMPLES x 2 models x up to
+# GENERATION_MAX_NEW_TOKENS forward passes): a fixed sample of the first held-out prompts.
+ROUGE_EXAMPLES = 32
 
 
 @dataclass(frozen=True)
@@ -65,17 +71,29 @@ def evaluate_base(model: torch.nn.Module, test: LMTestSet) -> LMEvalResult:
         return evaluate_lm(model, test.encoded.dataset)
 
 
-def write_generations(model: torch.nn.Module, test: LMTestSet, run_dir: Path, *, examples: int = GENERATION_EXAMPLES,
-                      max_new_tokens: int = GENERATION_MAX_NEW_TOKENS) -> Path:
-    """Greedy generations of the tuned and the base model for the first ``examples`` held-out prompts,
-    one JSON object per line: prompt, reference (the held-out response), tuned, base."""
-    rows = test.table.conversations[:examples]
-    prompts = prompt_texts(subset(test.table, range(len(rows)), "generation prompts"))
+@dataclass(frozen=True)
+class GenerationScore:
+    """ROUGE-L F (mean over the scored held-out prompts) of the tuned and the base model's greedy answers."""
+
+    tuned_rouge_l: float
+    base_rouge_l: float
+    examples: int
+
+
+def score_generations(model: torch.nn.Module, test: LMTestSet, run_dir: Path, *, examples: int = ROUGE_EXAMPLES,
+                      written: int = GENERATION_EXAMPLES, max_new_tokens: int = GENERATION_MAX_NEW_TOKENS) -> GenerationScore:
+    """Greedy answers of the tuned and the base model to the first ``examples`` held-out prompts, scored
+    with ROUGE-L against the held-out responses; the first ``written`` go to ``generations.jsonl``, one
+    JSON object per line: prompt, reference, tuned, base."""
+    count = min(examples, len(test.table.conversations))
+    rows = test.table.conversations[:count]
+    prompts = prompt_texts(subset(test.table, range(count), "generation prompts"))
+    references = [conv[-1].content for conv in rows]
     tuned = generate(model, test.tokenizer, prompts, max_new_tokens=max_new_tokens, template=test.template)
     with model.disable_adapter():  # type: ignore[operator]
         base = generate(model, test.tokenizer, prompts, max_new_tokens=max_new_tokens, template=test.template)
-    lines = [json.dumps({"prompt": p, "reference": conv[-1].content, "tuned": t, "base": b}, ensure_ascii=False)
-             for p, conv, t, b in zip(prompts, rows, tuned, base)]
-    path = run_dir / GENERATIONS_FILE
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
-    return path
+    lines = [json.dumps({"prompt": p, "reference": r, "tuned": t, "base": b}, ensure_ascii=False)
+             for p, r, t, b in list(zip(prompts, references, tuned, base))[:written]]
+    atomic_write_bytes(run_dir / GENERATIONS_FILE, ("\n".join(lines) + "\n").encode("utf-8"))
+    return GenerationScore(tuned_rouge_l=mean_rouge_l(tuned, references), base_rouge_l=mean_rouge_l(base, references),
+                           examples=count)

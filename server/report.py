@@ -396,6 +396,10 @@ def _lm_card(summary: dict[str, Any], base: str, base_info: dict[str, Any] | Non
                   "Held-out test split (never trained on), perplexity of the response tokens given their prompts "
                   f"(lower is better): **{test['perplexity']:.2f}** with this adapter"
                   + (f", {before['perplexity']:.2f} for the base model alone." if before.get("perplexity") is not None else ".")]
+        if test.get("rouge_l") is not None:
+            lines += ["", f"ROUGE-L F of greedy answers to the first {test.get('rouge_l_examples', '?')} held-out prompts against "
+                      f"their held-out responses (higher is better): **{test['rouge_l']:.3f}** with this adapter"
+                      + (f", {before['rouge_l']:.3f} for the base model alone." if before.get("rouge_l") is not None else ".")]
     lines += [
         "",
         "## How to load",

@@ -87,6 +87,22 @@ def test_the_adapter_loads_with_plain_peft_and_scores_what_the_summary_says(lm_r
     held_out = {conv[-2].content: conv[-1].content for conv in test.conversations}
     assert len(generations) == 3 and all(g["prompt"] in held_out and g["reference"] == held_out[g["prompt"]] for g in generations)
 
+    # ROUGE-L: the greedy answers of the tuned and the base model to the first held-out prompts, against their responses.
+    from fedtune.common.causal_lm import generate
+    from fedtune.common.rouge import mean_rouge_l
+    from fedtune.server.lm_eval import GENERATION_MAX_NEW_TOKENS, ROUGE_EXAMPLES
+
+    count = min(ROUGE_EXAMPLES, len(test.conversations))
+    assert summary["test"]["rouge_l_examples"] == count
+    prompts = [conv[-2].content for conv in test.conversations[:count]]
+    references = [conv[-1].content for conv in test.conversations[:count]]
+    tokenizer = load_lm_tokenizer(lm_run["model"])
+    answer = lambda: generate(model, tokenizer, prompts, max_new_tokens=GENERATION_MAX_NEW_TOKENS, template=run.data.template)  # noqa: E731
+    assert mean_rouge_l(answer(), references) == pytest.approx(summary["test"]["rouge_l"])
+    with model.disable_adapter():
+        assert mean_rouge_l(answer(), references) == pytest.approx(summary["base"]["rouge_l"])
+    assert 0.0 <= summary["test"]["rouge_l"] <= 1.0
+
 
 def test_fedtune_evaluate_reports_the_test_perplexity_of_a_causal_lm_adapter(lm_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from fedtune.cli import main
