@@ -290,7 +290,8 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         "missed_rounds": missed_rounds(recorder.rounds),
     }
     recorder.write_summary(summary)
-    recorder.plot(dp=run.privacy.enabled, final_validation=totals.final_validation)
+    recorder.plot(dp=run.privacy.enabled, final_validation=totals.final_validation,
+                  base_perplexity=base_score.perplexity if base_score else None)
     from .report import write_model_card, write_privacy_report
 
     write_privacy_report(run_dir)

@@ -142,8 +142,8 @@ class RunRecorder:
         summary["sites"] = [s.to_json() for s in sorted(self.sites.values(), key=lambda s: s.site)]
         atomic_write_json(self.run_dir / "summary.json", summary)
 
-    def plot(self, *, dp: bool, final_validation: dict[str, Any] | None = None) -> Path | None:
-        """Accuracy (and, under DP, epsilon per site) per round, to ``report.png``."""
+    def plot(self, *, dp: bool, final_validation: dict[str, Any] | None = None, base_perplexity: float | None = None) -> Path | None:
+        """Accuracy, or a causal LM's perplexity (and, under DP, epsilon per site) per round, to ``report.png``."""
         if not self.rounds:
             return None
         import matplotlib
@@ -165,9 +165,17 @@ class RunRecorder:
         test = [(r["round"], r["test_accuracy"]) for r in self.rounds if r.get("test_accuracy") is not None]
         if test:
             ax_acc.plot([x for x, _ in test], [y for _, y in test], marker="o", label="held-out test")
-        ax_acc.set(xlabel="after round", ylabel="accuracy", title="Global adapter accuracy")
+        perplexity = [(r["round"], r["test_perplexity"]) for r in self.rounds if r.get("test_perplexity") is not None]
+        if perplexity:  # a causal LM: no accuracy, a perplexity (lower is better), against the base model's
+            ax_acc.plot([x for x, _ in perplexity], [y for _, y in perplexity], marker="o", label="held-out test")
+            if base_perplexity is not None:
+                ax_acc.axhline(base_perplexity, color="grey", linestyle="--", linewidth=1, label="base model")
+            ax_acc.set(xlabel="after round", ylabel="perplexity", title="Global adapter perplexity")
+        else:
+            ax_acc.set(xlabel="after round", ylabel="accuracy", title="Global adapter accuracy")
         ax_acc.grid(alpha=0.3)
-        ax_acc.legend()
+        if ax_acc.get_legend_handles_labels()[0]:
+            ax_acc.legend()
         if dp:
             for site in sorted(self.sites.values(), key=lambda s: s.site):
                 xs = sorted(site.epsilon_by_round)

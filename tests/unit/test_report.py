@@ -238,3 +238,27 @@ def test_model_card_names_sites_that_released_exact_statistics(tmp_path: Path) -
 
     assert "Sites hospital-b released exact training and validation statistics" in card
     assert "by their operator's opt-in: hospital-b" in card
+
+
+def test_report_png_of_a_causal_lm_plots_test_perplexity_per_round_against_the_base_model(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import warnings
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedtune.server.records import RunRecorder
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    recorder = RunRecorder(tmp_path)
+    for r, ppl in ((1, 30.5), (2, 27.25)):
+        recorder.note_round({"round": r, "validated_round": r - 1, "accuracy": None, "test_accuracy": None, "test_perplexity": ppl})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty legend warns: the panel would be blank
+        recorder.plot(dp=False, base_perplexity=33.0)
+    panel = figures[0].axes[0]
+    assert panel.get_ylabel() == "perplexity"
+    lines = {line.get_label(): list(line.get_ydata()) for line in panel.get_lines()}
+    assert lines["held-out test"] == [30.5, 27.25] and lines["base model"] == [33.0, 33.0]
+    assert (tmp_path / "report.png").stat().st_size > 0
