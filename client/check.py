@@ -49,7 +49,7 @@ def _rows(where: list[str]) -> str:
 
 
 def _chat_problem(value: Any) -> str:
-    """Why a messages cell is not a chat, without quoting it (``_conversation``'s errors quote the value)."""
+    """Why a messages cell is not a chat, without quoting it (``parse_conversation``'s errors quote the value)."""
     import json
 
     from fedtune.common.causal_lm import ROLES
@@ -72,12 +72,12 @@ def _chat_problem(value: Any) -> str:
 def _read_lm_rows(site: SiteConfig) -> tuple[list[Any], list[str], list[str], list[str]]:
     """Every row of a causal-lm site's file: (conversations, blank-prompt rows, empty-response rows,
     other bad rows with the reason), read through the training path's readers and rules."""
-    from fedtune.common.causal_lm import ChatMessage, _conversation
-    from fedtune.common.data import _MISSING, _READERS
+    from fedtune.common.causal_lm import ChatMessage, parse_conversation
+    from fedtune.common.data import MISSING, READERS
 
-    reader = _READERS.get(site.data_path.suffix.lower())
+    reader = READERS.get(site.data_path.suffix.lower())
     if reader is None:
-        raise FedtuneError(f"{site.data_path}: unsupported file type {site.data_path.suffix!r}; use one of {sorted(_READERS)}.")
+        raise FedtuneError(f"{site.data_path}: unsupported file type {site.data_path.suffix!r}; use one of {sorted(READERS)}.")
     if not site.data_path.is_file():
         raise FedtuneError(f"{site.data_path}: {'not a file' if site.data_path.exists() else 'no such file'} (data.path).")
     chats = site.messages_column
@@ -90,18 +90,18 @@ def _read_lm_rows(site: SiteConfig) -> tuple[list[Any], list[str], list[str], li
         row = where.removeprefix(f"{site.data_path} ")
         if chats:
             try:
-                convs.append(_conversation(values[chats], where, chats))
+                convs.append(parse_conversation(values[chats], where, chats))
             except FedtuneError:
                 bad.append(f"{row}: column {chats!r} {_chat_problem(values[chats])}")
             continue
         prompt, response = values[site.prompt_column], values[site.response_column]
         if isinstance(response, int) and not isinstance(response, bool):
             response = str(response)  # as the training path reads it
-        if prompt is _MISSING or prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+        if prompt is MISSING or prompt is None or (isinstance(prompt, str) and not prompt.strip()):
             blank_prompts.append(row)
         elif not isinstance(prompt, str):
             bad.append(f"{row}: column {site.prompt_column!r} holds {type(prompt).__name__}, not text")
-        elif response is _MISSING or response is None or (isinstance(response, str) and not response.strip()):
+        elif response is MISSING or response is None or (isinstance(response, str) and not response.strip()):
             empty_responses.append(row)
         elif not isinstance(response, str):
             bad.append(f"{row}: column {site.response_column!r} holds {type(response).__name__}, not text")
@@ -115,7 +115,7 @@ def _check_lm_data(site: SiteConfig, *, max_length: int = 0) -> str:
     with the site's base model's tokenizer. Only counts and row numbers are printed, never text."""
     import statistics
 
-    from fedtune.common.causal_lm import LMTable, _example_ids, _use_chat, lm_record_digests, load_lm_tokenizer
+    from fedtune.common.causal_lm import LMTable, example_ids, use_chat, lm_record_digests, load_lm_tokenizer
     from fedtune.common.config import TASK_MAX_LENGTH, ModelConfig
     from fedtune.common.model import resolve_base_model
 
@@ -135,10 +135,10 @@ def _check_lm_data(site: SiteConfig, *, max_length: int = 0) -> str:
         raise FedtuneError(f"{site.data_path}: {rows} rows; " + "; ".join(problems) + ". Training refuses the file until every row "
                            "has a prompt and a response: fill or remove those rows.")
     tokenizer = load_lm_tokenizer(resolve_base_model(ModelConfig(base_model=str(site.base_model or "")), "causal-lm"))
-    chat = _use_chat(tokenizer, "auto", needed=bool(site.messages_column))
+    chat = use_chat(tokenizer, "auto", needed=bool(site.messages_column))
     lengths, truncated, dropped, no_tokens = [], 0, [], []
     for row, conv in enumerate(convs, start=1):
-        prompt, response = _example_ids(tokenizer, conv, chat)
+        prompt, response = example_ids(tokenizer, conv, chat)
         if not prompt or not response:
             no_tokens.append(f"row {row}")
         lengths.append(len(prompt) + len(response))

@@ -36,10 +36,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import LoraSettings
-from .data import _READERS, load_table, record_digests
+from .data import READERS, load_table, record_digests
 from .errors import ConfigError, DataError
 from .lora_rank import site_lora_alpha
-from .model import ADAPTER_NAME, ModelBundle, _top_layers, adapter_state, freeze_lora_a
+from .model import ADAPTER_NAME, ModelBundle, top_layer_indices, adapter_state, freeze_lora_a
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +112,13 @@ def load_lm_table(path: str | Path, settings: LMDataSettings = LMDataSettings())
         convs = [(ChatMessage("user", p), ChatMessage("assistant", r)) for p, r in zip(table.texts, table.labels)]
         return LMTable(conversations=convs, source=table.source, from_messages=False)
     path = Path(path)
-    reader = _READERS.get(path.suffix.lower())
+    reader = READERS.get(path.suffix.lower())
     if reader is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_READERS)}.")
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(READERS)}.")
     if not path.is_file():
         raise DataError(f"{path}: {'not a file' if path.exists() else 'no such file'}.")
     column = settings.messages_column
-    convs = [_conversation(values[column], where, column) for where, values in reader(path, [column])]
+    convs = [parse_conversation(values[column], where, column) for where, values in reader(path, [column])]
     if not convs:
         raise DataError(f"{path}: no data rows; expected one chat per row in column {column!r}.")
     return LMTable(conversations=convs, source=str(path), from_messages=True)
@@ -129,7 +129,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _conversation(value: Any, where: str, column: str) -> Conversation:
+def parse_conversation(value: Any, where: str, column: str) -> Conversation:
     if isinstance(value, str):  # a CSV cell holding the JSON list
         try:
             value = json.loads(value)
@@ -167,7 +167,7 @@ def lm_record_digests(table: LMTable) -> list[str]:
     return record_digests(prompts, responses)
 
 
-def _use_chat(tokenizer: Any, template: str, *, needed: bool = False) -> bool:
+def use_chat(tokenizer: Any, template: str, *, needed: bool = False) -> bool:
     if template not in TEMPLATES:
         raise ConfigError(f"data.template must be one of {list(TEMPLATES)}, got {template!r}.")
     has = bool(getattr(tokenizer, "chat_template", None))
@@ -200,7 +200,7 @@ def _prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage], chat: bool) -> 
     return _bos(tokenizer) + _tokens(tokenizer, messages[-1].content)
 
 
-def _example_ids(tokenizer: Any, conv: Conversation, chat: bool) -> tuple[list[int], list[int]]:
+def example_ids(tokenizer: Any, conv: Conversation, chat: bool) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of one example, tokenized apart so generation sees the same prompt."""
     prompt = _prompt_ids(tokenizer, conv[:-1], chat)
     if chat:
@@ -241,11 +241,11 @@ def encode_lm(tokenizer: Any, table: LMTable, *, max_length: int, template: str 
     """
     if max_length < 2:
         raise ConfigError(f"model.max_length must be >= 2 for a causal LM (a prompt and a response token), got {max_length}.")
-    chat = _use_chat(tokenizer, template, needed=table.from_messages)
+    chat = use_chat(tokenizer, template, needed=table.from_messages)
     rows: list[tuple[list[int], int]] = []  # (ids, prompt length)
     truncated, dropped, longest_prompt = 0, [], 0
     for row, conv in enumerate(table.conversations, start=1):
-        prompt, response = _example_ids(tokenizer, conv, chat)
+        prompt, response = example_ids(tokenizer, conv, chat)
         longest_prompt = max(longest_prompt, len(prompt))
         if not prompt or not response:
             raise DataError(f"{table.source} row {row}: the {'prompt' if not prompt else 'response'} encodes to no tokens.")
@@ -412,7 +412,7 @@ def build_causal_lm(
                           "different weight layouts (fan_in_fan_out): target one kind.")
     config = LoraConfig(
         r=rank, lora_alpha=site_lora_alpha(lora.alpha, lora.rank, rank), lora_dropout=lora.dropout,
-        target_modules=list(targets), layers_to_transform=_top_layers(base, lora.top_layers, path),
+        target_modules=list(targets), layers_to_transform=top_layer_indices(base, lora.top_layers, path),
         fan_in_fan_out=conv1d == {True}, task_type="CAUSAL_LM",
     )
     try:
@@ -436,7 +436,7 @@ def generate(
 
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    chat = _use_chat(tokenizer, template)
+    chat = use_chat(tokenizer, template)
     encoded = [_prompt_ids(tokenizer, (ChatMessage("user", p),), chat) for p in prompts]
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

@@ -46,7 +46,7 @@ Read at each load, so a site that truly needs longer records may raise it before
 # A record as a reader yields it: where it is (for messages) and the raw value of each wanted column.
 _Record = tuple[str, dict[str, Any]]
 # Marks a column absent from one JSON object, which is not the same as a JSON null.
-_MISSING: Any = object()
+MISSING: Any = object()
 _UTF8_HINT = ("files exported as Latin-1 or Windows-1252 must be re-saved as UTF-8, e.g. "
               "`iconv -f WINDOWS-1252 -t UTF-8 FILE > FILE.utf8` (fedtune does not guess encodings; see common/data.py)")
 
@@ -109,9 +109,9 @@ def load_table(
             bytes that are not UTF-8, a malformed JSON line or CSV record, or an unreadable Parquet file.
     """
     path = Path(path)
-    reader = _READERS.get(path.suffix.lower())
+    reader = READERS.get(path.suffix.lower())
     if reader is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_READERS)}.")
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(READERS)}.")
     if not path.is_file():
         raise DataError(f"{path}: {'not a file' if path.exists() else 'no such file'}.")
 
@@ -221,7 +221,7 @@ def _framed(value: str) -> bytes:
 
 
 def _as_text(value: Any, where: str, column: str) -> str:
-    if value is _MISSING or value is None:
+    if value is MISSING or value is None:
         raise DataError(f"{where}: missing value in text column {column!r}.")
     if not isinstance(value, str):
         raise DataError(f"{where}: text column {column!r} must hold strings, got {type(value).__name__}.")
@@ -231,8 +231,8 @@ def _as_text(value: Any, where: str, column: str) -> str:
 
 
 def _as_value(value: Any, where: str, column: str) -> str:
-    if value is _MISSING or value is None or (isinstance(value, str) and not value.strip()):
-        found = "no such field" if value is _MISSING else repr(value)
+    if value is MISSING or value is None or (isinstance(value, str) and not value.strip()):
+        found = "no such field" if value is MISSING else repr(value)
         raise DataError(f"{where}: missing value in column {column!r} (found {found}).")
     if isinstance(value, str):
         return value
@@ -409,7 +409,7 @@ def _read_jsonl(path: Path, wanted: list[str]) -> Iterator[_Record]:
                 error = _missing_columns(path, wanted, list(record))
                 if error:
                     raise error
-            yield where, {name: record.get(name, _MISSING) for name in wanted}
+            yield where, {name: record.get(name, MISSING) for name in wanted}
 
 
 def _read_parquet(path: Path, wanted: list[str]) -> Iterator[_Record]:
@@ -443,7 +443,7 @@ def _read_parquet(path: Path, wanted: list[str]) -> Iterator[_Record]:
         raise DataError(f"{path}: not a readable Parquet file: {err}.") from None
 
 
-_READERS: dict[str, Callable[[Path, list[str]], Iterator[_Record]]] = {
+READERS: dict[str, Callable[[Path, list[str]], Iterator[_Record]]] = {
     ".csv": _read_csv,
     ".json": _read_jsonl,
     ".jsonl": _read_jsonl,

@@ -101,7 +101,7 @@ def build_model(
     path = resolve_base_model(model_config)
     torch.manual_seed(seed)
     base = load_classifier(path, num_labels, pooling=model_config.pooling)
-    layers = _top_layers(base, lora.top_layers, path)
+    layers = top_layer_indices(base, lora.top_layers, path)
     peft_config = LoraConfig(
         layers_to_transform=layers,
         r=rank,
@@ -278,7 +278,7 @@ def pooling_of(model: torch.nn.Module) -> str:
     return "mean" if isinstance(base, MeanPoolingClassifier) else "cls"
 
 
-def _top_layers(model: torch.nn.Module, top: int, path: Path) -> list[int] | None:
+def top_layer_indices(model: torch.nn.Module, top: int, path: Path) -> list[int] | None:
     if top == 0:
         return None
     total = getattr(model.config, "num_hidden_layers", None)

@@ -55,7 +55,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-def _offline_env() -> None:
+def offline_env() -> None:
     import os
 
     from fedtune.common.environment import OFFLINE
@@ -297,7 +297,7 @@ def simulate(config_file: str | None, **flags: Any) -> None:
     config.toml and report.png. After a crash, `--resume RUN_DIR` continues from the last
     complete checkpoint.
     """
-    _offline_env()
+    offline_env()
     resume, allow_change = flags.pop("resume"), flags.pop("allow_change")
     flags["fail_sites"] = _fail_sites(flags.pop("fail_sites"))
     if resume:
@@ -445,7 +445,7 @@ def _load_adapter(adapter: str, base_model: str | None):  # type: ignore[no-unty
 def evaluate_cmd(adapter: str, data: str, text_column: str, label_column: str, prompt_column: str, response_column: str,
                  messages_column: str, base_model: str | None, json_out: str | None) -> None:
     """Accuracy and macro-F1 of a trained adapter on labeled data; a causal-lm adapter's perplexity on prompt/response data."""
-    _offline_env()
+    offline_env()
     from fedtune.common.data import check_labels, load_table
     from fedtune.common.errors import LabelsMismatchError
     from fedtune.common.tasks import encode, evaluate
@@ -493,7 +493,7 @@ def _evaluate_lm(adapter: str, data: str, prompt_column: str, response_column: s
 @click.argument("texts", nargs=-1, required=True)
 def predict(adapter: str, base_model: str | None, texts: tuple[str, ...]) -> None:
     """Label and probability for each TEXT."""
-    _offline_env()
+    offline_env()
     from fedtune.common.tasks import encode, predict_proba
 
     loaded = _load_adapter(adapter, base_model)
@@ -511,7 +511,7 @@ def predict(adapter: str, base_model: str | None, texts: tuple[str, ...]) -> Non
 @click.argument("prompts", nargs=-1, required=True)
 def generate(adapter: str, base_model: str | None, max_new_tokens: int, prompts: tuple[str, ...]) -> None:
     """Greedy continuation of each PROMPT by a causal-lm adapter (rendered as in training), one per line."""
-    _offline_env()
+    offline_env()
     from fedtune.common.causal_lm import generate as greedy
     from fedtune.inference import load_lm_adapter
 

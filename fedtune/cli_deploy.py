@@ -136,11 +136,11 @@ def site_init(name: str, data: Path, coordinator: str, ca: Path, out: Path, budg
               help="causal-lm: the run's model.max_length, to count the examples it would truncate [256].")
 def site_check(config_path: Path, max_length: int | None) -> None:
     """Check data, model, certificates, privacy ledger and the coordinator; non-zero exit on any failure."""
-    from fedtune.cli import _offline_env
+    from fedtune.cli import offline_env
     from fedtune.client.check import run_checks
     from fedtune.client.daemon import load_site_config
 
-    _offline_env()
+    offline_env()
     config = load_site_config(config_path)
     failed = 0
     for result in run_checks(config, max_length=max_length or 0):
@@ -186,11 +186,11 @@ def site_worker(config_path: Path) -> None:
     """The warm worker `site start` runs beside flower-supernode (internal)."""
     import logging
 
-    from fedtune.cli import _offline_env
+    from fedtune.cli import offline_env
     from fedtune.client.daemon import load_site_config
     from fedtune.client.worker import serve
 
-    _offline_env()
+    offline_env()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     import fedtune.client.handlers  # noqa: F401  (pay the torch/PEFT/Opacus imports before the first round)
 

@@ -120,10 +120,10 @@ def audit(run_dir: Path, members: Path, non_members: Path, json_out: Path | None
     privacy; the DP guarantee is the proof, the audit a sanity check.
     """
     from fedtune.audit import run_audit
-    from fedtune.cli import _offline_env
+    from fedtune.cli import offline_env
     from fedtune.server.run_format import check_run_format
 
-    _offline_env()
+    offline_env()
     check_run_format(run_dir, action="audit it")
     result = run_audit(run_dir, members=members, non_members=non_members, text_column=text_column,
                        label_column=label_column, max_examples=max_examples, resamples=resamples, seed=seed,

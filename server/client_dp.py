@@ -46,7 +46,7 @@ from flwr.serverapp.strategy import Strategy
 from fedtune.common.errors import ConfigError, UpdateError
 
 from .aggregation import update_delta
-from .client_dp_plan import ClientLevelPlan, _is_int, _is_real, poisson_sample
+from .client_dp_plan import ClientLevelPlan, is_int, is_real, poisson_sample
 
 logger = logging.getLogger(__name__)
 
@@ -282,13 +282,13 @@ class ClientLevelDP(Strategy):
         configrecord_key: str = "config",
     ) -> None:
         problems = _knob_problems(clip_norm=clip_norm, noise_multiplier=noise_multiplier)
-        if not (_is_real(sample_rate) and 0.0 < float(sample_rate) <= 1.0):
+        if not (is_real(sample_rate) and 0.0 < float(sample_rate) <= 1.0):
             problems.append(f"`sample_rate` (q) must be in (0, 1], got {sample_rate!r}.")
-        if not (_is_int(sites) and sites >= 1):
+        if not (is_int(sites) and sites >= 1):
             problems.append(f"`sites` (N) must be an integer >= 1, got {sites!r}.")
         if not isinstance(inner, Strategy):
             problems.append(f"`inner` must be a flwr.serverapp.strategy.Strategy, got {type(inner).__name__}.")
-        if seed is not None and not _is_int(seed):
+        if seed is not None and not is_int(seed):
             problems.append(f"`seed` must be an integer or None, got {seed!r}.")
         if sampling_rng is not None and not isinstance(sampling_rng, random.Random):
             problems.append(f"`sampling_rng` must be a random.Random or None, got {type(sampling_rng).__name__}.")
@@ -475,16 +475,16 @@ def _reply_arrays(reply: Message) -> dict[str, np.ndarray]:
 
 def _knob_problems(*, clip_norm: object, noise_multiplier: object) -> list[str]:
     problems = []
-    if not (_is_real(clip_norm) and float(clip_norm) > 0.0):  # type: ignore[arg-type]
+    if not (is_real(clip_norm) and float(clip_norm) > 0.0):  # type: ignore[arg-type]
         problems.append(f"`clip_norm` must be a finite number > 0, got {clip_norm!r}.")
-    if not (_is_real(noise_multiplier) and float(noise_multiplier) >= 0.0):  # type: ignore[arg-type]
+    if not (is_real(noise_multiplier) and float(noise_multiplier) >= 0.0):  # type: ignore[arg-type]
         problems.append(f"`noise_multiplier` must be a finite number >= 0, got {noise_multiplier!r}.")
     return problems
 
 
 def _check_knobs(*, clip_norm: object, noise_multiplier: object, expected_sites: object) -> None:
     problems = _knob_problems(clip_norm=clip_norm, noise_multiplier=noise_multiplier)
-    if not (_is_real(expected_sites) and float(expected_sites) > 0.0):  # type: ignore[arg-type]
+    if not (is_real(expected_sites) and float(expected_sites) > 0.0):  # type: ignore[arg-type]
         problems.append(
             f"`expected_sites` must be a finite number > 0 (the expected number of sites sampled per round), "
             f"got {expected_sites!r}."
@@ -494,5 +494,5 @@ def _check_knobs(*, clip_norm: object, noise_multiplier: object, expected_sites:
 
 
 def _check_clip_norm(clip_norm: object) -> None:
-    if not (_is_real(clip_norm) and float(clip_norm) > 0.0):  # type: ignore[arg-type]
+    if not (is_real(clip_norm) and float(clip_norm) > 0.0):  # type: ignore[arg-type]
         raise ConfigError(f"`clip_norm` must be a finite number > 0, got {clip_norm!r}.")

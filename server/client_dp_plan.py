@@ -107,11 +107,11 @@ def client_sample_rate(*, sites: int, fraction_train: float, min_sites: int) -> 
         ConfigError: N < 1, f outside (0, 1] or min_sites < 0.
     """
     problems = []
-    if not (_is_int(sites) and sites >= 1):
+    if not (is_int(sites) and sites >= 1):
         problems.append(f"`sites` (N) must be an integer >= 1, got {sites!r}.")
-    if not (_is_real(fraction_train) and 0.0 < float(fraction_train) <= 1.0):
+    if not (is_real(fraction_train) and 0.0 < float(fraction_train) <= 1.0):
         problems.append(f"`fraction_train` must be in (0, 1], got {fraction_train!r}.")
-    if not (_is_int(min_sites) and min_sites >= 0):
+    if not (is_int(min_sites) and min_sites >= 0):
         problems.append(f"`min_sites` must be an integer >= 0, got {min_sites!r}.")
     if problems:
         raise ConfigError(problems)
@@ -125,7 +125,7 @@ def poisson_sample(node_ids: Iterable[int], sample_rate: float, rng: random.Rand
     q representable as a double; q = 1 keeps every node. Pass `random.SystemRandom()` for
     deployment: who is sampled must not be predictable from a seed or earlier rounds.
     """
-    if not (_is_real(sample_rate) and 0.0 < float(sample_rate) <= 1.0):
+    if not (is_real(sample_rate) and 0.0 < float(sample_rate) <= 1.0):
         raise ConfigError(f"`sample_rate` must be in (0, 1], got {sample_rate!r}.")
     return [node for node in node_ids if rng.random() < sample_rate]
 
@@ -288,10 +288,10 @@ def plan_client_level(
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
+def is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))  # type: ignore[arg-type]
 
