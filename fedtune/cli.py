@@ -49,7 +49,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     Coordinators:  fedtune certs init, coordinator start, coordinator add-site, run, status, logs, stop
     Site operators: fedtune site init, site check, site start, site ledger
     Auditors:      fedtune report RUN_DIR, audit RUN_DIR    (privacy report, membership inference)
-    Everyone:      fedtune evaluate / predict / generate (use a trained adapter)
+    Everyone:      fedtune evaluate / predict / generate / export (use a trained adapter)
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -518,6 +518,26 @@ def generate(adapter: str, base_model: str | None, max_new_tokens: int, prompts:
     loaded = load_lm_adapter(Path(adapter), base_model=base_model)
     for text in greedy(loaded.model, loaded.tokenizer, list(prompts), max_new_tokens=max_new_tokens, template=loaded.template):
         click.echo(text.replace("\n", " ").strip())
+
+
+@main.command("export")
+@click.option("--adapter", required=True, type=click.Path(file_okay=False), help="Adapter folder (a run's adapter/ or checkpoints/round-N/).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to create (an existing one must be empty).")
+@click.option("--merge", is_flag=True, help="Merge LoRA into the base weights: a plain transformers model, no PEFT or base model needed.")
+@click.option("--base-model", type=click.Path(file_okay=False), help="Base model folder (default: the one the run used).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it is not empty.")
+def export_cmd(adapter: str, out: str, merge: bool, base_model: str | None, overwrite: bool) -> None:
+    """A self-contained folder that plain transformers/PEFT load with no fedtune installed.
+
+    The adapter (its base named by a portable id, the base's tokenizer beside it) or, with --merge,
+    the merged model; the model card with the run's privacy guarantee; load_fedtune_export.py,
+    which rebuilds fedtune's mean-pooling head (see the folder's README.md).
+    """
+    offline_env()
+    from fedtune.export import export_adapter
+
+    result = export_adapter(Path(adapter), Path(out), merge=merge, base_model=base_model, overwrite=overwrite)
+    click.echo(f"exported {result.task} model ({result.mode}, base {result.base.name}) to {result.out}: {', '.join(result.files)}")
 
 
 def _register_commands() -> None:

