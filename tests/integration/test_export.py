@@ -22,10 +22,12 @@ import torch
 from click.testing import CliRunner
 
 from fedtune.cli import main
-from fedtune.common.config import LoraSettings
-from fedtune.common.model import save_adapter
+from transformers import AutoTokenizer
+
+from fedtune.common.config import LoraSettings, ModelConfig
+from fedtune.common.model import build_model, save_adapter
+from fedtune.common.tiny import make_tiny_bert
 from fedtune.server.report import model_card
-from tests.unit.lora_models import lora_model
 from tests.unit.test_causal_lm_run import ROWS, save_tiny_llama
 
 LABELS = ["billing", "cardiology", "triage"]
@@ -78,9 +80,9 @@ class Exports:
     root: Path
     bert: Path
     llama: Path
-    adapters: dict[str, Path]  # "cls", "lm"
-    folders: dict[str, Path]  # "cls-adapter", "cls-merged", "lm-adapter", "lm-merged"
-    clean: dict[str, Any]  # what the fresh process computed
+    adapters: dict[str, Path]  # "mean" (fedtune's default head), "cls" (a transformers [CLS] head), "lm"
+    folders: dict[str, Path]  # "mean-adapter", "mean-merged", "cls-adapter", ..., "lm-merged"
+    clean: dict[str, Any]  # what the fresh process computed, by export
 
 
 def _card_summary(base: Path, task: str | None) -> dict[str, Any]:
@@ -88,34 +90,37 @@ def _card_summary(base: Path, task: str | None) -> dict[str, Any]:
             **({"task": task} if task else {"labels": LABELS, "test": {"accuracy": 0.5, "macro_f1": 0.4}})}
 
 
-def _classifier_adapter(root: Path) -> tuple[Path, Path]:
-    from fedtune.common.tiny import make_tiny_bert
-
-    bert = make_tiny_bert(root / "tiny-bert")
-    model = lora_model(bert, len(LABELS))  # random B: the merge has something to merge
-    # A random encoder's mean-pooled features of any two texts are nearly the same vector: a head on
-    # their deviation from the mean (scaled to unit spread) gives clear, different labels per text.
-    from transformers import AutoTokenizer
-
-    from fedtune.common.model import mean_pool
-
-    enc = AutoTokenizer.from_pretrained(str(bert))(TEXTS, padding=True, return_tensors="pt")
+def _classifier_adapter(root: Path, bert: Path, pooling: str) -> Path:
+    """A saved adapter (non-identity LoRA, a head with clear labels) on ``bert`` with a ``pooling`` head, and its model card."""
+    model = build_model(ModelConfig(base_model=str(bert), pooling=pooling), LoraSettings(rank=4), len(LABELS), seed=1).model
     gen = torch.Generator().manual_seed(3)
+    features: list[torch.Tensor] = []
+    head = model.get_base_model().classifier  # PEFT's wrapper of the trained copy
+    hook = head.register_forward_pre_hook(lambda module, args: features.append(args[0].detach()))
+    enc = AutoTokenizer.from_pretrained(str(bert))(TEXTS, padding=True, return_tensors="pt")
+    model.eval()
     with torch.no_grad():
-        hidden = model.get_base_model().encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        pooled = mean_pool(hidden, enc["attention_mask"])
-        centre, spread = pooled.mean(dim=0), pooled.std(dim=0).clamp(min=1e-6)
-        weight = torch.randn((len(LABELS), pooled.shape[1]), generator=gen) / spread / pooled.shape[1] ** 0.5 * 3
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B != 0: the merge has something to merge
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        hook.remove()
+        # A random encoder reads any two texts as nearly the same vector: a head on their deviation
+        # from the mean (scaled to unit spread) gives clear, different labels per text.
+        x = features[0]
+        centre, spread = x.mean(dim=0), x.std(dim=0).clamp(min=1e-6)
+        weight = torch.randn((len(LABELS), x.shape[1]), generator=gen) / spread / x.shape[1] ** 0.5 * 3
         for name, p in model.named_parameters():
             if "classifier.modules_to_save" in name:
                 p.copy_(weight if name.endswith("weight") else -weight @ centre)
-    folder = root / "run" / "adapter"
+    folder = root / f"{pooling}-run" / "adapter"
     save_adapter(model, folder, metadata={"labels": LABELS, "max_length": 16, "base_model": str(bert), "round": 3})
-    (folder / "README.md").write_text(model_card(_card_summary(bert, None), pooling="mean"), encoding="utf-8")
-    return bert, folder
+    (folder / "README.md").write_text(model_card(_card_summary(bert, None), pooling=pooling), encoding="utf-8")
+    return folder
 
 
 def _lm_adapter(root: Path) -> tuple[Path, Path]:
+    """A tiny Llama and a saved causal-LM adapter on it (non-identity LoRA), with its model card."""
     from fedtune.common.causal_lm import build_causal_lm
 
     llama = save_tiny_llama(root / "tiny-llama", [t for row in ROWS for t in row])
@@ -139,10 +144,11 @@ def _cli(*args: str) -> Any:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory: pytest.TempPathFactory) -> Exports:
     root = tmp_path_factory.mktemp("export")
-    bert, cls_adapter = _classifier_adapter(root)
+    bert = make_tiny_bert(root / "tiny-bert")
     llama, lm_adapter = _lm_adapter(root)
+    adapters = {"mean": _classifier_adapter(root, bert, "mean"), "cls": _classifier_adapter(root, bert, "cls"), "lm": lm_adapter}
     folders = {}
-    for name, adapter in (("cls", cls_adapter), ("lm", lm_adapter)):
+    for name, adapter in adapters.items():
         for mode in ("adapter", "merged"):
             folders[f"{name}-{mode}"] = root / "exports" / f"{name}-{mode}"
             result = _cli("export", "--adapter", str(adapter), "--out", str(folders[f"{name}-{mode}"]), *(["--merge"] if mode == "merged" else []))
@@ -152,7 +158,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> Exports:
     args = {
         "site_packages": sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}),
         "texts": TEXTS, "prompts": PROMPTS, "max_new_tokens": MAX_NEW_TOKENS,
-        "exports": {name: {"folder": str(folder), "base": str(bert if name.startswith("cls") else llama) if name.endswith("adapter") else None}
+        "exports": {name: {"folder": str(folder), "base": str(llama if name.startswith("lm") else bert) if name.endswith("adapter") else None}
                     for name, folder in folders.items()},
     }
     (clean / "args.json").write_text(json.dumps(args), encoding="utf-8")
@@ -162,7 +168,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> Exports:
     done = subprocess.run([sys.executable, "-I", "-S", "-B", str(clean / "check.py"), str(clean / "args.json"), str(clean / "out.json")],
                           cwd=clean, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    return Exports(root=root, bert=bert, llama=llama, adapters={"cls": cls_adapter, "lm": lm_adapter}, folders=folders,
+    return Exports(root=root, bert=bert, llama=llama, adapters=adapters, folders=folders,
                    clean=json.loads((clean / "out.json").read_text(encoding="utf-8")))
 
 
@@ -179,13 +185,14 @@ def _fedtune_predict(adapter: Path, *extra: str) -> list[tuple[str, float]]:
     return [(r[0], float(r[1])) for r in rows]
 
 
-def test_classifier_exports_predict_as_fedtune_predict_without_fedtune(exports: Exports) -> None:
+@pytest.mark.parametrize("head", ["mean", "cls"])
+def test_classifier_exports_predict_as_fedtune_predict_without_fedtune(exports: Exports, head: str) -> None:
     from fedtune.common.tasks import encode, predict_proba
     from fedtune.inference import load_adapter
 
     # Prepare: fedtune's own answer, and proof the adapter matters (with LoRA off the probabilities move).
-    expected = _fedtune_predict(exports.adapters["cls"])
-    loaded = load_adapter(exports.adapters["cls"])
+    expected = _fedtune_predict(exports.adapters[head])
+    loaded = load_adapter(exports.adapters[head])
     dataset = encode(loaded.tokenizer, TEXTS, [LABELS[0]] * len(TEXTS), LABELS, max_length=loaded.max_length)
     probs = predict_proba(loaded.model, dataset)
     with loaded.model.disable_adapter():
@@ -193,14 +200,16 @@ def test_classifier_exports_predict_as_fedtune_predict_without_fedtune(exports: 
     assert np.abs(probs - without_lora).max() > 1e-2
     assert len({label for label, _ in expected}) > 1  # not one label for everything
 
-    for name in ("cls-adapter", "cls-merged"):
+    # The adapter export computes what fedtune does, op for op; a merged one rounds W + s B A once in float32
+    # instead of adding s B (A x), and this test's head magnifies that (it is scaled to the features' tiny spread).
+    for name, atol in ((f"{head}-adapter", 1e-5), (f"{head}-merged", 2e-4)):
         got = exports.clean[name]
-        np.testing.assert_allclose(np.array(got["probs"]), probs, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(np.array(got["probs"]), probs, atol=atol, err_msg=name)
         for source in ("loader", "card"):  # the loader file, and the model card's code block
             assert [label for label, _ in got[source]] == [label for label, _ in expected], (name, source)
             np.testing.assert_allclose([s for _, s in got[source]], [s for _, s in expected], atol=6e-4, err_msg=f"{name} {source}")
     # An adapter export is still a fedtune adapter, given its base's folder (its fedtune.json names the base portably).
-    assert _fedtune_predict(exports.folders["cls-adapter"], "--base-model", str(exports.bert)) == expected
+    assert _fedtune_predict(exports.folders[f"{head}-adapter"], "--base-model", str(exports.bert)) == expected
 
 
 def test_causal_lm_exports_generate_as_fedtune_generate_without_fedtune(exports: Exports) -> None:
@@ -230,14 +239,15 @@ def test_no_path_of_the_training_machine_in_any_exported_file(exports: Exports) 
                 data = data[8 : 8 + int.from_bytes(data[:8], "little")]  # its JSON header: the only strings it holds
             for text in forbidden:
                 assert text.encode() not in data, f"{name}/{path.name} names {text}"
-    assert json.loads((exports.folders["cls-adapter"] / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-bert"
+    for name in ("mean-adapter", "cls-adapter"):
+        assert json.loads((exports.folders[name] / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-bert"
     assert json.loads((exports.folders["lm-adapter"] / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
 
 
 def test_export_card_keeps_the_privacy_guarantee_and_lineage_and_needs_no_fedtune(exports: Exports) -> None:
-    for task in ("cls", "lm"):
+    for task in ("mean", "cls", "lm"):
         original = (exports.adapters[task] / "README.md").read_text(encoding="utf-8")
-        base = exports.bert if task == "cls" else exports.llama
+        base = exports.llama if task == "lm" else exports.bert
         privacy = original.split("\n## Privacy\n", 1)[1].split("\n## ", 1)[0].replace(str(base), base.name)
         lineage = original.split("\n# ", 1)[1].split("\n## Privacy\n", 1)[0].split("\n", 1)[1].replace(str(base), base.name)
         assert "epsilon <= 3.50 at delta = 1e-05" in privacy and "site-1" in privacy
@@ -249,14 +259,18 @@ def test_export_card_keeps_the_privacy_guarantee_and_lineage_and_needs_no_fedtun
             assert not re.search(r"(^|\s)(import|from) fedtune\b|fedtune (predict|generate)", how), how
 
 
-def test_merged_classifier_config_holds_the_label_map_and_the_mean_head_file(exports: Exports) -> None:
-    folder = exports.folders["cls-merged"]
-    config = json.loads((folder / "config.json").read_text())
-    assert config["id2label"] == {str(i): name for i, name in enumerate(LABELS)}
-    assert config["label2id"] == {name: i for i, name in enumerate(LABELS)}
-    manifest = json.loads((folder / "fedtune.json").read_text())
-    assert manifest["export"]["mode"] == "merged" and manifest["pooling"] == "mean"
-    assert (folder / "mean_pooling_head.safetensors").is_file() and not (folder / "adapter_config.json").exists()
+def test_merged_classifiers_hold_the_label_map_in_config_json(exports: Exports) -> None:
+    for head in ("mean", "cls"):
+        folder = exports.folders[f"{head}-merged"]
+        config = json.loads((folder / "config.json").read_text())
+        assert config["id2label"] == {str(i): name for i, name in enumerate(LABELS)}
+        assert config["label2id"] == {name: i for i, name in enumerate(LABELS)}
+        manifest = json.loads((folder / "fedtune.json").read_text())
+        assert manifest["export"]["mode"] == "merged" and manifest["pooling"] == head
+        assert not (folder / "adapter_config.json").exists()
+        # The mean head is no transformers class: a file of its own; a [CLS] head is a plain *ForSequenceClassification.
+        assert (folder / "mean_pooling_head.safetensors").is_file() == (head == "mean")
+        assert config["architectures"] == (["BertModel"] if head == "mean" else ["BertForSequenceClassification"])
 
 
 def _error(*args: str) -> str:
@@ -267,7 +281,7 @@ def _error(*args: str) -> str:
 
 
 def test_export_errors_are_one_line_naming_the_fix(exports: Exports, tmp_path: Path) -> None:
-    adapter = exports.adapters["cls"]
+    adapter = exports.adapters["mean"]
     assert "no such folder" in _error("export", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o1"))
     (tmp_path / "empty").mkdir()
     assert "has no adapter_config.json" in _error("export", "--adapter", str(tmp_path / "empty"), "--out", str(tmp_path / "o2"))
