@@ -204,7 +204,7 @@ def export_adapter(
     loaded: Any = (load_lm_adapter if task == "causal-lm" else load_adapter)(adapter, base_model=base_model)
     meta = json.loads((adapter / METADATA_FILE).read_text(encoding="utf-8"))
     base = Path(base_model or meta["base_model"])
-    o = out.resolve()
+    o = out.resolve()  # "." or a trailing slash have no usable name
     if o == base.resolve() or base.resolve() in o.parents or o in base.resolve().parents:
         raise ConfigError(f"--out {out} overlaps the base model folder {base}; export to a folder outside it.")
     ref = base_reference(base)
@@ -212,8 +212,8 @@ def export_adapter(
 
     from fedtune.common.io import fsync_dir, make_dirs
 
-    make_dirs(out.parent.resolve())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent.resolve()))
+    make_dirs(o.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{o.name}.export-", dir=o.parent))
     try:
         pooling = _write_model(loaded, adapter, tmp, task=task, merge=merge, ref=ref)
         loaded.tokenizer.save_pretrained(str(tmp))
@@ -232,20 +232,20 @@ def export_adapter(
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the export is a folder to hand on, like the files
         fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old"
+        if o.exists():
+            old = o.parent / f".{o.name}.old"
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
+            os.replace(o, old)
+            os.replace(tmp, o)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent.resolve())
+            os.replace(tmp, o)
+        fsync_dir(o.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    files = tuple(sorted(p.name for p in out.iterdir()))
-    logger.info("exported %s (%s, %s) to %s: %s", adapter, task, mode, out, files)
-    return ExportResult(out=out, mode=mode, task=task, base=ref, files=files)
+    files = tuple(sorted(p.name for p in o.iterdir()))
+    logger.info("exported %s (%s, %s) to %s: %s", adapter, task, mode, o, files)
+    return ExportResult(out=o, mode=mode, task=task, base=ref, files=files)
 
 
 def _write_model(loaded: Any, adapter: Path, tmp: Path, *, task: str, merge: bool, ref: BaseReference) -> str | None:
@@ -307,14 +307,13 @@ def _base_paths(base: Path, meta: dict[str, Any]) -> list[str]:
 
 
 def _local_names(adapter: Path, base: Path, meta: dict[str, Any]) -> list[str]:
-    """Absolute paths of this machine an export must not name."""
-    names = {str(adapter.resolve()), sys.prefix, *_base_paths(base, meta)}
+    """Absolute paths of this machine an export must not name: fedtune's own folders. Not the home
+    folder or a system prefix such as /usr, which a tokenizer's vocabulary may hold as text."""
     from fedtune.common.base_models import cache_root
 
-    names.add(str(cache_root()))
-    home = str(Path.home())
-    if home not in ("", "/"):
-        names.add(home + "/")
+    names = {str(adapter.resolve()), str(cache_root()), *_base_paths(base, meta)}
+    if sys.prefix != sys.base_prefix:  # a virtual environment: a folder of this installation
+        names.add(sys.prefix)
     return sorted((n for n in names if n and n != "/"), key=len, reverse=True)
 
 
