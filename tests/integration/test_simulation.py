@@ -230,6 +230,38 @@ def test_ffa_run_exchanges_only_b_and_the_head_and_saves_the_seed_derived_a(run_
     PeftModel.from_pretrained(load_classifier(tiny_model_dir, len(labels), pooling=run.model.pooling), str(ffa_dir / "adapter"))
 
 
+def test_ffa_under_secure_aggregation_keeps_a_frozen_and_trains_b(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """FFA-LoRA through SecAgg+: the masked vectors carry B and the head only (the coordinator sees
+    their sum), and the saved adapter holds the seed-derived A bit for bit, with B trained."""
+    from safetensors.torch import load_file
+
+    from fedtune.common.model import uses_ffa
+    from fedtune.simulations.simulate import run_simulation
+
+    run = from_dict(
+        {
+            "model": {"base_model": str(tiny_model_dir), "max_length": 32},
+            "federation": {"sites": 2, "rounds": 1, "min_sites": 2, "aggregation": "ffa", "fraction_evaluate": 0.0},
+            "privacy": {"target_epsilon": 8.0},
+            "secure_agg": {"enabled": True},
+            "out": str(tmp_path / "ffa-secure"),
+        }
+    )
+    out = run_simulation(run)
+
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["secure_agg"]["protocol"] == "SecAgg+" and line["sites_replied"] == 2 and not line["sites_rejected"], line
+    labels = json.loads((out / "summary.json").read_text())["labels"]
+    model = build_model(run.model, run.lora, len(labels), seed=run.seed, ffa=uses_ffa(run)).model
+    frozen = {n.replace(".default.", "."): p for n, p in model.named_parameters() if ".lora_A." in n}
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert frozen and all(torch.equal(saved[n], a) for n, a in frozen.items()), "A is frozen: never masked, summed or moved"
+    initial = adapter_state(model)
+    bound = line["secure_agg"]["quantization_error_bound"]
+    lora_b = [k for k in initial if ".lora_B." in k]
+    assert lora_b and any(float((saved[k] - initial[k]).abs().max()) > 10 * bound for k in lora_b), "B trained"
+
+
 def test_heterogeneous_rank_run_pads_lower_rank_replies_and_keeps_the_runs_rank(tiny_model_dir: Path, tmp_path: Path) -> None:
     """lora.site_ranks through Flower's engine: sites of rank 4 and 2 in a rank-8 run. Both replies
     pass screening and are padded with the global adapter's values, so the saved rank-8 adapter
