@@ -80,7 +80,7 @@ def _load_peft(model: torch.nn.Module, folder: Path, meta: dict[str, Any], base:
     if weights.is_file():
         with safe_open(str(weights), framework="pt") as f:
             saved = set(f.keys())
-        have = set(get_peft_model_state_dict(peft_model).keys())
+        have = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False).keys())
         unused = sorted(saved - have)
         if unused:
             raise mismatch(f"{len(unused)} of its {len(saved)} tensors have no place in it, e.g. {unused[0]}")
