@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,23 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_dir(tmp: Path, folder: Path) -> None:
+    """Make the finished folder ``tmp`` (its files already fsynced) appear as ``folder``.
+
+    Two renames, never a moment with neither: an existing ``folder`` moves aside first and is
+    deleted only once the new one is in place; the parent is fsynced so the rename survives power loss.
+    """
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    fsync_dir(folder.parent)
 
 
 def make_dirs(folder: Path) -> None:

@@ -362,7 +362,7 @@ def save_adapter(
     import shutil
     import tempfile
 
-    from .io import fsync_dir, make_dirs
+    from .io import fsync_dir, make_dirs, publish_dir
 
     make_dirs(folder.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -387,14 +387,6 @@ def save_adapter(
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-        fsync_dir(folder.parent)
+        publish_dir(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -210,7 +210,7 @@ def export_adapter(
     ref = base_reference(base)
     mode = "merged" if merge else "adapter"
 
-    from fedtune.common.io import fsync_dir, make_dirs
+    from fedtune.common.io import fsync_dir, make_dirs, publish_dir
 
     make_dirs(o.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{o.name}.export-", dir=o.parent))
@@ -232,15 +232,7 @@ def export_adapter(
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the export is a folder to hand on, like the files
         fsync_dir(tmp)
-        if o.exists():
-            old = o.parent / f".{o.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(o, old)
-            os.replace(tmp, o)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, o)
-        fsync_dir(o.parent)
+        publish_dir(tmp, o)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = tuple(sorted(p.name for p in o.iterdir()))
