@@ -1,0 +1,475 @@
+"""A read-only web dashboard of run directories and, for a site operator, of its privacy ledger.
+
+``fedtune dashboard RUN_DIR... [--site-config site.toml]`` serves server-rendered HTML (FastAPI +
+uvicorn, already installed as Flower's dependencies) with charts as inline SVG
+(`fedtune.dashboard_svg`): no script, no build step, nothing fetched at run time. Pages:
+
+    /                 the runs given on the command line
+    /runs/{i}         run i: accuracy (or perplexity), epsilon per site against its budget, sites
+                      sampled/replied/refused with refusal codes, bytes per round, the model card
+    /site             with --site-config: every charge of the site's ledger, the budget left, and
+                      the rounds of the given runs in which the site was refused
+
+It reads only the run directories it was given (metrics.jsonl, summary.json, config.toml, run.json,
+the latest checkpoint's resume-state.json, adapter/README.md) and the site's ledger: a URL names a
+run by its index in that list, so no path from a request reaches the filesystem. A run without
+summary.json is live: its page reloads itself every few seconds. Loopback by default, with the Host
+header checked there so that a web page cannot reach it through DNS rebinding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import tomllib
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from fedtune.common.errors import ConfigError
+from fedtune.dashboard_svg import Bars, Guide, Series, bar_chart, line_chart, render_markdown
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+logger = logging.getLogger(__name__)
+
+REFRESH_SECONDS = 5
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+# ------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True, kw_only=True)
+class Refused:
+    """A sampled site without a usable update in a round, and why (a refusal code when it refused)."""
+
+    site: str
+    reason: str
+    code: str | None = None
+
+    def text(self) -> str:
+        return f"{self.site}: {self.reason}" + (f" {self.code}" if self.code else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundView:
+    """One line of metrics.jsonl, as the dashboard shows it."""
+
+    round: int
+    sampled: int
+    replied: int
+    refused: tuple[Refused, ...]
+    validated_round: int | None
+    accuracy: float | None  # federated validation of the adapter after ``validated_round``
+    test_accuracy: float | None
+    test_perplexity: float | None
+    epsilon_by_site: dict[str, float]
+    bytes_up: int
+    bytes_down: int
+    seconds: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunView:
+    """What one run directory holds, read at one moment (a live run is read again on each request)."""
+
+    path: Path
+    run_id: str | None
+    planned_rounds: int | None
+    dp: bool
+    rounds: tuple[RoundView, ...]
+    sites: tuple[str, ...]
+    budgets: dict[str, float]  # each site's own budget as it reported it; empty when unknown
+    target_epsilon: float | None  # the run's target (config.toml), shown when a site's budget is unknown
+    finished: bool  # summary.json exists
+    summary: dict[str, Any] | None
+    card: str | None  # adapter/README.md
+
+    @property
+    def causal_lm(self) -> bool:
+        return any(r.test_perplexity is not None for r in self.rounds) or bool(self.summary and self.summary.get("task") == "causal-lm")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # a file being replaced: atomic writes make this rare, not impossible
+        logger.warning("dashboard: cannot read %s: %s", path, err)
+        return None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _round_view(line: dict[str, Any]) -> RoundView:
+    # sites_missing names every sampled site without a usable update (older runs: sites_rejected only).
+    missing = line.get("sites_missing")
+    entries = missing if isinstance(missing, list) else line.get("sites_rejected") or []
+    refused = tuple(Refused(site=str(e.get("site", "?")), reason=str(e.get("reason", "?")),
+                            code=str(e["code"]) if e.get("code") else None) for e in entries if isinstance(e, dict))
+    eps = line.get("epsilon_by_site") or {}
+    return RoundView(
+        round=int(line["round"]), sampled=int(line.get("sites_sampled") or 0), replied=int(line.get("sites_replied") or 0),
+        refused=refused, validated_round=line.get("validated_round"), accuracy=_number(line.get("accuracy")),
+        test_accuracy=_number(line.get("test_accuracy")), test_perplexity=_number(line.get("test_perplexity")),
+        epsilon_by_site={str(k): float(v) for k, v in eps.items() if _number(v) is not None},
+        bytes_up=int(line.get("bytes_up") or 0), bytes_down=int(line.get("bytes_down") or 0), seconds=_number(line.get("seconds")))
+
+
+def read_rounds(run_dir: Path) -> list[RoundView]:
+    """metrics.jsonl's lines; a last line still being written by a live run is skipped, not an error."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for i, text in enumerate(lines):
+        if not text.strip():
+            continue
+        try:
+            out.append(_round_view(json.loads(text)))
+        except (ValueError, KeyError, TypeError) as err:
+            if i != len(lines) - 1:
+                logger.warning("dashboard: %s line %d is not a round line (%s); skipped", path, i + 1, err)
+    return out
+
+
+def _latest_site_states(run_dir: Path) -> dict[str, Any]:
+    """Each site's record in the latest checkpoint (what a live run knows of the sites' budgets)."""
+    folders = []
+    for p in (run_dir / "checkpoints").glob("round-*"):
+        if re.fullmatch(r"round-\d+", p.name):
+            folders.append((int(p.name.removeprefix("round-")), p))
+    for _, folder in sorted(folders, reverse=True):
+        state = _read_json(folder / "resume-state.json")
+        if isinstance(state, dict) and isinstance(state.get("sites"), dict):
+            return state["sites"]
+    return {}
+
+
+def read_run(run_dir: Path) -> RunView:
+    """Everything the run pages show, from the files of ``run_dir`` only."""
+    rounds = read_rounds(run_dir)
+    summary = _read_json(run_dir / "summary.json")
+    summary = summary if isinstance(summary, dict) else None
+    try:
+        config = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        config = {}
+    identity = _read_json(run_dir / "run.json")
+    site_records = {str(s.get("site")): s for s in (summary or {}).get("sites", []) if isinstance(s, dict)}
+    if not site_records:
+        site_records = {str(k): v for k, v in _latest_site_states(run_dir).items() if isinstance(v, dict)}
+    budgets = {k: float(v["budget_epsilon"]) for k, v in site_records.items() if (_number(v.get("budget_epsilon")) or 0) > 0}
+    names = set(site_records) | {s for r in rounds for s in r.epsilon_by_site} | {f.site for r in rounds for f in r.refused}
+    privacy = config.get("privacy", {}) if isinstance(config.get("privacy"), dict) else {}
+    dp = bool(summary.get("dp")) if summary and "dp" in summary else bool(privacy.get("enabled", True))
+    try:
+        card: str | None = (run_dir / "adapter" / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        card = None
+    planned = (config.get("federation") or {}).get("rounds") if isinstance(config.get("federation"), dict) else None
+    return RunView(
+        path=run_dir, run_id=str(identity["run_id"]) if isinstance(identity, dict) and identity.get("run_id") else None,
+        planned_rounds=int(planned) if isinstance(planned, int) else None, dp=dp, rounds=tuple(rounds),
+        sites=tuple(sorted(names)), budgets=budgets, target_epsilon=_number(privacy.get("target_epsilon")),
+        finished=summary is not None, summary=summary, card=card)
+
+
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChargeView:
+    """One charge of the site's ledger; ``epsilon_after`` is the worst record it touched, after it."""
+
+    run: str
+    round: int
+    kind: str
+    records: int | None  # None: every record (a charge migrated from a version-1 ledger)
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon_after: float
+    time: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerView:
+    """A site's ledger for its operator: every charge, the spend, and refusals seen in the given runs."""
+
+    site: str
+    path: Path
+    budget_epsilon: float
+    delta: float
+    max_epsilon: float
+    charges: tuple[ChargeView, ...]
+    refusals: tuple[tuple[str, int, Refused], ...]  # (run folder name, round, what the coordinator recorded)
+
+    @property
+    def left(self) -> float:
+        return max(0.0, self.budget_epsilon - self.max_epsilon)
+
+
+def read_ledger(site_config: Path, runs: Sequence[RunView] = ()) -> LedgerView:
+    """The ledger named by ``site_config``'s state_dir, accounted at the site's own delta.
+
+    The data file is not read: the spend shown is over every record any charge named (what
+    ``fedtune site ledger`` falls back to), so the dashboard never touches private data.
+    """
+    from fedtune.client.daemon import load_site_config
+    from fedtune.client.ledger import PrivacyLedger
+    from fedtune.client.ledger_state import ALL_RECORDS, LedgerState, read_state
+
+    config = load_site_config(site_config)
+    ledger = PrivacyLedger(config.state_dir)
+    state = read_state(ledger.path.read_bytes(), ledger.path) if ledger.path.exists() else LedgerState()
+    summary = ledger.summary(None, delta=config.delta)
+    everyone = frozenset().union(*(r for r in state.cohorts.values() if r is not None))
+    always = frozenset(i for i, c in enumerate(state.charges) if c.cohort == ALL_RECORDS)
+    histories = state.maximal([*state.histories(everyone), always])
+    charges = []
+    for i, c in enumerate(state.charges):
+        # The worst record this charge touched, over its charges up to this one: the ledger's
+        # spend as it stood right after the charge (each history accounted as `spent_epsilon` does).
+        after = max((state.epsilon(frozenset(j for j in h if j <= i), delta=config.delta, accountant=None)
+                     for h in histories if i in h), default=0.0)
+        cohort = state.cohorts.get(c.cohort)
+        charges.append(ChargeView(run=c.run, round=c.round, kind=c.kind, records=None if cohort is None else len(cohort),
+                                  noise_multiplier=c.noise_multiplier, sample_rate=c.sample_rate, steps=c.steps,
+                                  epsilon_after=after, time=c.time))
+    refusals = tuple((run.path.name, r.round, f) for run in runs for r in run.rounds for f in r.refused if f.site == config.name)
+    return LedgerView(site=config.name, path=ledger.path, budget_epsilon=config.budget_epsilon, delta=config.delta,
+                      max_epsilon=summary.max_epsilon, charges=tuple(charges), refusals=refusals)
+
+
+# --------------------------------------------------------------------------------------- pages
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5rem auto;max-width:1220px;color:#222;padding:0 1rem}
+h1{font-size:1.4rem}h2{font-size:1.15rem;margin-top:1.6rem}table{border-collapse:collapse;margin:.5rem 0}
+td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:right;font-size:.9rem}th{background:#f3f3f3}
+td.text,th.text{text-align:left}.charts{display:flex;flex-wrap:wrap;gap:1rem}.live{color:#a15c00;font-weight:bold}
+.done{color:#176e2c}.warn{color:#a00}.card{border:1px solid #ddd;padding:0 1rem;max-width:1000px;overflow-x:auto}
+pre{background:#f6f6f6;padding:.5rem;overflow-x:auto}nav a{margin-right:1rem}
+"""
+
+
+def _page(title: str, body: str, *, refresh: int | None = None, site_page: bool = False) -> str:
+    meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
+    nav = '<nav><a href="/">runs</a>' + ('<a href="/site">site ledger</a>' if site_page else "") + "</nav>"
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">{meta}<title>{escape(title)} - fedtune</title>'
+            f"<style>{_CSS}</style></head><body>{nav}{body}</body></html>")
+
+
+def _f(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _status(run: RunView, refresh: int) -> str:
+    done = len(run.rounds)
+    of = f" of {run.planned_rounds}" if run.planned_rounds else ""
+    if run.finished:
+        return f'<p id="status" class="done" data-live="false">Finished: {done}{of} rounds.</p>'
+    return (f'<p id="status" class="live" data-live="true">Live: {done}{of} rounds so far, no summary.json yet; '
+            f"this page reloads every {refresh} s.</p>")
+
+
+def index_page(runs: Sequence[RunView], *, refresh: int, site_page: bool) -> str:
+    rows = []
+    for i, run in enumerate(runs):
+        eps = max((e for r in run.rounds for e in r.epsilon_by_site.values()), default=None)
+        last = run.rounds[-1] if run.rounds else None
+        quality = (f"perplexity {_f(last.test_perplexity, '.2f')}" if run.causal_lm else f"test accuracy {_f(last.test_accuracy)}") if last else "-"
+        state = "finished" if run.finished else "live"
+        rows.append(f'<tr data-run="{i}" data-state="{state}"><td>{i}</td><td class="text"><a href="/runs/{i}">'
+                    f"{escape(run.path.name)}</a></td><td class=\"text\">{state}</td><td>{len(run.rounds)}"
+                    f"{'/' + str(run.planned_rounds) if run.planned_rounds else ''}</td><td>{len(run.sites)}</td>"
+                    f"<td>{_f(eps) if run.dp else 'no DP'}</td><td class=\"text\">{quality}</td></tr>")
+    body = (f"<h1>fedtune runs</h1><table id=\"runs\" data-runs=\"{len(runs)}\"><tr><th>#</th><th class=\"text\">run</th>"
+            "<th class=\"text\">state</th><th>rounds</th><th>sites</th><th>max epsilon</th><th class=\"text\">last round</th></tr>"
+            + "".join(rows) + "</table>")
+    live = any(not r.finished for r in runs)
+    return _page("runs", body, refresh=refresh if live else None, site_page=site_page)
+
+
+def _quality_chart(run: RunView) -> str:
+    if run.causal_lm:
+        series = [Series(name="held-out test", points=tuple((r.round, r.test_perplexity) for r in run.rounds if r.test_perplexity is not None))]
+        base = ((run.summary or {}).get("base") or {}).get("perplexity")
+        guides = [Guide(label="base model", y=float(base))] if _number(base) is not None else []
+        return line_chart(chart_id="chart-quality", title="Global adapter perplexity", x_label="after round",
+                          y_label="perplexity", series=series, guides=guides)
+    val = [(float(r.validated_round), r.accuracy) for r in run.rounds if r.validated_round is not None and r.accuracy is not None]
+    final = (run.summary or {}).get("validation") or {}
+    if _number(final.get("accuracy")) is not None and _number(final.get("round")) is not None:
+        val.append((float(final["round"]), float(final["accuracy"])))
+    series = [s for s in (Series(name="site validation", points=tuple(val)),
+                          Series(name="held-out test", points=tuple((r.round, r.test_accuracy) for r in run.rounds if r.test_accuracy is not None)))
+              if s.points]
+    return line_chart(chart_id="chart-quality", title="Global adapter accuracy", x_label="after round", y_label="accuracy", series=series)
+
+
+def run_page(index: int, run: RunView, *, refresh: int, site_page: bool) -> str:
+    rounds = run.rounds
+    budget = {s: run.budgets.get(s, run.target_epsilon) for s in run.sites}
+    sites = "".join(f'<li data-site="{escape(s)}">{escape(s)}'
+                    + (f" (budget epsilon {budget[s]:g}{'' if s in run.budgets else ', the run target'})" if run.dp and budget[s] else "")
+                    + "</li>" for s in run.sites)
+    if run.dp:
+        series = [Series(name=s, points=tuple((r.round, r.epsilon_by_site[s]) for r in rounds if s in r.epsilon_by_site)) for s in run.sites]
+        guides = sorted({Guide(label="budget", y=b) for b in budget.values() if b}, key=lambda g: g.y)
+        eps_chart = line_chart(chart_id="chart-epsilon", title="Epsilon spent per site (cumulative) against its budget",
+                               x_label="round", y_label="epsilon", series=series, guides=guides, y_min=0.0)
+    else:
+        eps_chart = '<p id="chart-epsilon" class="warn" data-series="0">Trained WITHOUT differential privacy.</p>'
+    xs = [r.round for r in rounds]
+    sites_chart = bar_chart(chart_id="chart-sites", title="Sites per round", x_label="round", y_label="sites", xs=xs, stacked=True,
+                            bars=[Bars(name="replied", values=tuple(float(r.replied) for r in rounds)),
+                                  Bars(name="refused or missing", values=tuple(float(len(r.refused)) for r in rounds))])
+    bytes_chart = bar_chart(chart_id="chart-bytes", title="Bytes per round", x_label="round", y_label="MiB", xs=xs, stacked=False,
+                            bars=[Bars(name="up (to coordinator)", values=tuple(r.bytes_up / 2**20 for r in rounds)),
+                                  Bars(name="down", values=tuple(r.bytes_down / 2**20 for r in rounds))])
+    metric = "test perplexity" if run.causal_lm else "validation / test accuracy"
+    rows = []
+    for r in rounds:
+        refused = "; ".join(escape(f.text()) for f in r.refused) or "-"
+        quality = _f(r.test_perplexity, ".2f") if run.causal_lm else f"{_f(r.accuracy)} / {_f(r.test_accuracy)}"
+        eps = ", ".join(f"{escape(s)} {e:.3f}" for s, e in sorted(r.epsilon_by_site.items())) if run.dp else "no DP"
+        codes = " ".join(escape(f.code) for f in r.refused if f.code)
+        rows.append(f'<tr data-round="{r.round}" data-replied="{r.replied}" data-refused="{len(r.refused)}" data-codes="{codes}">'
+                    f"<td>{r.round}</td><td>{r.sampled}</td><td>{r.replied}</td><td class=\"text\">{refused}</td><td>{quality}</td>"
+                    f"<td class=\"text\">{eps}</td><td>{_bytes(r.bytes_up)}</td><td>{_bytes(r.bytes_down)}</td><td>{_f(r.seconds, '.1f')}</td></tr>")
+    table = (f'<table id="rounds" data-rounds="{len(rounds)}"><tr><th>round</th><th>sampled</th><th>replied</th>'
+             f'<th class="text">refused or missing (code)</th><th>{metric}</th><th class="text">epsilon per site</th>'
+             "<th>bytes up</th><th>bytes down</th><th>seconds</th></tr>" + "".join(rows) + "</table>")
+    card = (f'<div id="card" class="card">{render_markdown(run.card)}</div>' if run.card
+            else '<p id="card">No model card yet (adapter/README.md is written when the run ends).</p>')
+    facts = (f"<p>Folder <code>{escape(run.path.name)}</code>" + (f", run id <code>{escape(run.run_id)}</code>" if run.run_id else "")
+             + f'; <span id="round-count" data-rounds="{len(rounds)}">{len(rounds)} rounds</span>, '
+             f'<span id="site-count" data-sites="{len(run.sites)}">{len(run.sites)} sites</span>.</p>')
+    body = (f"<h1>Run {index}: {escape(run.path.name)}</h1>{_status(run, refresh)}{facts}"
+            f'<ul id="sites" data-sites="{len(run.sites)}">{sites}</ul>'
+            f'<div class="charts">{_quality_chart(run)}{eps_chart}{sites_chart}{bytes_chart}</div>'
+            f"<h2>Rounds</h2>{table}<h2>Model card</h2>{card}")
+    return _page(f"run {index}", body, refresh=None if run.finished else refresh, site_page=site_page)
+
+
+def ledger_page(view: LedgerView) -> str:
+    rows = []
+    for i, c in enumerate(view.charges):
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(c.time))
+        rows.append(f'<tr data-charge="{i}" data-run="{escape(c.run)}" data-round="{c.round}"><td>{i + 1}</td>'
+                    f'<td class="text">{escape(c.run)}</td><td>{c.round}</td><td class="text">{escape(c.kind)}</td>'
+                    f"<td>{'all' if c.records is None else c.records}</td><td>{c.noise_multiplier:.4f}</td><td>{c.sample_rate:.4f}</td>"
+                    f"<td>{c.steps}</td><td>{c.epsilon_after:.3f}</td><td class=\"text\">{when}</td></tr>")
+    refusals = "".join(f'<li data-run="{escape(run)}" data-round="{rnd}">{escape(run)} round {rnd}: {escape(f.reason)}'
+                       f"{' ' + escape(f.code) if f.code else ''}</li>" for run, rnd, f in view.refusals)
+    body = (f"<h1>Site {escape(view.site)}: privacy ledger</h1>"
+            f'<p id="budget" data-budget="{view.budget_epsilon!r}" data-spent="{view.max_epsilon!r}" data-left="{view.left!r}">'
+            f"Worst record: epsilon {view.max_epsilon:.3f} spent of this site's budget {view.budget_epsilon:g} "
+            f"(delta {view.delta:g}); <strong>{view.left:.3f} left</strong>.</p>"
+            f"<p>Ledger <code>{escape(str(view.path))}</code>, over every record any charge named (the data file is not read). "
+            "A charge is written before training, so privacy counts as spent once noise may be drawn.</p>"
+            f'<table id="charges" data-charges="{len(view.charges)}"><tr><th>#</th><th class="text">run</th><th>round</th>'
+            '<th class="text">kind</th><th>records</th><th>noise z</th><th>sample rate q</th><th>steps</th>'
+            '<th>epsilon after (worst record)</th><th class="text">time</th></tr>' + "".join(rows) + "</table>"
+            f"<h2>Refusals</h2><p>The ledger records charges only: a refused round is never charged, and its details are in "
+            "the site daemon's log. Rounds of the runs given to the dashboard in which the coordinator recorded this site "
+            f'as refused or missing:</p><ul id="refusals" data-refusals="{len(view.refusals)}">{refusals or "<li>none</li>"}</ul>')
+    return _page(f"site {view.site}", body, site_page=True)
+
+
+# ------------------------------------------------------------------------------------- serving
+def _check_inputs(run_dirs: Sequence[Path], site_config: Path | None, refresh_seconds: int) -> tuple[Path, ...]:
+    problems = [f"run directory {p} does not exist or is not a folder." for p in run_dirs if not Path(p).is_dir()]
+    if not run_dirs:
+        problems.append("give at least one run directory (a folder `fedtune simulate` or `fedtune run` wrote).")
+    if site_config is not None and not Path(site_config).is_file():
+        problems.append(f"--site-config {site_config} is not a file (the site's site.toml).")
+    if not 1 <= refresh_seconds <= 3600:
+        problems.append(f"the refresh interval must be 1..3600 seconds, got {refresh_seconds!r}.")
+    if problems:
+        raise ConfigError(problems)
+    return tuple(Path(p) for p in run_dirs)
+
+
+def create_app(run_dirs: Sequence[Path], *, site_config: Path | None = None, host: str = "127.0.0.1",
+               refresh_seconds: int = REFRESH_SECONDS) -> FastAPI:
+    """The dashboard's ASGI app over ``run_dirs`` (and the ledger of ``site_config``'s site).
+
+    Every page is read from disk on each request, so a live run's new rounds appear on the next
+    reload. The site's config and ledger are read once here, so a bad one fails at start.
+
+    Raises:
+        ConfigError: a run directory or the site config is missing or invalid.
+    """
+    from fastapi import FastAPI, Request, Response
+    from fastapi.responses import HTMLResponse
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    runs = _check_inputs(run_dirs, site_config, refresh_seconds)
+    if site_config is not None:
+        read_ledger(site_config)  # fail now, and pay the accountant's imports before the first request
+    app = FastAPI(title="fedtune dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    if host in LOOPBACK:  # a page on another site cannot reach it by rebinding a DNS name to 127.0.0.1
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK))
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        # No scripts at all: a model card or a site name with markup could do nothing even if escaping failed.
+        response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def not_found(what: str) -> HTMLResponse:
+        return HTMLResponse(_page("not found", f"<h1>Not found</h1><p>{escape(what)}</p>", site_page=site_config is not None), 404)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return index_page([read_run(p) for p in runs], refresh=refresh_seconds, site_page=site_config is not None)
+
+    @app.get("/runs/{index}", response_class=HTMLResponse)
+    def run(index: str) -> Any:
+        # Only an index into the list given at start: nothing in the URL becomes a path.
+        if not (index.isascii() and index.isdigit() and int(index) < len(runs)):
+            return not_found(f"There is no run {index!r}: this dashboard shows runs 0 to {len(runs) - 1}.")
+        i = int(index)
+        return run_page(i, read_run(runs[i]), refresh=refresh_seconds, site_page=site_config is not None)
+
+    @app.get("/site", response_class=HTMLResponse)
+    def site() -> Any:
+        if site_config is None:
+            return not_found("No site ledger: start the dashboard with --site-config site.toml.")
+        return ledger_page(read_ledger(site_config, [read_run(p) for p in runs]))
+
+    return app
+
+
+def serve(run_dirs: Sequence[Path], *, site_config: Path | None = None, host: str = "127.0.0.1", port: int = 8050,
+          refresh_seconds: int = REFRESH_SECONDS) -> None:
+    """Serve the dashboard until interrupted (uvicorn handles SIGINT/SIGTERM)."""
+    import uvicorn
+
+    app = create_app(run_dirs, site_config=site_config, host=host, refresh_seconds=refresh_seconds)
+    if host not in LOOPBACK:
+        logger.warning("dashboard: listening on %s: anyone who can reach this address sees the runs and the ledger "
+                       "(no login, no TLS); prefer 127.0.0.1 and an SSH tunnel.", host)
+    print(f"fedtune dashboard: http://{host}:{port}/ ({len(run_dirs)} run(s)"
+          f"{', site ledger at /site' if site_config else ''}); Ctrl-C stops it", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
