@@ -49,7 +49,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     Coordinators:  fedtune certs init, coordinator start, coordinator add-site, run, status, logs, stop
     Site operators: fedtune site init, site check, site start, site ledger
     Auditors:      fedtune report RUN_DIR, audit RUN_DIR    (privacy report, membership inference)
-    Everyone:      fedtune evaluate / predict / generate / export (use a trained adapter)
+    Everyone:      fedtune evaluate / predict / generate / export / serve (use a trained adapter)
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -538,6 +538,33 @@ def export_cmd(adapter: str, out: str, merge: bool, base_model: str | None, over
 
     result = export_adapter(Path(adapter), Path(out), merge=merge, base_model=base_model, overwrite=overwrite)
     click.echo(f"exported {result.task} model ({result.mode}, base {result.base.name}) to {result.out}: {', '.join(result.files)}")
+
+
+@main.command("serve")
+@click.option("--adapter", required=True, type=click.Path(file_okay=False), help="Adapter folder (classification or causal-lm).")
+@click.option("--base-model", type=click.Path(file_okay=False), help="Base model folder (default: the one the run used).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; anything but loopback is warned about.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free one, printed).")
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Most texts or prompts per request, and per model call (waiting requests are merged up to it).")
+@click.option("--max-body-bytes", type=click.IntRange(min=256), default=1 << 20, show_default=True,
+              help="Largest request body; a larger one gets 413 before it is parsed.")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads [one per core].")
+def serve_cmd(adapter: str, base_model: str | None, host: str, port: int, max_batch: int, max_body_bytes: int,
+              threads: int | None) -> None:
+    """Serve an adapter over HTTP: GET /health, POST /predict or /generate, the API at /docs.
+
+    Localhost only by default: the server has no TLS and no authentication. Stop it with Ctrl-C.
+    """
+    offline_env()
+    from fedtune.serve import ServeSettings, exposure_warning, serve
+
+    warning = exposure_warning(host)
+    if warning:
+        click.secho(f"fedtune: WARNING: {warning}", err=True, fg="red", bold=True)
+    settings = ServeSettings(max_batch=max_batch, max_body_bytes=max_body_bytes, threads=threads)
+    serve(Path(adapter), base_model=base_model, host=host, port=port, settings=settings,
+          announce=lambda line: click.echo(f"fedtune: {line}"))
 
 
 def _register_commands() -> None:
