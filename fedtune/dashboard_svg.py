@@ -55,11 +55,9 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     start = math.floor(lo / step) * step
-    out = []
-    v = start
-    while v <= hi + step * 1e-9:
-        out.append(round(v, 12))
-        v += step
+    out = [round(start, 12)]
+    while out[-1] < hi - step * 1e-9:  # the last tick is at or above hi: the top of every bar is on the scale
+        out.append(round(out[-1] + step, 12))
     return out
 
 

@@ -1,0 +1,275 @@
+"""`fedtune dashboard` as a real process on 127.0.0.1, over plain HTTP and in headless Chromium.
+
+Prepare: two run directories written by the coordinator's own writer (`RunRecorder`, the model
+card writer): a finished run of 3 sites and 4 rounds in which site-c refused round 3 with
+``budget-exhausted``, and a live run (no summary.json) of 2 rounds so far; a site.toml whose ledger
+holds real charges (`PrivacyLedger.charge`) and whose data file does not exist (the dashboard must
+never read it). Execute: `python -m fedtune.cli dashboard ...` on a free port. Assert: what the pages
+show, read from the DOM (ids and data attributes), against the values written; expected epsilons
+from Google's dp-accounting; a live run's page picks up a new round by itself.
+
+The browser test uses Debian's chromium and chromedriver (`apt-get install -y chromium
+chromium-driver`; `make install` does it when it can) and Selenium from the dev extra; it skips,
+saying which is missing, when they are not there. It writes docs/img/dashboard.png for the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from fedtune.common.messages import PrivacyParams, TrainReply, ValidationStats
+from fedtune.server.records import RunRecorder
+
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOT = REPO / "docs" / "img" / "dashboard.png"
+SITES = ("site-a", "site-b", "site-c")
+BUDGET = 8.0
+DELTA = 1e-5
+EVIL_LABEL = "<script>document.title='pwned'</script>"  # a label is the trainer's text: it must reach the page as text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _reply(site: str, epsilon: float, accuracy: float) -> TrainReply:
+    privacy = PrivacyParams(dp=True, epsilon=epsilon, budget_epsilon=BUDGET, delta=DELTA, noise_multiplier=1.1,
+                            clip_norm=1.0, sample_rate=0.5, steps=4)
+    validation = ValidationStats(mode="dp", examples=40.0, loss=0.5, accuracy=accuracy, noise_std=0.1)
+    return TrainReply(site=site, weight=120, privacy=privacy, validation=validation)
+
+
+def _write_round(recorder: RunRecorder, r: int, *, refused: str | None = None) -> None:
+    """One round as the round loop writes it: the sites' replies into their records, then the line."""
+    replied = [s for s in SITES if s != refused]
+    for i, s in enumerate(replied):
+        recorder.site(s).update(r, _reply(s, epsilon=0.9 * r + 0.3 * i, accuracy=0.5 + 0.05 * r))
+    missing = [{"site": refused, "reason": "refused", "code": "budget-exhausted"}] if refused else []
+    recorder.add_round({
+        "round": r, "sites_sampled": len(SITES), "sites_replied": len(replied),
+        "sites_rejected": [{"site": refused, "reason": "refused: budget-exhausted", "code": "budget-exhausted"}] if refused else [],
+        "sites_missing": missing, "validated_round": r - 1, "loss": 0.5, "accuracy": 0.5 + 0.05 * r, "macro_f1": None,
+        "test_accuracy": 0.58 + 0.04 * r, "test_perplexity": None,
+        "epsilon_by_site": {s: recorder.site(s).epsilon for s in replied}, "max_epsilon": max(recorder.site(s).epsilon for s in replied),
+        "bytes_up": 100_000 * len(replied), "bytes_down": 100_000 * len(SITES), "seconds": 1.5,
+    })
+
+
+def _config(run_dir: Path, rounds: int) -> None:
+    (run_dir / "config.toml").write_text(f"[privacy]\nenabled = true\ntarget_epsilon = {BUDGET}\n\n[federation]\nrounds = {rounds}\n")
+
+
+def _finish(recorder: RunRecorder, rounds: int) -> None:
+    from fedtune.server.report import write_model_card
+
+    recorder.write_summary({"rounds": rounds, "task": "sequence-classification", "base_model": "tiny-bert", "dp": True,
+                            "labels": ["cardiology", EVIL_LABEL],
+                            "privacy": {"level": "sample-level DP-SGD at each site", "target_epsilon": BUDGET, "delta": DELTA,
+                                        "accountant": "rdp"},
+                            "test": {"accuracy": 0.75, "macro_f1": 0.7}, "validation": None, "bytes_up": 1, "bytes_down": 1,
+                            "seconds": 6.0, "max_epsilon": max(s.epsilon for s in recorder.sites.values())})
+    (recorder.run_dir / "adapter").mkdir(exist_ok=True)
+    write_model_card(recorder.run_dir)
+
+
+CHARGES = (("cohort-a", 1, 3.0, 5), ("cohort-a", 2, 3.0, 5), ("cohort-b", 4, 3.0, 3))  # (cohort, round, z, steps), q = 1
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from fedtune.client.ledger import PrivacyLedger
+    from fedtune.common.accounting import Segment
+
+    base = tmp_path_factory.mktemp("dashboard")
+    finished, live, growing = base / "finished-run", base / "live-run", base / "growing-run"
+    for d in (finished, live, growing):
+        d.mkdir()
+    rec = RunRecorder(finished)
+    _config(finished, 4)
+    for r in range(1, 5):
+        _write_round(rec, r, refused="site-c" if r == 3 else None)
+    _finish(rec, 4)
+    live_rec = RunRecorder(live)
+    _config(live, 5)
+    for r in (1, 2):
+        _write_round(live_rec, r)
+    _config(growing, 2)
+    _write_round(RunRecorder(growing), 1)  # the browser test adds round 2 while the page is open
+    # The site's own ledger: real charges, two cohorts of records that share nothing.
+    site_dir = base / "site"
+    ledger = PrivacyLedger(site_dir / "state")
+    cohorts = {"cohort-a": [f"a{i}" for i in range(10)], "cohort-b": [f"b{i}" for i in range(4)]}
+    for cohort, rnd, z, steps in CHARGES:
+        ledger.charge(cohorts[cohort], run="finished-run", round=rnd, segment=Segment(sample_rate=1.0, noise_multiplier=z, steps=steps),
+                      clip_norm=1.0, delta=DELTA, budget_epsilon=BUDGET)
+    toml = site_dir / "site.toml"
+    toml.write_text('[site]\nname = "site-c"\ncoordinator = "127.0.0.1:9093"\ninsecure = true\nstate_dir = "state"\n\n'
+                    f'[data]\npath = "no-such-data.csv"\n\n[privacy]\nbudget_epsilon = {BUDGET}\ndelta = {DELTA}\n')
+    return {"finished": finished, "live": live, "growing": growing, "site": toml}
+
+
+@pytest.fixture(scope="module")
+def dashboard(runs: dict[str, Path]) -> Iterator[str]:
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "dashboard", str(runs["finished"]), str(runs["live"]), str(runs["growing"]),
+                             "--site-config", str(runs["site"]), "--host", "127.0.0.1", "--port", str(port), "--refresh", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90  # the ledger's accountant imports torch/Opacus before the server listens
+        while True:
+            try:
+                urllib.request.urlopen(url + "/", timeout=5).read()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    pytest.fail(f"dashboard did not start (exit {proc.poll()}):\n{proc.communicate()[0]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _get(url: str, host: str | None = None) -> tuple[int, str, dict[str, str]]:
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read().decode(), dict(r.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(), dict(err.headers)
+
+
+def _epsilon(z: float, steps: int) -> float:
+    """The independent accountant: Google's dp-accounting RDP (q = 1: a plain Gaussian mechanism composed)."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    accountant = RdpAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), steps))
+    return float(accountant.get_epsilon(DELTA))
+
+
+def test_dashboard_routes_over_http(dashboard: str) -> None:
+    status, index, headers = _get(dashboard + "/")
+    assert status == 200 and 'data-runs="3"' in index
+    assert "default-src 'none'" in headers["content-security-policy"]  # no script can run on any page
+    status, page, _ = _get(dashboard + "/runs/0")
+    assert status == 200 and 'id="rounds" data-rounds="4"' in page and 'data-sites="3"' in page
+    assert '<meta http-equiv="refresh"' not in page  # finished: summary.json exists
+    assert 'data-round="3" data-replied="2" data-refused="1" data-codes="budget-exhausted"' in page
+    assert "<script" not in page.lower() and "&lt;script&gt;document.title" in page  # the card's label, escaped
+    status, live, _ = _get(dashboard + "/runs/1")
+    assert status == 200 and '<meta http-equiv="refresh" content="1">' in live and 'data-live="true"' in live
+    for bad in ("/runs/3", "/runs/-1", "/runs/1e0", "/runs/%2e%2e%2fetc%2fpasswd", "/runs/0x1", "/runs/%EF%BC%91"):
+        assert _get(dashboard + bad)[0] == 404, bad
+    assert _get(dashboard + "/", host="attacker.example")[0] == 400  # DNS rebinding: a foreign Host is refused
+    status, site, _ = _get(dashboard + "/site")
+    assert status == 200 and 'data-charges="3"' in site
+
+
+def test_site_page_shows_each_charge_with_the_epsilon_of_the_records_it_touched(dashboard: str) -> None:
+    import re
+
+    _, site, _ = _get(dashboard + "/site")
+    shown = [float(x) for x in re.findall(r'<tr data-charge="\d+"[^>]*>(?:<td[^>]*>[^<]*</td>){8}<td>([\d.]+)</td>', site)]
+    # Cohort a's records after 1 and 2 charges; cohort b shares no record with a, so it starts from zero.
+    expected = [_epsilon(3.0, 5), _epsilon(3.0, 10), _epsilon(3.0, 3)]
+    assert shown == pytest.approx(expected, abs=1.5e-3)  # the page shows 3 decimals
+    spent = float(re.search(r'data-spent="([^"]+)"', site).group(1))
+    left = float(re.search(r'data-left="([^"]+)"', site).group(1))
+    assert spent == pytest.approx(_epsilon(3.0, 10), rel=1e-9) and left == pytest.approx(BUDGET - spent, rel=1e-9)
+    assert 'data-refusals="1"' in site and "finished-run round 3: refused budget-exhausted" in site
+
+
+def test_site_page_is_absent_without_a_site_config(runs: dict[str, Path]) -> None:
+    from fastapi.testclient import TestClient
+
+    from fedtune.dashboard import create_app
+
+    # host 0.0.0.0: the loopback Host check is off, so the test client's "testserver" host is served.
+    with TestClient(create_app([runs["finished"]], host="0.0.0.0")) as client:
+        assert client.get("/site").status_code == 404
+        assert client.get("/runs/1").status_code == 404  # one run given: index 1 is out of the list
+
+
+def _browser() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip(f"no system Chromium ({chromium or 'chromium missing'}) or chromedriver ({driver or 'chromedriver missing'}): "
+                    "`apt-get install -y chromium chromium-driver`, then run this test again")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        pytest.skip("selenium is not installed: `pip install -e '.[dev]'`")
+    return chromium, driver
+
+
+def test_dashboard_in_headless_chromium(dashboard: str, runs: dict[str, Path]) -> None:
+    chromium, driver_path = _browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not look for a browser or driver online
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1480",
+                "--hide-scrollbars", "--force-device-scale-factor=1"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        browser.set_page_load_timeout(30)
+        browser.get(dashboard + "/")
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#runs tr[data-run]")) == 3
+
+        browser.get(dashboard + "/runs/0")
+        assert browser.find_element(By.ID, "rounds").get_attribute("data-rounds") == "4"
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#rounds tr[data-round]")) == 4
+        assert [e.get_attribute("data-site") for e in browser.find_elements(By.CSS_SELECTOR, "#sites li")] == list(SITES)
+        chart = browser.find_element(By.ID, "chart-epsilon")
+        lines = {g.get_attribute("data-name"): int(g.get_attribute("data-points")) for g in chart.find_elements(By.CSS_SELECTOR, "g.series")}
+        assert lines == {"site-a": 4, "site-b": 4, "site-c": 3}  # site-c refused round 3: no epsilon for it there
+        assert [float(g.get_attribute("data-y")) for g in chart.find_elements(By.CSS_SELECTOR, "line.guide")] == [BUDGET]
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-sites g.bar")) == 4
+        assert browser.title.startswith("run 0")  # the card's <script> never ran (it would have set the title)
+        assert EVIL_LABEL in browser.find_element(By.ID, "card").text  # shown as text
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(SCREENSHOT))
+
+        # Live: the page reloads itself; a round written now appears without the test navigating.
+        browser.get(dashboard + "/runs/2")
+        assert browser.find_element(By.ID, "status").get_attribute("data-live") == "true"
+        assert browser.find_element(By.ID, "rounds").get_attribute("data-rounds") == "1"
+        recorder = RunRecorder(runs["growing"])
+        _write_round(recorder, 2)
+        # A reload can land between a lookup and its read: those two errors only mean "look again".
+        wait = WebDriverWait(browser, 15, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
+        wait.until(lambda b: b.find_element(By.ID, "rounds").get_attribute("data-rounds") == "2")
+        _finish(recorder, 2)
+        wait.until(lambda b: b.find_element(By.ID, "status").get_attribute("data-live") == "false")
+    finally:
+        browser.quit()
