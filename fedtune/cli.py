@@ -49,7 +49,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     Coordinators:  fedtune certs init, coordinator start, coordinator add-site, run, status, logs, stop
     Site operators: fedtune site init, site check, site start, site ledger
     Auditors:      fedtune report RUN_DIR, audit RUN_DIR    (privacy report, membership inference)
-    Everyone:      fedtune evaluate / predict / generate / export / serve (use a trained adapter)
+    Everyone:      fedtune evaluate / predict / generate / export / serve (use a trained adapter), dashboard RUN_DIR...
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -565,6 +565,22 @@ def serve_cmd(adapter: str, base_model: str | None, host: str, port: int, max_ba
     settings = ServeSettings(max_batch=max_batch, max_body_bytes=max_body_bytes, threads=threads)
     serve(Path(adapter), base_model=base_model, host=host, port=port, settings=settings,
           announce=lambda line: click.echo(f"fedtune: {line}"))
+
+
+@main.command("dashboard")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--site-config", type=click.Path(dir_okay=False, path_type=Path), help="A site's site.toml: adds a page of its privacy ledger.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (anything but the loopback shows the runs to the network).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8050, show_default=True)
+@click.option("--refresh", type=click.IntRange(1, 3600), default=5, show_default=True, help="Seconds between reloads of a live run's page.")
+def dashboard_cmd(run_dirs: tuple[Path, ...], site_config: Path | None, host: str, port: int, refresh: int) -> None:
+    """A web dashboard of run directories (and a site's ledger): accuracy, epsilon per site, refusals, bytes, model card.
+
+    Reads only the folders given and the site's ledger; a run still going reloads itself.
+    """
+    from fedtune.dashboard import serve
+
+    serve(run_dirs, site_config=site_config, host=host, port=port, refresh_seconds=refresh)
 
 
 def _register_commands() -> None:
