@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml
 	# Pinned first: this version resolves to a CPU wheel here; an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# Best effort, never failing the install: the dashboard's browser test needs Debian's Chromium and skips without it.
+	-@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) >/dev/null 2>&1 \
+		|| echo "note: chromium/chromium-driver not installed; tests/integration/test_dashboard.py's browser test will skip"; fi
 	touch $(STAMP)
 
 install: $(STAMP)
