@@ -53,8 +53,8 @@ def _reply(site: str, epsilon: float, accuracy: float) -> TrainReply:
     return TrainReply(site=site, weight=120, privacy=privacy, validation=validation)
 
 
-def _write_round(recorder: RunRecorder, r: int, *, refused: str | None = None) -> None:
-    """One round as the round loop writes it: the sites' replies into their records, then the line."""
+def _write_round(recorder: RunRecorder, r: int, *, refused: str | None = None, lm: bool = False) -> None:
+    """One round as the round loop writes it: the sites' replies into their records, then the line (``lm``: a causal LM's)."""
     replied = [s for s in SITES if s != refused]
     for i, s in enumerate(replied):
         recorder.site(s).update(r, _reply(s, epsilon=0.9 * r + 0.3 * i, accuracy=0.5 + 0.05 * r))
@@ -62,8 +62,8 @@ def _write_round(recorder: RunRecorder, r: int, *, refused: str | None = None) -
     recorder.add_round({
         "round": r, "sites_sampled": len(SITES), "sites_replied": len(replied),
         "sites_rejected": [{"site": refused, "reason": "refused: budget-exhausted", "code": "budget-exhausted"}] if refused else [],
-        "sites_missing": missing, "validated_round": r - 1, "loss": 0.5, "accuracy": 0.5 + 0.05 * r, "macro_f1": None,
-        "test_accuracy": 0.58 + 0.04 * r, "test_perplexity": None,
+        "sites_missing": missing, "validated_round": r - 1, "loss": 0.5, "accuracy": None if lm else 0.5 + 0.05 * r, "macro_f1": None,
+        "test_accuracy": None if lm else 0.58 + 0.04 * r, "test_perplexity": 20.0 - r if lm else None,
         "epsilon_by_site": {s: recorder.site(s).epsilon for s in replied}, "max_epsilon": max(recorder.site(s).epsilon for s in replied),
         "bytes_up": 100_000 * len(replied), "bytes_down": 100_000 * len(SITES), "seconds": 1.5,
     })
@@ -109,6 +109,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         _write_round(live_rec, r)
     _config(growing, 2)
     _write_round(RunRecorder(growing), 1)  # the browser test adds round 2 while the page is open
+    lm_run = base / "lm-run"
+    lm_run.mkdir()
+    lm_rec = RunRecorder(lm_run)
+    _config(lm_run, 2)
+    for r in (1, 2):
+        _write_round(lm_rec, r, lm=True)
+    lm_rec.write_summary({"rounds": 2, "task": "causal-lm", "dp": True, "base": {"perplexity": 25.0}})
     # The site's own ledger: real charges, two cohorts of records that share nothing.
     site_dir = base / "site"
     ledger = PrivacyLedger(site_dir / "state")
@@ -119,14 +126,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     toml = site_dir / "site.toml"
     toml.write_text('[site]\nname = "site-c"\ncoordinator = "127.0.0.1:9093"\ninsecure = true\nstate_dir = "state"\n\n'
                     f'[data]\npath = "no-such-data.csv"\n\n[privacy]\nbudget_epsilon = {BUDGET}\ndelta = {DELTA}\n')
-    return {"finished": finished, "live": live, "growing": growing, "site": toml}
+    return {"finished": finished, "live": live, "growing": growing, "lm": lm_run, "site": toml}
 
 
 @pytest.fixture(scope="module")
 def dashboard(runs: dict[str, Path]) -> Iterator[str]:
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "dashboard", str(runs["finished"]), str(runs["live"]), str(runs["growing"]),
+    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "dashboard", str(runs["finished"]), str(runs["live"]), str(runs["growing"]), str(runs["lm"]),
                              "--site-config", str(runs["site"]), "--host", "127.0.0.1", "--port", str(port), "--refresh", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -172,7 +179,7 @@ def _epsilon(z: float, steps: int) -> float:
 
 def test_dashboard_routes_over_http(dashboard: str) -> None:
     status, index, headers = _get(dashboard + "/")
-    assert status == 200 and 'data-runs="3"' in index
+    assert status == 200 and 'data-runs="4"' in index
     assert "default-src 'none'" in headers["content-security-policy"]  # no script can run on any page
     status, page, _ = _get(dashboard + "/runs/0")
     assert status == 200 and 'id="rounds" data-rounds="4"' in page and 'data-sites="3"' in page
@@ -181,7 +188,9 @@ def test_dashboard_routes_over_http(dashboard: str) -> None:
     assert "<script" not in page.lower() and "&lt;script&gt;document.title" in page  # the card's label, escaped
     status, live, _ = _get(dashboard + "/runs/1")
     assert status == 200 and '<meta http-equiv="refresh" content="1">' in live and 'data-live="true"' in live
-    for bad in ("/runs/3", "/runs/-1", "/runs/1e0", "/runs/%2e%2e%2fetc%2fpasswd", "/runs/0x1", "/runs/%EF%BC%91"):
+    _, lm, _ = _get(dashboard + "/runs/3")  # a causal LM: perplexity per round against the base model's
+    assert "Global adapter perplexity" in lm and 'data-label="base model" data-y="25.0"' in lm and 'data-points="2"' in lm
+    for bad in ("/runs/4", "/runs/-1", "/runs/1e0", "/runs/%2e%2e%2fetc%2fpasswd", "/runs/0x1", "/runs/%EF%BC%91"):
         assert _get(dashboard + bad)[0] == 404, bad
     assert _get(dashboard + "/", host="attacker.example")[0] == 400  # DNS rebinding: a foreign Host is refused
     status, site, _ = _get(dashboard + "/site")
@@ -244,7 +253,7 @@ def test_dashboard_in_headless_chromium(dashboard: str, runs: dict[str, Path]) -
     try:
         browser.set_page_load_timeout(30)
         browser.get(dashboard + "/")
-        assert len(browser.find_elements(By.CSS_SELECTOR, "#runs tr[data-run]")) == 3
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#runs tr[data-run]")) == 4
 
         browser.get(dashboard + "/runs/0")
         assert browser.find_element(By.ID, "rounds").get_attribute("data-rounds") == "4"
