@@ -384,7 +384,12 @@ def ledger_page(view: LedgerView) -> str:
             f"(delta {view.delta:g}); <strong>{view.left:.3f} left</strong>.</p>"
             f"<p>Ledger <code>{escape(str(view.path))}</code>, over every record any charge named (the data file is not read). "
             "A charge is written before training, so privacy counts as spent once noise may be drawn.</p>"
-            f'<table id="charges" data-charges="{len(view.charges)}"><tr><th>#</th><th class="text">run</th><th>round</th>'
+            + line_chart(chart_id="chart-ledger", title="Epsilon of the worst record each charge touched, after it",
+                         x_label="charge", y_label="epsilon", y_min=0.0, guides=[Guide(label="budget", y=view.budget_epsilon)],
+                         # One line per kind: training and validation charges touch different records.
+                         series=[Series(name=kind, points=tuple((i + 1, c.epsilon_after) for i, c in enumerate(view.charges) if c.kind == kind))
+                                 for kind in sorted({c.kind for c in view.charges})])
+            + f'<table id="charges" data-charges="{len(view.charges)}"><tr><th>#</th><th class="text">run</th><th>round</th>'
             '<th class="text">kind</th><th>records</th><th>noise z</th><th>sample rate q</th><th>steps</th>'
             '<th>epsilon after (worst record)</th><th class="text">time</th></tr>' + "".join(rows) + "</table>"
             f"<h2>Refusals</h2><p>The ledger records charges only: a refused round is never charged, and its details are in "

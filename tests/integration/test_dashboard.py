@@ -208,6 +208,7 @@ def test_site_page_shows_each_charge_with_the_epsilon_of_the_records_it_touched(
     spent = float(re.search(r'data-spent="([^"]+)"', site).group(1))
     left = float(re.search(r'data-left="([^"]+)"', site).group(1))
     assert spent == pytest.approx(_epsilon(3.0, 10), rel=1e-9) and left == pytest.approx(BUDGET - spent, rel=1e-9)
+    assert 'id="chart-ledger"' in site and '<g class="series" data-name="dp-sgd" data-points="3">' in site
     assert 'data-refusals="1"' in site and "finished-run round 3: refused budget-exhausted" in site
 
 
