@@ -230,7 +230,7 @@ def render_markdown(text: str) -> str:
         elif re.match(r"\s*([-*]|\d+\.)\s+", line):
             ordered = bool(re.match(r"\s*\d+\.", line))
             items = []
-            while i < len(lines) and (m := re.match(r"\s*([-*]|\d+\.)\s+(.*)", lines[i])):
+            while i < len(lines) and (m := re.match(r"\s*([-*]|\d+\.)\s+(.*)", lines[i])) and m.group(1)[0].isdigit() == ordered:
                 items.append(f"<li>{_inline(m.group(2))}</li>")
                 i += 1
             tag = "ol" if ordered else "ul"

@@ -223,7 +223,32 @@ def test_site_page_is_absent_without_a_site_config(runs: dict[str, Path]) -> Non
         assert client.get("/runs/1").status_code == 404  # one run given: index 1 is out of the list
 
 
-def _browser() -> tuple[str, str]:
+def test_card_markdown_is_escaped_in_every_block_and_links_stay_text() -> None:
+    from fedtune.dashboard_svg import render_markdown
+
+    evil = "<img src=x onerror=alert(1)>"
+    card = (f"---\nbase_model: {evil}\n---\n# Title {evil}\n\nText **bold** {evil} [click](javascript:alert(1))\n\n"
+            f"| a | b |\n|---|---:|\n| {evil} | `{evil}` |\n\n- item {evil}\n1. first\n\n```python\n{evil}\n```\n")
+    html = render_markdown(card)
+    assert "<img" not in html and "<a " not in html and "href" not in html
+    assert html.count("&lt;img src=x onerror=alert(1)&gt;") == 7  # front matter, heading, text, 2 cells, list, code
+    assert "<strong>bold</strong>" in html and "<table" in html and "<ol><li>first</li></ol>" in html
+
+
+def test_a_round_line_still_being_written_is_skipped(tmp_path: Path) -> None:
+    from fedtune.dashboard import read_run
+
+    recorder = RunRecorder(tmp_path)
+    _write_round(recorder, 1)
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"round": 2, "sites_sam')  # a live run's next line, caught half-written
+    run = read_run(tmp_path)
+    assert [r.round for r in run.rounds] == [1] and not run.finished and run.sites == SITES
+
+
+@pytest.fixture(scope="module")
+def browser_paths() -> tuple[str, str]:
+    """Checked before the dashboard starts, so that a machine without a browser skips at once."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not chromium or not driver:
@@ -236,8 +261,8 @@ def _browser() -> tuple[str, str]:
     return chromium, driver
 
 
-def test_dashboard_in_headless_chromium(dashboard: str, runs: dict[str, Path]) -> None:
-    chromium, driver_path = _browser()
+def test_dashboard_in_headless_chromium(browser_paths: tuple[str, str], dashboard: str, runs: dict[str, Path]) -> None:
+    chromium, driver_path = browser_paths
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
