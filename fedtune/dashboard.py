@@ -272,11 +272,14 @@ def _f(value: float | None, spec: str = ".3f") -> str:
 
 
 def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n = n / 1024  # type: ignore[assignment]
-    return str(n)
+    if n < 1024:
+        return f"{n} B"
+    value, unit = float(n), "B"
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.1f} {unit}"
 
 
 def _status(run: RunView, refresh: int) -> str:
@@ -309,8 +312,8 @@ def index_page(runs: Sequence[RunView], *, refresh: int, site_page: bool) -> str
 def _quality_chart(run: RunView) -> str:
     if run.causal_lm:
         series = [Series(name="held-out test", points=tuple((r.round, r.test_perplexity) for r in run.rounds if r.test_perplexity is not None))]
-        base = ((run.summary or {}).get("base") or {}).get("perplexity")
-        guides = [Guide(label="base model", y=float(base))] if _number(base) is not None else []
+        base = _number(((run.summary or {}).get("base") or {}).get("perplexity"))
+        guides = [Guide(label="base model", y=base)] if base is not None else []
         return line_chart(chart_id="chart-quality", title="Global adapter perplexity", x_label="after round",
                           y_label="perplexity", series=series, guides=guides)
     val = [(float(r.validated_round), r.accuracy) for r in run.rounds if r.validated_round is not None and r.accuracy is not None]

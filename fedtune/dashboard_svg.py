@@ -67,8 +67,7 @@ def _fmt(v: float) -> str:
     return f"{v:g}" if float(v).is_integer() else f"{v:.3g}"
 
 
-def _frame(chart_id: str, title: str, x_label: str, y_label: str, y_lo: float, y_hi: float,
-           xs: Sequence[float], attrs: str) -> tuple[list[str], float, float]:
+def _frame(chart_id: str, title: str, x_label: str, y_label: str, y_lo: float, y_hi: float, attrs: str) -> tuple[list[str], float, float]:
     """The SVG's opening, axes, grid and labels; returns the parts and the y range the ticks settled on."""
     ticks = _ticks(y_lo, y_hi)
     y_lo, y_hi = min(ticks[0], y_lo), max(ticks[-1], y_hi)
@@ -124,7 +123,7 @@ def line_chart(*, chart_id: str, title: str, x_label: str, y_label: str, series:
     lo = min(values) if y_min is None else min(y_min, min(values))
     hi = max(values)
     attrs = f'data-series="{len(series)}" data-points="{sum(len(s.points) for s in series)}"'
-    parts, lo, hi = _frame(chart_id, title, x_label, y_label, lo, hi if hi > lo else lo + 1.0, xs, attrs)
+    parts, lo, hi = _frame(chart_id, title, x_label, y_label, lo, hi if hi > lo else lo + 1.0, attrs)
     pos = _x_positions(xs)
     plot_h = _H - _TOP - _BOTTOM
 
@@ -161,7 +160,7 @@ def bar_chart(*, chart_id: str, title: str, x_label: str, y_label: str, xs: Sequ
     totals = [sum(b.values[i] for b in bars) for i in range(len(xs))] if stacked else [v for b in bars for v in b.values]
     hi = max(totals + [0.0]) or 1.0
     attrs = f'data-bars="{len(xs)}"'
-    parts, lo, hi = _frame(chart_id, title, x_label, y_label, 0.0, hi, xs, attrs)
+    parts, lo, hi = _frame(chart_id, title, x_label, y_label, 0.0, hi, attrs)
     pos = _x_positions([float(x) for x in xs])
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
     slot = min(40.0, plot_w * 0.9 / max(1, len(xs)))

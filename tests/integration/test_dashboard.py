@@ -205,8 +205,9 @@ def test_site_page_shows_each_charge_with_the_epsilon_of_the_records_it_touched(
     # Cohort a's records after 1 and 2 charges; cohort b shares no record with a, so it starts from zero.
     expected = [_epsilon(3.0, 5), _epsilon(3.0, 10), _epsilon(3.0, 3)]
     assert shown == pytest.approx(expected, abs=1.5e-3)  # the page shows 3 decimals
-    spent = float(re.search(r'data-spent="([^"]+)"', site).group(1))
-    left = float(re.search(r'data-left="([^"]+)"', site).group(1))
+    budget = re.search(r'data-spent="([^"]+)" data-left="([^"]+)"', site)
+    assert budget is not None, "the budget paragraph has no data-spent/data-left"
+    spent, left = float(budget.group(1)), float(budget.group(2))
     assert spent == pytest.approx(_epsilon(3.0, 10), rel=1e-9) and left == pytest.approx(BUDGET - spent, rel=1e-9)
     assert 'id="chart-ledger"' in site and '<g class="series" data-name="dp-sgd" data-points="3">' in site
     assert 'data-refusals="1"' in site and "finished-run round 3: refused budget-exhausted" in site
@@ -286,9 +287,9 @@ def test_dashboard_in_headless_chromium(browser_paths: tuple[str, str], dashboar
         assert len(browser.find_elements(By.CSS_SELECTOR, "#rounds tr[data-round]")) == 4
         assert [e.get_attribute("data-site") for e in browser.find_elements(By.CSS_SELECTOR, "#sites li")] == list(SITES)
         chart = browser.find_element(By.ID, "chart-epsilon")
-        lines = {g.get_attribute("data-name"): int(g.get_attribute("data-points")) for g in chart.find_elements(By.CSS_SELECTOR, "g.series")}
+        lines = {g.get_attribute("data-name"): int(g.get_attribute("data-points") or -1) for g in chart.find_elements(By.CSS_SELECTOR, "g.series")}
         assert lines == {"site-a": 4, "site-b": 4, "site-c": 3}  # site-c refused round 3: no epsilon for it there
-        assert [float(g.get_attribute("data-y")) for g in chart.find_elements(By.CSS_SELECTOR, "line.guide")] == [BUDGET]
+        assert [float(g.get_attribute("data-y") or "nan") for g in chart.find_elements(By.CSS_SELECTOR, "line.guide")] == [BUDGET]
         assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-sites g.bar")) == 4
         assert browser.title.startswith("run 0")  # the card's <script> never ran (it would have set the title)
         assert EVIL_LABEL in browser.find_element(By.ID, "card").text  # shown as text
