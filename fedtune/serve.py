@@ -443,9 +443,14 @@ def serve(adapter: Path, *, base_model: str | None = None, host: str = "127.0.0.
 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    served = load_served(adapter, base_model=base_model, max_batch=settings.max_batch)
-    sock = _bind(host, port)  # before uvicorn, so a port in use is one line, and port 0 is known
+    # Bound before the model loads, so a port in use is one line at once; listened on by uvicorn.
+    sock = _bind(host, port)
     bound = sock.getsockname()[1]
+    try:
+        served = load_served(adapter, base_model=base_model, max_batch=settings.max_batch)
+    except BaseException:
+        sock.close()
+        raise
     url = f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
     what = f"labels {list(served.labels)}" if served.labels else "POST /generate"
     line = f"serving {served.task} adapter {served.adapter} (base {served.model}; {what}) on {url}; API at {url}/docs"
