@@ -71,6 +71,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # real_data is a sibling script, not a package
 
 from real_data import DEFAULT_CACHE_DIR, prepare_chat  # noqa: E402
+from utility_sweep import _value  # noqa: E402  (the same KEY=VALUE parsing as the other studies)
 
 # Three sites, each holding whole categories of the corpus, grouped by theme (see the docstring).
 SITE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -98,15 +99,6 @@ def benchmark_data(out_dir: Path, rows: int, cache_dir: Path) -> Path:
     path.write_text("".join(json.dumps({**r, "group": group_of[r["category"]]}, ensure_ascii=False) + "\n" for r in records),
                     encoding="utf-8")
     return path
-
-
-def _value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def run_config(args: argparse.Namespace, data: Path, *, dp: bool, seed: int) -> Any:
