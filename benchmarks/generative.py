@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import resource
 import statistics
@@ -96,8 +97,11 @@ def benchmark_data(out_dir: Path, rows: int, cache_dir: Path) -> Path:
     if rows > 0:
         records = records[:rows]
     path = out_dir / f"chat-{rows or 'all'}.jsonl"
-    path.write_text("".join(json.dumps({**r, "group": group_of[r["category"]]}, ensure_ascii=False) + "\n" for r in records),
-                    encoding="utf-8")
+    # Written aside and renamed: a benchmark running from the same folder may be reading it.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps({**r, "group": group_of[r["category"]]}, ensure_ascii=False) + "\n" for r in records),
+                   encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
