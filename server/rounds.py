@@ -140,12 +140,13 @@ def _validation_means(stats: list[ValidationStats]) -> dict[str, float | None]:
 
 
 WARM_UP_SECONDS = 600.0
-NODES_REGISTER_SECONDS = 15.0
 """Bound on the wait for simulated sites to load their libraries before round 1."""
+NODES_REGISTER_SECONDS = 15.0
+"""Bound on the wait for the engine's SuperNodes to appear: it registers them all at its start."""
 
 
 def warm_up_sites(grid: Grid, names: NodeNames, *, expected: int, timeout: float) -> None:
-    """Simulation: wait until ``expected`` sites are connected and each has loaded its libraries.
+    """Simulation: check the engine runs ``expected`` sites, then wait until each has loaded its libraries.
 
     One query message per site, answered with its name once its ClientApp has imported torch,
     PEFT and Opacus: the engine starts its sites lazily, and that start-up (a minute on a busy
