@@ -38,8 +38,11 @@ def _metadata(folder: Path, base_model: str | None) -> tuple[dict[str, Any], Pat
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise ConfigError(f"--adapter {folder}: {meta_path} is not valid JSON ({err}).") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"--adapter {folder}: {meta_path} holds a JSON {type(meta).__name__}, not an object; "
+                          "it was written by another program or edited by hand.")
     needed = ["base_model", "max_length"] + (["labels"] if meta.get("task", "classification") != "causal-lm" else [])
-    missing = [k for k in needed if k not in meta] if isinstance(meta, dict) else needed
+    missing = [k for k in needed if k not in meta]
     if missing:
         raise ConfigError(f"--adapter {folder}: {meta_path} lacks {missing}; it was written by another fedtune version "
                           "or edited by hand.")
@@ -89,10 +92,11 @@ def _load_peft(model: torch.nn.Module, folder: Path, meta: dict[str, Any], base:
 
 def adapter_task(folder: Path) -> str:
     """The task an adapter folder was trained for ('classification' when its metadata predates tasks)."""
-    meta_path = folder / METADATA_FILE
-    if not meta_path.is_file():
-        return "classification"  # load_adapter names what is missing
-    return str(json.loads(meta_path.read_text(encoding="utf-8")).get("task", "classification"))
+    try:
+        meta = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing or not JSON: load_adapter names what is wrong, in one line
+        return "classification"
+    return str(meta.get("task", "classification")) if isinstance(meta, dict) else "classification"
 
 
 def load_adapter(folder: Path, *, base_model: str | None = None) -> LoadedAdapter:

@@ -285,6 +285,12 @@ def test_export_errors_are_one_line_naming_the_fix(exports: Exports, tmp_path: P
     assert "no such folder" in _error("export", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o1"))
     (tmp_path / "empty").mkdir()
     assert "has no adapter_config.json" in _error("export", "--adapter", str(tmp_path / "empty"), "--out", str(tmp_path / "o2"))
+    broken = tmp_path / "broken"  # a fedtune.json that is not JSON, or not an object: one line, not a traceback
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{}")
+    for text, expected in (("{bad", "fedtune.json is not valid JSON"), ("[1]", "fedtune.json holds a JSON list, not an object")):
+        (broken / "fedtune.json").write_text(text)
+        assert expected in _error("export", "--adapter", str(broken), "--out", str(tmp_path / "o2"))
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
