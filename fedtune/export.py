@@ -202,8 +202,8 @@ def export_adapter(
     task = adapter_task(adapter)
     # Loading checks everything a predict would: the adapter's files, its base folder and fingerprint, the tensors' fit.
     loaded: Any = (load_lm_adapter if task == "causal-lm" else load_adapter)(adapter, base_model=base_model)
-    meta = json.loads((adapter / METADATA_FILE).read_text(encoding="utf-8"))
-    base = Path(base_model or meta["base_model"])
+    meta = json.loads((adapter / METADATA_FILE).read_text(encoding="utf-8"))  # its round and recorded base path
+    base = loaded.base  # the folder loaded and fingerprint-checked: the one to name, not one chosen again here
     o = out.resolve()  # "." or a trailing slash have no usable name
     if o == base.resolve() or base.resolve() in o.parents or o in base.resolve().parents:
         raise ConfigError(f"--out {out} overlaps the base model folder {base}; export to a folder outside it.")

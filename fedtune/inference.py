@@ -20,6 +20,7 @@ class LoadedAdapter:
     tokenizer: Any
     labels: list[str]
     max_length: int
+    base: Path  # the base model folder loaded (checked against the adapter's base_model_id)
 
 
 def _metadata(folder: Path, base_model: str | None) -> tuple[dict[str, Any], Path]:
@@ -115,7 +116,8 @@ def load_adapter(folder: Path, *, base_model: str | None = None) -> LoadedAdapte
     model = _load_peft(model, folder, meta, base)
     model.eval()
     return LoadedAdapter(
-        model=model, tokenizer=AutoTokenizer.from_pretrained(str(base)), labels=labels, max_length=int(meta["max_length"])
+        model=model, tokenizer=AutoTokenizer.from_pretrained(str(base)), labels=labels, max_length=int(meta["max_length"]),
+        base=base,
     )
 
 
@@ -127,6 +129,7 @@ class LoadedLM:
     tokenizer: Any
     template: str
     max_length: int
+    base: Path  # the base model folder loaded (checked against the adapter's base_model_id)
 
 
 def load_lm_adapter(folder: Path, *, base_model: str | None = None) -> LoadedLM:
@@ -141,4 +144,4 @@ def load_lm_adapter(folder: Path, *, base_model: str | None = None) -> LoadedLM:
     model = _load_peft(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), folder, meta, base)
     model.eval()
     return LoadedLM(model=model, tokenizer=load_lm_tokenizer(base), template=str(meta.get("template", "auto")),
-                    max_length=int(meta["max_length"]))
+                    max_length=int(meta["max_length"]), base=base)
