@@ -50,10 +50,15 @@ _EPS_SLACK = 1e-9
 
 @dataclass(frozen=True, kw_only=True)
 class ChargeRow:
-    """A charge as it touches a set of records: ``records`` of them, or None for every record."""
+    """A charge as it touches a set of records: ``records`` of them, or None for every record.
+
+    ``epsilon_after`` (filled by ``summary(..., epsilon_after=True)``): the worst of those records
+    right after this charge, each over its own charges up to this one; None when not asked for.
+    """
 
     charge: Charge
     records: int | None
+    epsilon_after: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,11 +141,14 @@ class PrivacyLedger:
     def plan(self, run: str) -> NoisePlan | None:
         return self._load().plans.get(run)
 
-    def summary(self, records: Sequence[str] | None = None, *, delta: float, accountant: str | None = None) -> LedgerSummary:
+    def summary(self, records: Sequence[str] | None = None, *, delta: float, accountant: str | None = None,
+                epsilon_after: bool = False) -> LedgerSummary:
         """The spend of ``records`` (None: every record any charge named) and the charges touching them.
 
         Records at the max are those whose history is a maximal one (see `LedgerState.maximal`) with the
-        largest bound; a record whose charges are a strict subset of another's has spent less.
+        largest bound; a record whose charges are a strict subset of another's has spent less. With
+        ``epsilon_after`` each row also says how the worst record it touched stood right after it
+        (one accountant call per charge and history: the dashboard's chart of the spend over time).
         """
         _check_accountant(accountant)
         state = self._load()
@@ -151,15 +159,22 @@ class PrivacyLedger:
         groups = state.histories(wanted)
         spends = {h: state.epsilon(h, delta=delta, accountant=accountant) for h in state.maximal(groups)}
         top = max(spends.values(), default=0.0)
+        unseen = frozenset(i for i, c in enumerate(state.charges) if c.cohort == ALL_RECORDS)
         if records is None:  # also any record the ledger never saw: the all-records charges apply to it
-            unseen = frozenset(i for i, c in enumerate(state.charges) if c.cohort == ALL_RECORDS)
             top = max(top, state.epsilon(unseen, delta=delta, accountant=accountant))
+        # A prefix of a maximal history spends at least what the same prefix of one inside it does.
+        histories = state.maximal([*spends, unseen] if records is None else spends)
+
+        def after(i: int) -> float:
+            return max((state.epsilon(frozenset(j for j in h if j <= i), delta=delta, accountant=accountant)
+                        for h in histories if i in h), default=0.0)
+
         touched_by = {cid: None if rec is None else len(rec.intersection(wanted)) for cid, rec in state.cohorts.items()}
         rows = []
-        for c in state.charges:
+        for i, c in enumerate(state.charges):
             touched = touched_by[c.cohort]
             if touched is None or touched > 0:
-                rows.append(ChargeRow(charge=c, records=touched))
+                rows.append(ChargeRow(charge=c, records=touched, epsilon_after=after(i) if epsilon_after else None))
         return LedgerSummary(
             path=self.path,
             delta=delta,

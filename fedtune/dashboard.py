@@ -35,6 +35,8 @@ from fedtune.dashboard_svg import Bars, Guide, Series, bar_chart, line_chart, re
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from fedtune.client.ledger import LedgerSummary
+
 logger = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 5
@@ -186,35 +188,17 @@ def read_run(run_dir: Path) -> RunView:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ChargeView:
-    """One charge of the site's ledger; ``epsilon_after`` is the worst record it touched, after it."""
-
-    run: str
-    round: int
-    kind: str
-    records: int | None  # None: every record (a charge migrated from a version-1 ledger)
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    epsilon_after: float
-    time: float
-
-
-@dataclass(frozen=True, kw_only=True)
 class LedgerView:
-    """A site's ledger for its operator: every charge, the spend, and refusals seen in the given runs."""
+    """A site's ledger for its operator: `PrivacyLedger.summary` over every record, and refusals seen in the given runs."""
 
     site: str
-    path: Path
     budget_epsilon: float
-    delta: float
-    max_epsilon: float
-    charges: tuple[ChargeView, ...]
+    summary: LedgerSummary  # each row with its epsilon_after
     refusals: tuple[tuple[str, int, Refused], ...]  # (run folder name, round, what the coordinator recorded)
 
     @property
     def left(self) -> float:
-        return max(0.0, self.budget_epsilon - self.max_epsilon)
+        return self.summary.left(self.budget_epsilon)
 
 
 def read_ledger(site_config: Path, runs: Sequence[RunView] = ()) -> LedgerView:
@@ -225,28 +209,11 @@ def read_ledger(site_config: Path, runs: Sequence[RunView] = ()) -> LedgerView:
     """
     from fedtune.client.daemon import load_site_config
     from fedtune.client.ledger import PrivacyLedger
-    from fedtune.client.ledger_state import ALL_RECORDS, LedgerState, read_state
 
     config = load_site_config(site_config)
-    ledger = PrivacyLedger(config.state_dir)
-    state = read_state(ledger.path.read_bytes(), ledger.path) if ledger.path.exists() else LedgerState()
-    summary = ledger.summary(None, delta=config.delta)
-    everyone = frozenset().union(*(r for r in state.cohorts.values() if r is not None))
-    always = frozenset(i for i, c in enumerate(state.charges) if c.cohort == ALL_RECORDS)
-    histories = state.maximal([*state.histories(everyone), always])
-    charges = []
-    for i, c in enumerate(state.charges):
-        # The worst record this charge touched, over its charges up to this one: the ledger's
-        # spend as it stood right after the charge (each history accounted as `spent_epsilon` does).
-        after = max((state.epsilon(frozenset(j for j in h if j <= i), delta=config.delta, accountant=None)
-                     for h in histories if i in h), default=0.0)
-        cohort = state.cohorts.get(c.cohort)
-        charges.append(ChargeView(run=c.run, round=c.round, kind=c.kind, records=None if cohort is None else len(cohort),
-                                  noise_multiplier=c.noise_multiplier, sample_rate=c.sample_rate, steps=c.steps,
-                                  epsilon_after=after, time=c.time))
+    summary = PrivacyLedger(config.state_dir).summary(None, delta=config.delta, epsilon_after=True)
     refusals = tuple((run.path.name, r.round, f) for run in runs for r in run.rounds for f in r.refused if f.site == config.name)
-    return LedgerView(site=config.name, path=ledger.path, budget_epsilon=config.budget_epsilon, delta=config.delta,
-                      max_epsilon=summary.max_epsilon, charges=tuple(charges), refusals=refusals)
+    return LedgerView(site=config.name, budget_epsilon=config.budget_epsilon, summary=summary, refusals=refusals)
 
 
 # --------------------------------------------------------------------------------------- pages
@@ -372,27 +339,28 @@ def run_page(index: int, run: RunView, *, refresh: int, site_page: bool) -> str:
 
 
 def ledger_page(view: LedgerView) -> str:
-    rows = []
-    for i, c in enumerate(view.charges):
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(c.time))
+    rows, summary = [], view.summary
+    for i, row in enumerate(summary.charges):
+        c, when = row.charge, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row.charge.time))
         rows.append(f'<tr data-charge="{i}" data-run="{escape(c.run)}" data-round="{c.round}"><td>{i + 1}</td>'
                     f'<td class="text">{escape(c.run)}</td><td>{c.round}</td><td class="text">{escape(c.kind)}</td>'
-                    f"<td>{'all' if c.records is None else c.records}</td><td>{c.noise_multiplier:.4f}</td><td>{c.sample_rate:.4f}</td>"
-                    f"<td>{c.steps}</td><td>{c.epsilon_after:.3f}</td><td class=\"text\">{when}</td></tr>")
+                    f"<td>{'all' if row.records is None else row.records}</td><td>{c.noise_multiplier:.4f}</td><td>{c.sample_rate:.4f}</td>"
+                    f"<td>{c.steps}</td><td>{_f(row.epsilon_after)}</td><td class=\"text\">{when}</td></tr>")
     refusals = "".join(f'<li data-run="{escape(run)}" data-round="{rnd}">{escape(run)} round {rnd}: {escape(f.reason)}'
                        f"{' ' + escape(f.code) if f.code else ''}</li>" for run, rnd, f in view.refusals)
+    kinds = sorted({row.charge.kind for row in summary.charges})
     body = (f"<h1>Site {escape(view.site)}: privacy ledger</h1>"
-            f'<p id="budget" data-budget="{view.budget_epsilon!r}" data-spent="{view.max_epsilon!r}" data-left="{view.left!r}">'
-            f"Worst record: epsilon {view.max_epsilon:.3f} spent of this site's budget {view.budget_epsilon:g} "
-            f"(delta {view.delta:g}); <strong>{view.left:.3f} left</strong>.</p>"
-            f"<p>Ledger <code>{escape(str(view.path))}</code>, over every record any charge named (the data file is not read). "
+            f'<p id="budget" data-budget="{view.budget_epsilon!r}" data-spent="{summary.max_epsilon!r}" data-left="{view.left!r}">'
+            f"Worst record: epsilon {summary.max_epsilon:.3f} spent of this site's budget {view.budget_epsilon:g} "
+            f"(delta {summary.delta:g}); <strong>{view.left:.3f} left</strong>.</p>"
+            f"<p>Ledger <code>{escape(str(summary.path))}</code>, over every record any charge named (the data file is not read). "
             "A charge is written before training, so privacy counts as spent once noise may be drawn.</p>"
             + line_chart(chart_id="chart-ledger", title="Epsilon of the worst record each charge touched, after it",
                          x_label="charge", y_label="epsilon", y_min=0.0, guides=[Guide(label="budget", y=view.budget_epsilon)],
                          # One line per kind: training and validation charges touch different records.
-                         series=[Series(name=kind, points=tuple((i + 1, c.epsilon_after) for i, c in enumerate(view.charges) if c.kind == kind))
-                                 for kind in sorted({c.kind for c in view.charges})])
-            + f'<table id="charges" data-charges="{len(view.charges)}"><tr><th>#</th><th class="text">run</th><th>round</th>'
+                         series=[Series(name=kind, points=tuple((i + 1, row.epsilon_after or 0.0) for i, row in enumerate(summary.charges)
+                                                                if row.charge.kind == kind)) for kind in kinds])
+            + f'<table id="charges" data-charges="{len(summary.charges)}"><tr><th>#</th><th class="text">run</th><th>round</th>'
             '<th class="text">kind</th><th>records</th><th>noise z</th><th>sample rate q</th><th>steps</th>'
             '<th>epsilon after (worst record)</th><th class="text">time</th></tr>' + "".join(rows) + "</table>"
             f"<h2>Refusals</h2><p>The ledger records charges only: a refused round is never charged, and its details are in "

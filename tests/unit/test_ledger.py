@@ -522,6 +522,30 @@ def test_summary_counts_records_at_the_max_and_never_spent(tmp_path: Path) -> No
     assert (everyone.records, everyone.never_spent) == (6, 0)
 
 
+def test_summary_gives_each_charge_the_worst_touched_records_epsilon_right_after_it(tmp_path: Path) -> None:
+    # Prepare: cohorts a (rows 0-3) and b (rows 4-7) share nothing; a third charge touches rows 2-5.
+    ledger = PrivacyLedger(tmp_path)
+    other = Segment(sample_rate=0.005, noise_multiplier=1.2, steps=300)
+    _charge(ledger, 1, records=ROWS[:4])
+    _charge(ledger, 2, records=ROWS[4:], seg=other)
+    _charge(ledger, 3, records=ROWS[:4])
+    _charge(ledger, 4, records=ROWS[2:6])
+
+    # Execute
+    everyone = ledger.summary(delta=DELTA, epsilon_after=True)
+    some = ledger.summary(ROWS[4:], delta=DELTA, epsilon_after=True)
+
+    # Assert: b starts from zero after a's charge; the last charge's worst record is one of a's (rows 2, 3).
+    expected = [[SEG], [other], [SEG, SEG], [SEG, SEG, SEG]]
+    assert [r.epsilon_after for r in everyone.charges] == pytest.approx(
+        [_dp_accounting_epsilon(h, DELTA) for h in expected], rel=1e-6)
+    assert [r.charge.round for r in some.charges] == [2, 4]  # over rows 4-7 only: rows 4, 5 saw `other` then SEG
+    assert [r.epsilon_after for r in some.charges] == pytest.approx(
+        [_dp_accounting_epsilon(h, DELTA) for h in ([other], [other, SEG])], rel=1e-6)
+    assert everyone.max_epsilon == pytest.approx(everyone.charges[-1].epsilon_after, rel=1e-12)
+    assert ledger.summary(delta=DELTA).charges[0].epsilon_after is None  # not asked for: not computed
+
+
 def test_site_ledger_and_site_check_show_the_current_files_spend(tmp_path: Path) -> None:
     # Prepare: a site whose file was charged, then edited in one row.
     from click.testing import CliRunner
