@@ -73,20 +73,15 @@ def _read_lm_rows(site: SiteConfig) -> tuple[list[Any], list[str], list[str], li
     """Every row of a causal-lm site's file: (conversations, blank-prompt rows, empty-response rows,
     other bad rows with the reason), read through the training path's readers and rules."""
     from fedtune.common.causal_lm import ChatMessage, parse_conversation
-    from fedtune.common.data import MISSING, READERS
+    from fedtune.common.data import MISSING, read_records
 
-    reader = READERS.get(site.data_path.suffix.lower())
-    if reader is None:
-        raise FedtuneError(f"{site.data_path}: unsupported file type {site.data_path.suffix!r}; use one of {sorted(READERS)}.")
-    if not site.data_path.is_file():
-        raise FedtuneError(f"{site.data_path}: {'not a file' if site.data_path.exists() else 'no such file'} (data.path).")
     chats = site.messages_column
     columns = [chats] if chats else [site.prompt_column, site.response_column]
     convs: list[Any] = []
     blank_prompts: list[str] = []
     empty_responses: list[str] = []
     bad: list[str] = []
-    for where, values in reader(site.data_path, columns):
+    for where, values in read_records(site.data_path, columns):
         row = where.removeprefix(f"{site.data_path} ")
         if chats:
             try:

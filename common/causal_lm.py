@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import LoraSettings
-from .data import READERS, load_table, record_digests
+from .data import load_table, read_records, record_digests
 from .errors import ConfigError, DataError
 from .lora_rank import site_lora_alpha
 from .model import ADAPTER_NAME, ModelBundle, top_layer_indices, adapter_state, freeze_lora_a
@@ -111,14 +111,8 @@ def load_lm_table(path: str | Path, settings: LMDataSettings = LMDataSettings())
         table = load_table(path, text_column=settings.prompt_column, label_column=settings.response_column)
         convs = [(ChatMessage("user", p), ChatMessage("assistant", r)) for p, r in zip(table.texts, table.labels)]
         return LMTable(conversations=convs, source=table.source, from_messages=False)
-    path = Path(path)
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(READERS)}.")
-    if not path.is_file():
-        raise DataError(f"{path}: {'not a file' if path.exists() else 'no such file'}.")
     column = settings.messages_column
-    convs = [parse_conversation(values[column], where, column) for where, values in reader(path, [column])]
+    convs = [parse_conversation(values[column], where, column) for where, values in read_records(path, [column])]
     if not convs:
         raise DataError(f"{path}: no data rows; expected one chat per row in column {column!r}.")
     return LMTable(conversations=convs, source=str(path), from_messages=True)

@@ -109,17 +109,10 @@ def load_table(
             bytes that are not UTF-8, a malformed JSON line or CSV record, or an unreadable Parquet file.
     """
     path = Path(path)
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(READERS)}.")
-    if not path.is_file():
-        raise DataError(f"{path}: {'not a file' if path.exists() else 'no such file'}.")
-
-    wanted = list(dict.fromkeys([text_column, label_column, *extra_columns]))
     texts: list[str] = []
     labels: list[str] = []
     extras: dict[str, list[str]] = {name: [] for name in extra_columns}
-    for where, values in reader(path, wanted):
+    for where, values in read_records(path, [text_column, label_column, *extra_columns]):
         texts.append(_as_text(values[text_column], where, text_column))
         labels.append(_as_value(values[label_column], where, label_column))
         for name, column in extras.items():
@@ -128,6 +121,26 @@ def load_table(
         raise DataError(f"{path}: no data rows; expected one row per labeled text.")
     logger.debug("Loaded %d rows with %d distinct labels from %s", len(texts), len(set(labels)), path)
     return TextTable(texts=texts, labels=labels, source=str(path), columns=extras)
+
+
+def read_records(path: str | Path, columns: Sequence[str]) -> Iterator[_Record]:
+    """The records of a `.csv`, `.jsonl`/`.json` or `.parquet` file, one at a time, as read for training.
+
+    Each is ``(where, values)``: where it is, for messages ("notes.csv row 3 (line 5)", see the module
+    docstring), and the raw value of each of ``columns`` (`MISSING` where a JSON object lacks the field).
+    The suffix and the file are checked before this returns; the records, as they are read.
+
+    Raises:
+        DataError: naming the file, for an unsupported suffix, a missing file, a missing column, or any
+            record `load_table` would refuse as unreadable (encoding, size, malformed CSV/JSON/Parquet).
+    """
+    path = Path(path)
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(_READERS)}.")
+    if not path.is_file():
+        raise DataError(f"{path}: {'not a file' if path.exists() else 'no such file'}.")
+    return reader(path, list(dict.fromkeys(columns)))
 
 
 def check_labels(table: TextTable, allowed: Sequence[str]) -> None:
@@ -443,7 +456,7 @@ def _read_parquet(path: Path, wanted: list[str]) -> Iterator[_Record]:
         raise DataError(f"{path}: not a readable Parquet file: {err}.") from None
 
 
-READERS: dict[str, Callable[[Path, list[str]], Iterator[_Record]]] = {
+_READERS: dict[str, Callable[[Path, list[str]], Iterator[_Record]]] = {
     ".csv": _read_csv,
     ".json": _read_jsonl,
     ".jsonl": _read_jsonl,
