@@ -237,7 +237,7 @@ def test_card_markdown_is_escaped_in_every_block_and_links_stay_text() -> None:
 
 
 def test_a_round_line_still_being_written_is_skipped(tmp_path: Path) -> None:
-    from fedtune.dashboard import read_run
+    from fedtune.dashboard_data import read_run
 
     recorder = RunRecorder(tmp_path)
     _write_round(recorder, 1)
