@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 
 from cryptography import x509
 
-from fedtune.common.errors import ConfigError, FedtuneError
+from fedtune.common.errors import ConfigError, DataError, FedtuneError
 from fedtune.common.io import parse_host_port, read_bytes
 from fedtune.common.tls import check_ca_certificate, check_server_certificate, now_utc, parse_pem_certificate
 
@@ -105,16 +105,16 @@ def _read_lm_rows(site: SiteConfig) -> tuple[list[Any], list[str], list[str], li
     return convs, blank_prompts, empty_responses, bad
 
 
-def _check_lm_data(site: SiteConfig, *, max_length: int = 0) -> str:
-    """Rows, empty responses and token lengths against ``max_length`` (0: the causal-lm default),
-    with the site's base model's tokenizer. Only counts and row numbers are printed, never text."""
-    import statistics
+def _lm_table(site: SiteConfig) -> Any:
+    """A causal-lm site's examples (an ``LMTable``), read as training reads them.
 
-    from fedtune.common.causal_lm import LMTable, example_ids, use_chat, lm_record_digests, load_lm_tokenizer
-    from fedtune.common.config import TASK_MAX_LENGTH, ModelConfig
-    from fedtune.common.model import resolve_base_model
+    Raises:
+        DataError: naming the file, how many rows are unusable and why, and their row numbers, never
+            their text: ``site check`` and ``site ledger`` print it, and the training path's own
+            messages (``load_lm_table``) quote the values they refuse.
+    """
+    from fedtune.common.causal_lm import LMTable
 
-    max_length = max_length or TASK_MAX_LENGTH["causal-lm"]
     convs, blank_prompts, empty_responses, bad = _read_lm_rows(site)
     problems = []
     if blank_prompts:
@@ -125,10 +125,25 @@ def _check_lm_data(site: SiteConfig, *, max_length: int = 0) -> str:
         problems.append(f"{len(bad)} unusable rows: " + "; ".join(bad[:SHOWN_ROWS]))
     rows = len(convs) + len(blank_prompts) + len(empty_responses) + len(bad)
     if not rows:
-        raise FedtuneError(f"{site.data_path}: no data rows.")
+        raise DataError(f"{site.data_path}: no data rows.")
     if problems:
-        raise FedtuneError(f"{site.data_path}: {rows} rows; " + "; ".join(problems) + ". Training refuses the file until every row "
-                           "has a prompt and a response: fill or remove those rows.")
+        raise DataError(f"{site.data_path}: {rows} rows; " + "; ".join(problems) + ". Training refuses the file until every row "
+                        "has a prompt and a response: fill or remove those rows.")
+    return LMTable(conversations=convs, source=str(site.data_path), from_messages=bool(site.messages_column))
+
+
+def _check_lm_data(site: SiteConfig, *, max_length: int = 0) -> str:
+    """Rows, empty responses and token lengths against ``max_length`` (0: the causal-lm default),
+    with the site's base model's tokenizer. Only counts and row numbers are printed, never text."""
+    import statistics
+
+    from fedtune.common.causal_lm import example_ids, use_chat, lm_record_digests, load_lm_tokenizer
+    from fedtune.common.config import TASK_MAX_LENGTH, ModelConfig
+    from fedtune.common.model import resolve_base_model
+
+    max_length = max_length or TASK_MAX_LENGTH["causal-lm"]
+    table = _lm_table(site)
+    convs, rows = table.conversations, len(table)
     tokenizer = load_lm_tokenizer(resolve_base_model(ModelConfig(base_model=str(site.base_model or "")), "causal-lm"))
     chat = use_chat(tokenizer, "auto", needed=bool(site.messages_column))
     lengths, truncated, dropped, no_tokens = [], 0, [], []
@@ -145,7 +160,7 @@ def _check_lm_data(site: SiteConfig, *, max_length: int = 0) -> str:
         raise FedtuneError(f"{site.data_path}: {len(no_tokens)} rows whose prompt or response encodes to no tokens ({_rows(no_tokens)}).")
     if len(dropped) == rows:
         raise FedtuneError(f"{site.data_path}: every prompt fills max_length {max_length} tokens; no example would train.")
-    distinct = len(set(lm_record_digests(LMTable(conversations=convs, source=str(site.data_path), from_messages=bool(site.messages_column)))))
+    distinct = len(set(lm_record_digests(table)))
     columns = f"chats in {site.messages_column!r}" if site.messages_column else f"{site.prompt_column!r} -> {site.response_column!r}"
     ordered = sorted(lengths)
     return (f"causal-lm: {rows} rows ({distinct} distinct records in the ledger's sense), {columns}, rendered "
@@ -174,11 +189,9 @@ def site_record_digests(site: SiteConfig) -> list[str]:
         table = load_table(site.data_path, text_column=site.text_column, label_column=site.label_column)
         records += record_digests(table.texts, table.labels)
     if "causal-lm" in site.policy.allowed_tasks:
-        from fedtune.common.causal_lm import LMDataSettings, lm_record_digests, load_lm_table
+        from fedtune.common.causal_lm import lm_record_digests
 
-        settings = LMDataSettings(prompt_column=site.prompt_column, response_column=site.response_column,
-                                  messages_column=site.messages_column)
-        records += lm_record_digests(load_lm_table(site.data_path, settings))
+        records += lm_record_digests(_lm_table(site))  # a bad row is named by its number, never quoted
     return list(dict.fromkeys(records))
 
 

@@ -308,13 +308,34 @@ def test_site_check_names_a_malformed_chat_s_row_without_quoting_it(tmp_path: Pa
     good = [{"role": "user", "content": "triage zebrafinch"}, {"role": "assistant", "content": "discharge quokka"}]
     rows = [{"chat": good}, {"chat": [{"role": "doctor", "content": "triage zebrafinch"}, good[1]]}, {"chat": good[:1]}]
 
-    data = _checks(_lm_site(tmp_path, tiny_llama, rows, data='messages_column = "chat"\n'))["data"]
+    results = _checks(_lm_site(tmp_path, tiny_llama, rows, data='messages_column = "chat"\n'))
+    data = results["data"]
 
     assert not data.ok
     assert "2 unusable rows" in data.detail
     assert "row 2 (line 2): column 'chat' message 1: role must be one of ['system', 'user', 'assistant']" in data.detail
     assert "row 3 (line 3): column 'chat' must end with the assistant's answer" in data.detail
     assert not any(word in data.detail for word in LEAKS), data.detail
+    # The ledger check reads the same rows for their keys: it fails on them too, by number, never quoting one.
+    ledger = results["privacy ledger"]
+    assert not ledger.ok and "2 unusable rows" in ledger.detail, ledger.detail
+    everything = " ".join(r.detail for r in results.values())
+    assert not any(word in everything for word in LEAKS), everything
+
+
+def test_site_ledger_names_an_unusable_row_by_number_without_its_text(tmp_path: Path, tiny_llama: Path) -> None:
+    from fedtune.cli import main
+
+    rows = [{"prompt": p, "response": r} for p, r in ROWS]
+    rows[3]["response"] = ["discharge", "quokka"]  # training refuses it, quoting the value in the site's own log
+    site = _lm_site(tmp_path, tiny_llama, rows)
+
+    result = CliRunner().invoke(main, ["site", "ledger", "--config", str(site)])
+
+    assert result.exit_code == 0, result.output  # the ledger stays readable when the data is not
+    assert "cannot read the data file" in result.output
+    assert "row 4 (line 4): column 'response' holds list, not text" in result.output
+    assert not any(word in result.output for word in LEAKS), result.output
 
 
 def test_site_ledger_reads_a_causal_lm_site_s_records(tmp_path: Path, tiny_llama: Path) -> None:
