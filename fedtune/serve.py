@@ -1,6 +1,6 @@
 """`fedtune serve`: one adapter behind a small HTTP API (FastAPI on uvicorn), on localhost by default.
 
-The adapter is loaded once. Every model call happens in one worker thread (:class:`Batcher`), so
+The adapter is loaded once. Every model call happens in one worker thread (`fedtune.serve_batch`), so
 the event loop keeps answering (``/health`` during a long generation) and torch never runs two
 calls at once on the same CPU cores. The worker merges the inputs of the requests waiting in its
 queue into one model call of at most ``max_batch`` inputs: under concurrent load, single-text
@@ -13,14 +13,11 @@ error is JSON ``{"error": "..."}`` with a 4xx status that names the limit or the
 
 from __future__ import annotations
 
-import concurrent.futures
 import html
 import ipaddress
 import json
 import logging
-import queue
 import socket
-import threading
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -33,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from fedtune.common.errors import ConfigError
+from fedtune.serve_batch import ApiError, Batcher
 
 logger = logging.getLogger(__name__)
 
@@ -127,94 +125,6 @@ def load_served(adapter: Path, *, base_model: str | None = None, max_batch: int 
     return ServedAdapter(task=task, adapter=adapter.name, model=model_name(), labels=tuple(loaded.labels), run=run_classifier)
 
 
-class ApiError(Exception):
-    """A request refused with ``status`` and ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass(frozen=True)
-class _Job:
-    inputs: list[str]
-    max_new_tokens: int
-    future: concurrent.futures.Future[list[Any]]
-
-
-_STOP = object()
-
-
-class Batcher:
-    """The one thread that calls the model: jobs wait in a bounded queue and are merged into model calls.
-
-    Consecutive waiting jobs with the same ``max_new_tokens`` share a call while their inputs fit in
-    ``max_batch``; a job that does not fit waits for the next call, so order is kept.
-    """
-
-    def __init__(self, run: Callable[[list[str], int], list[Any]], *, max_batch: int, max_queue: int) -> None:
-        self._run, self._max_batch = run, max_batch
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
-        self._thread = threading.Thread(target=self._loop, name="fedtune-inference", daemon=True)
-        self.calls = 0  # model calls made (read by /health)
-        self.jobs = 0  # jobs answered
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
-
-    def submit(self, inputs: list[str], max_new_tokens: int = 0) -> concurrent.futures.Future[list[Any]]:
-        future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
-        try:
-            self._queue.put_nowait(_Job(list(inputs), max_new_tokens, future))
-        except queue.Full:
-            raise ApiError(503, f"busy: {self._queue.maxsize} requests are waiting for the model; retry later.") from None
-        return future
-
-    def _loop(self) -> None:
-        held: Any = None
-        while True:
-            first = held if held is not None else self._queue.get()
-            held = None
-            if first is _STOP:
-                return
-            batch, size = [first], len(first.inputs)
-            while held is None:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is not _STOP and nxt.max_new_tokens == first.max_new_tokens and size + len(nxt.inputs) <= self._max_batch:
-                    batch.append(nxt)
-                    size += len(nxt.inputs)
-                else:
-                    held = nxt
-            self._call(batch)
-
-    def _call(self, batch: list[_Job]) -> None:
-        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # a client that left costs nothing
-        if not batch:
-            return
-        try:
-            outputs = self._run([text for job in batch for text in job.inputs], batch[0].max_new_tokens)
-        except Exception as err:  # noqa: BLE001 -- each waiting request gets a 500, and the thread keeps serving
-            logger.exception("inference failed on a batch of %d requests", len(batch))
-            for job in batch:
-                job.future.set_exception(err)
-            return
-        finally:
-            self.calls += 1
-        start = 0
-        for job in batch:
-            job.future.set_result(outputs[start : start + len(job.inputs)])
-            start += len(job.inputs)
-        self.jobs += len(batch)
-
-
 class Prediction(BaseModel):
     label: str = Field(description="The most probable label.")
     score: float = Field(description="Its probability (softmax over the labels).")
@@ -291,6 +201,11 @@ def _validated(data: Any, model: type[BaseModel]) -> Any:
         raise ApiError(422, "; ".join(problems) + ".") from None
 
 
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI's request body for an endpoint that reads its JSON itself (so that size limits come before parsing)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
 def _check_inputs(name: str, inputs: Sequence[str], settings: ServeSettings) -> None:
     if not inputs:
         raise ApiError(422, f"{name} is empty; send 1 to {settings.max_batch} {name}.")
@@ -352,24 +267,23 @@ def create_app(served: ServedAdapter, settings: ServeSettings) -> FastAPI:
         body["model_calls"], body["requests_answered"] = batcher.calls, batcher.jobs
         return body
 
-    body_doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}}
+    async def checked(request: Request, task: str, model: type[BaseModel], inputs: str) -> Any:
+        # In this order: the task, the body's size (before parsing), its shape, then the inputs' limits.
+        check_task(task)
+        body = _validated(await _read_json(request, settings.max_body_bytes), model)
+        _check_inputs(inputs, getattr(body, inputs), settings)
+        return body
 
-    @app.post("/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=body_doc,
+    @app.post("/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_body_doc(PredictRequest),
               summary="Label and probability of each text (classification adapters)")
     async def predict(request: Request) -> dict[str, Any]:
-        check_task("classification")
-        body = _validated(await _read_json(request, settings.max_body_bytes), PredictRequest)
-        _check_inputs("texts", body.texts, settings)
+        body = await checked(request, "classification", PredictRequest, "texts")
         return {"predictions": await infer(body.texts, 0)}
 
-    gen_doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}}}}
-
-    @app.post("/generate", response_model=GenerateResponse, responses=_ERRORS, openapi_extra=gen_doc,
+    @app.post("/generate", response_model=GenerateResponse, responses=_ERRORS, openapi_extra=_body_doc(GenerateRequest),
               summary="Greedy continuation of each prompt (causal-lm adapters)")
     async def generate(request: Request) -> dict[str, Any]:
-        check_task("causal-lm")
-        body = _validated(await _read_json(request, settings.max_body_bytes), GenerateRequest)
-        _check_inputs("prompts", body.prompts, settings)
+        body = await checked(request, "causal-lm", GenerateRequest, "prompts")
         tokens = settings.default_new_tokens if body.max_new_tokens is None else body.max_new_tokens
         if not 1 <= tokens <= settings.max_new_tokens:
             raise ApiError(422, f"max_new_tokens must be in [1, {settings.max_new_tokens}], got {tokens}.")

@@ -211,7 +211,7 @@ def test_only_loopback_hosts_serve_without_a_warning() -> None:
 
 
 def test_batcher_merges_waiting_requests_up_to_max_batch_and_keeps_their_order() -> None:
-    from fedtune.serve import Batcher
+    from fedtune.serve_batch import Batcher
 
     # Prepare: a model call that waits until every job is queued, so the queue's contents are known.
     release, calls = threading.Event(), []
@@ -238,7 +238,7 @@ def test_batcher_merges_waiting_requests_up_to_max_batch_and_keeps_their_order()
 
 
 def test_a_full_queue_is_refused_with_503_and_a_failed_call_fails_only_its_requests() -> None:
-    from fedtune.serve import ApiError, Batcher
+    from fedtune.serve_batch import ApiError, Batcher
 
     release = threading.Event()
 
