@@ -12,7 +12,13 @@ from cryptography import x509
 
 from fedtune.common.errors import ConfigError, DataError, FedtuneError
 from fedtune.common.io import parse_host_port, read_bytes
-from fedtune.common.tls import check_ca_certificate, check_server_certificate, now_utc, parse_pem_certificate
+from fedtune.common.tls import (
+    check_ca_certificate,
+    check_server_certificate,
+    now_utc,
+    parse_pem_certificate,
+    served_certificate,
+)
 
 from .daemon import SiteConfig
 
@@ -262,7 +268,9 @@ def check_coordinator_certificate(
         ConfigError: it is not issued by ``ca``, not valid now or does not name the host dialled.
     """
     host, port = parse_host_port(site.coordinator, where="site.coordinator")
-    served = served_certificate(host, port, timeout=timeout)
+    served = served_certificate(host, port, where="site.coordinator", timeout=timeout,
+                                not_tls="is the coordinator started with --insecure, or is this not its sites' port "
+                                        "(`coordinator start --port`)?")
     if served is not None:
         check_server_certificate(
             served, ca, host=host, at=now_utc(at), subject=f"the certificate the coordinator at {site.coordinator} presents",
@@ -270,42 +278,6 @@ def check_coordinator_certificate(
                                                       f"create one that names {host!r} (`fedtune certs init --host {host}`)",
         )
     return served
-
-
-def served_certificate(host: str, port: int, *, timeout: float = 5.0) -> x509.Certificate | None:
-    """The certificate a TLS server at ``host:port`` presents, unverified; None if nothing answers there.
-
-    Read so that a wrong certificate is named precisely (`check_credentials`), before OpenSSL's
-    "certificate verify failed"; it is checked by the caller.
-
-    Raises:
-        ConfigError: something accepts the connection but does not complete a TLS handshake (a
-            coordinator started with --insecure, or another service on that port).
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError:
-        return None
-    try:
-        with context.wrap_socket(sock, server_hostname=host) as tls:
-            der = tls.getpeercert(binary_form=True)
-    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError, TimeoutError):
-        # Hung up or silent: a coordinator starting or stopping looks like this; the daemon keeps trying.
-        return None
-    except ssl.SSLError as err:
-        # It answered, but not with TLS (an HTTP server replies "400 Bad Request" to a TLS hello).
-        raise ConfigError(
-            f"site.coordinator {host}:{port} accepts connections but does not speak TLS ({err.reason or err}); is the "
-            "coordinator started with --insecure, or is this not its sites' port (`coordinator start --port`)?"
-        ) from None
-    except OSError:
-        return None
-    finally:
-        sock.close()
-    return x509.load_der_x509_certificate(der) if der else None
 
 
 def _check_ledger(site: SiteConfig, shown: int = 10) -> str:

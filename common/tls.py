@@ -9,13 +9,17 @@ and an operator cannot tell an expired certificate from a wrong CA or a wrong ho
 Every message names the file (or the address that presented the certificate), what was found (the
 validity window, the names the certificate covers, its issuer), the moment checked ("now", in UTC:
 a wrong clock is a common cause of "not valid yet") and what to do. Pure functions of bytes,
-certificates and a time: no sockets here.
+certificates and a time, except `served_certificate`, the one place either side reads what a server
+presents.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import socket
+import ssl
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -187,6 +191,62 @@ def check_server_certificate(
         verifier.verify(cert, [])
     except VerificationError as err:
         raise ConfigError(f"{subject} failed validation against {ca_subject} for {host!r}: {err}") from None
+
+
+def served_certificate(
+    host: str, port: int, *, where: str, not_tls: str, timeout: float = 5.0,
+    client_cert: Path | None = None, client_key: Path | None = None,
+) -> x509.Certificate | None:
+    """The certificate a TLS server at ``host:port`` presents, unverified; None if nothing answers there.
+
+    Read so that a wrong certificate is named precisely (`check_server_certificate`, by the caller)
+    instead of OpenSSL's "certificate verify failed". The handshake verifies nothing and nothing is
+    sent after it.
+
+    Args:
+        host: The host dialled.
+        port: Its port.
+        where: How messages name the address's setting (``site.coordinator``, ``--coordinator``).
+        not_tls: What to ask when something answers without TLS, e.g. which port was meant.
+        timeout: Seconds for the connection and the handshake.
+        client_cert: A client certificate to present (an admin listener asks for one); with ``client_key``.
+        client_key: Its private key. A pair that cannot be loaded is not presented: the server's
+            certificate still comes, and the caller names a wrong admin key.
+
+    Raises:
+        ConfigError: something accepts the connection but does not complete a TLS handshake (a
+            coordinator started with --insecure, or another service on that port).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if client_cert is not None and client_key is not None:
+        try:
+            context.load_cert_chain(client_cert, client_key)
+        except (OSError, ssl.SSLError):
+            pass
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None
+    try:
+        with context.wrap_socket(sock, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError, TimeoutError):
+        # Hung up or silent: a coordinator starting or stopping looks like this; the daemon keeps trying.
+        # A listener refusing a client certificate drops the connection the same way.
+        return None
+    except ssl.SSLError as err:
+        if "ALERT" in str(err.reason or ""):  # a TLS alert: it speaks TLS, it refused this handshake
+            return None
+        # It answered, but not with TLS (an HTTP server replies "400 Bad Request" to a TLS hello).
+        raise ConfigError(f"{where} {host}:{port} accepts connections but does not speak TLS ({err.reason or err}); "
+                          f"{not_tls}") from None
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return x509.load_der_x509_certificate(der) if der else None
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -49,7 +49,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedtune.common.errors import ConfigError
 from fedtune.common.io import read_bytes, write_file_exclusive
-from fedtune.common.tls import check_ca_certificate, check_server_certificate, now_utc, parse_pem_certificate, utc
+from fedtune.common.tls import (
+    check_ca_certificate,
+    check_server_certificate,
+    now_utc,
+    parse_pem_certificate,
+    served_certificate,
+    utc,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -384,37 +391,24 @@ def check_served_certificate(
     valid, another host, another CA) instead of OpenSSL's "certificate verify failed". The handshake
     here does not verify (it only reads the certificate), and sends nothing after it.
 
-    Returns quietly when nothing answers with TLS there: the caller's own error stands then.
+    Returns quietly when nothing answers there, or a TLS server hangs up (a listener refusing the
+    admin certificate): the caller's own error stands then.
 
     Raises:
         ConfigError: the presented certificate is wrong, naming the address, what it covers or
-            its validity window, and now.
+            its validity window, and now; or what answers does not speak TLS.
     """
-    import socket
-    import ssl
-
     from fedtune.common.io import parse_host_port
 
     host, port = parse_host_port(address, where="--coordinator")
     ca = _load_cert(Path(ca_path))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if client_cert is not None and client_key is not None:
-        try:
-            context.load_cert_chain(client_cert, client_key)  # an admin listener asks for one
-        except (OSError, ssl.SSLError):
-            pass  # a wrong admin key is named by check_admin_credentials; the server's certificate still comes
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            with context.wrap_socket(sock, server_hostname=host) as tls:
-                der = tls.getpeercert(binary_form=True)
-    except (OSError, ssl.SSLError):
-        return
-    if not der:
+    served = served_certificate(host, port, where="--coordinator", timeout=timeout, client_cert=client_cert, client_key=client_key,
+                                not_tls="is the coordinator started with --insecure, or is this not its admin port "
+                                        "(`coordinator start --admin-port`)?")
+    if served is None:
         return
     check_server_certificate(
-        x509.load_der_x509_certificate(der), ca, host=host, at=now_utc(at),
+        served, ca, host=host, at=now_utc(at),
         subject=f"the certificate {address} presents", ca_subject=str(ca_path),
         fix_host=f"dial a name it covers, or have the coordinator create one that names {host!r} "
                  f"(`fedtune certs init --host {host}`)",

@@ -430,6 +430,20 @@ def test_admin_commands_name_what_is_wrong_with_the_coordinators_certificate(
             assert text in line, line
 
 
+def test_admin_commands_name_a_coordinator_port_that_does_not_speak_tls(tmp_path: Path, serve, no_processes: None) -> None:  # type: ignore[no-untyped-def]
+    # Prepare: a plain HTTP answer, as from a coordinator started with --insecure; the admin's folder is good.
+    listener = serve()
+    admin = _admin_folder(tmp_path, make_ca())
+
+    # Execute
+    result = CliRunner().invoke(main, ["status", "--coordinator", listener.address, "--certs", str(admin)])
+
+    # Assert: the same words as a site gets, naming the admin flag and port.
+    line = one_error_line(result)
+    assert f"--coordinator {listener.address} accepts connections but does not speak TLS" in line
+    assert "--insecure" in line and "--admin-port" in line
+
+
 def test_admin_ca_file_that_is_not_pem_is_named(tmp_path: Path, serve, no_processes: None) -> None:  # type: ignore[no-untyped-def]
     # Prepare
     ca = make_ca()
