@@ -277,8 +277,8 @@ def _manifest(meta: dict[str, Any], loaded: Any, *, task: str, mode: str, poolin
     out["base_model"] = ref.name
     out["base_model_id"] = ref.fingerprint
     out["export"] = {
-        "format": EXPORT_FORMAT, "mode": mode, "base_model": ref.name, "base_fingerprint": ref.fingerprint,
-        "base_on_hub": ref.hub, "base_exact": ref.exact, "loader": LOADER_FILE, "fedtune_version": __version__,
+        "format": EXPORT_FORMAT, "mode": mode, "base_on_hub": ref.hub, "base_exact": ref.exact, "loader": LOADER_FILE,
+        "fedtune_version": __version__,
         **({"head_file": HEAD_FILE} if mode == "merged" and pooling == "mean" else {}),
     }
     return out

@@ -25,7 +25,7 @@ Python::
 An adapter export (``mode: adapter`` in ``fedtune.json``) names its base model by a portable id in
 ``adapter_config.json``; pass ``base_model=`` (a local folder) to load it without the Hugging Face
 hub. A local folder is checked against the base's config fingerprint (sha256 of its
-``config.json``, first 16 hex digits) recorded at export.
+``config.json``, first 16 hex digits) recorded at export as ``base_model_id``.
 """
 
 # No ``from __future__ import annotations``: the dataclass below must also work when this file is
@@ -175,10 +175,11 @@ def load_export(folder: str | Path, *, base_model: str | None = None, check_base
         from peft import PeftModel
 
         base = base_model or json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
-        if check_base and Path(base).is_dir() and config_fingerprint(base) != export["base_fingerprint"]:
+        # base_model_id: the key fedtune's own loader checks (common.model.model_fingerprint, computed alike).
+        if check_base and Path(base).is_dir() and config_fingerprint(base) != meta["base_model_id"]:
             raise ValueError(f"{base} is not the base model this adapter was trained on: its config fingerprint is "
-                             f"{config_fingerprint(base)}, the export records {export['base_fingerprint']} "
-                             f"({export['base_model']}). Pass a copy of that model, or check_base=False.")
+                             f"{config_fingerprint(base)}, the export records {meta['base_model_id']} "
+                             f"({meta['base_model']}). Pass a copy of that model, or check_base=False.")
         label_map = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
         if task == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)

@@ -229,6 +229,21 @@ def test_causal_lm_exports_generate_as_fedtune_generate_without_fedtune(exports:
             assert [t.replace("\n", " ").strip() for t in exports.clean[name][source]] == expected, (name, source)
 
 
+def test_the_loader_checks_the_base_by_the_fingerprint_fedtune_records_and_checks(exports: Exports) -> None:
+    import hashlib
+
+    from fedtune import load_fedtune_export as loader  # its own copy of the fingerprint: it cannot import fedtune
+    from fedtune.common.model import model_fingerprint
+
+    for base in (exports.bert, exports.llama):
+        expected = hashlib.sha256((base / "config.json").read_bytes()).hexdigest()[:16]
+        assert loader.config_fingerprint(base) == model_fingerprint(base) == expected
+    for name, base in (("mean-adapter", exports.bert), ("lm-adapter", exports.llama)):
+        assert json.loads((exports.folders[name] / "fedtune.json").read_text())["base_model_id"] == model_fingerprint(base)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(exports.llama))} is not the base model this adapter was trained on"):
+        loader.load_export(exports.folders["mean-adapter"], base_model=str(exports.llama))
+
+
 def test_no_path_of_the_training_machine_in_any_exported_file(exports: Exports) -> None:
     forbidden = [str(exports.root), str(exports.root.resolve()), sys.prefix, str(Path(__file__).resolve().parents[2])]
     for name, folder in exports.folders.items():
