@@ -241,7 +241,7 @@ def load_admin_certificates(path: Path, *, at: dt.datetime | None = None) -> lis
         ConfigError: naming the file, the certificate's subject and what is wrong.
     """
     path = Path(path)
-    when = at if at is not None else dt.datetime.now(dt.timezone.utc)
+    when = now_utc(at)
     data = read_bytes(path)
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise ConfigError(f"{path} holds no certificate; it must list at least one admin.crt.")
@@ -273,7 +273,7 @@ def check_admin_credentials(cert_path: Path, key_path: Path, *, at: dt.datetime 
         ConfigError: a file is missing or unreadable, the key does not belong to the certificate,
             it is not an admin client certificate or not valid at ``at`` (default now).
     """
-    when = at if at is not None else dt.datetime.now(dt.timezone.utc)
+    when = now_utc(at)
     cert = _load_cert(Path(cert_path))
     try:
         key = serialization.load_pem_private_key(read_bytes(Path(key_path)), password=None)
