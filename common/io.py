@@ -32,8 +32,9 @@ def fsync_dir(folder: Path) -> None:
 def publish_dir(tmp: Path, folder: Path) -> None:
     """Make the finished folder ``tmp`` (its files already fsynced) appear as ``folder``.
 
-    Two renames, never a moment with neither: an existing ``folder`` moves aside first and is
-    deleted only once the new one is in place; the parent is fsynced so the rename survives power loss.
+    An existing ``folder`` moves aside to ``.NAME.old`` first and is deleted only once the new one is
+    in place: a crash between the two renames leaves no ``folder`` but loses neither copy (the old
+    one is at ``.NAME.old``, the new one at ``tmp``). The parent is fsynced so the renames survive power loss.
     """
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old")
