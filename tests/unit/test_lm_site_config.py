@@ -193,6 +193,29 @@ def test_a_run_whose_task_the_policy_does_not_allow_is_refused_with_a_code_befor
     assert not (tmp_path / "state").exists(), "nothing was written in the site's state folder (no ledger, no seed)"
 
 
+@pytest.mark.usefixtures("flower_task_identity")
+@pytest.mark.parametrize("kind", [MessageType.TRAIN, MessageType.EVALUATE])
+def test_a_causal_lm_only_site_refuses_a_classification_run_through_its_clientapp_before_any_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    from fedtune.client.app import build_client_app
+
+    # The other task path (classification: the data is loaded first, the model after): nothing exists to read.
+    node_config = _node_config(_site_toml(tmp_path, 'path = "missing.jsonl"\n', 'allowed_tasks = ["causal-lm"]\n'))
+    node_config["base-model"] = str(tmp_path / "no-model")
+    site = Context(run_id=9, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+    run_flat, config = _malicious("classification", tmp_path)
+    msg = Message(RecordDict({"arrays": ArrayRecord(), "config": config}), dst_node_id=1, message_type=kind)
+
+    with caplog.at_level(logging.WARNING, logger="fedtune.client.app"):
+        reply = build_client_app(run_flat)(msg, site)
+
+    assert reply.has_error() and reply.error.reason == "policy:task site=clinic-a"
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "fedtune.client.app"]
+    assert "'classification'" in line and "only ['causal-lm']" in line, line
+    assert not (tmp_path / "state").exists()
+
+
 def test_a_causal_lm_only_site_refuses_a_classification_run_and_accepts_its_own(tmp_path: Path) -> None:
     from fedtune.client.site import resolve_site
 
