@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from fedtune.common.config import TASKS  # light (no torch); fedtune.cli imports it anyway
 from fedtune.common.errors import ConfigError
 
 # Admin commands dial the coordinator's admin listener (`coordinator start --admin-port`); sites dial --port.
@@ -84,7 +85,7 @@ def site() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for site.toml and the node key.")
 @click.option("--budget-epsilon", type=float, default=8.0, show_default=True, help="Lifetime epsilon budget of each record.")
 @click.option("--delta", type=float, default=1e-5, show_default=True, help="delta of the site's guarantee.")
-@click.option("--task", type=click.Choice(["classification", "causal-lm"]), default="classification", show_default=True,
+@click.option("--task", type=click.Choice(list(TASKS)), default="classification", show_default=True,
               help="What runs may train on this data; causal-lm writes [policy] allowed_tasks = [\"causal-lm\"] and the prompt/response columns.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
