@@ -557,7 +557,8 @@ def serve_cmd(adapter: str, base_model: str | None, host: str, port: int, max_ba
     Localhost only by default: the server has no TLS and no authentication. Stop it with Ctrl-C.
     """
     offline_env()
-    from fedtune.serve import ServeSettings, exposure_warning, serve
+    from fedtune.loopback import exposure_warning
+    from fedtune.serve import ServeSettings, serve
 
     warning = exposure_warning(host)
     if warning:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from fedtune.common.errors import ConfigError
 from fedtune.dashboard_data import LedgerView, RunView, number, read_ledger, read_run
 from fedtune.dashboard_svg import Bars, Guide, Series, bar_chart, line_chart, render_markdown
+from fedtune.loopback import exposure_warning, refuse_foreign_hosts
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 5
-LOOPBACK = ("127.0.0.1", "localhost")
 
 
 # --------------------------------------------------------------------------------------- pages
@@ -218,14 +218,12 @@ def create_app(run_dirs: Sequence[Path], *, site_config: Path | None = None, hos
     """
     from fastapi import FastAPI, Request, Response
     from fastapi.responses import HTMLResponse
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     runs = _check_inputs(run_dirs, site_config, refresh_seconds)
     if site_config is not None:
         read_ledger(site_config)  # fail now, and pay the accountant's imports before the first request
     app = FastAPI(title="fedtune dashboard", docs_url=None, redoc_url=None, openapi_url=None)
-    if host in LOOPBACK:  # a page on another site cannot reach it by rebinding a DNS name to 127.0.0.1
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK))
+    refuse_foreign_hosts(app, host)  # a page on another site cannot reach it by rebinding a DNS name to 127.0.0.1
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Response:
@@ -266,9 +264,9 @@ def serve(run_dirs: Sequence[Path], *, site_config: Path | None = None, host: st
     import uvicorn
 
     app = create_app(run_dirs, site_config=site_config, host=host, refresh_seconds=refresh_seconds)
-    if host not in LOOPBACK:
-        logger.warning("dashboard: listening on %s: anyone who can reach this address sees the runs and the ledger "
-                       "(no login, no TLS); prefer 127.0.0.1 and an SSH tunnel.", host)
+    warning = exposure_warning(host)
+    if warning:
+        logger.warning("dashboard: %s It shows the runs and the site's ledger.", warning)
     print(f"fedtune dashboard: http://{host}:{port}/ ({len(run_dirs)} run(s)"
           f"{', site ledger at /site' if site_config else ''}); Ctrl-C stops it", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -8,13 +8,13 @@ requests share forward passes instead of queueing one by one.
 
 Every limit is checked before the model sees a request, and the body's size before it is parsed
 (the declared ``Content-Length`` first, then the bytes as they arrive, for a chunked body). Every
-error is JSON ``{"error": "..."}`` with a 4xx status that names the limit or the expected shape.
+error is JSON ``{"error": "..."}`` with a 4xx status that names the limit or the expected shape;
+on the loopback, a foreign Host header is refused first (400, `fedtune.loopback`).
 """
 
 from __future__ import annotations
 
 import html
-import ipaddress
 import json
 import logging
 import socket
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from fedtune.common.errors import ConfigError
+from fedtune.loopback import refuse_foreign_hosts
 from fedtune.serve_batch import ApiError, Batcher
 
 logger = logging.getLogger(__name__)
@@ -217,8 +218,8 @@ def _check_inputs(name: str, inputs: Sequence[str], settings: ServeSettings) -> 
             raise ApiError(413, f"{name}[{i}] has {len(text)} characters; at most {settings.max_text_chars} are allowed.")
 
 
-def create_app(served: ServedAdapter, settings: ServeSettings) -> FastAPI:
-    """The FastAPI app serving ``served``; its lifespan starts and stops the inference thread."""
+def create_app(served: ServedAdapter, settings: ServeSettings, *, host: str = "127.0.0.1") -> FastAPI:
+    """The FastAPI app serving ``served`` on ``host``; its lifespan starts and stops the inference thread."""
     import asyncio
 
     from fedtune import __version__
@@ -235,6 +236,8 @@ def create_app(served: ServedAdapter, settings: ServeSettings) -> FastAPI:
     # must not fetch code from a third party, and may be offline. /docs is rendered here instead.
     app = FastAPI(title="fedtune serve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"A fedtune {served.task} adapter. Errors are JSON {{\"error\": \"...\"}} with a 4xx status.")
+
+    refuse_foreign_hosts(app, host)  # a web page must not use a loopback server by rebinding its DNS name
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -318,21 +321,6 @@ def docs_page(spec: dict[str, Any]) -> str:
     return "".join(parts) + "</body></html>"
 
 
-def exposure_warning(host: str) -> str | None:
-    """None for a loopback host; else why serving there is a risk (the server has no TLS and no authentication)."""
-    try:
-        addresses = [ipaddress.ip_address(host)]
-    except ValueError:
-        try:
-            addresses = [ipaddress.ip_address(info[4][0]) for info in socket.getaddrinfo(host, None)]
-        except (OSError, ValueError):
-            addresses = []
-    if addresses and all(a.is_loopback for a in addresses):
-        return None
-    return (f"--host {host} is not a loopback address: anyone who can reach it can query the model, with no TLS and no "
-            "authentication. Prefer 127.0.0.1 behind a TLS reverse proxy that authenticates its clients.")
-
-
 def _bind(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -375,5 +363,5 @@ def serve(adapter: Path, *, base_model: str | None = None, host: str = "127.0.0.
             if self.started:
                 announce(line)
 
-    config = uvicorn.Config(create_app(served, settings), log_level="info", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(create_app(served, settings, host=host), log_level="info", timeout_graceful_shutdown=10)
     _Server(config).run(sockets=[sock])

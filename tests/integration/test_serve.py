@@ -186,6 +186,9 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(servers:
         _refused(lm, 422, "max_new_tokens: Input should be a valid integer, got a JSON number", path="/generate",
                  json={"prompts": ["a"], "max_new_tokens": 2.0})
         _refused(lm, 422, "prompts is empty", path="/generate", json={"prompts": []})
+        # DNS rebinding: a web page that re-points its own name at 127.0.0.1 sends that name as Host.
+        assert c.get("/health", headers={"Host": "attacker.example"}).status_code == 400
+        assert c.post("/predict", json={"texts": ["a"]}, headers={"Host": "attacker.example:80"}).status_code == 400
         # After all that, real work still gets done.
         assert c.post("/predict", json={"texts": TEXTS[:1]}).status_code == 200
         assert lm.post("/generate", json={"prompts": PROMPTS[:1], "max_new_tokens": 2}).status_code == 200
@@ -203,7 +206,7 @@ def test_docs_work_offline_and_the_spec_names_both_endpoints(servers: dict[str, 
 
 
 def test_only_loopback_hosts_serve_without_a_warning() -> None:
-    from fedtune.serve import exposure_warning
+    from fedtune.loopback import exposure_warning
 
     assert [exposure_warning(h) for h in ("127.0.0.1", "::1", "localhost", "127.0.0.2")] == [None] * 4
     for host in ("0.0.0.0", "::", "192.168.1.20"):
