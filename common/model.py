@@ -46,7 +46,8 @@ def resolve_base_model(config: ModelConfig, task: str = "classification") -> Pat
 
         return default_causal_lm()
     path = Path(config.base_model) if config.base_model else default_base_model_dir()
-    return check_model_folder(path, where="model.base_model")
+    # Absolute: the folder is recorded in the adapter's fedtune.json and summary, read later from elsewhere.
+    return check_model_folder(path, where="model.base_model").resolve()
 
 
 def model_fingerprint(path: Path) -> str:

@@ -153,3 +153,12 @@ def test_opacus_per_example_gradients_equal_each_examples_own_gradient(tiny_mode
 def test_unknown_pooling_is_a_config_error_naming_the_value() -> None:
     with pytest.raises(ConfigError, match="model.pooling must be one of .*'max'"):
         RunConfig(model=ModelConfig(pooling="max"))
+
+
+def test_a_relative_base_model_folder_resolves_to_an_absolute_one(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The folder lands in the adapter's fedtune.json and the summary, read later from another directory.
+    from fedtune.common.model import resolve_base_model
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    resolved = resolve_base_model(ModelConfig(base_model=tiny_model_dir.name))
+    assert resolved.is_absolute() and resolved == tiny_model_dir.resolve()
