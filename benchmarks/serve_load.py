@@ -33,9 +33,7 @@ import csv
 import json
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +43,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DEMO = HERE.parent / "common" / "demo_data"
+sys.path.insert(0, str(HERE.parent))
+
+from tests.integration.deployment import Processes  # noqa: E402  (the tests' process helper: own group, always stopped)
+
 STARTUP_S = 600  # the first --generate converts SmolLM2 from its wheel
 
 
@@ -71,34 +73,22 @@ def fresh_lm(folder: Path, base_model: str | None) -> Path:
     return folder
 
 
-def start_server(adapter: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    fedtune = Path(sys.executable).parent / "fedtune"
-    command = [str(fedtune), "serve", "--adapter", str(adapter), "--host", "127.0.0.1", "--port", "0",
+def start_server(procs: Processes, adapter: Path, args: argparse.Namespace) -> str:
+    """``fedtune serve`` on a free port of 127.0.0.1 (stopped by ``procs.stop_all()``); its URL."""
+    command = ["serve", "--adapter", str(adapter), "--host", "127.0.0.1", "--port", "0",
                "--threads", str(args.threads), "--max-batch", str(max(64, *args.batch_sizes, *args.gen_prompts))]
     if args.base_model:
         command += ["--base-model", args.base_model]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    process = procs.start("server", command, env=dict(os.environ))
     deadline = time.monotonic() + STARTUP_S
     while time.monotonic() < deadline:
-        found = re.search(r"on (http://127\.0\.0\.1:\d+);", log.read_text(errors="replace"))
+        found = re.search(r"on (http://127\.0\.0\.1:\d+);", procs.log("server"))
         if found:
-            return process, found.group(1)
+            return found.group(1)
         if process.poll() is not None:
             break
         time.sleep(0.2)
-    stop_server(process)
-    raise SystemExit(f"fedtune serve did not start:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    raise SystemExit(f"fedtune serve did not start:\n{procs.log('server')[-3000:]}")
 
 
 def _client(url: str) -> Any:
@@ -147,9 +137,10 @@ def bench_predict(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     adapter, texts = (Path(args.adapter), None) if args.adapter else fresh_classifier(work / "adapter", args.base_model)
     if texts is None:
         texts = [r["text"] for r in csv.DictReader(open(DEMO / "clinical_triage.csv", encoding="utf-8"))]
-    process, url = start_server(adapter, args, work / "server.log")
+    procs = Processes(work)
     rows = []
     try:
+        url = start_server(procs, adapter, args)
         load(url, "/predict", [{"texts": texts[:8]}], concurrency=1, requests=5, seconds=30)  # warm-up
         for batch in args.batch_sizes:
             bodies = [{"texts": [texts[(i * batch + j) % len(texts)] for j in range(batch)]} for i in range(64)]
@@ -161,7 +152,7 @@ def bench_predict(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                       f"{r['req_s']:7.1f} req/s  {r['req_s'] * batch:7.1f} texts/s  p50 {r['p50_ms']:7.1f} ms  "
                       f"p99 {r['p99_ms']:7.1f} ms  calls {r['model_calls']}", flush=True)
     finally:
-        stop_server(process)
+        procs.stop_all()
     return rows
 
 
@@ -172,9 +163,10 @@ def bench_generate(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
     meta = json.loads((adapter / "fedtune.json").read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(args.base_model or meta["base_model"])
     prompts = [r["prompt"] for r in csv.DictReader(open(DEMO / "clinical_summaries.csv", encoding="utf-8"))]
-    process, url = start_server(adapter, args, work / "server.log")
+    procs = Processes(work)
     rows = []
     try:
+        url = start_server(procs, adapter, args)
         load(url, "/generate", [{"prompts": prompts[:1], "max_new_tokens": 4}], concurrency=1, requests=1, seconds=120)  # warm-up
         for n in args.gen_prompts:
             bodies = [{"prompts": [prompts[(i * n + j) % len(prompts)] for j in range(n)], "max_new_tokens": args.max_new_tokens}
@@ -185,7 +177,7 @@ def bench_generate(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
             print(f"/generate {n} prompt(s) per request: {r['requests']} requests, {tokens} tokens in {r['seconds']:.1f} s  "
                   f"{tokens / r['seconds']:.1f} tokens/s  p50 {r['p50_ms'] / 1000:.2f} s  p99 {r['p99_ms'] / 1000:.2f} s", flush=True)
     finally:
-        stop_server(process)
+        procs.stop_all()
     return rows
 
 

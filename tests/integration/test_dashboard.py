@@ -15,12 +15,8 @@ saying which is missing, when they are not there. It writes docs/img/dashboard.p
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +27,7 @@ import pytest
 
 from fedtune.common.messages import PrivacyParams, TrainReply, ValidationStats
 from fedtune.server.records import RunRecorder
+from tests.integration.deployment import Processes, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "docs" / "img" / "dashboard.png"
@@ -38,12 +35,6 @@ SITES = ("site-a", "site-b", "site-c")
 BUDGET = 8.0
 DELTA = 1e-5
 EVIL_LABEL = "<script>document.title='pwned'</script>"  # a label is the trainer's text: it must reach the page as text
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _reply(site: str, epsilon: float, accuracy: float) -> TrainReply:
@@ -130,12 +121,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def dashboard(runs: dict[str, Path]) -> Iterator[str]:
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fedtune.cli", "dashboard", str(runs["finished"]), str(runs["live"]), str(runs["growing"]), str(runs["lm"]),
-                             "--site-config", str(runs["site"]), "--host", "127.0.0.1", "--port", str(port), "--refresh", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+def dashboard(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    procs = Processes(tmp_path_factory.mktemp("dashboard-log"))  # its own process group, always stopped
+    procs.start("dashboard", ["dashboard", str(runs["finished"]), str(runs["live"]), str(runs["growing"]), str(runs["lm"]),
+                              "--site-config", str(runs["site"]), "--host", "127.0.0.1", "--port", str(port), "--refresh", "1"],
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90  # the ledger's accountant imports torch/Opacus before the server listens
@@ -144,18 +135,12 @@ def dashboard(runs: dict[str, Path]) -> Iterator[str]:
                 urllib.request.urlopen(url + "/", timeout=5).read()
                 break
             except (urllib.error.URLError, ConnectionError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    pytest.fail(f"dashboard did not start (exit {proc.poll()}):\n{proc.communicate()[0]}")
+                if procs.running["dashboard"].poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"dashboard did not start (exit {procs.running['dashboard'].poll()}):\n{procs.log('dashboard')}")
                 time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        procs.stop_all()
 
 
 def _get(url: str, host: str | None = None) -> tuple[int, str, dict[str, str]]:

@@ -9,10 +9,10 @@ then SIGKILL) and must exit cleanly on SIGTERM.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +26,7 @@ from click.testing import CliRunner
 
 from fedtune.cli import main
 from fedtune.common.tiny import make_tiny_bert
+from tests.integration.deployment import Processes
 from tests.integration.test_export import LABELS, MAX_NEW_TOKENS, PROMPTS, TEXTS, _classifier_adapter, _lm_adapter
 
 MAX_BATCH = 8
@@ -44,12 +45,9 @@ class Server:
         return httpx.Client(base_url=self.url, timeout=60, trust_env=False)  # no proxy from the environment for 127.0.0.1
 
 
-def _start(adapter: Path, log: Path) -> subprocess.Popen[bytes]:
-    fedtune = Path(sys.executable).parent / "fedtune"
-    args = [str(fedtune), "serve", "--adapter", str(adapter), "--host", "127.0.0.1", "--port", "0",
-            "--max-batch", str(MAX_BATCH), "--max-body-bytes", str(MAX_BODY), "--threads", "1"]
-    with open(log, "wb") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+def _serve_args(adapter: Path) -> list[str]:
+    return ["serve", "--adapter", str(adapter), "--host", "127.0.0.1", "--port", "0", "--max-batch", str(MAX_BATCH),
+            "--max-body-bytes", str(MAX_BODY), "--threads", "1"]
 
 
 def _wait_ready(process: subprocess.Popen[bytes], log: Path, deadline: float) -> str:
@@ -63,35 +61,25 @@ def _wait_ready(process: subprocess.Popen[bytes], log: Path, deadline: float) ->
     pytest.fail(f"fedtune serve did not start within {STARTUP_S} s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-    return process.returncode
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
     root = tmp_path_factory.mktemp("serve")
     bert = make_tiny_bert(root / "tiny-bert")
     adapters = {"classifier": _classifier_adapter(root, bert, "mean"), "lm": _lm_adapter(root)[1]}
-    processes = {name: _start(adapter, root / f"{name}.log") for name, adapter in adapters.items()}
+    procs = Processes(root)  # each server in its own process group, always stopped (SIGTERM, then SIGKILL)
     try:
+        processes = {name: procs.start(name, _serve_args(adapter), env=dict(os.environ)) for name, adapter in adapters.items()}
         deadline = time.monotonic() + STARTUP_S
         urls = {name: _wait_ready(p, root / f"{name}.log", deadline) for name, p in processes.items()}
         yield {name: Server(urls[name], processes[name], root / f"{name}.log", root) for name in processes}
         for name, process in processes.items():
             # A clean exit on SIGTERM (uvicorn re-raises the signal once it has shut down): the app's
             # shutdown ran, so the inference thread was stopped.
-            code, log = _stop(process), (root / f"{name}.log").read_text(errors="replace")
+            procs.stop(name, timeout=30)
+            code, log = process.returncode, procs.log(name)
             assert code in (0, -signal.SIGTERM) and "Application shutdown complete." in log, (code, log[-3000:])
     finally:
-        for process in processes.values():
-            _stop(process)
+        procs.stop_all()
 
 
 def _health(client: httpx.Client) -> dict:  # type: ignore[type-arg]
