@@ -211,7 +211,8 @@ def create_app(run_dirs: Sequence[Path], *, site_config: Path | None = None, hos
     """The dashboard's ASGI app over ``run_dirs`` (and the ledger of ``site_config``'s site).
 
     Every page is read from disk on each request, so a live run's new rounds appear on the next
-    reload. The site's config and ledger are read once here, so a bad one fails at start.
+    reload; the site's config and ledger too (a charge appears once written), and once more here,
+    so that a bad one fails at start.
 
     Raises:
         ConfigError: a run directory or the site config is missing or invalid.
