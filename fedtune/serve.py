@@ -91,14 +91,9 @@ class ServedAdapter:
 
 def load_served(adapter: Path, *, base_model: str | None = None, max_batch: int = 64) -> ServedAdapter:
     """Load ``adapter`` (classification or causal-lm, by its ``fedtune.json``) with fedtune.inference's loaders."""
-    from fedtune.common.model import METADATA_FILE
     from fedtune.inference import adapter_task
 
     task = adapter_task(adapter)
-
-    def model_name() -> str:  # read once a loader has checked the folder
-        return Path(base_model or json.loads((adapter / METADATA_FILE).read_text(encoding="utf-8"))["base_model"]).name
-
     if task == "causal-lm":
         from fedtune.common.causal_lm import generate
         from fedtune.inference import load_lm_adapter
@@ -109,7 +104,7 @@ def load_served(adapter: Path, *, base_model: str | None = None, max_batch: int 
             return generate(lm.model, lm.tokenizer, prompts, max_new_tokens=max_new_tokens, template=lm.template,
                             batch_size=max_batch)
 
-        return ServedAdapter(task=task, adapter=adapter.name, model=model_name(), labels=(), run=run_lm)
+        return ServedAdapter(task=task, adapter=adapter.name, model=lm.base.name, labels=(), run=run_lm)
     if task != "classification":
         raise ConfigError(f"--adapter {adapter} is a {task!r} adapter; fedtune serve takes classification or causal-lm adapters.")
     from fedtune.common.tasks import encode, predict_proba
@@ -123,7 +118,7 @@ def load_served(adapter: Path, *, base_model: str | None = None, max_batch: int 
         probs = predict_proba(loaded.model, dataset, batch_size=max_batch)
         return [{"label": loaded.labels[int(p.argmax())], "score": float(p.max())} for p in probs]
 
-    return ServedAdapter(task=task, adapter=adapter.name, model=model_name(), labels=tuple(loaded.labels), run=run_classifier)
+    return ServedAdapter(task=task, adapter=adapter.name, model=loaded.base.name, labels=tuple(loaded.labels), run=run_classifier)
 
 
 class Prediction(BaseModel):
