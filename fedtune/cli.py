@@ -184,12 +184,15 @@ def _run_options(f: Any) -> Any:
 
 def _with_flags(problems: list[str], flags: dict[str, Any]) -> list[str]:
     """Each problem about a setting a flag gave, with the flag named ("... got 0.0 (set by --epsilon).")."""
+    ctx = click.get_current_context(silent=True)
+    # The option as the command declares it ("fail_sites" is --fail-site), so no flag needs spelling out here.
+    options = {p.name: p.opts[0] for p in (ctx.command.params if ctx else ()) if p.opts}
     named = []
     for flag, value in flags.items():
         for section, values in _overrides(**{flag: value}).items():
             for key in values if isinstance(values, dict) else [None]:
                 setting = f"{section}.{key}" if key else section
-                named.append((setting, "--fail-site" if flag == "fail_sites" else "--" + flag.replace("_", "-")))
+                named.append((setting, options.get(flag, "--" + flag.replace("_", "-"))))
     out = []
     for problem in problems:
         for setting, option in named:
@@ -264,10 +267,7 @@ def _resume_config(run_dir: Path, config_file: str | None, allow_change: tuple[s
                           f"`fedtune {'simulate' if base.simulation else 'run'} --resume {run_dir}`.")
     if config_file:
         base = load_toml(config_file, base=base)
-    try:
-        run = from_dict({**_overrides(**flags), "out": str(run_dir), "simulation": simulation}, base=base)
-    except ConfigError as err:
-        raise ConfigError(_with_flags(err.problems, flags)) from None
+    run = _apply_flags(flags, from_dict({"out": str(run_dir), "simulation": simulation}, base=base))
     problems = aggregation_problems(run)
     if problems:
         raise ConfigError(problems)

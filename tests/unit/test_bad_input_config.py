@@ -377,3 +377,9 @@ def test_audit_of_a_run_whose_summary_lacks_epsilon_reports_without_the_dp_bound
     assert "Traceback" not in result.output
     assert "lacks per-site epsilon and delta; no DP bound is shown" in result.output
     assert "DP bound" not in result.output.replace("no DP bound", "")
+
+
+def test_resume_names_the_flag_that_gave_an_out_of_range_value(tmp_path: Path) -> None:
+    run = _run_dir(tmp_path / "run", run_format=1, writer=__version__)
+    _refused(_fedtune("simulate", "--resume", run, "--rounds", "0"), "federation.rounds must be >= 1, got 0 (set by --rounds)")
+    assert not (run / "resume-request.json").exists()
