@@ -25,15 +25,16 @@ scatter the same topics over all sites. ``--partition iid`` is `fedtune simulate
 (``common.lm_site.simulated_lm_split``; a causal-lm simulation accepts only iid).
 
 Each site runs the real site code: its settings (``client.site.resolve_site``), its train/validation
-split and encoding (``common.lm_site.lm_site_split`` / ``encode_site``, as ``client.local.prepare_site``
-does for a causal-lm site; for ``iid`` that function itself), and ``client.local.train_round``: the
-site's policy, its ledger calibrating the noise to the target epsilon over the planned rounds,
-Poisson sampling and Opacus DP-SGD over per-example response-token losses. The coordinator's part is
-FedAvg (the example-weighted mean of the adapters, weights as a site reports them), in one process
-and without Flower, like ``benchmarks/utility_sweep.py``. Sites do not release validation
-statistics here (it does not change training). The coordinator's evaluation is the real one
-(``server.lm_eval``): held-out perplexity of the tuned and the base model (adapter disabled) and
-ROUGE-L of greedy answers to the first 32 held-out prompts; ``generations.jsonl`` holds three.
+split and encoding (``client.local.prepare_lm_rows``, the last step of ``client.local.prepare_site``
+for a causal-lm site, given its topic's rows; for ``iid`` ``prepare_site`` itself), and
+``client.local.train_round``: the site's policy, its ledger calibrating the noise to the target
+epsilon over the planned rounds, Poisson sampling and Opacus DP-SGD over per-example response-token
+losses. The coordinator's part is FedAvg (the example-weighted mean of the adapters, weights as a
+site reports them), in one process and without Flower, like ``benchmarks/utility_sweep.py``. Sites
+do not release validation statistics here (it does not change training). The coordinator's
+evaluation is the real one (``server.lm_eval``): held-out perplexity of the tuned and the base model
+(adapter disabled) and ROUGE-L of greedy answers to the first 32 held-out prompts;
+``generations.jsonl`` holds three.
 
 Defaults are the clinical-summaries scenario's (`simulations/scenarios/clinical-summaries.toml`):
 3 sites, 3 rounds, 1 local epoch, expected batch 64 in physical batches of 8, epsilon 8 at delta
@@ -141,10 +142,8 @@ def topic_split(data: Path, run: Any) -> Any:
 
 
 def _prepare_sites(run: Any, split: Any, table: Any, tokenizer: Any, run_dir: Path, partition: str) -> list[Any]:
-    from fedtune.client.local import PreparedSite, prepare_site
+    from fedtune.client.local import prepare_lm_rows, prepare_site
     from fedtune.client.site import resolve_site
-    from fedtune.common.lm_site import encode_site, lm_site_split
-    from fedtune.common.sitedata import SiteExamples
 
     sites = []
     for pid in range(run.federation.sites):
@@ -152,12 +151,9 @@ def _prepare_sites(run: Any, split: Any, table: Any, tokenizer: Any, run_dir: Pa
         if partition == "iid":  # fedtune simulate's own path, split included
             sites.append(prepare_site(run, node, run_dir=str(run_dir), labels=[], tokenizer=tokenizer))
             continue
-        # client.local._prepare_lm_site with this site's topic partition instead of the iid one.
+        # prepare_site's causal-lm path with this site's topic partition instead of the iid one (same seed rule).
         settings = resolve_site(node, run, run_dir=str(run_dir))
-        lm_split = lm_site_split(table, split.sites[pid], val_fraction=settings.val_fraction, seed=run.seed + pid, site=settings.name)
-        encoded = encode_site(tokenizer, lm_split, max_length=run.max_length, template=run.data.template, site=settings.name)
-        sites.append(PreparedSite(settings=settings, examples=SiteExamples(train_texts=[], train_labels=[], val_texts=[], val_labels=[]),
-                                  train_records=encoded.train_records, val_records=encoded.val_records, lm=encoded))
+        sites.append(prepare_lm_rows(run, settings, table, split.sites[pid], seed=run.seed + pid, tokenizer=tokenizer))
     return sites
 
 

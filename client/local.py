@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch.utils.data import TensorDataset
@@ -26,6 +26,9 @@ from fedtune.common.tasks import task_loss
 from .ledger import PrivacyLedger
 from .site import SiteSettings, resolve_site
 from .train import DPSettings, StepPlan, TrainResult, train_local
+
+if TYPE_CHECKING:
+    from fedtune.common.causal_lm import LMTable
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str
 
 
 def _prepare_lm_site(run: RunConfig, settings: SiteSettings, tokenizer: Any) -> PreparedSite:
-    from fedtune.common.lm_site import encode_site, lm_site_split, load_config_lm_table, simulated_lm_split
+    from fedtune.common.lm_site import load_config_lm_table, simulated_lm_split
 
     if tokenizer is None:
         raise ConfigError("a causal-lm site needs its base model's tokenizer to encode its examples; none was given.")
@@ -145,6 +148,16 @@ def _prepare_lm_site(run: RunConfig, settings: SiteSettings, tokenizer: Any) -> 
         _check_val_fraction(run, settings)
         indices, seed = list(range(len(table))), validation_seed(settings.state_dir)
         check_delta(settings.delta, len(indices), site=settings.name)
+    return prepare_lm_rows(run, settings, table, indices, seed=seed, tokenizer=tokenizer)
+
+
+def prepare_lm_rows(run: RunConfig, settings: SiteSettings, table: LMTable, indices: Sequence[int], *, seed: int,
+                 tokenizer: Any) -> PreparedSite:
+    """A causal-LM site holding the rows ``indices`` of ``table``: its train/validation split (drawn with
+    ``seed``), encoded with ``tokenizer``, each kept row's ledger key. ``prepare_site``'s last step; a
+    benchmark that partitions the rows its own way (by topic) calls it with its own ``indices``."""
+    from fedtune.common.lm_site import encode_site, lm_site_split
+
     lm_split = lm_site_split(table, indices, val_fraction=settings.val_fraction, seed=seed, site=settings.name)
     encoded = encode_site(tokenizer, lm_split, max_length=run.max_length, template=run.data.template, site=settings.name)
     return PreparedSite(settings=settings, examples=SiteExamples(train_texts=[], train_labels=[], val_texts=[], val_labels=[]),
