@@ -38,9 +38,10 @@ evaluation is the real one (``server.lm_eval``): held-out perplexity of the tune
 
 Defaults are the clinical-summaries scenario's (`simulations/scenarios/clinical-summaries.toml`):
 3 sites, 3 rounds, 1 local epoch, expected batch 64 in physical batches of 8, epsilon 8 at delta
-1e-5, with fedtune's LoRA defaults; ``--set`` changes any run config key. One seed by default
-(a run of SmolLM2 takes long on 2 cores): ``--seeds 0,1,2`` repeats the whole comparison, each seed
-picking the test set, the initialisation, the sampling and the noise.
+1e-5, with fedtune's LoRA defaults; ``--set`` changes a run config key (one this coordinator would
+ignore, such as a server optimiser or client-level DP, is refused). One seed by default (a run of
+SmolLM2 takes long on 2 cores): ``--seeds 0,1,2`` repeats the whole comparison, each seed picking
+the test set, the initialisation, the sampling and the noise.
 
 ``--throughput``: one site's local training of SmolLM2 with LoRA on the same data, each mode in a
 fresh process (so peak RSS, ``ru_maxrss``, is that mode's alone): plain (``client.train.train_local``
@@ -57,7 +58,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import resource
 import statistics
@@ -88,6 +88,8 @@ PARTITIONS = ("topics", "iid")
 def benchmark_data(out_dir: Path, rows: int, cache_dir: Path) -> Path:
     """The corpus as JSONL (prompt, response, category, group), rows shuffled with SHUFFLE_SEED; the
     first ``rows`` of them when ``rows`` > 0."""
+    from fedtune.common.io import atomic_write_bytes
+
     full = prepare_chat(out_dir / "chatterbot-english.jsonl", cache_dir=cache_dir)
     records = [json.loads(line) for line in full.read_text(encoding="utf-8").splitlines() if line.strip()]
     group_of = {c: g for g, cats in SITE_GROUPS.items() for c in cats}
@@ -99,10 +101,8 @@ def benchmark_data(out_dir: Path, rows: int, cache_dir: Path) -> Path:
         records = records[:rows]
     path = out_dir / f"chat-{rows or 'all'}.jsonl"
     # Written aside and renamed: a benchmark running from the same folder may be reading it.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps({**r, "group": group_of[r["category"]]}, ensure_ascii=False) + "\n" for r in records),
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(json.dumps({**r, "group": group_of[r["category"]]}, ensure_ascii=False) + "\n"
+                                     for r in records).encode("utf-8"))
     return path
 
 
@@ -119,11 +119,33 @@ def run_config(args: argparse.Namespace, data: Path, *, dp: bool, seed: int) -> 
     for item in args.set:
         key, _, value = item.partition("=")
         flat[key] = _value(value)
-    return from_flat(flat)
+    run = from_flat(flat)
+    ignored = unsupported_settings(run)
+    if ignored:
+        raise SystemExit(f"--set {', '.join(ignored)}: this benchmark's coordinator is plain FedAvg in one process and would "
+                         "ignore it; use `fedtune simulate` for that setting.")
+    return run
 
 
-def _categories(data: Path, key: str) -> list[str]:
-    return [json.loads(line)[key] for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+def unsupported_settings(run: Any) -> list[str]:
+    """The run's settings that this benchmark's coordinator (an example-weighted mean, no Flower) does not apply."""
+    fed = run.federation
+    applied = {
+        "federation.server_opt/server_lr": fed.server_opt == "none" and fed.server_lr == 1.0,
+        "federation.aggregation": fed.aggregation_spec.rule in ("fedavg", "ffa"),  # FFA-LoRA: the model freezes A
+        "federation.max_update_norm": fed.max_update_norm == 0,
+        "train.proximal_mu": run.train.proximal_mu == 0,
+        "lora.site_ranks": not run.lora.site_ranks,
+        "client_dp.enabled": not run.client_dp.enabled,
+        "secure_agg.enabled": not run.secure_agg.enabled,
+        "faults.fail_sites": not run.faults.fail_sites,
+    }
+    return [key for key, ok in applied.items() if not ok]
+
+
+def _columns(data: Path, *keys: str) -> list[list[str]]:
+    records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [[r[key] for r in records] for key in keys]
 
 
 def topic_split(data: Path, run: Any) -> Any:
@@ -131,7 +153,7 @@ def topic_split(data: Path, run: Any) -> Any:
     from fedtune.common.partition import holdout_split, parse_partition, partition_indices
     from fedtune.common.sitedata import SimulatedSplit
 
-    categories, groups = _categories(data, "category"), _categories(data, "group")
+    categories, groups = _columns(data, "category", "group")
     if run.federation.sites != len(SITE_GROUPS):
         raise SystemExit(f"--partition topics has {len(SITE_GROUPS)} sites ({sorted(SITE_GROUPS)}), got --sites "
                          f"{run.federation.sites}; use --sites {len(SITE_GROUPS)} or --partition iid.")
