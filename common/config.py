@@ -203,7 +203,7 @@ class DataConfig:
         _check(p, bool(self.label_column), "data.label_column must not be empty.")
         _check(p, 0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {self.test_fraction}.")
         _check(p, 0 <= self.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {self.val_fraction}.")
-        from .partition import parse_partition  # one parser for the partition syntax
+        from .partition_spec import parse_partition  # one parser for the partition syntax (no numpy)
 
         try:
             parse_partition(self.partition)

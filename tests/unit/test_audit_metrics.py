@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from fedtune.audit import auc, bootstrap_ci, membership_scores, tpr_at_fpr
-from fedtune.cli_privacy import audit
+from fedtune.cli.privacy import audit
 from fedtune.common.errors import DataError
 
 

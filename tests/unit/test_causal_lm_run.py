@@ -126,7 +126,7 @@ def test_causal_lm_settings_on_a_classification_run_are_refused() -> None:
 
 
 def test_causal_lm_flags_reach_the_config_and_survive_flower_s_flat_form() -> None:
-    from fedtune.cli import _overrides
+    from fedtune.cli.options import overrides as _overrides
     from fedtune.common.config import from_flat
 
     run = from_dict(_overrides(task="causal-lm", prompt_column="question", response_column="answer", messages_column=None))

@@ -62,3 +62,31 @@ def test_config_file_errors_name_the_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["simulate", "--config", str(config)])
     assert result.exit_code == 2
     assert "scenario.toml: privacy.target_epsilon must be > 0, got -1.0" in result.output
+
+
+def test_help_loads_no_heavy_library() -> None:
+    """`fedtune --help` and every group's help stay instant: no numpy, torch, transformers or Flower at start-up."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, runpy; sys.argv = ['fedtune', '--help']\n"
+             "try:\n    runpy.run_module('fedtune.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('numpy', 'torch', 'transformers', 'flwr', 'peft', 'opacus') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
+
+
+def test_cli_modules_import_the_root_not_each_other() -> None:
+    """One module per command group; a command module may import root.py and options.py, never another group
+    (the old cli.py / cli_deploy.py / cli_privacy.py imported each other)."""
+    import ast
+
+    folder = Path(__file__).resolve().parents[2] / "fedtune" / "cli"
+    shared = {"fedtune.cli.root", "fedtune.cli.options", "fedtune.cli.coordinator"}  # coordinator: run's connection
+    for path in folder.glob("*.py"):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            if module == "fedtune.cli" or (module or "").startswith("fedtune.cli."):
+                assert module in shared, f"{path.name} imports {module}"

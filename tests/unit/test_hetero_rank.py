@@ -492,7 +492,8 @@ def test_site_ranks_survive_flowers_flat_run_config_and_the_run_directorys_toml(
 def test_cli_site_ranks_flag_reaches_the_config_and_a_bad_one_is_one_line(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from fedtune.cli import _resolve_config, main
+    from fedtune.cli import main
+    from fedtune.cli.options import resolve_config as _resolve_config
 
     run = _resolve_config(None, "sim", site_ranks="4,2", sites=2, lora_rank=4, out=str(tmp_path / "ok"))
     result = CliRunner().invoke(main, ["simulate", "--sites", "2", "--lora-rank", "4", "--site-ranks", "4,8",

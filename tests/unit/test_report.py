@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from fedtune.cli_privacy import report
+from fedtune.cli.privacy import report
 from fedtune.common.errors import ConfigError
 from fedtune.server.report import (
     build_privacy_report,

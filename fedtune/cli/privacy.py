@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from fedtune.cli.root import offline_env
 from fedtune.common.errors import FedtuneError
 
 
@@ -120,7 +121,6 @@ def audit(run_dir: Path, members: Path, non_members: Path, json_out: Path | None
     privacy; the DP guarantee is the proof, the audit a sanity check.
     """
     from fedtune.audit import run_audit
-    from fedtune.cli import offline_env
     from fedtune.server.run_format import check_run_format
 
     offline_env()
