@@ -196,6 +196,21 @@ def review(loaded: LoadedAdapter, table: TextTable, *, batch_size: int = 64) -> 
 # -------------------------------------------------------------------------------------- outputs
 
 
+def check_errors_path(path: Path) -> Path:
+    """``path`` if `write_errors` can write there (checked before the model runs).
+
+    Raises:
+        ConfigError: a suffix other than .csv or .jsonl, or a folder that does not exist.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in ERROR_FORMATS:
+        raise ConfigError(f"--errors {path}: the file's suffix picks its format and must be one of {list(ERROR_FORMATS)}, "
+                          f"got {path.suffix or 'none'!r}.")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--errors {path}: the folder {path.parent} does not exist.")
+    return path
+
+
 def write_errors(path: Path, errors: Sequence[Misclassified]) -> Path:
     """Write the misclassified rows to ``path`` (.csv or .jsonl, by its suffix), readable by its owner only.
 
@@ -203,15 +218,11 @@ def write_errors(path: Path, errors: Sequence[Misclassified]) -> Path:
     file). A CSV cell is the text exactly as stored: open it as data, not as a formula sheet.
 
     Raises:
-        ConfigError: another suffix.
+        ConfigError: see `check_errors_path`.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in ERROR_FORMATS:
-        raise ConfigError(f"--errors {path}: the file's suffix picks its format and must be one of {list(ERROR_FORMATS)}, "
-                          f"got {path.suffix or 'none'!r}.")
+    path = check_errors_path(path)
     rows = [asdict(e) for e in errors]
-    if suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         buf = io.StringIO(newline="")
         writer = csv.DictWriter(buf, fieldnames=ERROR_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -219,8 +230,6 @@ def write_errors(path: Path, errors: Sequence[Misclassified]) -> Path:
         data = buf.getvalue()
     else:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if not path.parent.is_dir():
-        raise ConfigError(f"--errors {path}: the folder {path.parent} does not exist.")
     write_file_exclusive(path, data.encode("utf-8"), mode=0o600, overwrite=True)
     return path
 

@@ -27,35 +27,60 @@ def _load_adapter(adapter: str, base_model: str | None):  # type: ignore[no-unty
 @click.option("--messages-column", default="", help="causal-lm adapters: a column of chats instead of prompt and response.")
 @click.option("--base-model", type=click.Path(file_okay=False), help="Base model folder (default: the one the run used).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the metrics to this JSON file.")
+@click.option("--confusion", type=click.Path(dir_okay=False), metavar="PNG",
+              help="Write the confusion matrix as a PNG [next to --json as NAME.confusion.png when --json is given].")
+@click.option("--errors", "errors_out", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the misclassified rows (text, true label, predicted label, score) to FILE (.csv or .jsonl), "
+                   "readable by you only, for the site's domain experts.")
 def evaluate_cmd(adapter: str, data: str, text_column: str, label_column: str, prompt_column: str, response_column: str,
-                 messages_column: str, base_model: str | None, json_out: str | None) -> None:
-    """Accuracy and macro-F1 of a trained adapter on labeled data; a causal-lm adapter's perplexity on prompt/response data."""
+                 messages_column: str, base_model: str | None, json_out: str | None, confusion: str | None,
+                 errors_out: str | None) -> None:
+    """Accuracy, macro-F1 and a per-class report of a trained adapter on labeled data; a causal-lm adapter's perplexity.
+
+    Everything is computed and written on this machine: the report, the confusion matrix and the
+    misclassified rows (the site's own text) are never sent anywhere.
+    """
     offline_env()
     from fedtune.common.data import check_labels, load_table
-    from fedtune.common.errors import LabelsMismatchError
-    from fedtune.common.tasks import encode, evaluate
+    from fedtune.common.errors import ConfigError, LabelsMismatchError
     from fedtune.inference import adapter_task
 
     if adapter_task(Path(adapter)) == "causal-lm":
+        if confusion or errors_out:
+            flag = "--confusion" if confusion else "--errors"
+            raise ConfigError(f"{flag} is for classification adapters; --adapter {adapter} is a causal-lm adapter (it has no labels).")
         out = _evaluate_lm(adapter, data, prompt_column, response_column, messages_column, base_model)
         click.echo(f"examples {out['examples']}  perplexity {out['perplexity']:.4f}  loss {out['loss']:.4f}")
         click.echo(json.dumps(out))
         if json_out:
             Path(json_out).write_text(json.dumps(out, indent=2) + "\n")
         return
+    from rich.console import Console
+
+    from fedtune.evaluate_report import check_errors_path, confusion_path_beside, report_table, review, write_confusion_png, write_errors
+
+    if errors_out:
+        check_errors_path(Path(errors_out))  # before minutes of inference, not after
     loaded = _load_adapter(adapter, base_model)
     table = load_table(data, text_column=text_column, label_column=label_column)
     try:
         check_labels(table, loaded.labels)
     except LabelsMismatchError as err:
         raise LabelsMismatchError(f"--adapter {adapter} was trained on the labels {loaded.labels}; --data {err}") from None
-    dataset = encode(loaded.tokenizer, table.texts, table.labels, loaded.labels, max_length=loaded.max_length)
-    result = evaluate(loaded.model, dataset, len(loaded.labels))
-    out = {"examples": result.examples, "accuracy": result.accuracy, "macro_f1": result.macro_f1, "loss": result.loss}
-    click.echo(f"examples {result.examples}  accuracy {result.accuracy:.4f}  macro-F1 {result.macro_f1:.4f}  loss {result.loss:.4f}")
-    click.echo(json.dumps(out))
+    result = review(loaded, table)
+    out = result.to_json()
+    report = result.report
+    click.echo(f"examples {report.examples}  accuracy {report.accuracy:.4f}  macro-F1 {out['macro_f1']:.4f}  loss {result.loss:.4f}")
+    Console(soft_wrap=True).print(report_table(report))
     if json_out:
         Path(json_out).write_text(json.dumps(out, indent=2) + "\n")
+    png = Path(confusion) if confusion else confusion_path_beside(Path(json_out)) if json_out else None
+    if png is not None:
+        click.echo(f"confusion matrix: {write_confusion_png(png, report)}")
+    if errors_out:
+        written = write_errors(Path(errors_out), result.errors)
+        click.echo(f"misclassified rows: {len(result.errors)} written to {written} (the site's own text: keep it on premises)")
+    click.echo(json.dumps(out))
 
 
 def _evaluate_lm(adapter: str, data: str, prompt_column: str, response_column: str, messages_column: str,

@@ -167,3 +167,50 @@ def test_confusion_png_and_table(tmp_path: Path) -> None:
     lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") >= 5}
     assert set(lines) >= {"a", "b", "c", "d", "macro avg", "weighted avg"}
     assert [cell.strip() for cell in lines["c"].split("│")[2:6]] == ["-", "0.000", "0.000", "1"]
+
+
+def test_fedtune_evaluate_writes_the_report_the_matrix_and_the_errors_locally(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fedtune.cli import main
+    from fedtune.common.model import save_adapter
+    from tests.unit.lora_models import lora_model
+
+    labels = ["cardio", "neuro", "onco"]
+    adapter = tmp_path / "run" / "adapter"
+    save_adapter(lora_model(tiny_model_dir, 3), adapter, metadata={"labels": labels, "max_length": 32, "base_model": str(tiny_model_dir)})
+    texts = [f"note {i}: {w} since {i % 4} days" for i, w in enumerate(["chest pain", "headache", "lump", "dizzy", "rash"] * 4)]
+    truth = [labels[(i * 7) % 3] for i in range(len(texts))]
+    data = tmp_path / "notes.csv"
+    with open(data, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *zip(texts, truth)])
+    runner = CliRunner()
+    predicted = runner.invoke(main, ["predict", "--adapter", str(adapter), *texts])  # the independent path: `fedtune predict`
+    assert predicted.exit_code == 0, predicted.output
+    predictions = [line.split("\t")[:2] for line in predicted.stdout.splitlines()[-len(texts):]]
+
+    result = runner.invoke(main, ["evaluate", "--adapter", str(adapter), "--data", str(data), "--json", str(tmp_path / "eval.json"),
+                                  "--errors", str(tmp_path / "review.csv")])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1]) == json.loads((tmp_path / "eval.json").read_text())
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert [c["support"] for c in report["per_class"]] == [truth.count(x) for x in labels]
+    assert report["confusion_matrix"]["labels"] == labels
+    assert sum(map(sum, report["confusion_matrix"]["matrix"])) == len(texts) == report["examples"]
+    wrong = [(i + 1, p) for i, (p, _) in enumerate(predictions) if p != truth[i]]
+    assert 0 < len(wrong) < len(texts), "the adapter must get some rows right and some wrong for this test to check anything"
+    rows = list(csv.DictReader(open(tmp_path / "review.csv", encoding="utf-8", newline="")))
+    assert [(int(r["row"]), r["predicted_label"]) for r in rows] == wrong
+    assert [float(r["score"]) for r in rows] == pytest.approx([float(predictions[i - 1][1]) for i, _ in wrong], abs=5e-4)
+    assert report["accuracy"] == pytest.approx(1 - len(wrong) / len(texts))
+    assert (tmp_path / "eval.confusion.png").read_bytes()[:4] == b"\x89PNG"  # beside --json when --confusion is not given
+    assert "macro avg" in result.stdout and "onco" in result.stdout
+
+    refused = runner.invoke(main, ["evaluate", "--adapter", str(adapter), "--data", str(data), "--errors", str(tmp_path / "x.txt")])
+    assert refused.exit_code != 0 and "--errors" in refused.output and "'.txt'" in refused.output
+    lm = tmp_path / "lm-adapter"
+    lm.mkdir()
+    (lm / "fedtune.json").write_text('{"task": "causal-lm"}')
+    refused = runner.invoke(main, ["evaluate", "--adapter", str(lm), "--data", str(data), "--confusion", str(tmp_path / "cm.png")])
+    assert refused.exit_code != 0 and "--confusion is for classification adapters" in refused.output
