@@ -478,6 +478,33 @@ class FederationConfig:
         return p
 
 
+@dataclass(frozen=True, kw_only=True)
+class EvaluationConfig:
+    """The coordinator's own test of the global adapter on the held-out split, after a round.
+
+    With many small sites most of a round goes to this test (the whole split, every round), not to
+    training: ``every`` and ``sample`` make it cheaper. A sampled figure is marked as such in the
+    round's line (``test_sampled``) and in summary.json's ``evaluation``, so no one reads it as the
+    full one (``server/eval_schedule.py``).
+
+    Attributes:
+        every: Test after every k-th round only (1: every round); the last round is always tested.
+        sample: Test on a fixed sample of this many held-out examples, drawn once from the run's
+            seed, the same in every round so rounds compare (0: the whole split).
+        final_full: Test the last round on the whole held-out split even when ``sample`` is set.
+    """
+
+    every: int = 1
+    sample: int = 0
+    final_full: bool = True
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _check(p, self.every >= 1, f"evaluation.every must be an integer >= 1 (1: every round), got {self.every}.")
+        _check(p, self.sample >= 0, f"evaluation.sample must be an integer >= 0 (0: the whole test split), got {self.sample}.")
+        return p
+
+
 FAULT_MODES = ("crash", "hang", "refuse")
 FAIL_SITE_SYNTAX = "NAME@ROUND[:crash|hang|refuse]"
 
@@ -560,6 +587,7 @@ class RunConfig:
     client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
     secure_agg: SecureAggConfig = field(default_factory=SecureAggConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     task: str = "classification"
     seed: int = 0
     out: str = ""
@@ -696,6 +724,7 @@ _SECTION_TYPES: dict[str, type] = {
     "client_dp": ClientDPConfig,
     "secure_agg": SecureAggConfig,
     "faults": FaultsConfig,
+    "evaluation": EvaluationConfig,
 }
 
 

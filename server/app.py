@@ -11,6 +11,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
+from torch.utils.data import TensorDataset
 
 from fedtune.common.config import RunConfig, dump_toml, from_flat
 from fedtune.common.errors import ConfigError
@@ -23,6 +24,7 @@ from fedtune.common.tasks import encode, evaluate
 
 from .client_dp import ClientLevelDP
 from .client_dp_plan import ClientLevelPlan, client_level_epsilon, connected_sites, plan_client_level
+from .eval_schedule import EvalSchedule, scheduled_test
 from .records import RunRecorder
 from .robust import robust_strategy
 from .resume import (
@@ -130,7 +132,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     if last is not None:
         initial = checkpoint_arrays(last, adapter_state(model))
 
-    test_fn = None
+    test_fn = score = None
     lm_test = None
     if run.causal_lm and (run.simulation or run.data.path):  # deployed: the coordinator's own held-out file, if named
         from fedtune.common.causal_lm import evaluate_lm
@@ -140,10 +142,10 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         lm_test = lm_test_set(run)
         test_set = lm_test.encoded.dataset
 
-        def test_fn(arrays: ArrayRecord) -> TestScore:
+        def score(arrays: ArrayRecord, dataset: TensorDataset) -> TestScore:
             load_adapter_state(model, arrays.to_torch_state_dict())
-            res = evaluate_lm(model, test_set)
-            return TestScore(accuracy=None, macro_f1=None, loss=res.loss, perplexity=res.perplexity)
+            res = evaluate_lm(model, dataset)
+            return TestScore(accuracy=None, macro_f1=None, loss=res.loss, perplexity=res.perplexity, examples=len(dataset))
 
     elif table is not None:
         from fedtune.common.model import load_tokenizer
@@ -157,10 +159,10 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
             max_length=run.max_length,
         )
 
-        def test_fn(arrays: ArrayRecord) -> TestScore:
+        def score(arrays: ArrayRecord, dataset: TensorDataset) -> TestScore:
             load_adapter_state(model, arrays.to_torch_state_dict())
-            res = evaluate(model, test_set, len(labels))
-            return TestScore(accuracy=res.accuracy, macro_f1=res.macro_f1, loss=res.loss)
+            res = evaluate(model, dataset, len(labels))
+            return TestScore(accuracy=res.accuracy, macro_f1=res.macro_f1, loss=res.loss, examples=len(dataset))
 
     metadata: dict[str, Any] = {"task": run.task, "labels": labels, "max_length": run.max_length,
                                 "base_model": str(resolve_base_model(run.model, run.task))}
@@ -172,6 +174,10 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     client_plan = resumed_client_plan(last, run) if last is not None else None
     if client_plan is None and run.client_dp.enabled:
         client_plan = client_dp_plan(run, grid)
+    schedule = None
+    if score is not None:  # evaluation.every / evaluation.sample: the test's share of a round, at many sites
+        schedule = EvalSchedule(settings=run.evaluation, test_size=len(test_set), num_rounds=run.federation.rounds, seed=run.seed)
+        test_fn = scheduled_test(score, test_set, schedule)
     strategy = make_strategy(run, client_plan)
     optimizer, client_dp = strategy_parts(strategy)
     if last is not None:
@@ -276,6 +282,8 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
                      "rouge_l": generations.base_rouge_l if generations else None} if base_score else None} if run.causal_lm else {}),
         # Federated validation of the final adapter on the sites' validation splits.
         "validation": totals.final_validation,
+        # Which rounds were tested, and on how many held-out examples: a sampled figure says so here.
+        "evaluation": schedule.describe() if schedule else None,
         "bytes_up": totals.bytes_up,
         "bytes_down": totals.bytes_down,
         "adapter_bytes": adapter_bytes,

@@ -37,6 +37,8 @@ class TestScore:
     macro_f1: float | None
     loss: float
     perplexity: float | None = None
+    examples: int | None = None  # held-out examples the figures come from
+    sampled: bool = False  # True: a fixed sample of the held-out split (evaluation.sample), not all of it
 
 
 @dataclass
@@ -263,7 +265,7 @@ def run_rounds(
     timeout: float,
     recorder: RunRecorder,
     checkpoint: Callable[[int, ArrayRecord], None],
-    test_fn: Callable[[ArrayRecord], TestScore] | None = None,
+    test_fn: Callable[[ArrayRecord, int], TestScore | None] | None = None,
     secure: SecureAggConfig | None = None,
     validate: bool = True,
     echo: Callable[[str], None] = print,
@@ -301,6 +303,9 @@ def run_rounds(
     :class:`~fedtune.common.errors.RoundFailedError` before anything of it is aggregated,
     checkpointed or recorded: the run stops after the previous round's checkpoint.
 
+    ``test_fn(arrays, server_round)`` scores the round's adapter on the coordinator's held-out split,
+    or returns None for a round that ``evaluation.every`` leaves untested (``server/eval_schedule.py``).
+
     ``warm_up`` > 0 (simulation: the number of sites) first waits for the sites to load their
     libraries (:func:`warm_up_sites`), so that round 1's deadline does not include that start-up.
     """
@@ -325,7 +330,7 @@ def run_rounds(
         for reply in exchange.updates:
             recorder.site(reply.site).update(server_round, reply)
 
-        score = test_fn(arrays) if test_fn else None
+        score = test_fn(arrays, server_round) if test_fn else None  # None: a round the schedule does not test
         totals.bytes_up += exchange.bytes_up
         totals.bytes_down += exchange.bytes_down
         trained = exchange.updates
@@ -351,6 +356,8 @@ def run_rounds(
             "test_macro_f1": score.macro_f1 if score else None,
             "test_loss": score.loss if score else None,
             "test_perplexity": score.perplexity if score else None,
+            "test_examples": score.examples if score else None,
+            "test_sampled": score.sampled if score else None,
             "epsilon_by_site": epsilons,
             "max_epsilon": max(epsilons.values()) if epsilons else None,
             # Only the strategy's own figures: a mean of the sites' epsilons would mislead.
@@ -425,9 +432,10 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def _round_line(line: dict, num_rounds: int) -> str:  # type: ignore[type-arg]
-    test = f"  test-accuracy {line['test_accuracy']:.3f}" if line["test_accuracy"] is not None else ""
+    sample = f"(sample {line['test_examples']})" if line.get("test_sampled") else ""  # never mistaken for the full figure
+    test = f"  test-accuracy{sample} {line['test_accuracy']:.3f}" if line["test_accuracy"] is not None else ""
     if line.get("test_perplexity") is not None:  # a causal LM
-        test = f"  test-perplexity {line['test_perplexity']:.2f}"
+        test = f"  test-perplexity{sample} {line['test_perplexity']:.2f}"
     val = (f"  val-loss(round {_fmt(line['validated_round'], 'd')}) {_fmt(line['loss'], '.3f')}"
            if line["accuracy"] is None and line.get("loss") is not None else
            f"  val-accuracy(round {_fmt(line['validated_round'], 'd')}) {_fmt(line['accuracy'], '.3f')}")

@@ -52,6 +52,8 @@ def overrides(**flags: Any) -> dict[str, Any]:
         "response_column": ("data", "response_column"),
         "messages_column": ("data", "messages_column"),
         "seed": (None, "seed"),
+        "eval_every": ("evaluation", "every"),
+        "eval_sample": ("evaluation", "sample"),
         "out": (None, "out"),
     }
     nested: dict[str, Any] = {}
@@ -69,6 +71,8 @@ def overrides(**flags: Any) -> dict[str, Any]:
         nested.setdefault("client_dp", {})["enabled"] = True
     if flags.get("secure_agg"):
         nested.setdefault("secure_agg", {})["enabled"] = True
+    if flags.get("eval_sample_final"):
+        nested.setdefault("evaluation", {})["final_full"] = False
     return nested
 
 
@@ -125,6 +129,14 @@ def run_options(f: Any) -> Any:
                      help="Local Hugging Face model folder (default: packaged all-MiniLM-L6-v2; causal-lm: SmolLM2-135M-Instruct, converted on first use)."),
         click.option("--max-length", type=int, help=f"Tokens per example [{TASK_MAX_LENGTH['classification']}; causal-lm {TASK_MAX_LENGTH['causal-lm']}]."),
         click.option("--seed", type=int, help=f"Seed for splits, initialisation and sampling [{d.seed}]."),
+        click.option("--eval-every", type=int, metavar="K",
+                     help=f"Test the global adapter on the held-out split after every K-th round only; the last round always "
+                          f"[{d.evaluation.every}]."),
+        click.option("--eval-sample", type=int, metavar="N",
+                     help="Test on a fixed seeded sample of N held-out examples (marked 'sample' in the round line and "
+                          "summary.json); the last round still on all of them. 0: all [0]."),
+        click.option("--eval-sample-final", is_flag=True, default=False,
+                     help="With --eval-sample: test the last round on the sample too (summary.json says so)."),
         click.option("--out", type=click.Path(file_okay=False), help="Run directory [runs/<command>-<time>]."),
     ]
     for option in reversed(options):

@@ -128,6 +128,10 @@ def print_summary(run_dir: Path) -> None:
     if not summary["dp"]:
         console.print("[bold red]This run trained WITHOUT differential privacy: no privacy guarantee.[/]")
     test = summary.get("test") or {}
+    ev = summary.get("evaluation") or {}
+    if ev.get("final_sampled"):  # evaluation.final_full = false: never let a sample's figure pass for the full one
+        console.print(f"held-out test figures below: a fixed sample of {ev['final_examples']} of {ev['test_examples']} examples "
+                      "(--eval-sample-final), not the whole split")
     if test.get("accuracy") is not None:
         console.print(f"held-out test: accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}")
     if test.get("perplexity") is not None:
