@@ -57,11 +57,16 @@ class ModelConfig:
             hidden state (how sentence encoders such as all-MiniLM-L6-v2 were trained; their
             [CLS] pooler is weak). 'cls': the architecture's own sequence-classification head
             (BERT: a tanh pooler over the [CLS] token), what adapters saved before this setting used.
+        init_adapter: An earlier run's adapter folder (its ``adapter/`` or ``checkpoints/round-N/``)
+            to start from instead of a fresh adapter ("": fresh). It must fit the run: same base
+            model, task, LoRA shape and pooling; its labels first, in their order, new ones after
+            (the head grows for them). See ``common/init_adapter.py``.
     """
 
     base_model: str = ""
     max_length: int = 0
     pooling: str = "mean"
+    init_adapter: str = ""
 
     def problems(self) -> list[str]:
         p: list[str] = []

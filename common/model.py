@@ -185,14 +185,22 @@ def freeze_lora_a(model: torch.nn.Module, *, seed: int, run_rank: int | None = N
         rows = param.shape[0] if run_rank is None else run_rank
         if rows < param.shape[0]:
             raise ConfigError(f"{name} has rank {param.shape[0]}, above the run's lora.rank {rows}.")
-        # kaiming_uniform_'s bound depends on the fan-in (dimension 1), not on the rows drawn.
-        value = torch.empty((rows, *param.shape[1:]), dtype=torch.float32)
-        torch.nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=torch.Generator().manual_seed(_lora_a_seed(seed, name)))
+        value = ffa_lora_a(seed, name, (rows, *param.shape[1:]))
         with torch.no_grad():
             param.copy_(value[: param.shape[0]])
         param.requires_grad_(False)
     setattr(model, FFA_MARKER, True)
     logger.debug("FFA-LoRA: %d LoRA A matrices frozen at values derived from seed %d", len(lora_a), seed)
+
+
+def ffa_lora_a(seed: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The A that FFA-LoRA freezes for the tensor ``name`` (a parameter's name, or its name in the saved
+    adapter file) at run seed ``seed``, drawn at ``shape`` (the run's rank first): what
+    :func:`freeze_lora_a` sets, so an adapter file can be checked against it without building a model."""
+    # kaiming_uniform_'s bound depends on the fan-in (dimension 1), not on the rows drawn.
+    value = torch.empty(shape, dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=torch.Generator().manual_seed(_lora_a_seed(seed, name)))
+    return value
 
 
 def _lora_a_seed(seed: int, param_name: str) -> int:

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -41,6 +41,9 @@ from .resume import (
 )
 from .rounds import FailureRule, RoundTotals, TestScore, checkpoint_dir, missed_rounds, run_rounds
 from .server_opt import server_optimizer
+
+if TYPE_CHECKING:
+    from fedtune.common.init_adapter import EarlierAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,11 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     labels = run_labels(run.data, table) if not run.causal_lm and (run.simulation or run.data.labels) else []
     if not labels and not run.causal_lm:  # a causal LM has no label set
         raise ConfigError("data.labels is empty: a deployed run needs its label set (fedtune run --labels L1,L2,...).")
+    earlier = _earlier_adapter(run, run_dir, resumed=last is not None)
+    if earlier is not None and not run.causal_lm:  # its labels keep their indexes; new ones follow
+        from fedtune.common.init_adapter import labels_with_earlier
+
+        labels = labels_with_earlier(earlier, labels, explicit=bool(run.data.labels))
     if last is not None and tuple(labels) != last.state.labels:
         raise ConfigError(f"the resumed run's labels {labels} are not the checkpoint's {list(last.state.labels)} "
                           f"({last.folder}): the data or data.labels changed since the run started.")
@@ -128,6 +136,11 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     # as every site derives it), so they load with plain PEFT.
     bundle = build_run_model(run, len(labels))
     model = bundle.model
+    init = None
+    if earlier is not None:  # checked and loaded before any site is asked anything
+        from fedtune.common.init_adapter import load_initial_adapter
+
+        init = load_initial_adapter(earlier, bundle, run, labels)
     initial = ArrayRecord(adapter_state(model))
     if last is not None:
         initial = checkpoint_arrays(last, adapter_state(model))
@@ -165,7 +178,10 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
             return TestScore(accuracy=res.accuracy, macro_f1=res.macro_f1, loss=res.loss, examples=len(dataset))
 
     metadata: dict[str, Any] = {"task": run.task, "labels": labels, "max_length": run.max_length,
-                                "base_model": str(resolve_base_model(run.model, run.task))}
+                                "base_model": str(resolve_base_model(run.model, run.task)),
+                                # What a later run started from this adapter checks it against, and its lineage.
+                                "run_id": identity.run_id, "simulation": run.simulation, "aggregation": run.federation.aggregation,
+                                "seed": run.seed, "lineage": [e.to_json() for e in init.lineage] if init else []}
     if run.causal_lm:
         metadata["template"] = run.data.template  # how `fedtune generate` renders a prompt, as training did
 
@@ -187,6 +203,12 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     totals = RoundTotals(bytes_up=last.state.bytes_up, bytes_down=last.state.bytes_down) if last else RoundTotals()
     seconds_before = last.state.seconds if last else 0.0
 
+    def max_epsilon() -> float | None:
+        return max((s.epsilon for s in recorder.sites.values()), default=0.0) if run.privacy.enabled else None
+
+    # The initial adapter's score on the held-out test set, before any training: the earlier adapter's.
+    init_score = test_fn(initial) if init is not None and test_fn is not None and last is None else None
+
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         # Everything a resume needs goes into the checkpoint's folder; complete.json, written last, makes it count.
         state = RoundState(
@@ -200,7 +222,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         )
         folder = checkpoint_dir(run_dir, server_round)
         load_adapter_state(model, arrays.to_torch_state_dict())
-        save_adapter(model, folder, metadata={**metadata, "round": server_round},
+        save_adapter(model, folder, metadata={**metadata, "round": server_round, "epsilon": max_epsilon()},
                      extra_files=checkpoint_files(state, optimizer.state if optimizer else None))
         write_manifest(folder, server_round=server_round, run_id=identity.run_id)
 
@@ -213,7 +235,10 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     first = resume.next_round if resume else 1
     print(f"fedtune: {run.federation.rounds} rounds, {_describe_privacy(run)}, "
           f"{'task causal-lm' if run.causal_lm else f'labels {labels}'}, run dir {run_dir}"
-          + (f"; resuming run {identity.run_id} at round {first}" if resume else ""), flush=True)
+          + (f"; resuming run {identity.run_id} at round {first}" if resume else "")
+          + (f"; starting from {init.folder}" + (f" (head grown for {list(init.labels_added)})" if init.labels_added else "")
+             + (f", its test accuracy {init_score.accuracy:.4f}" if init_score and init_score.accuracy is not None else "") if init else ""),
+          flush=True)
     final, totals = run_rounds(
         grid,
         strategy,
@@ -237,7 +262,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         warm_up=run.federation.sites if run.simulation else 0,
     )
     load_adapter_state(model, final.to_torch_state_dict())
-    save_adapter(model, run_dir / "adapter", metadata={**metadata, "round": run.federation.rounds})
+    save_adapter(model, run_dir / "adapter", metadata={**metadata, "round": run.federation.rounds, "epsilon": max_epsilon()})
     base_score = generations = None
     if lm_test is not None:  # the base model's fit, and what each model writes, on held-out prompts
         from .lm_eval import evaluate_base, score_generations
@@ -273,7 +298,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
              "threshold": "a strict majority of the sampled sites (at least 2)"}
             if run.secure_agg.enabled else None
         ),
-        "max_epsilon": max((s.epsilon for s in recorder.sites.values()), default=0.0) if run.privacy.enabled else None,
+        "max_epsilon": max_epsilon(),
         "test": ({"loss": last_line.get("test_loss"), "perplexity": last_line.get("test_perplexity"),
                   "rouge_l": generations.tuned_rouge_l if generations else None,
                   "rouge_l_examples": generations.examples if generations else None} if run.causal_lm else
@@ -296,6 +321,11 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
         # Sites that missed rounds and why; one that crashed or timed out may have spent budget that no
         # reply reported (its own ledger is the record).
         "missed_rounds": missed_rounds(recorder.rounds),
+        # The earlier adapter this run started from (model.init_adapter) and its score before training, and the
+        # runs this adapter descends from (each site's epsilon above already counts theirs: a site's ledger is lifetime).
+        "init_adapter": {"folder": str(init.folder), "digest": init.digest, "labels_added": list(init.labels_added),
+                         "test": dataclasses.asdict(init_score) if init_score else None} if init else None,
+        "lineage": metadata["lineage"],
     }
     recorder.write_summary(summary)
     recorder.plot(dp=run.privacy.enabled, final_validation=totals.final_validation,
@@ -306,6 +336,24 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     write_model_card(run_dir)  # the adapter folder says what it is and what privacy it carries
     print(f"fedtune: done in {summary['seconds']:.0f}s; adapter in {run_dir / 'adapter'}", flush=True)
     return run_dir
+
+
+def _earlier_adapter(run: RunConfig, run_dir: Path, *, resumed: bool) -> EarlierAdapter | None:
+    """The earlier adapter ``model.init_adapter`` names (None: a fresh start), read before anything starts.
+
+    A simulation from an earlier simulation must have its sites' ledgers continued first (``fedtune
+    simulate`` does it): the coordinator refuses to start one whose sites would count from zero.
+    """
+    if not run.model.init_adapter:
+        return None
+    from fedtune.common.init_adapter import CONTINUED_LEDGERS_FILE, read_earlier_adapter
+
+    earlier = read_earlier_adapter(run.model.init_adapter)
+    if run.simulation and earlier.simulated and not resumed and not (run_dir / CONTINUED_LEDGERS_FILE).is_file():
+        raise ConfigError(f"model.init_adapter {earlier.folder} comes from a simulation whose sites' ledgers this run's simulated "
+                          f"sites must continue; start it with `fedtune simulate` (which does that and writes "
+                          f"{CONTINUED_LEDGERS_FILE}), not with flwr run.")
+    return earlier
 
 
 def build_server_app(run_config: dict[str, Any] | None = None) -> ServerApp:

@@ -7,6 +7,7 @@ Flower contexts, exactly where ``flwr run`` would put it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def preflight(run: RunConfig) -> None:
         from fedtune.common.lm_site import load_config_lm_table, simulated_lm_split
 
         simulated_lm_split(load_config_lm_table(run.data), run.data, num_sites=run.federation.sites, seed=run.seed)
+        _check_init_adapter(run, [])
         return
     table = load_config_table(run.data)
     labels = run_labels(run.data, table)
@@ -46,6 +48,84 @@ def preflight(run: RunConfig) -> None:
     if len(labels) < 2:
         raise ConfigError(f"{table.source}: found only the label(s) {labels}; classification needs at least 2.")
     simulated_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
+    _check_init_adapter(run, labels)
+
+
+def _check_init_adapter(run: RunConfig, labels: list[str]) -> None:
+    """Refuse an earlier adapter that does not fit the run (``common/init_adapter.py``) before any site starts."""
+    if not run.model.init_adapter:
+        return
+    from fedtune.common.init_adapter import check_fits, labels_with_earlier, read_earlier_adapter
+
+    earlier = read_earlier_adapter(run.model.init_adapter)
+    if labels and earlier.task == run.task:
+        labels = labels_with_earlier(earlier, labels, explicit=bool(run.data.labels))
+    check_fits(earlier, run, labels)
+    if earlier.simulated and earlier.site_ledgers is None:
+        raise ConfigError(f"model.init_adapter {earlier.folder} comes from a simulation, but its run directory's site ledgers "
+                          "(RUN_DIR/sites) are not beside it: this run's sites could not continue them, and would count their "
+                          "records' spend from zero. Give the adapter folder inside its run directory.")
+
+
+def continue_site_ledgers(earlier_sites: Path, run_dir: Path, *, sites: int, budget_epsilon: float, delta: float) -> Path:
+    """Start each simulated site's ledger from the earlier simulation's (``--init-adapter``); returns the marker file.
+
+    A simulated site keeps its ledger in the run directory (``RUN_DIR/sites/site-K``), so a new run
+    would otherwise count from zero. Each new site's ledger starts from the union of *all* the
+    earlier run's site ledgers: accounting is per record, so each record carries what it spent in
+    whichever earlier site held it, and a changed split (new rows, new labels, another site count)
+    forgets nothing; with the same split, site-K's records carry exactly site-K's earlier charges
+    (the others touch none of them). The earlier ledgers are only read. Refused (nothing written)
+    when a record has already spent ``budget_epsilon`` (``privacy.target_epsilon``, a simulated
+    site's lifetime budget): the sites would refuse every round, so the run stops before any starts.
+
+    Raises:
+        PrivacyBudgetError: the worst record's spend is at or past ``budget_epsilon``.
+    """
+    from fedtune.client.ledger_state import LEDGER_FILE, LedgerState, read_state
+    from fedtune.common.errors import PrivacyBudgetError
+    from fedtune.common.init_adapter import CONTINUED_LEDGERS_FILE
+    from fedtune.common.io import atomic_write_bytes, atomic_write_json
+
+    earlier = {d.name: read_state((d / LEDGER_FILE).read_bytes(), d / LEDGER_FILE)
+               for d in sorted(earlier_sites.iterdir()) if (d / LEDGER_FILE).is_file()}
+
+    def merged(into: LedgerState, own: str | None) -> LedgerState:
+        for name, state in earlier.items():
+            for cid, records in state.cohorts.items():
+                if cid not in into.cohorts:
+                    into.cohorts[cid] = records
+                    if records is not None:
+                        into.sorted_records[cid] = state.sorted_records.get(cid) or sorted(records)
+            into.charges.extend(c for c in state.charges if c not in into.charges)  # idempotent: a rerun adds nothing
+            if name == own:  # its noise plans (keyed by the earlier run's id): a record of how it was planned
+                for run, plan in state.plans.items():
+                    into.plans.setdefault(run, plan)
+        into.charges.sort(key=lambda c: c.time)
+        return into
+
+    union = merged(LedgerState(), None)
+    records = frozenset().union(*(r for r in union.cohorts.values() if r is not None))
+    worst = max((union.epsilon(h, delta=delta, accountant=None) for h in union.maximal(union.histories(records))), default=0.0)
+    if worst >= budget_epsilon:
+        raise PrivacyBudgetError(
+            f"the earlier run's sites ({earlier_sites}) have spent epsilon up to {worst:.3f}; this run's budget "
+            f"privacy.target_epsilon is {budget_epsilon:g} (a simulated site's lifetime budget), so no privacy is left: "
+            f"raise privacy.target_epsilon above {worst:.3f} to train more.",
+            budget=budget_epsilon, spent=worst, requested=0.0,
+        )
+    for k in range(sites):
+        name = f"site-{k}"  # a simulated site's name and ledger folder (client/site.py)
+        path = run_dir / "sites" / name / LEDGER_FILE
+        state = merged(read_state(path.read_bytes(), path) if path.is_file() else LedgerState(), name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, state.to_bytes())
+    marker = run_dir / CONTINUED_LEDGERS_FILE
+    atomic_write_json(marker, {"from": str(earlier_sites), "sites": [f"site-{k}" for k in range(sites)],
+                               "runs": sorted({c.run for c in union.charges}), "max_epsilon": worst})
+    logger.info("the %d simulated sites continue the ledgers of %s (worst record: epsilon %.3f of %g)",
+                sites, earlier_sites, worst, budget_epsilon)
+    return marker
 
 
 def run_simulation(run: RunConfig, *, resume: bool = False) -> Path:
@@ -70,6 +150,16 @@ def run_simulation(run: RunConfig, *, resume: bool = False) -> Path:
     if not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "run.json").exists()):
         raise ConfigError(f"run directory {run_dir} already holds a run; continue it with `fedtune simulate --resume {run_dir}` "
                           "or choose another --out.")
+    if run.model.init_adapter and not resume:  # before any site starts: its ledger must count the earlier runs
+        from fedtune.common.init_adapter import read_earlier_adapter
+
+        earlier = read_earlier_adapter(run.model.init_adapter)
+        if earlier.site_ledgers is not None:
+            continue_site_ledgers(earlier.site_ledgers, run_dir, sites=run.federation.sites,
+                                  budget_epsilon=run.privacy.target_epsilon if run.privacy.enabled else math.inf,
+                                  delta=run.privacy.delta)
+        elif earlier.simulated:  # preflight refuses it too; kept here so no path skips the check
+            raise ConfigError(f"model.init_adapter {earlier.folder}: its simulation's site ledgers are not beside it.")
     flat = run.to_flat()
     flat["out"] = str(run_dir)
     with warnings.catch_warnings():
