@@ -126,11 +126,30 @@ def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str
         seed = validation_seed(settings.state_dir)
         check_delta(settings.delta, len(indices), site=settings.name)
     examples = site_examples(table, indices, val_fraction=settings.val_fraction, seed=seed)
+    if settings.simulated and run.data.canaries and settings.partition == run.data.canary_site:
+        examples = _with_canaries(examples, run, labels)
     return PreparedSite(
         settings=settings, examples=examples,
         train_records=record_digests(examples.train_texts, examples.train_labels),
         val_records=record_digests(examples.val_texts, examples.val_labels),
     )
+
+
+def _with_canaries(examples: SiteExamples, run: RunConfig, labels: list[str]) -> SiteExamples:
+    """A privacy audit's canaries (``data.canaries``) join this simulated site's training rows, and only them.
+
+    Added after the seeded split of the run's table, so a canary's presence changes the training
+    set by that one row and moves no other: the neighbouring datasets the one-run audit's bound
+    assumes (Steinke et al. 2023; ``fedtune/canary_audit.py``). Never in validation or test.
+    """
+    import dataclasses
+
+    from fedtune.common.data import load_table
+
+    canaries = load_table(run.data.canaries, text_column=run.data.text_column, label_column=run.data.label_column)
+    check_labels(canaries, labels)
+    return dataclasses.replace(examples, train_texts=[*examples.train_texts, *canaries.texts],
+                               train_labels=[*examples.train_labels, *canaries.labels])
 
 
 def _prepare_lm_site(run: RunConfig, settings: SiteSettings, tokenizer: Any) -> PreparedSite:

@@ -188,6 +188,11 @@ class DataConfig:
         partition: 'iid', 'dirichlet:ALPHA' or 'column:NAME' (simulation only).
         test_fraction: Held-out test split no site trains on (simulation only).
         val_fraction: Each site's validation split for federated evaluation.
+        canaries: Privacy audits only (a classification simulation): CSV, JSONL or Parquet of
+            (text, label) rows that simulated site ``canary_site`` adds to its training split after
+            the seeded split of ``path``, so whether a canary is in moves no other record
+            (``fedtune audit-canary``, ``fedtune/canary_audit.py``); "" for none.
+        canary_site: The simulated site (0-based) that trains on ``canaries``.
     """
 
     path: str = ""
@@ -201,10 +206,13 @@ class DataConfig:
     partition: str = "iid"
     test_fraction: float = 0.2
     val_fraction: float = 0.1
+    canaries: str = ""
+    canary_site: int = 0
 
     def problems(self) -> list[str]:
         p: list[str] = []
         _check(p, bool(self.text_column), "data.text_column must not be empty.")
+        _check(p, self.canary_site >= 0, f"data.canary_site must be >= 0, got {self.canary_site}.")
         _check(p, bool(self.label_column), "data.label_column must not be empty.")
         _check(p, 0 < self.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {self.test_fraction}.")
         _check(p, 0 <= self.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {self.val_fraction}.")
@@ -625,6 +633,12 @@ class RunConfig:
                 f"got {len(self.lora.site_ranks)}: {list(self.lora.site_ranks)}."
             )
         problems.extend(self._fault_problems())
+        if self.data.canaries and not (self.simulation and self.task == "classification"):
+            # A deployed site trains on its own file alone: no run may point it at other rows.
+            problems.append(f"data.canaries = {self.data.canaries!r} applies to classification simulations only "
+                            "(fedtune audit-canary).")
+        elif self.data.canaries and self.data.canary_site >= fed.sites:
+            problems.append(f"data.canary_site must name a simulated site in [0, {fed.sites - 1}], got {self.data.canary_site}.")
         if self.secure_agg.enabled and fed.min_sites < 2:
             problems.append(f"secure_agg needs federation.min_sites >= 2 (a sum over one site is that site's update), got {fed.min_sites}.")
         if problems:

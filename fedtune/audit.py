@@ -6,13 +6,15 @@ have lower loss on the examples it was trained on. Given labeled *members* (trai
 *non-members* (data the run never saw, from the same distribution), we report
 
 - ROC AUC of the score, rank-based (the Mann-Whitney U statistic over n1 * n0 pairs, ties count
-  half), and
-- TPR at 1% FPR (Carlini et al. 2022, "Membership Inference Attacks From First Principles",
+  half), with a 95% percentile bootstrap interval (members and non-members resampled independently,
+  with replacement, seeded);
+- TPR at 0.1% and 1% FPR (Carlini et al. 2022, "Membership Inference Attacks From First Principles",
   arXiv:2112.03570): the fraction of members flagged by the strictest-enough threshold that flags
-  at most 1% of non-members,
-
-each with a 95% percentile bootstrap interval (members and non-members resampled independently,
-with replacement, seeded).
+  at most that fraction of non-members, with exact Clopper-Pearson 95% intervals on the TPR and on
+  the FPR reached. Reported only with at least 10 / FPR non-members (``audit_stats.non_members_needed``:
+  1,000 at 1%, 10,000 at 0.1%), i.e. at least 10 false positives allowed; with fewer the threshold rests
+  on the top one or two non-member scores and the figure is "n/a (needs N non-members)";
+- the ROC curve on log-log axes (PNG), where the low-FPR region is visible.
 
 Reading the figures. AUC 0.5 and TPR@1%FPR ~0.01 are what a coin flip achieves. Under
 (epsilon, delta)-DP any attack satisfies TPR <= e^epsilon * FPR + delta (Kairouz et al. 2015), so a
@@ -22,6 +24,7 @@ attack finding nothing is not a proof of privacy; it is a lower bound on leakage
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import random
@@ -39,12 +42,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_SEED = 0
+DEFAULT_FPRS = (0.001, 0.01)
+ROC_FILE = "audit-roc.png"
 METHOD = (
     "loss-threshold membership inference (Yeom et al. 2018): score = -cross-entropy loss of the final "
-    "global adapter on each labeled example; AUC is rank-based (Mann-Whitney U, ties count half); "
-    "TPR at {fpr:.0%} FPR uses the best threshold that flags at most {fpr:.0%} of non-members "
-    "(Carlini et al. 2022); {confidence:.0%} intervals are percentile bootstrap with {resamples} "
-    "resamples, members and non-members resampled independently, seed {seed}."
+    "global adapter on each labeled example; AUC is rank-based (Mann-Whitney U, ties count half), its "
+    "{confidence:.0%} interval percentile bootstrap with {resamples} resamples, members and non-members "
+    "resampled independently, seed {seed}; TPR at a given FPR uses the best threshold that flags at most that "
+    "fraction of non-members (Carlini et al. 2022), with exact Clopper-Pearson intervals, and is reported only "
+    "with at least {min_fp} / FPR non-members."
 )
 
 
@@ -152,22 +158,100 @@ def bootstrap_ci(
     return Estimate(value=float(statistic(pos, neg)), ci_low=float(low), ci_high=float(high))
 
 
+@dataclass(frozen=True)
+class LowFprTpr:
+    """TPR at one target FPR, or why it is not reported.
+
+    ``reported`` is False when there are fewer than ``non_members_needed`` non-members; the figures are
+    then None. Otherwise ``tpr`` is ``true_positives / members`` at the threshold that flags
+    ``false_positives`` <= floor(fpr * n0) non-members, with Clopper-Pearson intervals on both rates.
+    """
+
+    fpr: float
+    non_members_needed: int
+    reported: bool
+    tpr: float | None = None
+    tpr_ci: tuple[float, float] | None = None
+    fpr_reached: float | None = None
+    fpr_ci: tuple[float, float] | None = None
+    true_positives: int | None = None
+    false_positives: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(vars(self))
+        for key in ("tpr_ci", "fpr_ci"):
+            out[key] = None if out[key] is None else list(out[key])
+        return out
+
+
+def tpr_at_low_fpr(member_scores: Any, non_member_scores: Any, fpr: float, *, confidence: float = DEFAULT_CONFIDENCE) -> LowFprTpr:
+    """TPR at ``fpr`` (``tpr_at_fpr``'s threshold) with Clopper-Pearson intervals, if enough non-members."""
+    from fedtune.audit_stats import clopper_pearson, non_members_needed
+
+    pos = _as_scores(member_scores, "member scores")
+    neg = _as_scores(non_member_scores, "non-member scores")
+    needed = non_members_needed(fpr)
+    if neg.size < needed:
+        return LowFprTpr(fpr=fpr, non_members_needed=needed, reported=False)
+    k = int(math.floor(fpr * neg.size + 1e-9))
+    threshold = np.sort(neg)[::-1][k]
+    tp, fp = int(np.sum(pos > threshold)), int(np.sum(neg > threshold))
+    t_ci, f_ci = clopper_pearson(tp, pos.size, confidence=confidence), clopper_pearson(fp, neg.size, confidence=confidence)
+    return LowFprTpr(fpr=fpr, non_members_needed=needed, reported=True, tpr=tp / pos.size, tpr_ci=(t_ci.low, t_ci.high),
+                     fpr_reached=fp / neg.size, fpr_ci=(f_ci.low, f_ci.high), true_positives=tp, false_positives=fp)
+
+
+def plot_roc(member_scores: Any, non_member_scores: Any, path: Path, *, title: str = "Loss-threshold membership inference") -> Path:
+    """The ROC curve on log-log axes (Carlini et al. 2022), with chance and the 0.1% and 1% FPR lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedtune.audit_stats import roc_curve
+    from fedtune.common.io import atomic_write_bytes
+
+    curve = roc_curve(member_scores, non_member_scores)
+    n0 = np.asarray(non_member_scores).size
+    floor = 0.5 / max(n0, 1)  # log axes cannot show 0: points at FPR 0 sit at half of the smallest rate measurable
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(np.maximum(curve.fpr, floor), np.maximum(curve.tpr, floor), drawstyle="steps-post", label="attack")
+    ax.plot([floor, 1], [floor, 1], "k--", linewidth=0.8, label="chance")
+    for fpr in DEFAULT_FPRS:
+        ax.axvline(fpr, color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(floor, 1)
+    ax.set_xlabel(f"false positive rate ({n0} non-members)")
+    ax.set_ylabel(f"true positive rate ({np.asarray(member_scores).size} members)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
 # ------------------------------------------------------------------------------- the attack
 @dataclass(frozen=True)
 class AuditResult:
     auc: Estimate
-    tpr_at_1pct_fpr: Estimate
+    low_fpr: tuple[LowFprTpr, ...]
     members: int
     non_members: int
     method: str
     mean_loss_members: float
     mean_loss_non_members: float
     overlap: int
+    roc_png: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "auc": self.auc.to_json(),
-            "tpr_at_1pct_fpr": self.tpr_at_1pct_fpr.to_json(),
+            "tpr_at_fpr": [row.to_json() for row in self.low_fpr],
+            "roc_png": self.roc_png,
             "members": self.members,
             "non_members": self.non_members,
             "method": self.method,
@@ -179,21 +263,24 @@ class AuditResult:
 
 def membership_scores(
     member_losses: Any, non_member_losses: Any, *, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
-    confidence: float = DEFAULT_CONFIDENCE, overlap: int = 0,
+    confidence: float = DEFAULT_CONFIDENCE, overlap: int = 0, fprs: tuple[float, ...] = DEFAULT_FPRS,
+    roc_png: Path | None = None,
 ) -> AuditResult:
-    """The audit's figures from per-example losses (score = -loss)."""
+    """The audit's figures from per-example losses (score = -loss); ``roc_png``: also draw the ROC there."""
+    from fedtune.audit_stats import MIN_FALSE_POSITIVES
+
     pos = -_as_scores(member_losses, "member losses")
     neg = -_as_scores(non_member_losses, "non-member losses")
-    kw = {"resamples": resamples, "confidence": confidence, "seed": seed}
     return AuditResult(
-        auc=bootstrap_ci(auc, pos, neg, **kw),
-        tpr_at_1pct_fpr=bootstrap_ci(lambda a, b: tpr_at_fpr(a, b, 0.01), pos, neg, **kw),
+        auc=bootstrap_ci(auc, pos, neg, resamples=resamples, confidence=confidence, seed=seed),
+        low_fpr=tuple(tpr_at_low_fpr(pos, neg, fpr, confidence=confidence) for fpr in fprs),
         members=int(pos.size),
         non_members=int(neg.size),
-        method=METHOD.format(fpr=0.01, confidence=confidence, resamples=resamples, seed=seed),
+        method=METHOD.format(confidence=confidence, resamples=resamples, seed=seed, min_fp=MIN_FALSE_POSITIVES),
         mean_loss_members=float(-pos.mean()),
         mean_loss_non_members=float(-neg.mean()),
         overlap=overlap,
+        roc_png=str(plot_roc(pos, neg, roc_png)) if roc_png is not None else None,
     )
 
 
@@ -241,8 +328,11 @@ def run_audit(
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
     base_model: str | None = None,
+    roc_png: Path | None = None,
 ) -> AuditResult:
     """Load ``RUN_DIR/adapter``, compute per-example losses on both sets, and score the attack.
+
+    ``roc_png``: where to draw the log-scale ROC curve (None: not drawn).
 
     Raises:
         ConfigError: no ``RUN_DIR/adapter`` folder (or its base model), or a bad ``max_examples``.
@@ -280,4 +370,5 @@ def run_audit(
         dataset = encode(loaded.tokenizer, texts, labs, loaded.labels, max_length=loaded.max_length)
         losses[flag] = per_example_losses(loaded.model, dataset)
     logger.info("audit: %d members, %d non-members", len(m_texts), len(n_texts))
-    return membership_scores(losses["--members"], losses["--non-members"], resamples=resamples, seed=seed, overlap=overlap)
+    return membership_scores(losses["--members"], losses["--non-members"], resamples=resamples, seed=seed, overlap=overlap,
+                             roc_png=roc_png)

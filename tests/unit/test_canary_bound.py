@@ -121,3 +121,25 @@ def test_bad_inputs_are_refused_with_the_values() -> None:
         one_run_audit(np.arange(10.0), np.arange(10) % 2 == 0, delta=0.0, guess_sizes=[6])
     with pytest.raises(ValueError, match="not finite"):
         one_run_audit([0.0, float("nan")], [True, False], delta=0.0)
+
+
+# ------------------------------------------------------------------------------- the canaries
+def test_included_and_excluded_canaries_come_from_the_same_distribution() -> None:
+    from fedtune.canary_audit import make_canaries
+
+    # Prepare / Execute
+    canaries = make_canaries(4000, ["a", "b", "c"], seed=5)
+    inc = np.array([c.included for c in canaries])
+    labels = np.array([c.label for c in canaries])
+    lengths = np.array([len(c.text) for c in canaries])
+
+    # Assert: inclusion is Bernoulli(1/2) (the count's two-sided binomial p-value), and independent of
+    # the label (chi-square) and of the text's length (Kolmogorov-Smirnov). Each test at 0.1%: with the
+    # seed fixed the test is deterministic; a broken draw (e.g. the first half included) fails all three.
+    assert stats.binomtest(int(inc.sum()), inc.size, 0.5).pvalue > 1e-3
+    table = [[int(np.sum((labels == lab) & inc)), int(np.sum((labels == lab) & ~inc))] for lab in ("a", "b", "c")]
+    assert stats.chi2_contingency(table).pvalue > 1e-3
+    assert stats.ks_2samp(lengths[inc], lengths[~inc]).pvalue > 1e-3
+    # Not ordered: the first and second halves hold about as many included canaries.
+    assert abs(int(inc[:2000].sum()) - int(inc[2000:].sum())) < 4 * np.sqrt(2000)
+    assert len({c.text for c in canaries}) == 4000, "every canary is a distinct text"
