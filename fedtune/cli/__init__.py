@@ -4,7 +4,7 @@ Each module adds its commands to the root group; this package imports them all, 
 is the whole CLI. Nothing here imports torch, transformers or Flower: ``fedtune --help`` stays instant.
 """
 
-from fedtune.cli import model, serving, train  # noqa: F401  (they add their commands to main)
+from fedtune.cli import model, serving, sweep, train  # noqa: F401  (they add their commands to main)
 from fedtune.cli.app_signing import app
 from fedtune.cli.coordinator import certs, coordinator, logs, status, stop
 from fedtune.cli.privacy import audit, report
