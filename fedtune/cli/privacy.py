@@ -1,4 +1,5 @@
-"""Privacy commands: ``fedtune report`` (what each site spent) and ``fedtune audit`` (what an attacker finds).
+"""Privacy commands: ``fedtune report`` (what each site spent), ``fedtune audit`` (what an attacker finds) and
+``fedtune audit-canary`` (an empirical lower bound on epsilon from one training run).
 
 Heavy imports stay inside the commands so ``--help`` is instant. Each command turns fedtune's own
 errors into one line on stderr (exit 2) by itself, so it behaves the same standalone and inside the
@@ -15,8 +16,9 @@ from typing import Any
 
 import click
 
-from fedtune.cli.root import offline_env
-from fedtune.common.errors import FedtuneError
+from fedtune.cli.options import resolve_config, run_options, with_flags
+from fedtune.cli.root import main, offline_env
+from fedtune.common.errors import ConfigError, FedtuneError
 
 
 class _Command(click.Command):
@@ -116,32 +118,39 @@ def audit(run_dir: Path, members: Path, non_members: Path, json_out: Path | None
     """Membership-inference audit of RUN_DIR/adapter: the loss-threshold attack (Yeom et al. 2018).
 
     Scores each example by minus its loss under the final adapter and reports how well that tells
-    --members (training data) from --non-members: ROC AUC and TPR at 1% FPR, with 95% bootstrap
-    intervals. AUC 0.5 and TPR 0.01 are chance. A weak attack finding nothing is not a proof of
-    privacy; the DP guarantee is the proof, the audit a sanity check.
+    --members (training data) from --non-members: ROC AUC (95% bootstrap interval) and TPR at 0.1%
+    and 1% FPR (exact Clopper-Pearson intervals), the latter only with at least 10 / FPR
+    non-members; draws the ROC curve on log-log axes (RUN_DIR/audit-roc.png). AUC 0.5 and TPR = FPR
+    are chance. A weak attack finding nothing is not a proof of privacy; the DP guarantee is the
+    proof, the audit a sanity check (`fedtune audit-canary` gives an epsilon lower bound).
     """
-    from fedtune.audit import run_audit
+    from fedtune.audit import ROC_FILE, run_audit
     from fedtune.server.run_format import check_run_format
 
     offline_env()
     check_run_format(run_dir, action="audit it")
     result = run_audit(run_dir, members=members, non_members=non_members, text_column=text_column,
                        label_column=label_column, max_examples=max_examples, resamples=resamples, seed=seed,
-                       base_model=base_model)
+                       base_model=base_model, roc_png=run_dir / ROC_FILE)
     out = result.to_json()
-    dp_bound = _dp_tpr_bound(run_dir)
-    if dp_bound is not None:
-        out["dp_tpr_bound_at_1pct_fpr"] = dp_bound
-    a, t = result.auc, result.tpr_at_1pct_fpr
+    top = _least_protected_site(run_dir)
+    if top is not None:
+        out["dp_tpr_bound"] = {f"{row.fpr:g}": _dp_tpr_bound(top, row.fpr) for row in result.low_fpr}
+    a = result.auc
     click.echo(f"members {result.members}, non-members {result.non_members}  "
                f"(mean loss {result.mean_loss_members:.4f} vs {result.mean_loss_non_members:.4f})")
-    click.echo(f"AUC            {a.value:.4f}  95% CI [{a.ci_low:.4f}, {a.ci_high:.4f}]   (chance 0.5)")
-    click.echo(f"TPR @ 1% FPR   {t.value:.4f}  95% CI [{t.ci_low:.4f}, {t.ci_high:.4f}]   (chance 0.01)")
-    if dp_bound is not None:
-        click.echo(f"DP bound on TPR @ 1% FPR for the least protected site: {dp_bound:.4f} (min(1, e^eps * 0.01 + delta))")
-    if result.non_members < 100:
-        click.secho(f"note: with {result.non_members} non-members, 1% FPR allows no false positive: the TPR is at 0 FPR.",
-                    fg="yellow", err=True)
+    click.echo(f"AUC              {a.value:.4f}  95% CI [{a.ci_low:.4f}, {a.ci_high:.4f}]   (chance 0.5)")
+    for row in result.low_fpr:
+        name = f"TPR @ {row.fpr:.1%} FPR".replace(".0%", "%")
+        if not row.reported or row.tpr_ci is None or row.fpr_ci is None:
+            click.echo(f"{name:<16} n/a (needs {row.non_members_needed} non-members, have {result.non_members})")
+            continue
+        bound = "" if top is None else f"; DP bound {_dp_tpr_bound(top, row.fpr):.4f}"
+        click.echo(f"{name:<16} {row.tpr:.4f}  95% CP [{row.tpr_ci[0]:.4f}, {row.tpr_ci[1]:.4f}]   (chance {row.fpr:g}; "
+                   f"FPR reached {row.fpr_reached:.4f} [{row.fpr_ci[0]:.4f}, {row.fpr_ci[1]:.4f}]{bound})")
+    if top is not None:
+        click.echo(f"DP bound: min(1, e^eps * FPR + delta) for the least protected site {top[0]} (eps {top[1]:.3f}, delta {top[2]:g})")
+    click.echo(f"ROC curve (log-log): {result.roc_png}")
     if result.overlap:
         click.secho(f"warning: {result.overlap} (text, label) rows are in both sets; the attack cannot tell those apart.",
                     fg="yellow", err=True)
@@ -153,8 +162,58 @@ def audit(run_dir: Path, members: Path, non_members: Path, json_out: Path | None
         atomic_write_json(json_out, out)
 
 
-def _dp_tpr_bound(run_dir: Path) -> float | None:
-    """min(1, e^eps * FPR + delta) at FPR 1% for the site with the largest epsilon (Kairouz et al. 2015)."""
+@main.command("audit-canary", cls=_Command)
+@run_options
+@click.option("--sites", type=int, help="Number of simulated sites [3]; 1 makes the white-box audit see the site's own update.")
+@click.option("--min-sites", type=int, help="Minimum sites sampled per round [2].")
+@click.option("--partition", help="How sites split the data: iid | dirichlet:ALPHA | column:NAME [iid].")
+@click.option("--canaries", "num_canaries", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="Canaries m, each included with probability 1/2.")
+@click.option("--canary-site", type=click.IntRange(min=0), default=0, show_default=True, help="The simulated site that trains on them.")
+@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True)
+@click.option("--white-box/--black-box-only", default=True, show_default=True,
+              help="Also score the per-round adapter updates (a gradient per canary per round).")
+def audit_canary(config_file: str | None, num_canaries: int, canary_site: int, confidence: float, white_box: bool,
+                 **flags: Any) -> None:
+    """One-run privacy audit (Steinke, Nasr, Jagielski 2023): an empirical lower bound on epsilon.
+
+    Draws --canaries random-text, random-label canaries, includes each with probability 1/2 in the
+    training rows of simulated site --canary-site, trains once exactly as `fedtune simulate` does
+    (same flags), then guesses the top-k scored canaries "in" and the bottom-k "out" and reports the
+    largest epsilon those guesses refute at --confidence, next to the site's theoretical epsilon.
+    Black-box score: the final adapter's loss on each canary; white-box: the per-round adapter
+    updates projected on each canary's gradient. A DP run whose lower bound exceeds its epsilon
+    fails (exit 2): the guarantee or the audit is broken. Use --no-dp for the positive control.
+    """
+    from fedtune.canary_audit import RESULT_FILE, check_bound, run_canary_audit
+    from fedtune.common.io import check_writable
+    from fedtune.simulations.simulate import preflight
+
+    offline_env()
+    run = resolve_config(config_file, "audit-canary", **flags)
+    try:
+        preflight(run)
+    except ConfigError as err:
+        raise ConfigError(with_flags(err.problems, flags)) from None
+    check_writable(Path(run.out).resolve(), what="run directory (--out)")
+    result = run_canary_audit(run, canaries=num_canaries, canary_site=canary_site, white_box=white_box,
+                              confidence=confidence, check=False)  # checked below, once the figures are shown
+    run_dir, bb = result.run_dir, result.black_box
+    click.echo(f"canary audit of {run_dir}: {bb.canaries} canaries ({bb.included} included) at {result.site}, "
+               f"{bb.confidence:.0%} confidence, delta {result.delta:g}")
+    theory = f"{result.epsilon:.3f}" if result.epsilon is not None else "infinite (no DP)"
+    click.echo(f"theoretical epsilon ({result.site}):        {theory}")
+    for name, audit_ in (("black-box (final loss)", bb), ("white-box (updates)", result.white_box)):
+        if audit_ is not None:
+            best = audit_.best
+            click.echo(f"empirical lower bound, {name:<22} {audit_.epsilon_lower_bound:.3f}   "
+                       f"(k={best.k_in}: {best.correct} of {best.guesses} guesses right; best of {len(audit_.candidates)} k, Bonferroni)")
+    click.echo(f"wrote {run_dir / RESULT_FILE}")
+    check_bound(result)
+
+
+def _least_protected_site(run_dir: Path) -> tuple[str, float, float] | None:
+    """(site, epsilon, delta) of the site with the largest epsilon in RUN_DIR/summary.json; None without DP."""
     path = run_dir / "summary.json"
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
@@ -164,8 +223,13 @@ def _dp_tpr_bound(run_dir: Path) -> float | None:
         if not summary.get("dp") or not summary.get("sites"):
             return None
         top = max(summary["sites"], key=lambda s: float(s["epsilon"]))
-        return min(1.0, math.exp(float(top["epsilon"])) * 0.01 + float(top["delta"]))
+        return str(top["site"]), float(top["epsilon"]), float(top["delta"])
     except (AttributeError, KeyError, TypeError, ValueError):
         # A summary without per-site epsilon (another fedtune's): the audit stands without the bound.
         click.secho(f"note: {path} lacks per-site epsilon and delta; no DP bound is shown.", fg="yellow", err=True)
         return None
+
+
+def _dp_tpr_bound(site: tuple[str, float, float], fpr: float) -> float:
+    """min(1, e^eps * FPR + delta): no attack on an (eps, delta)-DP run does better (Kairouz et al. 2015)."""
+    return min(1.0, math.exp(site[1]) * fpr + site[2])
