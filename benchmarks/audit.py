@@ -72,12 +72,15 @@ def main() -> None:
 
     print(f"\nloss-threshold membership inference; {len(members)} members, {len(non_members)} non-members; "
           f"{args.rounds} rounds x {args.local_epochs:g} local epochs, 2 sites")
-    print(f"{'run':<10} {'test acc':>8} {'epsilon':>8} {'AUC [95% CI]':>22} {'TPR@1%FPR [95% CI]':>24}")
+    print(f"{'run':<10} {'test acc':>8} {'epsilon':>8} {'AUC [95% CI]':>22} {'TPR@1%FPR [95% CP]':>24}")
     for mode, r in results.items():
-        a, t = r["audit"]["auc"], r["audit"]["tpr_at_1pct_fpr"]
+        a = r["audit"]["auc"]
+        t = next(row for row in r["audit"]["tpr_at_fpr"] if row["fpr"] == 0.01)
         eps = "-" if r["max_epsilon"] is None else f"{r['max_epsilon']:.2f}"
-        print(f"{mode:<10} {r['test_accuracy']:>8.3f} {eps:>8} {a['value']:>8.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] "
-              f"{t['value']:>8.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}]")
+        # Reported only with >= 1,000 non-members (fedtune.audit_stats.non_members_needed).
+        tpr = (f"{t['tpr']:>8.3f} [{t['tpr_ci'][0]:.3f}, {t['tpr_ci'][1]:.3f}]" if t["reported"]
+               else f"n/a (needs {t['non_members_needed']} non-members)")
+        print(f"{mode:<10} {r['test_accuracy']:>8.3f} {eps:>8} {a['value']:>8.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] {tpr}")
     print(f"work folder: {root}")
 
 
