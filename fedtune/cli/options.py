@@ -45,6 +45,7 @@ def overrides(**flags: Any) -> dict[str, Any]:
         "client_dp_epsilon": ("client_dp", "target_epsilon"),
         "client_dp_clip_norm": ("client_dp", "clip_norm"),
         "base_model": ("model", "base_model"),
+        "init_adapter": ("model", "init_adapter"),
         "fail_sites": ("faults", "fail_sites"),
         "max_length": ("model", "max_length"),
         "task": (None, "task"),
@@ -127,6 +128,9 @@ def run_options(f: Any) -> Any:
         click.option("--lora-rank", type=int, help=f"LoRA rank r [{d.lora.rank}]."),
         click.option("--base-model", type=click.Path(file_okay=False),
                      help="Local Hugging Face model folder (default: packaged all-MiniLM-L6-v2; causal-lm: SmolLM2-135M-Instruct, converted on first use)."),
+        click.option("--init-adapter", type=click.Path(file_okay=False, resolve_path=True),
+                     help="Start from an earlier run's adapter/ or checkpoints/round-N/ (same base model, task and LoRA shape; "
+                          "its labels first, new ones grow the head) instead of a fresh adapter; fedtune run: a path on the coordinator."),
         click.option("--max-length", type=int, help=f"Tokens per example [{TASK_MAX_LENGTH['classification']}; causal-lm {TASK_MAX_LENGTH['causal-lm']}]."),
         click.option("--seed", type=int, help=f"Seed for splits, initialisation and sampling [{d.seed}]."),
         click.option("--eval-every", type=int, metavar="K",

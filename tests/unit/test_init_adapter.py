@@ -251,3 +251,19 @@ def test_simulate_refuses_an_unfit_adapter_before_any_process_starts(tiny_model_
     with pytest.raises(ConfigError, match=r"lack \['c'\]"):
         run_simulation(run)
     assert not out.exists(), "refused before the run directory or any site"
+
+
+def test_the_init_adapter_flag_reaches_the_preflight_and_its_refusal_names_the_difference(
+        tiny_model_dir: Path, earlier_dir: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fedtune.cli import main
+
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f"row {i},{'abx'[i % 3]}\n" for i in range(60)))
+    out = tmp_path / "runB"
+    result = CliRunner().invoke(main, ["simulate", "--init-adapter", str(earlier_dir), "--data", str(data), "--base-model",
+                                       str(tiny_model_dir), "--out", str(out)])
+    assert result.exit_code != 0
+    assert "lack ['c']; renamed to ['x']?" in result.output
+    assert not out.exists()
