@@ -405,10 +405,12 @@ def _last_line(log: Path) -> str:
 Runner = Callable[[Cell, Path, "float | None"], tuple[str, str]]
 
 
-def run_sweep(plan: SweepPlan, *, jobs: int = 1, run_timeout: float | None = None, runner: Runner = simulate_subprocess,
-              echo: Callable[[str], None] = print) -> list[RunRow]:
+def run_sweep(plan: SweepPlan, *, jobs: int = 1, run_timeout: float | None = None, retries: int = 0,
+              runner: Runner = simulate_subprocess, echo: Callable[[str], None] = print) -> list[RunRow]:
     """Run every cell that is not done (``jobs`` at a time); the CSV is rewritten after each run.
 
+    ``retries``: start a failed run again (from round 1) up to this many times before recording it as
+    failed; a transient failure (Ray's node timing out at start-up on a loaded machine) is the reason.
     ``runner`` starts one run (default: a ``fedtune simulate`` subprocess) and returns its status and error.
     """
     from fedtune.common.config import dump_toml
@@ -423,11 +425,16 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, run_timeout: float | None = Non
     write_csv(plan, outcome)
 
     def one(cell: Cell) -> tuple[Cell, str, str, float]:
-        if cell.run_dir.exists():  # half-finished: redo it from round 1 (see the module docstring)
-            shutil.rmtree(cell.run_dir)
-        dump_toml(cell.config, cell.config_file)
         started = time.perf_counter()
-        status, error = runner(cell, plan.out / "logs" / f"{cell.name}.log", run_timeout)
+        for attempt in range(retries + 1):
+            if cell.run_dir.exists():  # half-finished: redo it from round 1 (see the module docstring)
+                shutil.rmtree(cell.run_dir)
+            dump_toml(cell.config, cell.config_file)
+            status, error = runner(cell, plan.out / "logs" / f"{cell.name}.log", run_timeout)
+            if status == "done":
+                break
+            if attempt < retries:
+                echo(f"retrying {cell.name} ({error})")
         return cell, status, error, time.perf_counter() - started
 
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))

@@ -20,8 +20,10 @@ from fedtune.cli.root import main, offline_env
               help="Runs at a time (each is a `fedtune simulate` with its own Ray; on 2 cores keep 1).")
 @click.option("--run-timeout", type=click.FloatRange(min=0), default=0, show_default=True,
               help="Stop a run (recorded as 'timeout') after this many seconds; 0: no limit.")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Start a failed run again up to this many times (e.g. Ray timing out at start-up on a busy machine).")
 @click.option("--dry-run", is_flag=True, help="Check the sweep file and list the runs (done or to run); run nothing.")
-def sweep(config_file: Path, out: Path | None, jobs: int, run_timeout: float, dry_run: bool) -> None:
+def sweep(config_file: Path, out: Path | None, jobs: int, run_timeout: float, retries: int, dry_run: bool) -> None:
     """Run a grid of `fedtune simulate` runs: one CSV row per run, plots, and a table over seeds.
 
     Every grid key and value, and every cell of the grid, is checked (did-you-mean for a misspelt
@@ -41,7 +43,7 @@ def sweep(config_file: Path, out: Path | None, jobs: int, run_timeout: float, dr
             click.echo(f"{state:<21} {cell.name}  " + " ".join(f"{k}={v}" for k, v in cell.values))
         click.echo(f"{len(plan.cells)} runs: {done} done, {len(plan.cells) - done} to run; results would go to {plan.csv_path}")
         return
-    rows = run_sweep(plan, jobs=jobs, run_timeout=run_timeout or None, echo=click.echo)
+    rows = run_sweep(plan, jobs=jobs, run_timeout=run_timeout or None, retries=retries, echo=click.echo)
     from fedtune.sweep_plots import plot_sweep
 
     plots = plot_sweep(rows, plan.out)
