@@ -418,7 +418,8 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, run_timeout: float | None = Non
     (plan.out / "runs").mkdir(parents=True, exist_ok=True)
     (plan.out / "logs").mkdir(exist_ok=True)
     done = {c.name for c in plan.cells if is_done(c)}
-    todo = [c for c in plan.cells if c.name not in done]
+    # Seed by seed: an interrupted sweep has then every setting at its first seeds, not all seeds of the first settings.
+    todo = sorted((c for c in plan.cells if c.name not in done), key=lambda c: c.config.seed)
     echo(f"sweep: {len(plan.cells)} runs, {len(done)} already done, {len(todo)} to run ({jobs} at a time); {plan.csv_path}")
     outcome: dict[str, tuple[str, str]] = {}
     lock = threading.Lock()

@@ -247,7 +247,7 @@ def test_retries_start_a_failed_run_again_and_stop_at_the_first_success(tmp_path
 
     def flaky(cell: Cell, log: Path, timeout: float | None) -> tuple[str, str]:
         attempts.append(cell.name)
-        if cell.config.seed == 0 or len(attempts) == 1:  # seed 0 always fails; the first attempt of seed 1 fails
+        if cell.config.seed == 0 or attempts.count(cell.name) == 1:  # seed 0 always fails; the first attempt of seed 1 fails
             cell.run_dir.mkdir(parents=True)
             return "failed", "exit code 1: Exception: The current node timed out during startup."
         return succeed(cell, log, timeout)
@@ -256,6 +256,7 @@ def test_retries_start_a_failed_run_again_and_stop_at_the_first_success(tmp_path
 
     assert [r.status for r in rows] == ["done", "failed"]
     assert len(attempts) == 2 + 3, "seed 1: a failure then a success; seed 0: 1 + 2 retries"
+    assert attempts[0] == attempts[1] == attempts[2] != attempts[3], "seed 0's runs first (seed by seed), then seed 1's"
 
 
 def test_a_runner_that_raises_is_a_failed_row_too(tmp_path: Path) -> None:
