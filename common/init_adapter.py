@@ -272,6 +272,11 @@ def check_fits(earlier: EarlierAdapter, run: RunConfig, labels: Sequence[str]) -
         found = sorted(found) if isinstance(found, list) else found
         if found != targets:
             problems.append(f"{where} adapts the modules {found}; this run's lora.target_modules are {targets}.")
+        layers = _run_layers(run)
+        found_layers = peft.get("layers_to_transform")
+        if layers is not False and (sorted(found_layers) if isinstance(found_layers, list) else found_layers) != layers:
+            problems.append(f"{where} adapts the layers {found_layers if found_layers is not None else 'all'}; this run's "
+                            f"lora.top_layers = {lora.top_layers} adapts {layers if layers is not None else 'all'}.")
         has_head = any("lora_" not in name for name in earlier.tensors)
         if has_head != lora.train_head:
             problems.append(f"{where} {'has' if has_head else 'has no'} trained head; this run's lora.train_head is "
@@ -280,6 +285,22 @@ def check_fits(earlier: EarlierAdapter, run: RunConfig, labels: Sequence[str]) -
         problems.extend(_ffa_problems(earlier, run))
     if problems:
         raise ConfigError(problems)
+
+
+def _run_layers(run: RunConfig) -> list[int] | None | bool:
+    """The layer indexes ``lora.top_layers`` adapts on the run's base model (None: all), as PEFT's
+    ``layers_to_transform``; False when the base model does not say how many layers it has."""
+    if run.lora.top_layers == 0:
+        return None
+    from .model import resolve_base_model
+
+    try:
+        total = json.loads((resolve_base_model(run.model, run.task) / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers")
+    except (OSError, ValueError):
+        return False
+    if not isinstance(total, int):
+        return False  # build_model names the problem
+    return list(range(max(0, total - run.lora.top_layers), total))
 
 
 def _ffa_problems(earlier: EarlierAdapter, run: RunConfig) -> list[str]:

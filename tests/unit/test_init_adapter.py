@@ -267,3 +267,8 @@ def test_the_init_adapter_flag_reaches_the_preflight_and_its_refusal_names_the_d
     assert result.exit_code != 0
     assert "lack ['c']; renamed to ['x']?" in result.output
     assert not out.exists()
+
+
+def test_other_adapted_layers_are_refused_naming_both(tiny_model_dir: Path, earlier_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"adapts the layers \[0, 1\]; this run's lora.top_layers = 1 adapts \[1\]"):
+        check_fits(read_earlier_adapter(earlier_dir), _run(tiny_model_dir, lora={"top_layers": 1}), LABELS)
