@@ -17,8 +17,8 @@ sweep records the failure and goes on. Layout under the sweep's folder::
     logs/NAME.log             its console output
     *.png                     the plots (``fedtune/sweep_plots.py``)
 
-NAME is the cell's grid values and a hash of its whole config, so a changed base config or grid
-value names another folder. A second invocation skips every run whose ``summary.json`` exists and
+NAME is the cell's grid values and a hash of its settings that differ from the defaults, so a
+changed base config or grid value names another folder (and a setting fedtune adds later does not). A second invocation skips every run whose ``summary.json`` exists and
 whose config matches; a half-finished run (a crash, a timeout, an interrupted sweep) is deleted and
 redone from round 1, not resumed: every row is then one uninterrupted run from its seed, comparable
 with the others (``fedtune simulate --resume`` continues a run correctly, but its sampling after the
@@ -244,9 +244,28 @@ def _csv_value(key: str, run: RunConfig) -> str:
     return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 
 
+def explicit_settings(run: RunConfig) -> dict[str, Any]:
+    """The settings of ``run`` that differ from the defaults (``out`` aside), nested as in TOML.
+
+    What a cell's name hashes: a setting added to the config later, with a default, leaves the
+    names (and so the finished runs) of an existing sweep as they were.
+    """
+    defaults, explicit = RunConfig().to_dict(), {}
+    for key, value in run.to_dict().items():
+        if key == "out":
+            continue
+        if isinstance(value, dict):
+            changed = {k: v for k, v in value.items() if v != defaults[key].get(k)}
+            if changed:
+                explicit[key] = changed
+        elif value != defaults[key]:
+            explicit[key] = value
+    return explicit
+
+
 def _cell_name(values: Sequence[tuple[str, Any]], run: RunConfig) -> str:
-    """Readable grid values and a hash of the whole config (without ``out``): another config, another folder."""
-    digest = hashlib.sha256(json.dumps({**run.to_dict(), "out": ""}, sort_keys=True).encode()).hexdigest()[:8]
+    """Readable grid values and a hash of the config's explicit settings: another config, another folder."""
+    digest = hashlib.sha256(json.dumps(explicit_settings(run), sort_keys=True).encode()).hexdigest()[:8]
     parts = [f"{key.rsplit('.', 1)[-1]}-{_csv_value(key, run)}" for key, _ in values]
     slug = re.sub(r"[^A-Za-z0-9.=-]+", "-", "_".join(parts))[:96].strip("-_")
     return f"{slug}_{digest}" if slug else digest
@@ -560,21 +579,23 @@ def print_table(rows: Sequence[RunRow]) -> None:
     from rich.table import Table
 
     metric = primary_metric(rows)
-    table = Table(title=f"{metric.replace('_', ' ')} per setting over seeds: mean +- std (sample), 95% t-interval of the mean")
     summaries = summarize(rows)
+    table = Table(title=f"{metric.replace('_', ' ')} per setting over seeds: mean +- std (sample), 95% t-interval of the mean")
     for key, _ in (summaries[0].setting if summaries else ()):
-        table.add_column(key)
-    for col in ("done/runs", metric.replace("test_", ""), "95% CI", "macro-F1", "max epsilon", "seconds"):
+        table.add_column(key.rsplit(".", 1)[-1])  # the CSV has the full names
+    failed = any(s.failed for s in summaries)
+    for col in ("done/runs", *(["failed"] if failed else []), metric.replace("test_", ""), "95% CI", "macro-F1", "max epsilon", "s/run"):
         table.add_column(col, justify="right")
 
     def fmt(s: Spread | None, digits: int = 3) -> str:
         if s is None:
             return "-"
-        return f"{s.mean:.{digits}f}" + (f" +- {s.std:.{digits}f}" if s.std is not None else " (n=1)")
+        return f"{s.mean:.{digits}f}" + (f" +- {s.std:.{digits}f}" if s.std is not None else "")
 
     for s in summaries:
         ci = "-" if s.metric is None or s.metric.low is None else f"[{s.metric.low:.3f}, {s.metric.high:.3f}]"
         done = s.metric.n if s.metric else 0
-        table.add_row(*(v for _, v in s.setting), f"{done}/{s.runs}" + (f" ({s.failed} failed)" if s.failed else ""),
+        table.add_row(*(v for _, v in s.setting), f"{done}/{s.runs}", *([str(s.failed)] if failed else []),
                       fmt(s.metric), ci, fmt(s.macro_f1), fmt(s.max_epsilon), fmt(s.seconds, 0))
-    Console().print(table)
+    # Not a terminal (a log file, a pipe): wide enough that a row stays on one line.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)

@@ -225,6 +225,17 @@ def test_a_changed_config_is_another_run_and_a_tampered_one_is_redone(tmp_path: 
     assert tampered.ran == [p.cells[0].name], "a run whose recorded config differs from the cell's is not reused"
 
 
+def test_a_run_s_name_depends_on_its_explicit_settings_only(tmp_path: Path) -> None:
+    from fedtune.sweep import explicit_settings
+
+    same = plan({"seed": [0]}, tmp_path, federation={"rounds": 5})  # 5 is the default: not an explicit setting
+    other = plan({"seed": [0]}, tmp_path, federation={"rounds": 4})
+
+    assert same.cells[0].name == plan({"seed": [0]}, tmp_path).cells[0].name
+    assert other.cells[0].name != same.cells[0].name
+    assert explicit_settings(other.cells[0].config) == {"federation": {"rounds": 4}}
+
+
 def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     p = plan({"seed": [0, 1, 2]}, tmp_path)
     runner = FakeSimulate(fail={1})
