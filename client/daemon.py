@@ -27,6 +27,11 @@ delta = 1e-5
 require_dp = true             # refuse runs without DP (they would spend privacy no ledger counts)
 statistics = "none"           # none | dp | clear: what may leave besides the adapter
 allowed_tasks = ["classification"]  # add "causal-lm" to let runs train a generative model here
+[deid]                        # optional: redact identifiers before training (client/deid.py)
+enabled = true
+# entities = ["EMAIL", "PHONE", "DATE", "POSTAL_CODE", "MRN", "ACCOUNT", "IBAN", "CARD", "PERSON"]
+# replacement = "<{entity}>"  # what stands in for each one
+# regions = ["US", "GB", "CA", "DE", "FR", "NL"]  # phone and postal-code formats looked for
 ```
 Relative paths are relative to the folder holding ``site.toml``.
 """
@@ -46,6 +51,8 @@ from fedtune.common.errors import ConfigError
 from fedtune.common.io import parse_host_port, read_toml
 
 from .app_guard import AppPolicy, app_policy_from_mapping
+from .deid import DeidSettings, deid_from_mapping
+from .deid import to_node_config as deid_node_config
 from .policy import SitePolicy, policy_from_mapping
 
 SITE_FILE = "site.toml"
@@ -77,6 +84,7 @@ class SiteConfig:
     prompt_column: str = "prompt"
     response_column: str = "response"
     messages_column: str = ""
+    deid: DeidSettings = DeidSettings()  # [deid]: what this site redacts before training (off by default)
 
     def node_config(self) -> dict[str, str | float]:
         """What the ClientApp sees as ``context.node_config`` (see ``client/site.py``)."""
@@ -96,6 +104,7 @@ class SiteConfig:
             **({"prompt-column": self.prompt_column, "response-column": self.response_column,
                 "messages-column": self.messages_column} if "causal-lm" in self.policy.allowed_tasks else {}),
             **self.policy.to_node_config(),
+            **deid_node_config(self.deid),
         }
 
 
@@ -111,7 +120,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     allowed = {"site": {"name", "coordinator", "ca", "node_key", "state_dir", "insecure"},
                "data": {"path", "text_column", "label_column", "val_fraction", "labels", *LM_COLUMNS}, "privacy": {"budget_epsilon", "delta", "allow_no_dp"},
                "policy": set(SitePolicy.__dataclass_fields__),
-               "model": {"base_model"}, "apps": {"trusted_hashes", "trusted_signers"}}
+               "model": {"base_model"}, "apps": {"trusted_hashes", "trusted_signers"}, "deid": set(DeidSettings.__dataclass_fields__)}
     for section, keys in allowed.items():
         if not isinstance(raw.get(section, {}), dict):  # `policy = 5`: read as an empty table, reported here
             problems.append(f"[{section}] must be a table, got {raw[section]!r}.")
@@ -155,6 +164,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
     problems += [p for p in policy_problems if not p.startswith("unknown key")]  # unknown keys are reported above
     apps, app_problems = app_policy_from_mapping(raw.get("apps", {}), base=base)
     problems += [p for p in app_problems if not p.startswith("unknown key")]
+    deid, deid_problems = deid_from_mapping(raw.get("deid", {}))
+    problems += [p for p in deid_problems if not p.startswith("unknown key")]
     labels = data.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
         problems.append(f"data.labels must be a list of distinct, non-empty strings, got {labels!r}.")
@@ -195,6 +206,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
         response_column=str(lm_columns["response_column"]),
         messages_column=str(lm_columns["messages_column"]),
         insecure=insecure,
+        deid=deid,
         base_model=resolve(raw["model"]["base_model"]) if raw.get("model", {}).get("base_model") else None,
     )
 

@@ -23,12 +23,14 @@ from fedtune.common.messages import PrivacyParams, RefusalCode, round_significan
 from fedtune.common.sitedata import SiteExamples, load_config_table, simulated_split, site_examples
 from fedtune.common.tasks import task_loss
 
+from .deid import DeidSettings
 from .ledger import PrivacyLedger
 from .site import SiteSettings, resolve_site
 from .train import DPSettings, StepPlan, TrainResult, train_local
 
 if TYPE_CHECKING:
     from fedtune.common.causal_lm import LMTable
+    from fedtune.common.lm_site import LMSplit
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str
     """
     settings = resolve_site(node_config, run, run_dir=run_dir)
     if run.causal_lm:
-        return _prepare_lm_site(run, settings, tokenizer)
+        return _prepare_lm_site(run, settings, tokenizer, node_config)
     table = load_config_table(settings.data)  # cached per process (a warm worker reads its file once)
     if settings.simulated:
         split = simulated_split(table, settings.data, num_sites=settings.num_partitions or run.federation.sites, seed=run.seed)
@@ -129,10 +131,39 @@ def prepare_site(run: RunConfig, node_config: Mapping[str, Any], *, run_dir: str
     if settings.simulated and run.data.canaries and settings.partition == run.data.canary_site:
         examples = _with_canaries(examples, run, labels)
     return PreparedSite(
-        settings=settings, examples=examples,
+        settings=settings, examples=_deidentified(examples, _site_deid(run, settings, node_config), site=settings.name),
+        # The ledger keys the rows as stored, not as redacted: switching de-identification on or off
+        # (or a redaction that makes two rows equal) never gives a row a fresh budget.
         train_records=record_digests(examples.train_texts, examples.train_labels),
         val_records=record_digests(examples.val_texts, examples.val_labels),
     )
+
+
+def _site_deid(run: RunConfig, settings: SiteSettings, node_config: Mapping[str, Any]) -> DeidSettings:
+    from .deid import site_deid
+
+    return site_deid(node_config, simulated=settings.simulated, run_deidentify=run.data.deidentify)
+
+
+def _deidentified(examples: SiteExamples, deid: DeidSettings, *, site: str) -> SiteExamples:
+    """The site's texts with identifiers redacted (``client/deid.py``), before anything encodes them."""
+    if not deid.enabled:
+        return examples
+    import dataclasses
+
+    from .deid import deidentify
+
+    train = deidentify(examples.train_texts, deid)
+    val = deidentify(examples.val_texts, deid)
+    _log_deid(site, len(examples.train_texts) + len(examples.val_texts), train.rows_changed + val.rows_changed,
+              {e: train.counts[e] + val.counts[e] for e in train.counts})
+    return dataclasses.replace(examples, train_texts=train.texts, val_texts=val.texts)
+
+
+def _log_deid(site: str, rows: int, changed: int, counts: Mapping[str, int]) -> None:
+    # Counts only, in the site's own log: they never go on the wire (common/messages.py has no field for them).
+    logger.info("%s: de-identified %d of %d rows before training; redacted %s", site, changed, rows,
+                ", ".join(f"{e} {n}" for e, n in counts.items()))
 
 
 def _with_canaries(examples: SiteExamples, run: RunConfig, labels: list[str]) -> SiteExamples:
@@ -152,7 +183,7 @@ def _with_canaries(examples: SiteExamples, run: RunConfig, labels: list[str]) ->
                                train_labels=[*examples.train_labels, *canaries.labels])
 
 
-def _prepare_lm_site(run: RunConfig, settings: SiteSettings, tokenizer: Any) -> PreparedSite:
+def _prepare_lm_site(run: RunConfig, settings: SiteSettings, tokenizer: Any, node_config: Mapping[str, Any]) -> PreparedSite:
     from fedtune.common.lm_site import load_config_lm_table, simulated_lm_split
 
     if tokenizer is None:
@@ -167,20 +198,51 @@ def _prepare_lm_site(run: RunConfig, settings: SiteSettings, tokenizer: Any) -> 
         _check_val_fraction(run, settings)
         indices, seed = list(range(len(table))), validation_seed(settings.state_dir)
         check_delta(settings.delta, len(indices), site=settings.name)
-    return prepare_lm_rows(run, settings, table, indices, seed=seed, tokenizer=tokenizer)
+    return prepare_lm_rows(run, settings, table, indices, seed=seed, tokenizer=tokenizer, deid=_site_deid(run, settings, node_config))
 
 
 def prepare_lm_rows(run: RunConfig, settings: SiteSettings, table: LMTable, indices: Sequence[int], *, seed: int,
-                 tokenizer: Any) -> PreparedSite:
+                 tokenizer: Any, deid: DeidSettings | None = None) -> PreparedSite:
     """A causal-LM site holding the rows ``indices`` of ``table``: its train/validation split (drawn with
-    ``seed``), encoded with ``tokenizer``, each kept row's ledger key. ``prepare_site``'s last step; a
-    benchmark that partitions the rows its own way (by topic) calls it with its own ``indices``."""
+    ``seed``), de-identified (``deid``; None: a simulated run's ``data.deidentify``), encoded with
+    ``tokenizer``, each kept row's ledger key. ``prepare_site``'s last step; a benchmark that
+    partitions the rows its own way (by topic) calls it with its own ``indices``."""
     from fedtune.common.lm_site import encode_site, lm_site_split
 
     lm_split = lm_site_split(table, indices, val_fraction=settings.val_fraction, seed=seed, site=settings.name)
-    encoded = encode_site(tokenizer, lm_split, max_length=run.max_length, template=run.data.template, site=settings.name)
+    deid = deid if deid is not None else DeidSettings(enabled=run.data.deidentify and settings.simulated)
+    encoded = encode_site(tokenizer, _deidentified_lm(lm_split, deid, site=settings.name), max_length=run.max_length,
+                          template=run.data.template, site=settings.name)
+    if deid.enabled:  # the ledger keys the rows as stored (see prepare_site)
+        import dataclasses
+
+        encoded = dataclasses.replace(encoded, train_records=_kept_digests(lm_split.train, encoded.train.dropped_rows),
+                                      val_records=_kept_digests(lm_split.val, encoded.val.dropped_rows) if encoded.val else [])
     return PreparedSite(settings=settings, examples=SiteExamples(train_texts=[], train_labels=[], val_texts=[], val_labels=[]),
                         train_records=encoded.train_records, val_records=encoded.val_records, lm=encoded)
+
+
+def _deidentified_lm(split: LMSplit, deid: DeidSettings, *, site: str) -> LMSplit:
+    """Every message of a causal-LM site's rows with identifiers redacted, before encoding."""
+    if not deid.enabled:
+        return split
+    from fedtune.common.lm_site import LMSplit
+
+    from .deid import deidentify_lm
+
+    train, train_result = deidentify_lm(split.train, deid)
+    val, val_result = deidentify_lm(split.val, deid)
+    _log_deid(site, len(split.train) + len(split.val), train_result.rows_changed + val_result.rows_changed,
+              {e: train_result.counts[e] + val_result.counts[e] for e in train_result.counts})
+    return LMSplit(train=train, val=val)
+
+
+def _kept_digests(table: LMTable, dropped_rows: Sequence[int]) -> list[str]:
+    """``lm_record_digests`` of the rows encoding kept (``dropped_rows``: 1-based rows of ``table``)."""
+    from fedtune.common.causal_lm import lm_record_digests
+
+    dropped = set(dropped_rows)
+    return [d for row, d in enumerate(lm_record_digests(table), start=1) if row not in dropped]
 
 
 def train_round(

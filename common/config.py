@@ -193,6 +193,10 @@ class DataConfig:
             the seeded split of ``path``, so whether a canary is in moves no other record
             (``fedtune audit-canary``, ``fedtune/canary_audit.py``); "" for none.
         canary_site: The simulated site (0-based) that trains on ``canaries``.
+        deidentify: Simulation: each site redacts identifiers (e-mail, phone, dates, postal codes,
+            MRN and account numbers, IBAN, card numbers, person names) from its rows before they are
+            encoded, so the redacted text is what trains (``client/deid.py``). A deployed site
+            follows only its own site.toml ``[deid]``.
     """
 
     path: str = ""
@@ -208,6 +212,7 @@ class DataConfig:
     val_fraction: float = 0.1
     canaries: str = ""
     canary_site: int = 0
+    deidentify: bool = False
 
     def problems(self) -> list[str]:
         p: list[str] = []
