@@ -28,6 +28,7 @@ class CheckResult:
     name: str
     ok: bool
     detail: str
+    warning: bool = False  # ok, but the operator should act (e.g. the data changed since `site prepare`)
 
 
 def _check_data(site: SiteConfig) -> str:
@@ -319,6 +320,23 @@ def _check_policy(site: SiteConfig) -> str:
             + (f"; LoRA rank <= {p.max_lora_rank}" if p.max_lora_rank else "") + f"; tasks allowed: {', '.join(p.allowed_tasks)}")
 
 
+def check_prepared(site: SiteConfig) -> CheckResult:
+    """The `site prepare` report of the configured data file, if any: a warning when the file changed since
+    it was written (its sha256 and size are in the report), or when site.toml still names the raw file."""
+    from .prepare import report_warning
+
+    try:
+        report, warning = report_warning(site.data_path)
+    except (ConfigError, OSError) as err:
+        return CheckResult("prepared data", False, f"{type(err).__name__}: {err}")
+    if report is None:
+        return CheckResult("prepared data", True, f"no `site prepare` report for {site.data_path.name} (optional: "
+                                                  "`fedtune site prepare --config site.toml` cleans it and reports what it found)")
+    if warning:
+        return CheckResult("prepared data", True, warning, warning=True)
+    return CheckResult("prepared data", True, f"{site.data_path.name} is unchanged since `site prepare` wrote {report.name}")
+
+
 CHECKS: tuple[tuple[str, Callable[[SiteConfig], str]], ...] = (
     ("data", _check_site_data),
     ("policy", _check_policy),
@@ -340,3 +358,5 @@ def run_checks(site: SiteConfig, *, max_length: int = 0) -> Iterator[CheckResult
             yield CheckResult(name, True, _check_site_data(site, max_length=max_length) if check is _check_site_data else check(site))
         except (FedtuneError, OSError, ValueError, ssl.SSLError) as err:
             yield CheckResult(name, False, f"{type(err).__name__}: {err}")
+        if check is _check_site_data:
+            yield check_prepared(site)
