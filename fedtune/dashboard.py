@@ -8,14 +8,18 @@ uvicorn, already installed as Flower's dependencies) with charts as inline SVG
     /runs/{i}         run i: accuracy (or perplexity), epsilon per site against its budget, sites
                       sampled/replied/refused with refusal codes, bytes per round, the model card
     /site             with --site-config: every charge of the site's ledger, the budget left, and
-                      the rounds of the given runs in which the site was refused
+                      the rounds of the given runs in which the site was refused; it reloads itself
+                      while one of the given runs is live
 
 It reads only the run directories it was given (metrics.jsonl, summary.json, config.toml, run.json,
 the latest checkpoint's resume-state.json, adapter/README.md: `fedtune.dashboard_data`) and the
 site's ledger: a URL names a run by its index in that list, so no path from a request reaches the
 filesystem. A run without
-summary.json is live: its page reloads itself every few seconds. Loopback by default, with the Host
-header checked there so that a web page cannot reach it through DNS rebinding.
+summary.json is live: its page reloads itself every few seconds. A run directory whose files are
+damaged or hostile (a torn line, a field of another type) gives a page that names what was left out,
+never a server error (`fedtune.dashboard_data`). Loopback by default (127.0.0.1, localhost or ::1),
+with the Host header checked there so that a web page cannot reach it through DNS rebinding;
+``--port 0`` takes any free port and prints it, as `fedtune serve` does.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import logging
 import time
 from html import escape
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Sequence
 
 from fedtune.common.errors import ConfigError
-from fedtune.dashboard_data import LedgerView, RunView, number, read_ledger, read_run
+from fedtune.dashboard_data import LedgerView, RunView, read_ledger, read_run
 from fedtune.dashboard_svg import Bars, Guide, Series, bar_chart, line_chart, render_markdown
-from fedtune.loopback import exposure_warning, refuse_foreign_hosts
+from fedtune.loopback import exposure_warning, listen, refuse_foreign_hosts, run_app, url
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -81,6 +86,14 @@ def _status(run: RunView, refresh: int) -> str:
             f"this page reloads every {refresh} s.</p>")
 
 
+def _problems(run: RunView) -> str:
+    if not run.problems:
+        return ""
+    items = "".join(f"<li>{escape(p)}</li>" for p in run.problems)
+    return (f'<div id="problems" class="warn" data-problems="{len(run.problems)}"><p>Some of this run\'s files are not what the '
+            f"coordinator writes; what could not be read is left out of this page:</p><ul>{items}</ul></div>")
+
+
 def index_page(runs: Sequence[RunView], *, refresh: int, site_page: bool) -> str:
     rows = []
     for i, run in enumerate(runs):
@@ -88,8 +101,9 @@ def index_page(runs: Sequence[RunView], *, refresh: int, site_page: bool) -> str
         last = run.rounds[-1] if run.rounds else None
         quality = (f"perplexity {_f(last.test_perplexity, '.2f')}" if run.causal_lm else f"test accuracy {_f(last.test_accuracy)}") if last else "-"
         state = "finished" if run.finished else "live"
-        rows.append(f'<tr data-run="{i}" data-state="{state}"><td>{i}</td><td class="text"><a href="/runs/{i}">'
-                    f"{escape(run.path.name)}</a></td><td class=\"text\">{state}</td><td>{len(run.rounds)}"
+        shown = state + (f' <span class="warn">({len(run.problems)} unreadable, see its page)</span>' if run.problems else "")
+        rows.append(f'<tr data-run="{i}" data-state="{state}" data-problems="{len(run.problems)}"><td>{i}</td><td class="text">'
+                    f'<a href="/runs/{i}">{escape(run.path.name)}</a></td><td class="text">{shown}</td><td>{len(run.rounds)}'
                     f"{'/' + str(run.planned_rounds) if run.planned_rounds else ''}</td><td>{len(run.sites)}</td>"
                     f"<td>{_f(eps) if run.dp else 'no DP'}</td><td class=\"text\">{quality}</td></tr>")
     body = (f"<h1>fedtune runs</h1><table id=\"runs\" data-runs=\"{len(runs)}\"><tr><th>#</th><th class=\"text\">run</th>"
@@ -102,14 +116,12 @@ def index_page(runs: Sequence[RunView], *, refresh: int, site_page: bool) -> str
 def _quality_chart(run: RunView) -> str:
     if run.causal_lm:
         series = [Series(name="held-out test", points=tuple((r.round, r.test_perplexity) for r in run.rounds if r.test_perplexity is not None))]
-        base = number(((run.summary or {}).get("base") or {}).get("perplexity"))
-        guides = [Guide(label="base model", y=base)] if base is not None else []
+        guides = [Guide(label="base model", y=run.base_perplexity)] if run.base_perplexity is not None else []
         return line_chart(chart_id="chart-quality", title="Global adapter perplexity", x_label="after round",
                           y_label="perplexity", series=series, guides=guides)
     val = [(float(r.validated_round), r.accuracy) for r in run.rounds if r.validated_round is not None and r.accuracy is not None]
-    final = (run.summary or {}).get("validation") or {}
-    if number(final.get("accuracy")) is not None and number(final.get("round")) is not None:
-        val.append((float(final["round"]), float(final["accuracy"])))
+    if run.final_validation is not None:
+        val.append((float(run.final_validation[0]), run.final_validation[1]))
     series = [s for s in (Series(name="site validation", points=tuple(val)),
                           Series(name="held-out test", points=tuple((r.round, r.test_accuracy) for r in run.rounds if r.test_accuracy is not None)))
               if s.points]
@@ -154,14 +166,15 @@ def run_page(index: int, run: RunView, *, refresh: int, site_page: bool) -> str:
     facts = (f"<p>Folder <code>{escape(run.path.name)}</code>" + (f", run id <code>{escape(run.run_id)}</code>" if run.run_id else "")
              + f'; <span id="round-count" data-rounds="{len(rounds)}">{len(rounds)} rounds</span>, '
              f'<span id="site-count" data-sites="{len(run.sites)}">{len(run.sites)} sites</span>.</p>')
-    body = (f"<h1>Run {index}: {escape(run.path.name)}</h1>{_status(run, refresh)}{facts}"
+    body = (f"<h1>Run {index}: {escape(run.path.name)}</h1>{_status(run, refresh)}{_problems(run)}{facts}"
             f'<ul id="sites" data-sites="{len(run.sites)}">{sites}</ul>'
             f'<div class="charts">{_quality_chart(run)}{eps_chart}{sites_chart}{bytes_chart}</div>'
             f"<h2>Rounds</h2>{table}<h2>Model card</h2>{card}")
     return _page(f"run {index}", body, refresh=None if run.finished else refresh, site_page=site_page)
 
 
-def ledger_page(view: LedgerView) -> str:
+def ledger_page(view: LedgerView, *, refresh: int | None = None) -> str:
+    """The site's ledger; ``refresh``: reload every so many seconds (while a run given to the dashboard is live)."""
     rows, summary = [], view.summary
     for i, row in enumerate(summary.charges):
         c, when = row.charge, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row.charge.time))
@@ -189,7 +202,7 @@ def ledger_page(view: LedgerView) -> str:
             f"<h2>Refusals</h2><p>The ledger records charges only: a refused round is never charged, and its details are in "
             "the site daemon's log. Rounds of the runs given to the dashboard in which the coordinator recorded this site "
             f'as refused or missing:</p><ul id="refusals" data-refusals="{len(view.refusals)}">{refusals or "<li>none</li>"}</ul>')
-    return _page(f"site {view.site}", body, site_page=True)
+    return _page(f"site {view.site}", body, refresh=refresh, site_page=True)
 
 
 # ------------------------------------------------------------------------------------- serving
@@ -224,7 +237,7 @@ def create_app(run_dirs: Sequence[Path], *, site_config: Path | None = None, hos
     if site_config is not None:
         read_ledger(site_config)  # fail now, and pay the accountant's imports before the first request
     app = FastAPI(title="fedtune dashboard", docs_url=None, redoc_url=None, openapi_url=None)
-    refuse_foreign_hosts(app, host)  # a page on another site cannot reach it by rebinding a DNS name to 127.0.0.1
+    refuse_foreign_hosts(app, host)  # a page on another site cannot reach it by rebinding a DNS name to the loopback
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Response:
@@ -254,20 +267,29 @@ def create_app(run_dirs: Sequence[Path], *, site_config: Path | None = None, hos
     def site() -> Any:
         if site_config is None:
             return not_found("No site ledger: start the dashboard with --site-config site.toml.")
-        return ledger_page(read_ledger(site_config, [read_run(p) for p in runs]))
+        views = [read_run(p) for p in runs]
+        # While a run is live its charges keep coming: the page reloads itself, as the run's page does.
+        return ledger_page(read_ledger(site_config, views), refresh=refresh_seconds if any(not v.finished for v in views) else None)
 
     return app
 
 
 def serve(run_dirs: Sequence[Path], *, site_config: Path | None = None, host: str = "127.0.0.1", port: int = 8050,
-          refresh_seconds: int = REFRESH_SECONDS) -> None:
-    """Serve the dashboard until interrupted (uvicorn handles SIGINT/SIGTERM)."""
-    import uvicorn
+          refresh_seconds: int = REFRESH_SECONDS, announce: Callable[[str], None] = print) -> None:
+    """Serve the dashboard until interrupted (uvicorn handles SIGINT/SIGTERM).
 
-    app = create_app(run_dirs, site_config=site_config, host=host, refresh_seconds=refresh_seconds)
+    ``announce`` gets one line once the server accepts connections, with its URL (the real port
+    when ``port`` is 0), as `fedtune serve` does.
+    """
+    sock = listen(host, port)  # before the ledger's imports, so a port in use is one line at once
+    try:
+        app = create_app(run_dirs, site_config=site_config, host=host, refresh_seconds=refresh_seconds)
+    except BaseException:
+        sock.close()
+        raise
     warning = exposure_warning(host)
     if warning:
         logger.warning("dashboard: %s It shows the runs and the site's ledger.", warning)
-    print(f"fedtune dashboard: http://{host}:{port}/ ({len(run_dirs)} run(s)"
-          f"{', site ledger at /site' if site_config else ''}); Ctrl-C stops it", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    line = (f"fedtune dashboard: {url(host, sock.getsockname()[1])}/ ({len(run_dirs)} run(s)"
+            f"{', site ledger at /site' if site_config else ''}); Ctrl-C stops it")
+    run_app(app, sock, on_started=lambda: announce(line), log_level="warning", graceful_seconds=None)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import socket
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -30,8 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from fedtune.common.errors import ConfigError
-from fedtune.loopback import refuse_foreign_hosts
+from fedtune.loopback import listen, refuse_foreign_hosts, run_app, url
 from fedtune.serve_batch import ApiError, Batcher
+from fedtune.serve_defaults import DEFAULT_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     max_text_chars: int = 16_384
     max_new_tokens: int = 512
-    default_new_tokens: int = 64
+    default_new_tokens: int = DEFAULT_NEW_TOKENS
     max_queue: int = 256
     threads: int | None = None
 
@@ -139,7 +139,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True,
                               json_schema_extra={"examples": [{"prompts": ["Summarise: pt reports chest pain."], "max_new_tokens": 32}]})
     prompts: list[str] = Field(description="1 to max_batch prompts, each rendered as in training (one user turn).")
-    max_new_tokens: int | None = Field(None, description="Greedy tokens per prompt, 1 to the server's max_new_tokens [64].")
+    max_new_tokens: int | None = Field(None, description=f"Greedy tokens per prompt, 1 to the server's max_new_tokens [{DEFAULT_NEW_TOKENS}].")
 
 
 class GenerateResponse(BaseModel):
@@ -316,18 +316,6 @@ def docs_page(spec: dict[str, Any]) -> str:
     return "".join(parts) + "</body></html>"
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as err:
-        raise ConfigError(f"cannot listen on --host {host} --port {port}: {err.strerror or err}; pick another --port "
-                          "(0: any free one).") from None
-    return sock
-
-
 def serve(adapter: Path, *, base_model: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           settings: ServeSettings = ServeSettings(), announce: Callable[[str], None] = print) -> None:
     """Load ``adapter``, listen on ``host:port`` and serve until SIGINT/SIGTERM.
@@ -336,27 +324,16 @@ def serve(adapter: Path, *, base_model: str | None = None, host: str = "127.0.0.
     when ``port`` is 0).
     """
     import torch
-    import uvicorn
 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    # Bound before the model loads, so a port in use is one line at once; listened on by uvicorn.
-    sock = _bind(host, port)
-    bound = sock.getsockname()[1]
+    sock = listen(host, port)  # before the model loads, so a port in use is one line at once
     try:
         served = load_served(adapter, base_model=base_model, max_batch=settings.max_batch)
     except BaseException:
         sock.close()
         raise
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
+    where = url(host, sock.getsockname()[1])
     what = f"labels {list(served.labels)}" if served.labels else "POST /generate"
-    line = f"serving {served.task} adapter {served.adapter} (base {served.model}; {what}) on {url}; API at {url}/docs"
-
-    class _Server(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets)
-            if self.started:
-                announce(line)
-
-    config = uvicorn.Config(create_app(served, settings, host=host), log_level="info", timeout_graceful_shutdown=10)
-    _Server(config).run(sockets=[sock])
+    line = f"serving {served.task} adapter {served.adapter} (base {served.model}; {what}) on {where}; API at {where}/docs"
+    run_app(create_app(served, settings, host=host), sock, on_started=lambda: announce(line), log_level="info", graceful_seconds=10)

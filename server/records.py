@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedtune.common.errors import ConfigError
 from fedtune.common.io import append_jsonl, atomic_write_bytes, atomic_write_json
 from fedtune.common.messages import TrainReply, ValidationStats
 
 logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -131,7 +134,7 @@ class RunRecorder:
 
     def append_round(self, line: dict[str, Any]) -> None:
         """Append a round's line to metrics.jsonl (fsynced)."""
-        append_jsonl(self.run_dir / "metrics.jsonl", line)
+        append_jsonl(self.run_dir / METRICS_FILE, line)
 
     def restore(self, rounds: list[dict[str, Any]], sites: dict[str, SiteRecord]) -> None:
         """Continue from a checkpoint: the round lines already in metrics.jsonl and each site's record."""
@@ -199,8 +202,72 @@ class RunRecorder:
         return path
 
 
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsFile:
+    """metrics.jsonl as read at one moment: its round lines, a torn last line, and any other damage.
+
+    The one reader of the file (the report, resume, the dashboard), so that all agree on what a
+    round line is and on the one damage a live or crashed run makes: the last line, cut short by
+    an append in progress or a crash (`append_jsonl` writes a line and its newline in one write, so
+    a line without its newline is not whole). What each does with other damage is its own choice:
+    resume and the report refuse it, the dashboard shows it.
+    """
+
+    path: Path
+    lines: tuple[dict[str, Any], ...]  # round lines in file order: JSON objects whose "round" is an int
+    torn: bool  # the last line is not whole (no newline yet, or not a round line): dropped from ``lines``
+    damaged: tuple[int, ...]  # 1-based numbers of other lines that are not round lines (edited or damaged)
+
+    def damage(self) -> str | None:
+        """One sentence naming the damaged lines, or None."""
+        if not self.damaged:
+            return None
+        return (f"{self.path} line{'s' if len(self.damaged) > 1 else ''} {', '.join(map(str, self.damaged[:5]))}"
+                f"{' ...' if len(self.damaged) > 5 else ''} {'are' if len(self.damaged) > 1 else 'is'} not a round's JSON line, "
+                "and not a torn last line")
+
+
+def _round_line(text: bytes) -> dict[str, Any] | None:
+    try:
+        line = json.loads(text)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    if isinstance(line, dict) and isinstance(line.get("round"), int) and not isinstance(line["round"], bool):
+        return line
+    return None
+
+
+def read_metrics_file(run_dir: Path) -> MetricsFile:
+    """metrics.jsonl of ``run_dir`` (none yet: no lines)."""
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raw = b""
+    *whole, tail = raw.split(b"\n")
+    torn = bool(tail.strip())
+    lines, damaged = [], []
+    numbered = [(i + 1, text) for i, text in enumerate(whole) if text.strip()]
+    for k, (number, text) in enumerate(numbered):
+        line = _round_line(text)
+        if line is not None:
+            lines.append(line)
+        elif k == len(numbered) - 1 and not torn and number == len(whole):
+            torn = True  # a torn append whose newline made it to disk
+        else:
+            damaged.append(number)
+    return MetricsFile(path=path, lines=tuple(lines), torn=torn, damaged=tuple(damaged))
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The round lines of ``run_dir``'s metrics.jsonl; a torn last line (a live run's append) is left out.
+
+    Raises:
+        ConfigError: another line is not a round's JSON line.
+    """
+    metrics = read_metrics_file(run_dir)
+    problem = metrics.damage()
+    if problem:
+        raise ConfigError(f"{problem}: the file was damaged or edited; restore it from a backup.")
+    return list(metrics.lines)

@@ -53,7 +53,7 @@ from fedtune.common.io import atomic_write_bytes, atomic_write_json, fsync_dir
 
 from .client_dp import ClientDPState, ClientLevelDP
 from .client_dp_plan import ClientLevelPlan, client_level_epsilon
-from .records import SiteRecord
+from .records import METRICS_FILE, SiteRecord, read_metrics_file
 from .run_format import FORMAT, RUN_FILE, check_run_format, format_problem
 from .server_opt import OptimizerState, ServerOptimizer
 
@@ -64,7 +64,6 @@ STATE_FILE = "resume-state.json"
 OPTIMIZER_FILE = "server-opt.safetensors"
 MANIFEST_FILE = "complete.json"
 ADAPTER_FILE = "adapter_model.safetensors"
-METRICS_FILE = "metrics.jsonl"
 
 # Settings a resumed run can never change, even when named in --allow-change, and why.
 _FIXED_PREFIXES: dict[str, str] = {
@@ -477,24 +476,12 @@ def cut_metrics(run_dir: Path, *, upto: int, last_line: dict[str, Any] | None) -
     """
     path = run_dir / METRICS_FILE
     raw = path.read_bytes() if path.exists() else b""
-    *whole, tail = raw.split(b"\n")
-    dropped = 1 if tail.strip() else 0
-    parsed: list[dict[str, Any]] = []
-    for i, text in enumerate(whole):
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-            number = int(line["round"])
-        except (ValueError, KeyError, TypeError):
-            if i == len(whole) - 1 and not tail.strip():
-                dropped += 1  # a torn append whose newline made it to disk
-                continue
-            raise ConfigError(f"{path} line {i + 1} is not a round's JSON line, and it is not a torn last line: "
-                              "the file was damaged or edited; restore it from a backup.") from None
-        parsed.append({**line, "round": number})
+    metrics = read_metrics_file(run_dir)
+    if metrics.damaged:
+        raise ConfigError(f"{metrics.damage()}: the file was damaged or edited; restore it from a backup.")
+    dropped = 1 if metrics.torn else 0
     kept: dict[int, dict[str, Any]] = {}
-    for line in parsed:
+    for line in metrics.lines:
         if line["round"] > upto or line["round"] in kept:
             dropped += 1
             continue

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from fedtune.cli.root import main, offline_env
+from fedtune.serve_defaults import DEFAULT_NEW_TOKENS
 
 
 def _load_adapter(adapter: str, base_model: str | None):  # type: ignore[no-untyped-def]
@@ -117,7 +118,8 @@ def predict(adapter: str, base_model: str | None, texts: tuple[str, ...]) -> Non
 @main.command()
 @click.option("--adapter", required=True, type=click.Path(file_okay=False), help="A causal-lm adapter folder (a run's adapter/).")
 @click.option("--base-model", type=click.Path(file_okay=False), help="Base model folder (default: the one the run used).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Tokens to generate per prompt.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=DEFAULT_NEW_TOKENS, show_default=True,
+              help="Tokens to generate per prompt (serve's /generate has the same default).")
 @click.argument("prompts", nargs=-1, required=True)
 def generate(adapter: str, base_model: str | None, max_new_tokens: int, prompts: tuple[str, ...]) -> None:
     """Greedy continuation of each PROMPT by a causal-lm adapter (rendered as in training), one per line."""

@@ -41,7 +41,7 @@ def serve_cmd(adapter: str, base_model: str | None, host: str, port: int, max_ba
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--site-config", type=click.Path(dir_okay=False, path_type=Path), help="A site's site.toml: adds a page of its privacy ledger.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (anything but the loopback shows the runs to the network).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8050, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8050, show_default=True, help="Port (0: any free one, printed).")
 @click.option("--refresh", type=click.IntRange(1, 3600), default=5, show_default=True, help="Seconds between reloads of a live run's page.")
 def dashboard_cmd(run_dirs: tuple[Path, ...], site_config: Path | None, host: str, port: int, refresh: int) -> None:
     """A web dashboard of run directories (and a site's ledger): accuracy, epsilon per site, refusals, bytes, model card.
@@ -50,4 +50,4 @@ def dashboard_cmd(run_dirs: tuple[Path, ...], site_config: Path | None, host: st
     """
     from fedtune.dashboard import serve
 
-    serve(run_dirs, site_config=site_config, host=host, port=port, refresh_seconds=refresh)
+    serve(run_dirs, site_config=site_config, host=host, port=port, refresh_seconds=refresh, announce=click.echo)

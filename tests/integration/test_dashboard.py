@@ -10,16 +10,22 @@ from Google's dp-accounting; a live run's page picks up a new round by itself.
 
 The browser test uses Debian's chromium and chromedriver (`apt-get install -y chromium
 chromium-driver`; `make install` does it when it can) and Selenium from the dev extra; it skips,
-saying which is missing, when they are not there. It writes docs/img/dashboard.png for the README.
+saying which is missing, when they are not there. Its screenshot goes to the test's tmp_path; the
+README's docs/img/dashboard.png is refreshed only on request:
+
+    FEDTUNE_WRITE_SCREENSHOT=1 .venv/bin/python -m pytest tests/integration/test_dashboard.py -k chromium
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import time
 import urllib.error
 import urllib.request
+from html import escape
 from pathlib import Path
 from typing import Iterator
 
@@ -27,10 +33,10 @@ import pytest
 
 from fedtune.common.messages import PrivacyParams, TrainReply, ValidationStats
 from fedtune.server.records import RunRecorder
-from tests.integration.deployment import Processes, free_port
+from tests.integration.deployment import Processes
 
 REPO = Path(__file__).resolve().parents[2]
-SCREENSHOT = REPO / "docs" / "img" / "dashboard.png"
+README_SCREENSHOT = REPO / "docs" / "img" / "dashboard.png"
 SITES = ("site-a", "site-b", "site-c")
 BUDGET = 8.0
 DELTA = 1e-5
@@ -122,22 +128,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def dashboard(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     procs = Processes(tmp_path_factory.mktemp("dashboard-log"))  # its own process group, always stopped
+    # --port 0: any free port, which the dashboard prints once it accepts connections (as `fedtune serve` does).
     procs.start("dashboard", ["dashboard", str(runs["finished"]), str(runs["live"]), str(runs["growing"]), str(runs["lm"]),
-                              "--site-config", str(runs["site"]), "--host", "127.0.0.1", "--port", str(port), "--refresh", "1"],
+                              "--site-config", str(runs["site"]), "--host", "127.0.0.1", "--port", "0", "--refresh", "1"],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90  # the ledger's accountant imports torch/Opacus before the server listens
-        while True:
-            try:
-                urllib.request.urlopen(url + "/", timeout=5).read()
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if procs.running["dashboard"].poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"dashboard did not start (exit {procs.running['dashboard'].poll()}):\n{procs.log('dashboard')}")
-                time.sleep(0.3)
+        while not (found := re.search(r"fedtune dashboard: (http://127\.0\.0\.1:(\d+))/ ", procs.log("dashboard"))):
+            if procs.running["dashboard"].poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"dashboard did not start (exit {procs.running['dashboard'].poll()}):\n{procs.log('dashboard')}")
+            time.sleep(0.3)
+        url = found.group(1)
+        assert int(found.group(2)) != 0
+        urllib.request.urlopen(url + "/", timeout=10).read()  # printed once it accepts connections: answers at once
         yield url
     finally:
         procs.stop_all()
@@ -180,6 +184,7 @@ def test_dashboard_routes_over_http(dashboard: str) -> None:
     assert _get(dashboard + "/", host="attacker.example")[0] == 400  # DNS rebinding: a foreign Host is refused
     status, site, _ = _get(dashboard + "/site")
     assert status == 200 and 'data-charges="3"' in site
+    assert '<meta http-equiv="refresh" content="1">' in site  # runs 1 and 2 are live: new charges may come
 
 
 def test_site_page_shows_each_charge_with_the_epsilon_of_the_records_it_touched(dashboard: str) -> None:
@@ -232,6 +237,111 @@ def test_a_round_line_still_being_written_is_skipped(tmp_path: Path) -> None:
     assert [r.round for r in run.rounds] == [1] and not run.finished and run.sites == SITES
 
 
+def _round_line(r: int, **changes: object) -> bytes:
+    line = {"round": r, "sites_sampled": 3, "sites_replied": 3, "sites_missing": [], "validated_round": r - 1, "accuracy": 0.5,
+            "test_accuracy": 0.6, "test_perplexity": None, "epsilon_by_site": {"site-a": 0.5 * r}, "bytes_up": 10, "bytes_down": 10,
+            "seconds": 1.0, **changes}
+    return (json.dumps(line) + "\n").encode()
+
+
+# (metrics.jsonl, rounds shown, what the page must name); every other line is a whole round line.
+HOSTILE_METRICS = {
+    "torn line in the middle": (_round_line(1) + b'{"round": 2, "sit\n' + _round_line(3), 2, "line 2 is not a round"),
+    "array line": (_round_line(1) + b"[1, 2]\n" + _round_line(3), 2, "line 2 is not a round"),
+    "string, null and number lines": (b'"text"\nnull\n7\n' + _round_line(4), 1, "lines 1, 2, 3 are not a round"),
+    "object without a round": (_round_line(1) + b'{"x": 1}\n' + _round_line(3), 2, "line 2 is not a round"),
+    "round not a whole number": (b'{"round": "2"}\n{"round": true}\n{"round": 2.5}\n' + _round_line(4), 1, "lines 1, 2, 3"),
+    "bytes that are not UTF-8": (_round_line(1) + b"\xff\xfe\x00garbage\n" + _round_line(3), 2, "line 2 is not a round"),
+    "sites_sampled a string": (_round_line(1, sites_sampled="many") + _round_line(2), 1, "round 1: sites_sampled is \"many\""),
+    "epsilon_by_site a list": (_round_line(1, epsilon_by_site=[1]) + _round_line(2), 1, "epsilon_by_site is [1], not an object"),
+    "epsilon a string": (_round_line(1, epsilon_by_site={"a": "x"}) + _round_line(2), 1, 'epsilon_by_site["a"] is "x"'),
+    "sites_missing a string": (_round_line(1, sites_missing="site-a") + _round_line(2), 1, "not a list"),
+    "accuracy a string": (_round_line(1) + _round_line(2, accuracy="high"), 1, 'round 2: accuracy is "high"'),
+    "non-finite seconds": (_round_line(1) + _round_line(2).replace(b'"seconds": 1.0', b'"seconds": Infinity'), 1, "seconds is inf"),
+    "torn last line (a live run)": (_round_line(1) + b'{"round": 2, "sites_sam', 1, None),
+}
+
+HOSTILE_SUMMARIES = {
+    "an array": ("[1, 2]", "summary.json holds list"),
+    "a string": ('"done"', "summary.json holds str"),
+    "not JSON": ('{"rounds": 2,', "summary.json cannot be read"),
+    "sites a number": ('{"sites": 5, "dp": true}', "summary.json's sites is 5, not a list"),
+    "site records of any type": ('{"sites": ["x", 3, null, {"site": "site-z", "budget_epsilon": "lots"}]}', None),
+    "validation a string": ('{"validation": "good"}', "summary.json's validation is \"good\", not an object"),
+    "validation of strings": ('{"validation": {"round": "2", "accuracy": "high"}}', None),
+    "base an array": ('{"task": "causal-lm", "base": [1]}', "summary.json's base is [1], not an object"),
+    "base perplexity NaN": ('{"task": "causal-lm", "base": {"perplexity": NaN}}', None),
+    "task and dp of other types": ('{"task": 7, "dp": "yes", "max_epsilon": {}}', None),
+}
+
+
+def test_a_hostile_run_directory_gives_a_page_that_names_what_was_left_out(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from fedtune.dashboard import create_app
+
+    # Prepare: one run directory per damage, a whole round line beside each damaged one.
+    folders = []
+    for i, (metrics, _, _) in enumerate(HOSTILE_METRICS.values()):
+        folders.append(tmp_path / f"metrics-{i}")
+        folders[-1].mkdir()
+        (folders[-1] / "metrics.jsonl").write_bytes(metrics)
+    for i, (summary, _) in enumerate(HOSTILE_SUMMARIES.values()):
+        folders.append(tmp_path / f"summary-{i}")
+        folders[-1].mkdir()
+        (folders[-1] / "metrics.jsonl").write_bytes(_round_line(1) + _round_line(2))
+        (folders[-1] / "summary.json").write_text(summary)
+    bad_config = tmp_path / "bad-config"
+    bad_config.mkdir()
+    (bad_config / "config.toml").write_text("[federation\nrounds = 'x'")
+    (bad_config / "run.json").write_text("[]")
+    folders.append(bad_config)
+
+    # Execute: every page, in-process (host 0.0.0.0: the loopback Host check is off for the test client)
+    with TestClient(create_app(folders, host="0.0.0.0")) as client:
+        index = client.get("/")
+        pages = [client.get(f"/runs/{i}") for i in range(len(folders))]
+
+    # Assert: a page, never a server error, that names the damage and still shows the whole rounds
+    assert index.status_code == 200 and f'data-runs="{len(folders)}"' in index.text
+    for (name, (_, shown, named)), page in zip(HOSTILE_METRICS.items(), pages):
+        assert page.status_code == 200, (name, page.text[-500:])
+        assert f'id="rounds" data-rounds="{shown}"' in page.text, name
+        if named:
+            assert 'id="problems"' in page.text and escape(named) in page.text, (name, re.findall(r"<li>.*?</li>", page.text))
+        else:
+            assert 'id="problems"' not in page.text, name  # a live run's half-written line is no damage
+    for (name, (_, named)), page in zip(HOSTILE_SUMMARIES.items(), pages[len(HOSTILE_METRICS):]):
+        assert page.status_code == 200, (name, page.text[-500:])
+        assert 'data-rounds="2"' in page.text and 'data-live="false"' in page.text, name  # summary.json exists: finished
+        if named:
+            assert escape(named) in page.text, (name, re.findall(r"<li>.*?</li>", page.text))
+    last = pages[-1]
+    assert last.status_code == 200 and "config.toml cannot be read" in last.text
+
+
+def test_the_report_resume_and_the_dashboard_read_metrics_alike(tmp_path: Path) -> None:
+    from fedtune.common.errors import ConfigError
+    from fedtune.dashboard_data import read_rounds
+    from fedtune.server.records import read_metrics
+    from fedtune.server.resume import cut_metrics
+
+    # A live run's half-written last line, with and without its newline: every reader skips it.
+    for torn in (b'{"round": 3, "sit', b"\x00\x00\n", b"[3]\n"):
+        (tmp_path / "metrics.jsonl").write_bytes(_round_line(1) + _round_line(2) + torn)
+        assert [m["round"] for m in read_metrics(tmp_path)] == [r.round for r in read_rounds(tmp_path)] == [1, 2], torn
+        assert [m["round"] for m in cut_metrics(tmp_path, upto=2, last_line=None).lines] == [1, 2], torn
+    # Damage before the last line: the report and resume refuse it, naming the line; the dashboard names it and goes on.
+    for bad in (b"[2]\n", b'{"round": 2, "sit\n', b'{"round": "2"}\n'):
+        (tmp_path / "metrics.jsonl").write_bytes(_round_line(1) + bad + _round_line(3))
+        with pytest.raises(ConfigError, match="line 2 is not a round's JSON line"):
+            read_metrics(tmp_path)
+        with pytest.raises(ConfigError, match="line 2 is not a round's JSON line"):
+            cut_metrics(tmp_path, upto=3, last_line=None)
+        problems: list[str] = []
+        assert [r.round for r in read_rounds(tmp_path, problems)] == [1, 3] and "line 2 is not a round" in problems[0], bad
+
+
 @pytest.fixture(scope="module")
 def browser_paths() -> tuple[str, str]:
     """Checked before the dashboard starts, so that a machine without a browser skips at once."""
@@ -247,7 +357,8 @@ def browser_paths() -> tuple[str, str]:
     return chromium, driver
 
 
-def test_dashboard_in_headless_chromium(browser_paths: tuple[str, str], dashboard: str, runs: dict[str, Path]) -> None:
+def test_dashboard_in_headless_chromium(browser_paths: tuple[str, str], dashboard: str, runs: dict[str, Path],
+                                       tmp_path: Path) -> None:
     chromium, driver_path = browser_paths
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -278,8 +389,10 @@ def test_dashboard_in_headless_chromium(browser_paths: tuple[str, str], dashboar
         assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-sites g.bar")) == 4
         assert browser.title.startswith("run 0")  # the card's <script> never ran (it would have set the title)
         assert EVIL_LABEL in browser.find_element(By.ID, "card").text  # shown as text
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        assert browser.save_screenshot(str(SCREENSHOT))
+        # The README's image only on request (FEDTUNE_WRITE_SCREENSHOT=1): a test run leaves the working tree alone.
+        shot = README_SCREENSHOT if os.environ.get("FEDTUNE_WRITE_SCREENSHOT") == "1" else tmp_path / "dashboard.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 0
 
         # Live: the page reloads itself; a round written now appears without the test navigating.
         browser.get(dashboard + "/runs/2")

@@ -201,6 +201,44 @@ def test_only_loopback_hosts_serve_without_a_warning() -> None:
         assert "not a loopback address" in (exposure_warning(host) or ""), host
 
 
+def test_host_header_is_read_with_its_port_and_ipv6_brackets() -> None:
+    from fedtune.loopback import host_name
+
+    cases = {"127.0.0.1:8000": "127.0.0.1", "LOCALHOST": "localhost", "[::1]:8000": "::1", "[::1]": "::1",
+             "attacker.example:80": "attacker.example", "::1:8000": None, "[::1]x": None, "[::1]:80x": None, "[::1": None,
+             "localhost:": None, "": ""}
+    assert {header: host_name(header) for header in cases} == cases
+
+
+@pytest.mark.parametrize("bound", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_a_loopback_server_refuses_a_foreign_host_on_ipv4_and_ipv6(bound: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from fedtune.serve import ServeSettings, ServedAdapter, create_app
+
+    # The real app and its guard; only the model is a stand-in (the guard answers before any model call).
+    served = ServedAdapter(task="classification", adapter="adapter", model="tiny", labels=("a",),
+                           run=lambda texts, _: [{"label": "a", "score": 1.0} for _ in texts])
+    with TestClient(create_app(served, ServeSettings(), host=bound)) as client:
+        for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "[::1]", f"[{bound}]:1" if ":" in bound else f"{bound}:1"):
+            assert client.get("/health", headers={"Host": host}).status_code == 200, host
+        for host in ("attacker.example", "attacker.example:8000", "[::2]:8000", "::1:8000", "127.0.0.3:8000", "", "[::1]evil"):
+            response = client.get("/health", headers={"Host": host})
+            assert response.status_code == 400 and "not this server's loopback name" in response.json()["error"], host
+    with TestClient(create_app(served, ServeSettings(), host="0.0.0.0")) as client:  # warned about at start; not guarded
+        assert client.get("/health", headers={"Host": "attacker.example"}).status_code == 200
+
+
+def test_serve_and_generate_share_one_default_for_new_tokens() -> None:
+    from fedtune.cli.model import generate
+    from fedtune.serve import GenerateRequest, ServeSettings
+    from fedtune.serve_defaults import DEFAULT_NEW_TOKENS
+
+    (option,) = [p for p in generate.params if p.name == "max_new_tokens"]
+    assert option.default == ServeSettings().default_new_tokens == DEFAULT_NEW_TOKENS
+    assert f"[{DEFAULT_NEW_TOKENS}]" in (GenerateRequest.model_fields["max_new_tokens"].description or "")
+
+
 def test_batcher_merges_waiting_requests_up_to_max_batch_and_keeps_their_order() -> None:
     from fedtune.serve_batch import Batcher
 
