@@ -223,3 +223,20 @@ def test_a_causal_lm_site_encodes_redacted_messages_and_keys_the_ledger_by_the_s
     assert not any(secret in trained for secret in ("Smith", "00123456", "555-0123", "Weber", "j.doe")), trained
     stored = {record_digests([p], [r])[0] for p, r in pairs}
     assert set(site.all_records) <= stored and len(site.train_records) == len(site.lm.train.dataset)
+
+
+def test_a_deployed_site_redacts_what_its_site_toml_names_whatever_the_run_says(tmp_path: Path) -> None:
+    from fedtune.client.daemon import load_site_config
+    from fedtune.client.local import prepare_site
+    from fedtune.common.config import from_dict
+
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in ROWS * 4))
+    site = load_site_config(_site_toml(tmp_path, '[deid]\nenabled = true\nentities = ["EMAIL", "MRN"]\n'))
+    run = from_dict({"simulation": False, "data": {"deidentify": False}})  # the run asks for none: the site's own setting applies
+
+    prepared = prepare_site(run, site.node_config(), run_dir="", labels=["cardio", "neuro"])
+
+    texts = prepared.examples.train_texts + prepared.examples.val_texts
+    assert any("MRN: <MRN>" in t for t in texts) and any("<EMAIL>" in t for t in texts)
+    assert not any("00123456" in t or "j.doe@" in t for t in texts)
+    assert any("John Smith" in t for t in texts), "PERSON is not in this site's entities"
