@@ -41,12 +41,15 @@ import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtune.common.config import TASK_MAX_LENGTH
 from fedtune.common.errors import ConfigError, DataError
 
 from .near_dup import NearDupIndex, NearDupSettings
+
+if TYPE_CHECKING:  # daemon imports nothing of this module; kept out of the import at run time all the same
+    from .daemon import SiteConfig
 
 logger = logging.getLogger(__name__)
 
@@ -662,7 +665,7 @@ def _counts(labels: Any) -> dict[str, int]:
 # --------------------------------------------------------------------------------------- site entry
 
 
-def site_task(site: Any, task: str | None) -> str:
+def site_task(site: SiteConfig, task: str | None) -> str:
     """The task to prepare for: ``task`` if given (it must be allowed), else the one the policy allows."""
     allowed = tuple(site.policy.allowed_tasks)
     if task is not None:
@@ -674,26 +677,21 @@ def site_task(site: Any, task: str | None) -> str:
     return allowed[0]
 
 
-def _site_deid(site: Any) -> Deidentify | None:
-    """The site's de-identification step when ``[deid] enabled = true``, else None.
-
-    The hook for `client/deid.py` (``deidentify(texts, settings) -> DeidResult`` with ``.texts`` and
-    ``.counts``): it is used as soon as the site's config carries its settings as ``site.deid``.
-    """
-    settings = getattr(site, "deid", None)
-    if settings is None or not getattr(settings, "enabled", False):
+def _site_deid(site: SiteConfig) -> Deidentify | None:
+    """The site's de-identification (`client/deid.py`) when its site.toml has ``[deid] enabled = true``."""
+    if not site.deid.enabled:
         return None
-    from . import deid as deid_module  # client/deid.py
+    from .deid import deidentify
 
     def run(texts: Sequence[str]) -> tuple[list[str], dict[str, int]]:
-        result = deid_module.deidentify(texts, settings)
+        result = deidentify(texts, site.deid)
         return list(result.texts), dict(result.counts)
 
     return run
 
 
 def prepare_site(
-    site: Any, *, data: Path | None = None, out: Path | None = None, task: str | None = None,
+    site: SiteConfig, *, data: Path | None = None, out: Path | None = None, task: str | None = None,
     settings: PrepareSettings = PrepareSettings(), overwrite: bool = False, plot: bool = True,
 ) -> PrepareResult:
     """`fedtune site prepare`: clean the site's data file (``data``: another file) into ``out``.

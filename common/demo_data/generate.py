@@ -851,6 +851,83 @@ def build(
     return rows, tally
 
 
+# Dirt for `fedtune site prepare` to find, as real exports have it: rows replaced by an exact copy of another row
+# (up to stray whitespace), by a near copy (punctuation, case, one word), rows with stray whitespace, and rows
+# with a planted identifier. Every identifier is generated and reserved for fiction: e-mail at example.org /
+# example.com / example.net (RFC 2606), phone numbers 555-0100..0199 (NANP) and 07700 900000..900999 (Ofcom).
+DIRT = {"exact": 8, "near": 8, "whitespace": 20, "identifier": 12}
+FIRST = ["ann", "bo", "carla", "dev", "eli", "fatima", "greg", "hana", "ivan", "jo", "kemal", "lena"]
+LAST = ["lee", "ng", "okafor", "silva", "berg", "novak", "patel", "moreau", "kim", "walsh"]
+
+
+def _email(rng: random.Random) -> str:
+    sep = rng.choice([".", "_", ""])
+    return f"{rng.choice(FIRST)}{sep}{rng.choice(LAST)}{rng.randint(1, 99)}@example.{rng.choice(['org', 'com', 'net'])}"
+
+
+def _phone(rng: random.Random) -> str:
+    return rng.choice([f"555-01{rng.randint(0, 99):02d}", f"(212) 555-01{rng.randint(0, 99):02d}",
+                       f"07700 900{rng.randint(0, 999):03d}", f"+44 7700 900{rng.randint(0, 999):03d}"])
+
+
+CLINICAL_IDENTIFIERS = ["Contact: {email}.", "Call back on {phone}.", "Daughter's number {phone}.", "GP email {email}."]
+BANK_IDENTIFIERS = ["email me at {email}", "my number is {phone}", "reply to {email} pls", "call me on {phone}"]
+
+
+def _stray_whitespace(text: str, rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:
+        return "  " + text + " "
+    if kind == 1:
+        return text.replace(" ", "  ", 2)
+    if kind == 2:
+        return text.replace(" ", "\u00a0", 1) + "\t"  # a no-break space from a word processor, a tab
+    return text.replace(". ", ".   ", 1) + " "
+
+
+def _near_copy(text: str, rng: random.Random) -> str:
+    kind = rng.randrange(3)
+    if kind == 0:
+        return text.replace(",", "").replace(".", "!") if "," in text or "." in text else text + "!"
+    if kind == 1:
+        return text.lower() if text != text.lower() else text.capitalize() + "."
+    words = text.split(" ")
+    long_ones = [i for i, w in enumerate(words) if len(w) > 5 and w.isalpha()]
+    i = rng.choice(long_ones) if long_ones else len(words) - 1
+    return " ".join(words[:i] + words[i + 1:])  # one word dropped
+
+
+def add_dirt(rows: list[tuple[str, str, str]], identifiers: Sequence[str],
+             rng: random.Random) -> tuple[list[tuple[str, str, str]], Counter[str]]:
+    """Replace a few rows with dirty ones (`DIRT`), each keeping its label and site, so the counts per label and
+    site stay as they are; the copied rows come from the same label and site."""
+    rows = list(rows)
+    targets = rng.sample(range(len(rows)), sum(DIRT.values()))
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (_, lab, site) in enumerate(rows):
+        groups.setdefault((lab, site), []).append(i)
+    touched = set(targets)
+    tally: Counter[str] = Counter()
+    for kind, count in DIRT.items():
+        for _ in range(count):
+            j = targets.pop()
+            text, lab, site = rows[j]
+            if kind in ("exact", "near"):
+                source = rng.choice([i for i in groups[(lab, site)] if i not in touched])
+                touched.add(source)
+                text = rows[source][0]
+                text = _stray_whitespace(text, rng) if kind == "exact" and rng.random() < 0.5 else text
+                text = _near_copy(text, rng) if kind == "near" else text
+            elif kind == "whitespace":
+                text = _stray_whitespace(text, rng)
+            else:
+                planted = rng.choice(identifiers).format(email=_email(rng), phone=_phone(rng))
+                text = f"{text} {planted}" if text.rstrip().endswith((".", "!", "?")) else f"{text}, {planted}"
+            rows[j] = (text, lab, site)
+            tally[kind] += 1
+    return rows, tally
+
+
 def write_csv(path: Path, header: list[str], rows: list[tuple[str, str, str]]) -> None:
     with path.open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -921,6 +998,9 @@ def main() -> None:
 
     clinical, clinical_tally = build(hospitals, CLINICAL_LABELS, clinical_note, random.Random(SEED))
     bank, bank_tally = build(branches, BANK_LABELS, bank_message, random.Random(SEED + 1))
+    # Dirt from streams of their own, drawn last: the clean rows above stay as they were.
+    clinical, _ = add_dirt(clinical, CLINICAL_IDENTIFIERS, random.Random(SEED + 3))
+    bank, _ = add_dirt(bank, BANK_IDENTIFIERS, random.Random(SEED + 4))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(args.out_dir / "clinical_triage.csv", ["text", "label", "hospital"], clinical)
     write_csv(args.out_dir / "bank_intents.csv", ["text", "label", "branch"], bank)

@@ -1,4 +1,4 @@
-"""The site operator's commands: `fedtune site init | check | start | ledger` (and the hidden warm worker)."""
+"""The site operator's commands: `fedtune site init | check | prepare | start | ledger` (and the hidden warm worker)."""
 
 from __future__ import annotations
 
@@ -84,12 +84,50 @@ def site_check(config_path: Path, max_length: int | None) -> None:
     config = load_site_config(config_path)
     failed = 0
     for result in run_checks(config, max_length=max_length or 0):
-        mark = click.style("ok  ", fg="green") if result.ok else click.style("FAIL", fg="red")
+        mark = (click.style("warn", fg="yellow") if result.warning else click.style("ok  ", fg="green")) if result.ok \
+            else click.style("FAIL", fg="red")
         click.echo(f"{mark} {result.name:<15} {result.detail}")
         failed += not result.ok
     if failed:
         click.echo(f"{failed} check(s) failed.", err=True)
         sys.exit(1)
+
+
+@site.command("prepare")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The site's site.toml.")
+@click.option("--in", "data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Another data file to prepare [site.toml's data.path].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The cleaned file; its suffix picks the format (.csv, .jsonl, .parquet) [NAME.clean.SUFFIX beside the input].")
+@click.option("--task", type=click.Choice(list(TASKS)), default=None, help="Which columns to prepare [the task site.toml's policy allows].")
+@click.option("--near-dup-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
+              help="Jaccard similarity of character 5-grams at or above which two rows are near duplicates.")
+@click.option("--max-length", type=click.IntRange(min=2), default=None,
+              help="The run's model.max_length, to count the examples it would truncate [64 classification, 256 causal-lm].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out that no earlier `site prepare` wrote.")
+def site_prepare(config_path: Path, data: Path | None, out: Path | None, task: str | None, near_dup_threshold: float,
+                 max_length: int | None, overwrite: bool) -> None:
+    """Clean the site's data into a new file and report what was found; the input is never modified.
+
+    Normalises text (Unicode NFC, whitespace, control characters), drops empty rows, exact and near
+    duplicates and rows whose text has conflicting labels, and reports label balance, rare labels, short
+    texts and token lengths. Writes OUT, OUT.prepare.json (counts and row numbers, no text) and OUT.prepare.png.
+    """
+    from rich.console import Console
+
+    from fedtune.client.daemon import load_site_config
+    from fedtune.client.near_dup import NearDupSettings
+    from fedtune.client.prepare import PrepareSettings, prepare_site
+    from fedtune.client.prepare_report import render
+
+    offline_env()
+    config = load_site_config(config_path)
+    settings = PrepareSettings(near_dup=NearDupSettings(threshold=near_dup_threshold), max_length=max_length or 0)
+    result = prepare_site(config, data=data, out=out, task=task, settings=settings, overwrite=overwrite)
+    render(result.report, Console())
+    click.echo(f"cleaned: {result.out}\nreport: {result.report_path}" + (f"\nplot: {result.plot_path}" if result.plot_path else ""))
+    if result.out.resolve() != config.data_path.resolve():
+        click.echo(f"to train on it, set [data] path = \"{result.out}\" in {config_path}")
 
 
 @site.command("start")
