@@ -14,6 +14,7 @@ handlers run in this process.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -21,6 +22,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 logger = logging.getLogger(__name__)
+
+# Opacus computes per-example gradients from a module's activations and the gradient with respect to
+# its *outputs* (its backward hook reads grad_output only). The first LoRA layer's inputs come from
+# frozen weights and need no gradient, so PyTorch warns, once per process (each simulated site's
+# Ray actor), that grad_input is unavailable: nothing DP-SGD uses is missing. That one warning only;
+# set here because this module is what every site process (ClientApp, Ray actor) imports first.
+warnings.filterwarnings(
+    "ignore", message=r"Full backward hook is firing when gradients are computed with respect to module outputs", category=UserWarning,
+)
 
 # A site's refusal (budget, data, protocol, policy) travels as a typed error reply, never a crash.
 FEDTUNE_ERROR_CODE = 100  # common.messages.REFUSAL_ERROR_CODE, kept here so this module stays light

@@ -128,11 +128,15 @@ def continue_site_ledgers(earlier_sites: Path, run_dir: Path, *, sites: int, bud
     return marker
 
 
-def run_simulation(run: RunConfig, *, resume: bool = False) -> Path:
+def run_simulation(run: RunConfig, *, resume: bool = False, ray_address: str | None = None, verbose: bool = False) -> Path:
     """Run a whole federated simulation; returns the run directory.
 
     ``resume``: continue the run in ``run.out`` (``fedtune simulate --resume`` has left the request
     that the coordinator checks, see ``server/resume.py``) instead of refusing a used directory.
+    ``ray_address``: run the simulated sites on an existing Ray cluster (``ray start --head`` and
+    ``ray start --address``; every node needs this fedtune and its data path) instead of a Ray
+    started on this machine. ``verbose``: show Flower's and Ray's logs and third-party warnings on
+    the terminal too; they always go to ``RUN_DIR/log.txt`` (``simulations/console.py``).
     """
     from fedtune.common.environment import OFFLINE
 
@@ -162,16 +166,23 @@ def run_simulation(run: RunConfig, *, resume: bool = False) -> Path:
             raise ConfigError(f"model.init_adapter {earlier.folder}: its simulation's site ledgers are not beside it.")
     flat = run.to_flat()
     flat["out"] = str(run_dir)
-    with warnings.catch_warnings():
-        # run_simulation is marked deprecated in favour of `flwr run`; it is still Flower's
-        # in-process simulation engine, and the one that takes app objects with injected config.
+    from .console import init_ray, run_console
+
+    config = backend_config(run.federation.sites)
+    with run_console(run_dir, verbose=verbose) as log_file, warnings.catch_warnings():
+        init_ray(address=ray_address, num_cpus=config["init_args"]["num_cpus"], log_file=log_file, verbose=verbose)
+        # Flower 1.42 marks run_simulation deprecated in favour of `flwr run` (its notice goes to log.txt).
+        # Kept, with flwr pinned to 1.42.* in pyproject.toml: it is the in-process engine that takes app
+        # objects with the resolved config injected, keeps the coordinator's round lines on this terminal
+        # and its errors in this process; `flwr run` would add a SuperLink process, a FAB and every
+        # setting as a --run-config string. Revisit when Flower removes it.
         warnings.simplefilter("ignore", DeprecationWarning)
         flwr_run_simulation(
             server_app=build_server_app(flat),
             client_app=build_client_app(flat),
             num_supernodes=run.federation.sites,
-            backend_config=backend_config(run.federation.sites),
+            backend_config=config,
         )
     if not (run_dir / "summary.json").exists():
-        raise RuntimeError(f"the simulation ended without a summary in {run_dir}; see the log above.")
+        raise RuntimeError(f"the simulation ended without a summary in {run_dir}; see the log above and {run_dir / 'log.txt'}.")
     return run_dir

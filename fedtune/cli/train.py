@@ -32,7 +32,12 @@ from fedtune.common.errors import ConfigError
 @click.option("--fail-site", "fail_sites", multiple=True, metavar="NAME@ROUND[:crash|hang|refuse]",
               help="Inject a fault, repeatable: simulated site NAME (site-0, site-1, ...) crashes (after its ledger charge), "
                    "hangs past the round deadline (federation.round_timeout) or refuses in round ROUND [crash].")
-def simulate(config_file: str | None, **flags: Any) -> None:
+@click.option("--ray-address", metavar="HOST:PORT",
+              help="Run the simulated sites on an existing Ray cluster (its head's address, as `ray start --head` printed it; "
+                   "every node needs this fedtune installed and the data at the same path) [a Ray started on this machine].")
+@click.option("--verbose", is_flag=True, default=False,
+              help="Also show Flower's and Ray's logs and third-party warnings here; they always go to RUN_DIR/log.txt.")
+def simulate(config_file: str | None, ray_address: str | None, verbose: bool, **flags: Any) -> None:
     """Simulate N sites on this machine through Flower's simulation engine.
 
     With no flags: the packaged clinical triage demo, 3 sites, DP on (epsilon 8, delta 1e-5).
@@ -62,7 +67,7 @@ def simulate(config_file: str | None, **flags: Any) -> None:
         check_writable(Path(run.out).resolve(), what="run directory (--out)")
     from fedtune.simulations.simulate import run_simulation
 
-    run_dir = run_simulation(run, resume=bool(resume))
+    run_dir = run_simulation(run, resume=bool(resume), ray_address=ray_address, verbose=verbose)
     print_summary(run_dir)
 
 
