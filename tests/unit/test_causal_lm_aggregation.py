@@ -176,3 +176,42 @@ def test_client_level_dp_of_a_causal_lm_run_records_its_calibration_and_releases
     # The check can fail: without clipping, the LM's updates would leave a residual far wider than the noise.
     unclipped = residual + mean - sum(deltas) / 2
     assert unclipped.std() > 2 * sigma
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_lower_rank_lm_site_under_ffa_keeps_the_runs_first_a_rows_and_computes_the_global_model_where_b_is_zero(tmp_path, kind) -> None:  # type: ignore[no-untyped-def]
+    """Heterogeneous ranks on a causal LM's own LoRA layers (Llama's Linear q/v_proj, GPT-2's Conv1D c_attn)."""
+    import torch
+
+    from fedtune.common.causal_lm import build_causal_lm
+    from fedtune.common.lora_rank import truncate_lora
+    from fedtune.common.model import adapter_state, load_adapter_state
+    from tests.unit.test_causal_lm import _save_tiny
+
+    # Prepare: the run's rank-4 model and a rank-2 site's, both FFA from the same seed
+    path = _save_tiny(tmp_path / kind, kind)
+    lora = from_dict({"lora": {"rank": 4, "top_layers": 0}}).lora
+    glob = build_causal_lm(path, lora, seed=3, ffa=True).model.eval()
+    site = build_causal_lm(path, lora, seed=3, ffa=True, site_rank=2).model.eval()
+    gen = torch.Generator().manual_seed(0)
+    state = OrderedDict((k, torch.randn(v.shape, generator=gen) * 0.5) for k, v in adapter_state(glob).items())
+    for value in state.values():
+        value[:, 2:] = 0.0  # B's slots 2..3: what the rank-2 site does not have
+    ids = torch.tensor([[4, 5, 6, 7, 8, 9, 10]])
+
+    # Execute
+    load_adapter_state(glob, state)
+    load_adapter_state(site, truncate_lora(state, 2))
+
+    # Assert: A is the run's first 2 rows bit for bit; the same function (PEFT's scale alpha / r kept by the site's alpha)
+    a_glob = {n: p for n, p in glob.named_parameters() if ".lora_A." in n}
+    a_site = {n: p for n, p in site.named_parameters() if ".lora_A." in n}
+    assert a_glob and a_glob.keys() == a_site.keys() and set(state) == {n.replace(".lora_A.", ".lora_B.").replace(".default", "") for n in a_glob}
+    assert all(a_site[n].shape[0] == 2 and torch.equal(a_site[n], a_glob[n][:2]) for n in a_glob)
+    with torch.no_grad():
+        assert torch.allclose(site(input_ids=ids).logits, glob(input_ids=ids).logits, atol=1e-5)
+        moved = OrderedDict((k, v.clone()) for k, v in state.items())
+        for value in moved.values():
+            value[:, 2:] = 0.5  # the test can fail: B in slots 2..3 changes what the global model computes
+        load_adapter_state(glob, moved)
+        assert not torch.allclose(site(input_ids=ids).logits, glob(input_ids=ids).logits, atol=1e-3)
