@@ -38,6 +38,7 @@ def plot_sweep(rows: Sequence[RunRow], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     done = [r for r in rows if r.status == "done"]
     if not done:
@@ -79,6 +80,7 @@ def plot_sweep(rows: Sequence[RunRow], out_dir: Path) -> list[Path]:
                 ax.axhspan(s.low, s.high, color=line.get_color(), alpha=0.10, linewidth=0)
     if len(epsilons) > 1 and min(epsilons) > 0:
         ax.set_xscale("log")
+        ax.minorticks_off()  # label the swept epsilons only
         ax.set_xticks(sorted(epsilons), [f"{e:g}" for e in sorted(epsilons)])
     ax.set(xlabel="target epsilon per site", ylabel=name,
            title=f"{name} vs epsilon: mean over seeds, band: 95% t-interval")
@@ -105,6 +107,7 @@ def plot_sweep(rows: Sequence[RunRow], out_dir: Path) -> list[Path]:
                 xs = sorted(by_round)
                 _band(ax, [float(x) for x in xs], [t_interval(by_round[x]) for x in xs], label=_label(setting))
         ax.set(xlabel="after round", ylabel=ylabel, title=f"{ylabel} per round: mean over seeds, band: 95% t-interval")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=7)
         fig.tight_layout()
