@@ -247,3 +247,15 @@ def test_the_deid_hook_runs_before_deduplication_and_counts_into_the_report(tmp_
     assert result.report.deid.enabled and result.report.deid.counts == {"EMAIL_ADDRESS": 2}
     assert result.report.dropped.exact_duplicate == (2,)  # equal once redacted
     assert "example" not in result.out.read_text(encoding="utf-8")
+
+
+def test_a_site_with_deid_enabled_prepares_redacted_rows(tmp_path: Path) -> None:
+    rows = [(OTHER + " Contact ann.lee@example.org.", "neurology"), (OTHER + " Contact bo.ng@example.net.", "neurology"),
+            (THIRD, "orthopedics")]
+    site = load_site_config(_site(tmp_path, _write_csv(tmp_path / "notes.csv", rows), '\n[deid]\nenabled = true\n'))
+
+    result = prepare_site(site, plot=False)  # client/deid.py, as the site's training path runs it
+
+    assert result.report.deid.enabled and result.report.deid.counts.get("EMAIL") == 2
+    assert result.report.dropped.exact_duplicate == (2,)
+    assert "example" not in result.out.read_text(encoding="utf-8")
