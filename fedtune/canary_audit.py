@@ -57,6 +57,7 @@ CANARY_DIR = "canaries"
 KEY_FILE = "key.csv"  # every canary, with its inclusion bit: the audit's secret
 IN_FILE = "in.csv"  # the included ones, the rows the canary site trains on
 RESULT_FILE = "canary-audit.json"
+_GRAD_BATCH = 32
 _WORDS, _LETTERS = 8, "abcdefghijklmnopqrstuvwxyz"
 WHITE_BOX_SOURCE = (
     "per-round global adapter updates theta_t - theta_{t-1} (RUN_DIR/checkpoints/round-t), projected on each canary's "
@@ -173,21 +174,45 @@ def white_box_scores(run_dir: Path, canaries: list[Canary]) -> np.ndarray:
     rounds = sorted(int(p.name.removeprefix("round-")) for p in (run_dir / "checkpoints").glob("round-*"))
     if not rounds:
         raise ConfigError(f"{run_dir}/checkpoints holds no round-N folder; the white-box audit needs the per-round adapters.")
+    from opacus import GradSampleModule
+
+    # Per-example gradients in one batched backward pass per batch, the way DP-SGD takes them
+    # (client/train.py); hooks only, the parameters stay the model's.
+    gs_model = GradSampleModule(model, loss_reduction="sum")
+    # Evaluation mode, so no dropout (here or inside attention): the gradient at theta, not at a
+    # random mask. Opacus records activations only of modules in training mode, so the modules
+    # holding trainable tensors (LoRA's and the head's Linear layers, which act the same in both
+    # modes) alone are switched back.
+    gs_model.eval()
+    for module in model.modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.train()
     scores = np.zeros(len(canaries))
-    model.eval()  # dropout off: the gradient direction at theta, not at a random mask
     for t in rounds:
         saved = load_file(str(run_dir / "checkpoints" / f"round-{t}" / "adapter_model.safetensors"))
         current = {k: saved[k].float() for k in names}
-        update = [current[k] - previous[k].float() for k in names]
+        update = [(current[k] - previous[k].float()).reshape(-1).double() for k in names]
         load_adapter_state(model, dict(previous))
-        for i in range(len(dataset)):
-            loss, _ = forward_loss(model, [x[i : i + 1] for x in dataset.tensors])
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            flat = [(-g if g is not None else torch.zeros_like(p)) for g, p in zip(grads, params)]
-            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in flat))
-            if norm > 0:
-                scores[i] += float(sum((g.double() * u.double()).sum() for g, u in zip(flat, update)) / norm)
+        for start in range(0, len(dataset), _GRAD_BATCH):
+            batch = [x[start : start + _GRAD_BATCH] for x in dataset.tensors]
+            for param in params:
+                param.grad, param.grad_sample = None, None
+            loss, _ = forward_loss(gs_model, batch, reduction="sum")
+            loss.backward()
+            dot = torch.zeros(len(batch[0]), dtype=torch.float64)
+            sq = torch.zeros(len(batch[0]), dtype=torch.float64)
+            for param, u in zip(params, update):
+                g = getattr(param, "grad_sample", None)
+                if g is None:  # a tensor this batch's loss does not reach
+                    continue
+                g = -g.reshape(len(g), -1).double()  # descent direction of each canary's loss
+                dot += g @ u
+                sq += (g * g).sum(dim=1)
+            norm = torch.sqrt(sq)
+            scores[start : start + len(norm)] += torch.where(norm > 0, dot / norm.clamp_min(1e-30), 0.0).numpy()
         previous = current
+    for param in params:
+        param.grad, param.grad_sample = None, None
     return scores
 
 

@@ -143,3 +143,37 @@ def test_included_and_excluded_canaries_come_from_the_same_distribution() -> Non
     # Not ordered: the first and second halves hold about as many included canaries.
     assert abs(int(inc[:2000].sum()) - int(inc[2000:].sum())) < 4 * np.sqrt(2000)
     assert len({c.text for c in canaries}) == 4000, "every canary is a distinct text"
+
+
+# ------------------------------------------------------------------------- the bound's check
+def _result(dp: bool, epsilon: float | None, bound_scores: np.ndarray, included: np.ndarray):  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from fedtune.canary_audit import CanaryAuditResult
+
+    audit = one_run_audit(bound_scores, included, delta=1e-5)
+    return CanaryAuditResult(run_dir=Path("run"), site="site-0", dp=dp, epsilon=epsilon, delta=1e-5, black_box=audit, white_box=None)
+
+
+def test_a_dp_run_whose_lower_bound_exceeds_its_epsilon_fails_loudly() -> None:
+    from fedtune.canary_audit import AuditBoundExceeded, check_bound
+
+    # Prepare: perfect guesses on 1000 canaries refute epsilon ~5; the "run" claims epsilon 1.
+    rng = np.random.default_rng(2)
+    included = rng.random(1000) < 0.5
+    leaky = _result(True, 1.0, included + rng.normal(0, 0.01, 1000), included)
+
+    with pytest.raises(AuditBoundExceeded, match=r"exceeds site-0's epsilon 1\.000"):
+        check_bound(leaky)
+    check_bound(_result(True, 50.0, included + rng.normal(0, 0.01, 1000), included))  # within its epsilon: passes
+    check_bound(_result(False, None, included + rng.normal(0, 0.01, 1000), included))  # no DP: nothing to exceed
+
+
+def test_canaries_are_refused_outside_a_classification_simulation() -> None:
+    from fedtune.common.config import from_dict
+    from fedtune.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.canaries = 'c.csv' applies to classification simulations only"):
+        from_dict({"data": {"canaries": "c.csv"}, "simulation": False})
+    with pytest.raises(ConfigError, match=r"data.canary_site must name a simulated site in \[0, 2\], got 3"):
+        from_dict({"data": {"canaries": "c.csv", "canary_site": 3}, "federation": {"sites": 3}})
