@@ -259,3 +259,21 @@ def test_a_site_with_deid_enabled_prepares_redacted_rows(tmp_path: Path) -> None
     assert result.report.deid.enabled and result.report.deid.counts.get("EMAIL") == 2
     assert result.report.dropped.exact_duplicate == (2,)
     assert "example" not in result.out.read_text(encoding="utf-8")
+
+
+def test_prepare_warns_when_the_input_already_spent_budget(tmp_path: Path) -> None:
+    from fedtune.client.ledger import PrivacyLedger
+    from fedtune.common.accounting import Segment
+    from fedtune.common.data import record_digests
+
+    raw = _write_csv(tmp_path / "notes.csv", ROWS)
+    site = load_site_config(_site(tmp_path, raw))
+    table = load_table(_write_csv(tmp_path / "usable.csv", [r for r in ROWS if r[0].strip("\u0007 ") and r[1]]))
+    spent = PrivacyLedger(site.state_dir).charge(record_digests(table.texts, table.labels), run="run-1", round=1,
+                                                 segment=Segment(sample_rate=0.01, noise_multiplier=1.0, steps=100),
+                                                 clip_norm=1.0, delta=site.delta, budget_epsilon=100.0)
+    assert spent > 0
+
+    warnings = prepare_site(site, plot=False).report.warnings
+
+    assert len(warnings) == 1 and f"already spent epsilon {spent:.3f}" in warnings[0] and "fresh budget" in warnings[0]
