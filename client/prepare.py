@@ -35,9 +35,7 @@ import hashlib
 import json
 import logging
 import os
-import re
 import statistics
-import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,29 +44,35 @@ from typing import TYPE_CHECKING, Any
 from fedtune.common.config import TASK_MAX_LENGTH
 from fedtune.common.errors import ConfigError, DataError
 
-from .near_dup import NearDupIndex, NearDupSettings
+from .near_dup import NearDupSettings
+from .prepare_rows import (
+    SUFFIXES,
+    TASKS,
+    Columns,
+    Deidentify,
+    Pair,
+    Row,
+    apply_deid,
+    encode_rows,
+    exact_duplicates,
+    near_duplicates,
+    normalise,
+    raw_fields,
+    read_rows,
+    token_lengths,
+)
 
 if TYPE_CHECKING:  # daemon imports nothing of this module; kept out of the import at run time all the same
     from .daemon import SiteConfig
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["TASKS", "SUFFIXES", "Columns", "Pair", "PrepareSettings", "PrepareReport", "PrepareResult", "normalise",
+           "prepare_file", "prepare_site", "default_out", "report_path", "report_warning", "file_stamp"]
+
 REPORT_SUFFIX = ".prepare.json"
 PLOT_SUFFIX = ".prepare.png"
 REPORT_VERSION = 1
-TASKS = ("classification", "causal-lm")
-SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")  # what common.data reads, and so what prepare writes
-
-# Cc (C0 and C1 controls) are removed after whitespace has been turned into spaces; of the format
-# characters (Cf) only those that are invisible and carry no meaning in running text: zero-width space,
-# word joiner, byte-order mark, soft hyphen. Others (ZWJ in emoji, bidi marks in Arabic or Hebrew) stay.
-_INVISIBLE = {"\u200b", "\u2060", "\ufeff", "\u00ad"}
-_SPACES = re.compile(r"[^\S\n]+")
-_BLANK_LINES = re.compile(r"\n{3,}")
-
-# A de-identification step: texts in, (redacted texts aligned with them, count per entity type) out.
-Deidentify = Callable[[Sequence[str]], tuple[list[str], dict[str, int]]]
-
 
 @dataclass(frozen=True, kw_only=True)
 class PrepareSettings:
@@ -107,28 +111,6 @@ class PrepareSettings:
             raise ConfigError(problems)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Columns:
-    """Which columns train: ``text`` + ``label`` (classification), or ``prompt`` + ``response``, or ``messages``."""
-
-    task: str
-    text: str = "text"
-    label: str = "label"
-    prompt: str = "prompt"
-    response: str = "response"
-    messages: str = ""
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ConfigError(f"task must be one of {list(TASKS)}, got {self.task!r}.")
-
-    @property
-    def wanted(self) -> list[str]:
-        if self.task == "classification":
-            return [self.text, self.label]
-        return [self.messages] if self.messages else [self.prompt, self.response]
-
-
 @dataclass(frozen=True)
 class FileStamp:
     """A file as it was when the report was written: site check compares ``sha256`` and ``size``."""
@@ -157,15 +139,6 @@ class Dropped:
     @property
     def total(self) -> int:
         return sum(self.counts().values())
-
-
-@dataclass(frozen=True)
-class Pair:
-    """Two rows of the input: ``row`` is near (or equal to) ``kept``, with this Jaccard similarity."""
-
-    row: int
-    kept: int
-    jaccard: float
 
 
 @dataclass(frozen=True)
@@ -231,226 +204,10 @@ class PrepareResult:
     plot_path: Path | None
 
 
-# ----------------------------------------------------------------------------------------------- text
-
-
-def normalise(text: str, *, keep_newlines: bool) -> tuple[str, int]:
-    """(The normalised text, how many control or invisible characters were removed); see the module docstring."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    if not keep_newlines:
-        text = text.replace("\n", " ")
-    removed = 0
-    kept = []
-    for ch in text:
-        if ch in "\n\t" or ch.isspace():
-            kept.append(ch if ch == "\n" else " ")
-        elif unicodedata.category(ch) == "Cc" or ch in _INVISIBLE:
-            removed += 1
-        else:
-            kept.append(ch)
-    text = _SPACES.sub(" ", "".join(kept))
-    if keep_newlines:
-        text = _BLANK_LINES.sub("\n\n", "\n".join(line.strip() for line in text.split("\n")))
-    return text.strip(), removed
-
-
-# ----------------------------------------------------------------------------------------------- rows
-
-
-@dataclass
-class _Row:
-    number: int
-    values: dict[str, Any]  # every column, as read (the cleaned file writes them back, text fields replaced)
-    fields: list[str]  # the normalised texts that train: [text], [prompt, response], or each message's content
-    label: str | None = None
-    roles: tuple[str, ...] = ()  # causal-lm chats
-
-    def key(self) -> str:
-        return json.dumps([self.roles, self.fields], ensure_ascii=False)
-
-    def joined(self) -> str:
-        return "\n".join(self.fields)
-
-
-def _label(value: Any) -> str | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return value if isinstance(value, str) and value.strip() else None
-
-
-def _chat(value: Any) -> list[tuple[str, str]] | None:
-    from fedtune.common.causal_lm import ROLES
-
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(value, list) or not value:
-        return None
-    turns = []
-    for item in value:
-        if not isinstance(item, dict) or item.get("role") not in ROLES or not isinstance(item.get("content"), str):
-            return None
-        turns.append((str(item["role"]), item["content"]))
-    if turns[-1][0] != "assistant" or not any(role == "user" for role, _ in turns[:-1]):
-        return None
-    return turns
-
-
-def _columns_of(path: Path) -> list[str]:
-    """Every column of the file, in order: the CSV header, the first JSON object's keys, the Parquet schema."""
-    from fedtune.common.data import read_records
-
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return list(pq.ParquetFile(path).schema_arrow.names)
-        except Exception as err:  # pyarrow raises several types; read_records names the problem below
-            raise DataError(f"{path}: not a readable Parquet file: {err}.") from None
-    if suffix == ".csv":
-        import csv
-
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            for header in csv.reader(f):
-                if any(h.strip() for h in header):
-                    return header
-        return []
-    for _, values in read_records(path, []):  # JSON Lines: the reader checks the file as it goes
-        break
-    with open(path, encoding="utf-8-sig") as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                return list(record) if isinstance(record, dict) else []
-    return []
-
-
-def _read(path: Path, columns: Columns) -> tuple[list[_Row], list[str], dict[str, list[int]], int]:
-    """(usable rows, every column, rows dropped by reason, control characters removed)."""
-    from fedtune.common.data import MISSING, read_records
-
-    all_columns = list(dict.fromkeys([*_columns_of(path), *columns.wanted]))
-    keep_newlines = columns.task == "causal-lm"
-    rows: list[_Row] = []
-    dropped: dict[str, list[int]] = {"empty": [], "missing_label": [], "unusable": []}
-    removed = 0
-    number = 0
-    for _, values in read_records(path, all_columns):
-        number += 1
-        values = {k: v for k, v in values.items() if v is not MISSING}
-        if columns.task == "causal-lm" and columns.messages:
-            turns = _chat(values.get(columns.messages))
-            if turns is None:
-                dropped["unusable"].append(number)
-                continue
-            texts = [t for _, t in turns]
-            roles = tuple(r for r, _ in turns)
-        else:
-            names = [columns.text] if columns.task == "classification" else [columns.prompt, columns.response]
-            raw = [values.get(n) for n in names]
-            if columns.task == "causal-lm" and isinstance(raw[1], int) and not isinstance(raw[1], bool):
-                raw[1] = str(raw[1])  # as the training path reads a numeric response
-            if any(v is not None and not isinstance(v, str) for v in raw):
-                dropped["unusable"].append(number)
-                continue
-            texts, roles = [v or "" for v in raw], ()
-        fields = []
-        for text in texts:
-            clean, n = normalise(text, keep_newlines=keep_newlines)
-            removed += n
-            fields.append(clean)
-        if not all(fields):
-            dropped["empty"].append(number)
-            continue
-        label = None
-        if columns.task == "classification":
-            label = _label(values.get(columns.label))
-            if label is None:
-                dropped["missing_label"].append(number)
-                continue
-        rows.append(_Row(number, values, fields, label, roles))
-    if not number:
-        raise DataError(f"{path}: no data rows.")
-    return rows, all_columns, dropped, removed
-
-
-def _apply_deid(rows: list[_Row], deid: Deidentify) -> dict[str, int]:
-    flat = [text for row in rows for text in row.fields]
-    redacted, counts = deid(flat)
-    if len(redacted) != len(flat):
-        raise DataError(f"de-identification returned {len(redacted)} texts for {len(flat)}; it must keep them aligned.")
-    it = iter(redacted)
-    for row in rows:
-        row.fields = [next(it) for _ in row.fields]
-    return dict(counts)
-
-
-def _exact(rows: list[_Row], task: str) -> tuple[list[_Row], list[int], list[tuple[int, ...]], list[Pair], int]:
-    """(kept rows, exact duplicates, label-conflict groups, duplicate pairs, prompts with several responses)."""
-    groups: dict[str, list[_Row]] = {}
-    for row in rows:
-        groups.setdefault(row.fields[0] if task == "classification" else row.key(), []).append(row)
-    kept, duplicates, conflicts, pairs = [], [], [], []
-    for group in groups.values():
-        if len({r.label for r in group}) > 1:
-            conflicts.append(tuple(r.number for r in group))
-            continue
-        kept.append(group[0])
-        for r in group[1:]:
-            duplicates.append(r.number)
-            pairs.append(Pair(r.number, group[0].number, 1.0))
-    several = 0
-    if task == "causal-lm":
-        prompts: dict[str, int] = {}
-        for row in kept:
-            prompt = json.dumps([row.roles[:-1], row.fields[:-1]], ensure_ascii=False)
-            prompts[prompt] = prompts.get(prompt, 0) + 1
-        several = sum(1 for n in prompts.values() if n > 1)
-    kept.sort(key=lambda r: r.number)
-    return kept, sorted(duplicates), sorted(conflicts), pairs, several
-
-
-def _near(rows: list[_Row], settings: NearDupSettings) -> tuple[list[_Row], list[Pair], list[Pair]]:
-    """(kept rows, near duplicates dropped, near pairs with different labels kept), in file order."""
-    index = NearDupIndex(settings)
-    by_number: dict[int, _Row] = {}
-    kept, dropped, other = [], [], []
-    for row in rows:
-        sketch = index.sketch(row.joined())
-        matches = index.query(sketch)
-        same = [m for m in matches if by_number[m.key].label == row.label]
-        if same:
-            dropped.append(Pair(row.number, same[0].key, round(same[0].jaccard, 4)))
-            continue
-        other += [Pair(row.number, m.key, round(m.jaccard, 4)) for m in matches]
-        index.add(row.number, sketch)
-        by_number[row.number] = row
-        kept.append(row)
-    return kept, dropped, other
-
-
 # ------------------------------------------------------------------------------------------- lengths
 
 
-def _token_lengths(rows: list[_Row], columns: Columns, tokenizer: Any) -> list[int]:
-    if columns.task == "classification":
-        ids = tokenizer([r.fields[0] for r in rows], add_special_tokens=True, truncation=False)["input_ids"]
-        return [len(x) for x in ids]
-    from fedtune.common.causal_lm import ChatMessage, example_ids, use_chat
-
-    chat = use_chat(tokenizer, "auto", needed=bool(columns.messages))
-    lengths = []
-    for r in rows:
-        roles = r.roles or ("user", "assistant")
-        prompt, response = example_ids(tokenizer, tuple(ChatMessage(ro, t) for ro, t in zip(roles, r.fields)), chat)
-        lengths.append(len(prompt) + len(response))
-    return lengths
-
-
-def _lengths(rows: list[_Row], lengths: list[int], max_length: int, tokenizer_name: str, bins: int) -> Lengths:
+def _lengths(rows: list[Row], lengths: list[int], max_length: int, tokenizer_name: str, bins: int) -> Lengths:
     import numpy as np
 
     if not lengths:
@@ -473,52 +230,6 @@ def file_stamp(path: Path, rows: int) -> FileStamp:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return FileStamp(str(path), path.suffix.lower().lstrip("."), digest.hexdigest(), path.stat().st_size, rows)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, ensure_ascii=False)
-    return str(value)
-
-
-def _encode(rows: list[_Row], all_columns: list[str], columns: Columns, suffix: str) -> bytes:
-    records = []
-    for r in rows:
-        values = dict(r.values)
-        if columns.task == "classification":
-            values[columns.text] = r.fields[0]
-        elif columns.messages:
-            chat = [{"role": role, "content": text} for role, text in zip(r.roles, r.fields)]
-            original = values.get(columns.messages)
-            values[columns.messages] = json.dumps(chat, ensure_ascii=False) if isinstance(original, str) else chat
-        else:
-            values[columns.prompt], values[columns.response] = r.fields
-        records.append(values)
-    if suffix == ".csv":
-        import csv
-        import io
-
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(all_columns)
-        for values in records:
-            writer.writerow([_cell(values.get(c)) for c in all_columns])
-        return buf.getvalue().encode("utf-8")
-    if suffix in (".jsonl", ".json"):
-        return "".join(json.dumps({c: values[c] for c in all_columns if c in values}, ensure_ascii=False) + "\n"
-                       for values in records).encode("utf-8")
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pylist([{c: values.get(c) for c in all_columns} for values in records]) if records else \
-        pa.table({c: pa.array([], type=pa.string()) for c in all_columns})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
 
 
 def default_out(data: Path) -> Path:
@@ -561,7 +272,7 @@ def prepare_file(
     tokenizer_name: str,
     settings: PrepareSettings = PrepareSettings(),
     deid: Deidentify | None = None,
-    spent: Callable[[list[_Row]], float] | None = None,
+    spent: Callable[[list[Row]], float] | None = None,
     overwrite: bool = False,
     plot: bool = True,
 ) -> PrepareResult:
@@ -591,9 +302,9 @@ def prepare_file(
         raise DataError(f"{source}: unsupported file type {source.suffix!r}; use one of {list(SUFFIXES)}.")
     _check_out(source, out, overwrite)
     before = file_stamp(source, 0) if source.is_file() else None
-    rows, all_columns, reasons, removed = _read(source, columns)
+    rows, all_columns, reasons, removed = read_rows(source, columns)
     total = len(rows) + sum(len(v) for v in reasons.values())
-    normalised = sum(1 for r in rows if r.fields != _raw_fields(r, columns))
+    normalised = sum(1 for r in rows if r.fields != raw_fields(r, columns))
     warnings = []
     if spent is not None:
         eps = spent(rows)
@@ -601,10 +312,10 @@ def prepare_file(
             warnings.append(f"rows of this file have already spent epsilon {eps:.3f} in the site's privacy ledger; rows "
                             "that prepare changes (normalised, redacted) are new records to the ledger, with a fresh "
                             "budget: prepare data before its first training run.")
-    deid_counts: dict[str, int] = _apply_deid(rows, deid) if deid is not None else {}
+    deid_counts: dict[str, int] = apply_deid(rows, deid) if deid is not None else {}
     labels_before = _counts(r.label for r in rows) if columns.task == "classification" else {}
-    kept, duplicates, conflicts, pairs, several = _exact(rows, columns.task)
-    kept, near, other = _near(kept, settings.near_dup)
+    kept, duplicates, conflicts, pairs, several = exact_duplicates(rows, columns.task)
+    kept, near, other = near_duplicates(kept, settings.near_dup)
     dropped = Dropped(empty=tuple(reasons["empty"]), missing_label=tuple(reasons["missing_label"]),
                       unusable=tuple(reasons["unusable"]), exact_duplicate=tuple(duplicates),
                       label_conflict=tuple(n for g in conflicts for n in g), near_duplicate=tuple(p.row for p in near))
@@ -615,11 +326,11 @@ def prepare_file(
             rare[label] = tuple(r.number for r in kept if r.label == label)
     short = tuple(r.number for r in kept if len(r.fields[-1].split()) < settings.min_words)
     max_length = settings.max_length or TASK_MAX_LENGTH[columns.task]
-    lengths = _lengths(kept, _token_lengths(kept, columns, tokenizer) if kept else [], max_length, tokenizer_name,
+    lengths = _lengths(kept, token_lengths(kept, columns, tokenizer) if kept else [], max_length, tokenizer_name,
                        settings.histogram_bins)
     if not kept:
         warnings.append("no row is left to train on.")
-    data = _encode(kept, all_columns, columns, out.suffix.lower())
+    data = encode_rows(kept, all_columns, columns, out.suffix.lower())
     if before is not None and file_stamp(source, 0).sha256 != before.sha256:
         raise DataError(f"{source} changed while prepare read it; run prepare again.")
     atomic_write_bytes(out, data)
@@ -644,15 +355,6 @@ def prepare_file(
         write_plot(report, plot_path)
     logger.info("prepare: %d of %d rows kept from %s into %s", len(kept), total, source, out)
     return PrepareResult(report, out, rpath, plot_path)
-
-
-def _raw_fields(row: _Row, columns: Columns) -> list[str]:
-    if columns.task == "classification":
-        return [str(row.values.get(columns.text))]
-    if columns.messages:
-        turns = _chat(row.values.get(columns.messages)) or []
-        return [t for _, t in turns]
-    return [str(row.values.get(columns.prompt)), str(row.values.get(columns.response))]
 
 
 def _counts(labels: Any) -> dict[str, int]:
@@ -723,7 +425,7 @@ def prepare_site(
         path = resolve_base_model(model, task)
         name, tokenizer = str(path), load_lm_tokenizer(path)
 
-    def spent(rows: list[_Row]) -> float:
+    def spent(rows: list[Row]) -> float:
         from .ledger import PrivacyLedger
 
         ledger = PrivacyLedger(site.state_dir)
