@@ -277,3 +277,19 @@ def test_prepare_warns_when_the_input_already_spent_budget(tmp_path: Path) -> No
     warnings = prepare_site(site, plot=False).report.warnings
 
     assert len(warnings) == 1 and f"already spent epsilon {spent:.3f}" in warnings[0] and "fresh budget" in warnings[0]
+
+
+def test_the_cli_names_a_bad_in_file_in_one_line_and_leaves_the_data_alone(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fedtune.cli import main
+
+    raw = _write_csv(tmp_path / "notes.csv", ROWS)
+    before = raw.read_bytes()
+    missing = tmp_path / "notes-2026.csv"
+
+    result = CliRunner().invoke(main, ["site", "prepare", "--config", str(_site(tmp_path, raw)), "--in", str(missing)])
+
+    assert result.exit_code == 2
+    assert result.output.strip() == f"fedtune: error: --in {missing}: no such file."
+    assert raw.read_bytes() == before and not default_out(missing).exists()
