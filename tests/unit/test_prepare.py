@@ -293,3 +293,30 @@ def test_the_cli_names_a_bad_in_file_in_one_line_and_leaves_the_data_alone(tmp_p
     assert result.exit_code == 2
     assert result.output.strip() == f"fedtune: error: --in {missing}: no such file."
     assert raw.read_bytes() == before and not default_out(missing).exists()
+
+
+def test_causal_lm_chats_are_normalised_per_message_and_bad_chats_dropped(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from fedtune.common.model import default_base_model_dir
+
+    chat_tokenizer = AutoTokenizer.from_pretrained(str(default_base_model_dir()))
+    chat_tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                    "{% if add_generation_prompt %}assistant: {% endif %}")
+    chats = [
+        [{"role": "user", "content": "Summarise:  chest pain\u200b for 3 days."}, {"role": "assistant", "content": "Chest pain,\n3 days."}],
+        [{"role": "user", "content": "Summarise: chest pain for 3 days."}, {"role": "assistant", "content": "Chest pain,\n3 days."}],
+        [{"role": "assistant", "content": "An answer without a question."}],
+        "not a chat",
+    ]
+    source = tmp_path / "chats.jsonl"
+    source.write_text("".join(json.dumps({"chat": c}) + "\n" for c in chats), encoding="utf-8")
+
+    result = prepare_file(source, tmp_path / "chats.clean.jsonl", Columns(task="causal-lm", messages="chat"),
+                          tokenizer=chat_tokenizer, tokenizer_name="minilm+template")
+
+    assert result.report.dropped.unusable == (3, 4) and result.report.dropped.exact_duplicate == (2,)
+    cleaned = [json.loads(line)["chat"] for line in result.out.read_text(encoding="utf-8").splitlines()]
+    assert cleaned == [[{"role": "user", "content": "Summarise: chest pain for 3 days."},
+                        {"role": "assistant", "content": "Chest pain,\n3 days."}]]
+    assert result.report.lengths.max > 0 and result.report.control_chars_removed == 1
