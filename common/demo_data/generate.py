@@ -718,7 +718,7 @@ def bank_message(label: str, ambiguous: bool, rng: random.Random) -> str:
 # Clinical notes -> one-line summaries (the causal-LM demo, `--task causal-lm`)
 # --------------------------------------------------------------------------------------------------
 
-SUMMARY_ROWS = 480
+SUMMARY_ROWS = 160  # few rows: the demo finishes in minutes on 2 cores
 # specialty -> (what the note says, how the summary says it). The summary is a fixed rewrite of the
 # note's facts (age, sex, complaint, duration, history, where it goes), so a model can learn it.
 SUMMARY_COMPLAINTS: dict[str, list[tuple[str, str]]] = {
@@ -777,7 +777,14 @@ SUMMARY_INSTRUCTION = "Summarise this triage note in one line."
 
 
 def clinical_summary(rng: random.Random) -> tuple[str, str, str]:
-    """(prompt, response, specialty): a short triage note and its one-line summary."""
+    """(prompt, response, specialty): a short triage note and its one-line summary.
+
+    The summary has one rigid shape, five fields in a fixed order joined by " | " ("39M | exertional
+    chest pressure | 3 days | history: osteoarthritis | refer: cardiology"; "history: none" when the
+    note names none): every row teaches the same format, so a few DP-SGD steps already move the model
+    (the shared format gives the sites' clipped per-example gradients a common direction), and notes
+    of one or two sentences keep an example within 112 tokens with SmolLM2's chat template (106 at most).
+    """
     specialty = rng.choice(CLINICAL_LABELS)
     age = rng.randint(18, 92)
     male = rng.random() < 0.5
@@ -787,18 +794,11 @@ def clinical_summary(rng: random.Random) -> tuple[str, str, str]:
     said, short = rng.choice(SUMMARY_DURATIONS)
     who = rng.choice([f"{age}-year-old {'man' if male else 'woman'}", f"{age}yo {'M' if male else 'F'}",
                       f"Patient, {'male' if male else 'female'}, {age},"])
-    sentences = [f"{who} {note_phrase} {said}."]
     history = rng.choice(HISTORY) if rng.random() < 0.6 else ""
-    if history:
-        sentences.append(f"History of {history}.")
-    if rng.random() < 0.5:
-        sentences.append(f"BP {_bp(rng)}, HR {rng.randint(55, 130)}.")
-    if rng.random() < 0.4:
-        sentences.append(fill(rng.choice(CLIN_FINDINGS[specialty]), CLIN_SLOTS, rng))
-    note = " ".join(sentences)
-    summary = f"{age}{'M' if male else 'F'} with {summary_phrase} {short}" + (f"; history of {history}" if history else "")
-    summary += f"; refer to {specialty}."
-    return f"{SUMMARY_INSTRUCTION}\n{note}", summary, specialty
+    note = f"{who} {note_phrase} {said}." + (f" History of {history}." if history else "")
+    fields = [f"{age}{'M' if male else 'F'}", summary_phrase, short.removeprefix("for "),
+              f"history: {history or 'none'}", f"refer: {specialty}"]
+    return f"{SUMMARY_INSTRUCTION}\n{note}", " | ".join(fields), specialty
 
 
 def build_summaries(n: int, rng: random.Random) -> list[tuple[str, str, str]]:
