@@ -328,13 +328,13 @@ def check_prepared(site: SiteConfig) -> CheckResult:
     try:
         report, warning = report_warning(site.data_path)
     except (ConfigError, OSError) as err:
-        return CheckResult("prepared data", False, f"{type(err).__name__}: {err}")
+        return CheckResult("prepare report", False, f"{type(err).__name__}: {err}")
     if report is None:
-        return CheckResult("prepared data", True, f"no `site prepare` report for {site.data_path.name} (optional: "
+        return CheckResult("prepare report", True, f"no `site prepare` report for {site.data_path.name} (optional: "
                                                   "`fedtune site prepare --config site.toml` cleans it and reports what it found)")
     if warning:
-        return CheckResult("prepared data", True, warning, warning=True)
-    return CheckResult("prepared data", True, f"{site.data_path.name} is unchanged since `site prepare` wrote {report.name}")
+        return CheckResult("prepare report", True, warning, warning=True)
+    return CheckResult("prepare report", True, f"{site.data_path.name} is unchanged since `site prepare` wrote {report.name}")
 
 
 CHECKS: tuple[tuple[str, Callable[[SiteConfig], str]], ...] = (
