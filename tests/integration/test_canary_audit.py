@@ -12,7 +12,6 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fedtune.common.config import from_dict
@@ -98,5 +97,4 @@ def test_dp_run_through_the_cli_stays_below_its_epsilon(tiny_model_dir: Path, da
         assert stored[side]["canaries"] == CANARIES
     assert f"theoretical epsilon (site-0):        {stored['epsilon']:.3f}" in result.output
     assert "empirical lower bound, black-box" in result.output and "empirical lower bound, white-box" in result.output
-    scores_in = np.array([c["correct"] for c in stored["black_box"]["candidates"]])
-    assert scores_in.size == len(stored["black_box"]["candidates"]) > 1, "several k tried, Bonferroni-corrected"
+    assert len(stored["black_box"]["candidates"]) > 1, "several k tried, Bonferroni-corrected"
