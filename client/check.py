@@ -320,9 +320,10 @@ def _check_policy(site: SiteConfig) -> str:
             + (f"; LoRA rank <= {p.max_lora_rank}" if p.max_lora_rank else "") + f"; tasks allowed: {', '.join(p.allowed_tasks)}")
 
 
-def check_prepared(site: SiteConfig) -> CheckResult:
-    """The `site prepare` report of the configured data file, if any: a warning when the file changed since
-    it was written (its sha256 and size are in the report), or when site.toml still names the raw file."""
+def check_prepared(site: SiteConfig) -> CheckResult | None:
+    """The `site prepare` report of the configured data file: a warning when the file changed since it was
+    written (its sha256 and size are in the report), or when site.toml still names the raw file; None when
+    there is no report (preparing is optional, so `site check` then prints no line for it)."""
     from .prepare import report_warning
 
     try:
@@ -330,8 +331,7 @@ def check_prepared(site: SiteConfig) -> CheckResult:
     except (ConfigError, OSError) as err:
         return CheckResult("prepare report", False, f"{type(err).__name__}: {err}")
     if report is None:
-        return CheckResult("prepare report", True, f"no `site prepare` report for {site.data_path.name} (optional: "
-                                                  "`fedtune site prepare --config site.toml` cleans it and reports what it found)")
+        return None
     if warning:
         return CheckResult("prepare report", True, warning, warning=True)
     return CheckResult("prepare report", True, f"{site.data_path.name} is unchanged since `site prepare` wrote {report.name}")
@@ -358,5 +358,6 @@ def run_checks(site: SiteConfig, *, max_length: int = 0) -> Iterator[CheckResult
             yield CheckResult(name, True, _check_site_data(site, max_length=max_length) if check is _check_site_data else check(site))
         except (FedtuneError, OSError, ValueError, ssl.SSLError) as err:
             yield CheckResult(name, False, f"{type(err).__name__}: {err}")
-        if check is _check_site_data:
-            yield check_prepared(site)
+        prepared = check_prepared(site) if check is _check_site_data else None
+        if prepared is not None:
+            yield prepared

@@ -186,15 +186,17 @@ def test_a_bad_in_path_names_the_file(tmp_path: Path) -> None:
 def test_site_check_warns_when_the_data_changed_since_prepare(tmp_path: Path) -> None:
     raw = _write_csv(tmp_path / "notes.csv", ROWS)
     site = load_site_config(_site(tmp_path, raw))
-    assert check_prepared(site).detail.startswith("no `site prepare` report")
+    assert check_prepared(site) is None  # no report: site check prints no line for it
 
     result = prepare_site(site, plot=False)  # the site's own tokenizer (the packaged MiniLM)
     on_raw = check_prepared(site)
     cleaned_site = load_site_config(_site(tmp_path, result.out))
     unchanged = check_prepared(cleaned_site)
+    assert on_raw is not None and unchanged is not None
     with result.out.open("a", encoding="utf-8") as f:
         f.write("A new note added by hand after prepare ran.,cardiology,h0\n")
     changed = check_prepared(cleaned_site)
+    assert changed is not None
 
     assert result.out == tmp_path / "notes.clean.csv" and report_path(result.out).is_file()
     assert on_raw.warning and "is the raw file" in on_raw.detail and str(result.out) in on_raw.detail
@@ -202,7 +204,8 @@ def test_site_check_warns_when_the_data_changed_since_prepare(tmp_path: Path) ->
     assert changed.ok and changed.warning
     assert f"{result.out} (the cleaned file) changed since `site prepare`" in changed.detail
     raw.write_text(raw.read_text(encoding="utf-8") + "One more raw row.,neurology,h1\n", encoding="utf-8")
-    assert "notes.csv (the raw file) changed" in check_prepared(site).detail
+    raw_changed = check_prepared(site)
+    assert raw_changed is not None and raw_changed.warning and "notes.csv (the raw file) changed" in raw_changed.detail
 
 
 def test_causal_lm_rows_keep_the_line_breaks_of_prompts_and_responses(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
