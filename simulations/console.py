@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fedtune.common.errors import ConfigError, FedtuneError
+
 LOG_FILE = "log.txt"
 _FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 # Ray's name for the driver-side handler that prints forwarded worker output (ray/_private/worker.py).
@@ -123,12 +125,43 @@ def init_ray(*, address: str | None, num_cpus: int, log_file: Path | None, verbo
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}, "log_to_driver": True,
                               "logging_level": logging.INFO}
     if address:
+        check_reachable(address)
         kwargs["address"] = address
     else:
         kwargs.update(num_cpus=num_cpus, include_dashboard=False)
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as err:  # nothing answered at --ray-address
+        raise ConfigError(f"--ray-address {address}: no Ray cluster answered there ({err}); start one with "
+                          "`ray start --head --port=PORT` and give its HOST:PORT.") from None
+    except Exception as err:  # Ray raises a bare Exception when its raylet misses its fixed 30 s start-up window
+        if "timed out during startup" not in str(err):
+            raise
+        load = os.getloadavg()[0]
+        raise FedtuneError(f"Ray did not start on this machine: {err} (load average {load:.1f} on {os.cpu_count()} CPUs). "
+                           "Try again when the machine is less busy, or run on a started cluster with --ray-address.") from None
     if not verbose and log_file is not None:
         _forward_actor_output(log_file)
+
+
+def check_reachable(address: str) -> None:
+    """Refuse a --ray-address that nothing listens on, at once (Ray itself retries for minutes).
+
+    ``auto`` (Ray's "the cluster started on this machine") is left to Ray.
+    """
+    import socket
+
+    if address == "auto":
+        return
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise ConfigError(f"--ray-address must be HOST:PORT (the head's GCS address, as `ray start --head` printed it) or 'auto', "
+                          f"got {address!r}.")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as err:
+        raise ConfigError(f"--ray-address {address}: nothing answered there ({err}); start a cluster with "
+                          "`ray start --head --port=PORT` and give its HOST:PORT.") from None
 
 
 def _forward_actor_output(log_file: Path) -> None:

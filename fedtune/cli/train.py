@@ -46,6 +46,10 @@ def simulate(config_file: str | None, ray_address: str | None, verbose: bool, **
     complete checkpoint.
     """
     offline_env()
+    if ray_address:  # at once: Ray itself would retry an address nothing answers at for minutes
+        from fedtune.simulations.console import check_reachable
+
+        check_reachable(ray_address)
     resume, allow_change = flags.pop("resume"), flags.pop("allow_change")
     flags["fail_sites"] = parse_fail_sites(flags.pop("fail_sites"))
     if resume:

@@ -3,7 +3,7 @@
 A local Ray head (`ray start --head --block`, 2 CPUs, every port chosen free) stands in for a
 cluster; a tiny 2-site, 1-round simulation connects to it through the CLI at 127.0.0.1. The head is
 ended by signalling its own process group, never with `ray stop`: that stops every Ray process on
-the machine, other people's included. Marked slow (Ray's start and two actors: a minute or more).
+the machine, other people's included. That test is marked slow (Ray's start and two actors: a minute or more).
 
 Ray turns --node-ip-address=127.0.0.1 into the machine's address unless told that this is a
 one-machine cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, its macOS/Windows mode), so both the head
@@ -27,8 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
 
 HEAD_START_SECONDS = 600  # Ray waits 30 s for its raylet; a busy 2-core machine may need a few tries
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -101,6 +99,7 @@ def ray_head() -> Iterator[str]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_simulation_runs_on_an_existing_ray_cluster(ray_head: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
 
@@ -118,3 +117,21 @@ def test_a_simulation_runs_on_an_existing_ray_cluster(ray_head: str, tiny_model_
     assert "Connecting to existing Ray cluster" in log and ray_head in log
     assert "Started a local Ray instance" not in log
     assert "ClientAppActor" in log, "the sites ran as actors of the cluster, their output forwarded to this driver"
+
+
+def test_an_address_nothing_answers_at_is_refused_in_one_line_before_anything_starts(tmp_path: Path) -> None:
+    port = free_port()  # bound and released: nothing listens there now
+    run_dir = tmp_path / "run"
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "simulate", "--ray-address", f"127.0.0.1:{port}", "--sites", "2", "--rounds", "1",
+         "--out", str(run_dir)],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"fedtune: error: --ray-address 127.0.0.1:{port}: nothing answered there ([Errno 111] Connection refused); "
+        "start a cluster with `ray start --head --port=PORT` and give its HOST:PORT."
+    ]
+    assert not run_dir.exists(), "refused before the run directory is made"
