@@ -39,10 +39,10 @@ def main(ctx: click.Context, debug: bool) -> None:
     averages them. Only adapter tensors and scalar metrics ever leave a site.
 
     \b
-    Researchers:   fedtune simulate                     (N sites on this machine)
+    Researchers:   fedtune simulate (N sites on this machine), sweep (a grid of runs over seeds)
     Coordinators:  fedtune certs init, coordinator start, coordinator add-site, run, status, logs, stop
-    Site operators: fedtune site init, site check, site start, site ledger
-    Auditors:      fedtune report RUN_DIR, audit RUN_DIR    (privacy report, membership inference)
+    Site operators: fedtune site init, site prepare, site check, site start, site ledger
+    Auditors:      fedtune report RUN_DIR, audit RUN_DIR, audit-canary   (privacy report, attacks, one-run audit)
     Everyone:      fedtune evaluate / predict / generate / export / serve (use a trained adapter), dashboard RUN_DIR...
     """
     ctx.ensure_object(dict)
