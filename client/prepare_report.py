@@ -53,7 +53,7 @@ def render(report: PrepareReport, console: Any) -> None:
     if r.deid.enabled:
         console.print("de-identified: " + (", ".join(f"{k} {v}" for k, v in sorted(r.deid.counts.items())) or "nothing found"))
     if r.label_conflicts:
-        console.print(f"[yellow]label conflicts[/yellow] (same text, different labels; fix and run again): "
+        console.print("[yellow]label conflicts[/yellow] (same text, different labels; fix and run again): "
                       + "; ".join("rows " + ", ".join(map(str, g)) for g in r.label_conflicts[:SHOWN_ROWS]))
     if r.near_pairs_with_other_labels:
         console.print("[yellow]review[/yellow]: near-identical rows with different labels (both kept): "

@@ -31,7 +31,7 @@ def sweep(config_file: Path, out: Path | None, jobs: int, run_timeout: float, re
     and the sweep goes on. Bands and intervals are 95% Student-t intervals of the mean over seeds.
     """
     offline_env()
-    from fedtune.sweep import collect_rows, is_done, load_sweep, print_table, run_sweep
+    from fedtune.sweep import is_done, load_sweep, print_table, run_sweep
 
     out = out or Path("runs") / f"sweep-{config_file.stem}"
     plan = load_sweep(config_file, out=out)
