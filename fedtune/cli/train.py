@@ -20,6 +20,16 @@ from fedtune.cli.root import main, offline_env
 from fedtune.common.errors import ConfigError
 
 
+def _resume_or_resolve(config_file: str | None, flags: dict[str, Any], *, simulation: bool) -> tuple[Path | None, Any]:
+    """Pop --resume/--allow-change from flags; the resumed run's config, or the one the flags and file give."""
+    resume, allow_change = flags.pop("resume"), flags.pop("allow_change")
+    if resume:
+        return resume, resume_config(resume, config_file, allow_change, simulation=simulation, **flags)
+    if allow_change:
+        raise ConfigError("--allow-change is for --resume RUN_DIR only.")
+    return None, resolve_config(config_file, "sim" if simulation else "run", **flags)
+
+
 @main.command()
 @resume_options
 @run_options
@@ -50,14 +60,9 @@ def simulate(config_file: str | None, ray_address: str | None, verbose: bool, **
         from fedtune.simulations.console import check_reachable
 
         check_reachable(ray_address)
-    resume, allow_change = flags.pop("resume"), flags.pop("allow_change")
     flags["fail_sites"] = parse_fail_sites(flags.pop("fail_sites"))
-    if resume:
-        run = resume_config(resume, config_file, allow_change, simulation=True, **flags)
-    else:
-        if allow_change:
-            raise ConfigError("--allow-change is for --resume RUN_DIR only.")
-        run = resolve_config(config_file, "sim", **flags)
+    resume, run = _resume_or_resolve(config_file, flags, simulation=True)
+    if not resume:
         from fedtune.common.io import check_writable
         from fedtune.simulations.simulate import preflight
 
@@ -100,18 +105,13 @@ def run_cmd(config_file: str | None, address: str, certs: Path | None, insecure:
     from fedtune.common.config import RunConfig, from_dict
     from fedtune.server.coordinator import app_dir, flwr_command, run_config_args
 
-    resume, allow_change = flags.pop("resume"), flags.pop("allow_change")
     labels = flags.get("labels")
-    if not labels and not resume and flags.get("task") != "causal-lm":  # a causal LM has no label set
+    if not labels and not flags.get("resume") and flags.get("task") != "causal-lm":  # a causal LM has no label set
         raise ConfigError("--labels is required: the run's label set, as L1,L2,... or a file with one label per line.")
     if labels and Path(labels).is_file():
         flags["labels"] = ",".join(line.strip() for line in Path(labels).read_text(encoding="utf-8").splitlines() if line.strip())
-    if resume:
-        run = resume_config(resume, config_file, allow_change, simulation=False, **flags)
-    else:
-        if allow_change:
-            raise ConfigError("--allow-change is for --resume RUN_DIR only.")
-        run = resolve_config(config_file, "run", **flags)
+    resume, run = _resume_or_resolve(config_file, flags, simulation=False)
+    if not resume:
         run = from_dict({"simulation": False, "out": str(Path(run.out).resolve())}, base=run)
         if run.causal_lm and run.data.path and not run.data.path.startswith("demo:"):
             # The coordinator's own held-out file (server/lm_eval.py), read by the ServerApp in another folder.
