@@ -19,6 +19,20 @@ import tempfile
 from pathlib import Path
 
 
+def demo_slice(root: Path, rows: int) -> Path:
+    """The first `rows` rows of the packaged demo as root/notes.csv (text, label); also used by canary_audit.py."""
+    from fedtune.common.sitedata import demo_data_path
+
+    data = root / "notes.csv"
+    with open(demo_data_path(), newline="", encoding="utf-8") as f:
+        picked = list(csv.DictReader(f))[:rows]
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows({"text": r["text"], "label": r["label"]} for r in picked)
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=400)
@@ -29,17 +43,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from fedtune.common.config import from_dict
-    from fedtune.common.sitedata import demo_data_path, load_config_table, simulated_split, site_examples
+    from fedtune.common.sitedata import load_config_table, simulated_split, site_examples
 
     root = args.out or Path(tempfile.mkdtemp(prefix="fedtune-audit-"))
     root.mkdir(parents=True, exist_ok=True)
-    data = root / "notes.csv"
-    with open(demo_data_path(), newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))[: args.rows]
-    with open(data, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows({"text": r["text"], "label": r["label"]} for r in rows)
+    data = demo_slice(root, args.rows)
 
     # Members and non-members exactly as the runs split them (same seed, same config).
     run = from_dict({"data": {"path": str(data)}, "federation": {"sites": 2}})

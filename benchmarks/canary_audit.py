@@ -13,7 +13,6 @@ command fails otherwise). With --sites 1 the white-box score sees exactly the si
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -36,17 +35,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from fedtune.common.sitedata import demo_data_path
-
     root = args.out or Path(tempfile.mkdtemp(prefix="fedtune-canary-"))
     root.mkdir(parents=True, exist_ok=True)
-    data = root / "notes.csv"
-    with open(demo_data_path(), newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))[: args.rows]
-    with open(data, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows({"text": r["text"], "label": r["label"]} for r in rows)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from audit import demo_slice  # noqa: E402  (a sibling script, not a package)
+
+    data = demo_slice(root, args.rows)
 
     results = {}
     for mode in args.modes.split(","):
