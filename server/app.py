@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
-from torch.utils.data import TensorDataset
 
 from fedtune.common.config import RunConfig, dump_toml, from_flat
 from fedtune.common.errors import ConfigError
@@ -43,6 +42,8 @@ from .rounds import FailureRule, RoundTotals, TestScore, checkpoint_dir, missed_
 from .server_opt import server_optimizer
 
 if TYPE_CHECKING:
+    from torch.utils.data import TensorDataset
+
     from fedtune.common.init_adapter import EarlierAdapter
 
 logger = logging.getLogger(__name__)
