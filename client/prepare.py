@@ -338,7 +338,8 @@ def prepare_file(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         task=columns.task, settings=settings,
         input=dataclasses.replace(before or file_stamp(source, 0), rows=total),
-        output=file_stamp(out, len(kept)),
+        # The bytes just written, hashed in memory rather than read back.
+        output=FileStamp(str(out), out.suffix.lower().lstrip("."), hashlib.sha256(data).hexdigest(), len(data), len(kept)),
         normalised=normalised, control_chars_removed=removed, dropped=dropped,
         duplicates_of=tuple(sorted(pairs + near, key=lambda p: p.row)), label_conflicts=tuple(conflicts),
         near_pairs_with_other_labels=tuple(other), prompts_with_several_responses=several,
