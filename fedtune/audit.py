@@ -109,12 +109,14 @@ def tpr_at_fpr(member_scores: Any, non_member_scores: Any, fpr: float = 0.01) ->
         raise ValueError(f"fpr must be in [0, 1], got {fpr}.")
     pos = _as_scores(member_scores, "member scores")
     neg = _as_scores(non_member_scores, "non-member scores")
+    return float(np.mean(pos > _fpr_threshold(neg, fpr)))
+
+
+def _fpr_threshold(neg: np.ndarray, fpr: float) -> float:
+    """The (k+1)-th largest non-member score, k = floor(fpr * n0); -inf when every non-member may be flagged."""
     # The 1e-9 keeps a product like 0.29 * 100 = 28.999999999999996 from flooring to 28.
     k = int(math.floor(fpr * neg.size + 1e-9))
-    if k >= neg.size:
-        return 1.0
-    threshold = np.sort(neg)[::-1][k]
-    return float(np.mean(pos > threshold))
+    return -math.inf if k >= neg.size else float(np.sort(neg)[::-1][k])
 
 
 @dataclass(frozen=True)
@@ -193,8 +195,7 @@ def tpr_at_low_fpr(member_scores: Any, non_member_scores: Any, fpr: float, *, co
     needed = non_members_needed(fpr)
     if neg.size < needed:
         return LowFprTpr(fpr=fpr, non_members_needed=needed, reported=False)
-    k = int(math.floor(fpr * neg.size + 1e-9))
-    threshold = np.sort(neg)[::-1][k]
+    threshold = _fpr_threshold(neg, fpr)
     tp, fp = int(np.sum(pos > threshold)), int(np.sum(neg > threshold))
     t_ci, f_ci = clopper_pearson(tp, pos.size, confidence=confidence), clopper_pearson(fp, neg.size, confidence=confidence)
     return LowFprTpr(fpr=fpr, non_members_needed=needed, reported=True, tpr=tp / pos.size, tpr_ci=(t_ci.low, t_ci.high),
