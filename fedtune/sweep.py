@@ -504,14 +504,12 @@ def _done_row(cell: Cell, setting: tuple[tuple[str, str], ...]) -> RunRow:
         "bytes_up": summary.get("bytes_up"), "bytes_down": summary.get("bytes_down"),
         "seconds": summary.get("seconds"), "rounds": summary.get("rounds"),
     }
+    from fedtune.server.records import read_metrics  # the one reader of metrics.jsonl (a torn last line, damage)
+
     rounds = []
-    metrics = cell.run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                metric = r.get("test_accuracy") if r.get("test_accuracy") is not None else r.get("test_perplexity")
-                rounds.append(RoundPoint(round=int(r["round"]), metric=metric, max_epsilon=r.get("max_epsilon")))
+    for r in read_metrics(cell.run_dir):
+        metric = r.get("test_accuracy") if r.get("test_accuracy") is not None else r.get("test_perplexity")
+        rounds.append(RoundPoint(round=int(r["round"]), metric=metric, max_epsilon=r.get("max_epsilon")))
     return RunRow(name=cell.name, setting=setting, status="done", run_dir=str(cell.run_dir),
                   metrics=tuple((k, figures[k]) for k in CSV_METRICS), rounds=tuple(rounds))
 
