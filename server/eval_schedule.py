@@ -84,7 +84,8 @@ def scheduled_test(
     None for a round the schedule leaves untested; a sampled round's score says ``sampled``. Called
     without a round (an adapter before any training) it scores the whole split.
     """
-    sample = subset(full, schedule.sample_indices()) if schedule.settings.sample > 0 else full
+    # A sample at least as large as the split is never used (``sampled``): no copy of the whole split.
+    sample = subset(full, schedule.sample_indices()) if 0 < schedule.settings.sample < schedule.test_size else full
 
     def test(arrays: ArrayRecord, server_round: int | None = None) -> TestScore | None:
         if server_round is None:
