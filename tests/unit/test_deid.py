@@ -19,7 +19,7 @@ ON = DeidSettings(enabled=True)
 # a planted identifier counts only when exactly it, and nothing else in its sentence, became its tag.
 RECALL_FLOOR = {"EMAIL": 0.75, "PHONE": 0.9, "DATE": 0.85, "POSTAL_CODE": 0.85, "MRN": 0.88, "ACCOUNT": 0.85,
                 "IBAN": 0.95, "CARD": 0.95, "PERSON": 0.65}
-MAX_FALSE_REDACTIONS = 1  # of the 40 identifier-free sentences
+MAX_FALSE_REDACTIONS = 0  # of the 40 identifier-free sentences (measured 0; the README says 0)
 
 
 def _recall(corpus: list[Planted], texts: list[str]) -> tuple[dict[str, float], list[tuple[str, str]]]:
