@@ -66,7 +66,9 @@ def test_log_file_holds_the_third_party_lines(console: tuple[subprocess.Complete
     assert "DEPRECATED FEATURE" in log, "Flower's warning"
     assert "configure_train" in log, "Flower's INFO lines"
     assert "Started a local Ray instance" in log, "Ray's notices"
-    assert "ClientAppActor" in log, "the simulated sites' own output, forwarded by Ray"
+    # The sites' own output ("ClientAppActor" lines) is not asserted here: Ray forwards actor output
+    # asynchronously and a quick run can exit before it arrives (it failed a busy CI run that way).
+    # That it never reaches the terminal is checked above; test_ray_cluster reads the workers' own logs.
     # Filtered in the site process on purpose (client/app.py says why it is harmless); it was there once per actor.
     assert "Full backward hook" not in log
 
