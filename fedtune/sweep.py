@@ -47,7 +47,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedtune.common.config import RunConfig, from_dict, unknown_key
+from fedtune.common.config import RunConfig, from_dict, from_flat, unknown_key
 from fedtune.common.errors import ConfigError
 
 EPSILON_KEY = "privacy.target_epsilon"
@@ -185,23 +185,14 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    """The config override a grid value stands for; epsilon "none"/false turns DP off."""
+def _override(key: str, value: Any) -> dict[str, Any]:
+    """The config override a grid value stands for, in flat form (``common.config.from_flat``);
+    epsilon "none"/false turns DP off."""
     if key == EPSILON_KEY:
         if value is False or (isinstance(value, str) and value.lower() == NO_DP):
-            return {"privacy": {"enabled": False}}
-        return {"privacy": {"enabled": True, "target_epsilon": value}}
-    section, dot, sub = key.partition(".")
-    return {section: {sub: value}} if dot else {key: value}
-
-
-def _merge(into: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = dict(value) if isinstance(value, Mapping) else value
-    return into
+            return {"privacy.enabled": False}
+        return {"privacy.enabled": True, EPSILON_KEY: value}
+    return {key: value}
 
 
 def _absolute_paths(run: RunConfig) -> RunConfig:
@@ -229,7 +220,7 @@ def _key_problems(key: str, values: Any, base: RunConfig) -> list[str]:
             problems.append(f"grid key {key!r} lists the value {value!r} twice.")
         seen.append(value)
         try:
-            from_dict(_nest(key, value), base=base)
+            from_flat(_override(key, value), base=base)
         except ConfigError as err:
             # A value can also clash with a base setting that another grid key changes; the cells report those.
             problems.extend(f"grid key {key!r}, value {value!r}: {p}" for p in err.problems if p.startswith(key))
@@ -312,9 +303,9 @@ def plan_sweep(data: Mapping[str, Any], *, out: Path, preflight: bool = True) ->
             where = ", ".join(f"{k}={v!r}" for k, v in values)
             override: dict[str, Any] = {}
             for key, value in values:
-                _merge(override, _nest(key, value))
+                override.update(_override(key, value))
             try:
-                run = _absolute_paths(from_dict(override, base=base))
+                run = _absolute_paths(from_flat(override, base=base))
                 problems.extend(f"grid cell {where}: {p}" for p in _cell_problems(run, preflight=preflight))
             except ConfigError as err:
                 problems.extend(f"grid cell {where}: {p}" for p in err.problems)
