@@ -112,6 +112,33 @@ def evaluate(model: torch.nn.Module, dataset: TensorDataset, num_labels: int, *,
     )
 
 
+@dataclass(frozen=True)
+class ExampleScores:
+    """Each example's cross-entropy loss (float64, shape (n,)) and class probabilities (shape (n, K)), in dataset order."""
+
+    losses: np.ndarray
+    probabilities: np.ndarray
+
+
+@torch.no_grad()
+def score_examples(model: torch.nn.Module, dataset: TensorDataset, *, batch_size: int = 64) -> ExampleScores:
+    """One eval-mode pass over a classification ``dataset``: what a membership audit (the losses) and a
+    site's expert review (both) read; the model's training mode is restored after."""
+    was_training = model.training
+    model.eval()
+    losses, probs = [], []
+    try:
+        for batch in DataLoader(dataset, batch_size=batch_size):
+            loss, logits = forward_loss(model, batch, reduction="none")
+            losses.append(loss.double().numpy())
+            probs.append(torch.softmax(logits, dim=-1).numpy())
+    finally:
+        model.train(was_training)
+    if not losses:
+        return ExampleScores(losses=np.empty(0), probabilities=np.empty((0, 0), dtype=np.float32))
+    return ExampleScores(losses=np.concatenate(losses), probabilities=np.concatenate(probs))
+
+
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, dataset: TensorDataset, *, batch_size: int = 64) -> np.ndarray:
     model.eval()

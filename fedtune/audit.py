@@ -287,18 +287,9 @@ def membership_scores(
 
 def per_example_losses(model: Any, dataset: Any, *, batch_size: int = 64) -> np.ndarray:
     """Cross-entropy loss of each example under ``model`` (eval mode, no gradients)."""
-    import torch
-    from torch.utils.data import DataLoader
+    from fedtune.common.tasks import score_examples
 
-    from fedtune.common.tasks import forward_loss
-
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size=batch_size):
-            loss, _ = forward_loss(model, batch, reduction="none")
-            out.append(loss.double().numpy())
-    return np.concatenate(out) if out else np.empty(0)
+    return score_examples(model, dataset, batch_size=batch_size).losses
 
 
 def _flagged(flag: str, fn: Callable[[], Any]) -> Any:

@@ -31,9 +31,7 @@ from fedtune.common.errors import ConfigError, DataError
 from fedtune.common.io import atomic_write_bytes, write_file_exclusive
 
 if TYPE_CHECKING:
-    import torch
     from rich.table import Table
-    from torch.utils.data import TensorDataset
 
     from fedtune.common.data import TextTable
     from fedtune.inference import LoadedAdapter
@@ -153,37 +151,17 @@ class Review:
         return {"examples": r.examples, "accuracy": r.accuracy, "macro_f1": r.macro.f1, "loss": self.loss, **r.to_json()}
 
 
-def _scores(model: torch.nn.Module, dataset: TensorDataset, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's cross-entropy and class probabilities, in one pass."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from fedtune.common.tasks import forward_loss
-
-    was_training = model.training
-    model.eval()
-    losses, probs = [], []
-    try:
-        with torch.no_grad():
-            for batch in DataLoader(dataset, batch_size=batch_size):
-                loss, logits = forward_loss(model, batch, reduction="none")
-                losses.append(loss.numpy())
-                probs.append(torch.softmax(logits, dim=-1).numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(losses), np.concatenate(probs)
-
-
 def review(loaded: LoadedAdapter, table: TextTable, *, batch_size: int = 64) -> Review:
     """Score ``table`` (labels already checked against the adapter's) with the adapter; the report and the errors.
 
     Raises:
         DataError: a label outside the adapter's label map (`fedtune.common.data.check_labels` names the rows first).
     """
-    from fedtune.common.tasks import encode
+    from fedtune.common.tasks import encode, score_examples
 
     dataset = encode(loaded.tokenizer, table.texts, table.labels, loaded.labels, max_length=loaded.max_length)
-    losses, probs = _scores(loaded.model, dataset, batch_size)
+    scores = score_examples(loaded.model, dataset, batch_size=batch_size)
+    losses, probs = scores.losses, scores.probabilities
     y_true, y_pred = dataset.tensors[2].numpy(), probs.argmax(axis=1)
     report = class_report(y_true, y_pred, loaded.labels)
     errors = tuple(Misclassified(row=i + 1, text=table.texts[i], true_label=loaded.labels[int(y_true[i])],

@@ -129,6 +129,38 @@ def test_review_scores_a_real_adapter_like_the_training_metrics(tiny_model_dir: 
     assert result.to_json()["examples"] == len(texts) and len(result.to_json()["per_class"]) == 3
 
 
+def test_score_examples_gives_each_rows_loss_and_probabilities_for_the_review_and_the_audit(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from fedtune.audit import per_example_losses
+    from fedtune.common.tasks import encode, score_examples
+    from tests.unit.lora_models import lora_model
+
+    labels = ["cardio", "neuro", "onco"]
+    texts = ["chest pain", "a much longer note about a headache that started two days ago", "back", "no complaints today"]
+    truth = ["cardio", "neuro", "onco", "cardio"]
+    model = lora_model(tiny_model_dir, 3)
+    model.train()
+    dataset = encode(AutoTokenizer.from_pretrained(str(tiny_model_dir)), texts, truth, labels, max_length=32)
+
+    scores = score_examples(model, dataset, batch_size=3)  # a batch of 3 and one of 1, trimmed to their own widths
+
+    # Independent: each row alone, full padded width, through the plain model and torch's log-softmax.
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=dataset.tensors[0][i:i + 1], attention_mask=dataset.tensors[1][i:i + 1]).logits
+                            for i in range(len(texts))])
+    by_hand = -torch.log_softmax(logits, dim=-1)[torch.arange(len(texts)), dataset.tensors[2]]
+    model.train()
+    score_examples(model, dataset)
+    assert model.training, "the caller's training mode is restored"
+    assert scores.losses.dtype == np.float64 and scores.losses.shape == (4,)
+    np.testing.assert_allclose(scores.losses, by_hand.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(scores.probabilities, torch.softmax(logits, dim=-1).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(per_example_losses(model, dataset, batch_size=3), scores.losses)  # the audit's losses are these
+
+
 ERRORS = (Misclassified(row=3, text='says "no", then, =SUM(A1)\nnew line', true_label="cardio", predicted_label="neuro",
                         score=0.75, true_label_score=0.125),
           Misclassified(row=9, text="Ünïcode – ok", true_label="onco", predicted_label="cardio", score=0.5, true_label_score=0.25))
