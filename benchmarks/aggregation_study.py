@@ -87,28 +87,64 @@ def method_label(row: dict) -> str:  # type: ignore[type-arg]
     return str(method)
 
 
+def schedule_labels(rows: list[dict]) -> dict[int, str]:  # type: ignore[type-arg]
+    """Per row (by position), the schedule settings that differ between the rows given, e.g. 'r=10 local_epochs=1'.
+
+    Results files of different --rounds, --partition or --set (batch size, local epochs, learning
+    rate) must not be averaged together by `--from-results`; settings shared by every row stay out
+    of the labels (the table's first line names them).
+    """
+    def settings(r: dict) -> dict[str, str]:  # type: ignore[type-arg]
+        found = {"r": str(r["rounds"]), "partition": str(r["partition"])}
+        for item in r.get("set") or []:
+            key, _, value = item.partition("=")
+            found[key.rpartition(".")[2]] = value
+        return found
+
+    per_row = [settings(r) for r in rows]
+    keys = sorted({k for s in per_row for k in s})
+    varying = [k for k in keys if len({s.get(k, "default") for s in per_row}) > 1]
+    return {i: " ".join(f"{k}={s.get(k, 'default')}" for k in varying) for i, s in enumerate(per_row)}
+
+
+def row_labels(rows: list[dict]) -> list[str]:  # type: ignore[type-arg]
+    """Each row's method label, followed by its schedule label when the rows given differ in schedule."""
+    schedule = schedule_labels(rows)
+    return [f"{method_label(r)} {schedule[i]}".strip() for i, r in enumerate(rows)]
+
+
 def summarise(rows: list[dict], args: argparse.Namespace) -> list[str]:  # type: ignore[type-arg]
-    groups: dict[tuple[str, str], list[dict]] = {}  # type: ignore[type-arg]
-    for r in rows:
-        groups.setdefault((method_label(r), r["mode"]), []).append(r)
-    reference = groups.get(("central", "nodp"))
-    ref_mean = statistics.fmean(r["test_accuracy"] for r in reference) if reference else None
+    schedule = schedule_labels(rows)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, label in enumerate(row_labels(rows)):
+        groups.setdefault((label, rows[i]["mode"]), []).append(i)
+    # Each method is measured against centralized non-private under the same schedule (rounds,
+    # partition, --set): the reference the issue's goals name.
+    references: dict[str, list[float]] = {}
+    for i, r in enumerate(rows):
+        if r["method"] == "central" and r["mode"] == "nodp":
+            references.setdefault(schedule[i], []).append(r["test_accuracy"])
     first = rows[0]
+    varies = any(schedule.values())
     lines = [f"{first['data']}{' (' + str(first['rows']) + ' rows)' if first.get('rows') else ''}: {first['sites']} sites, "
-             f"{first['partition']}, {first['rounds']} rounds, DP at epsilon {first['epsilon']:g} per site"
-             + (f", {' '.join(first['set'])}" if first["set"] else ""),
-             f"{'method':<20} {'mode':<5} {'seeds':>5} {'test acc (mean +- sd)':>22} {'macro-F1':>8} {'vs central no-DP':>16} {'max eps':>7} {'s/run':>6}"]
+             + (f"{first['partition']}, {first['rounds']} rounds, " if not varies else "schedules as labelled, ")
+             + f"DP at epsilon {first['epsilon']:g} per site"
+             + (f", {' '.join(first['set'])}" if first["set"] and not varies else ""),
+             f"{'method':<36} {'mode':<5} {'seeds':>5} {'test acc (mean +- sd)':>23} {'macro-F1':>8} {'vs central no-DP':>16} {'max eps':>7} {'s/run':>6}"]
     order = {m: i for i, m in enumerate(METHODS)}
     labels = sorted({label for label, _ in groups}, key=lambda label: (order.get(label.split()[0], len(order)), label))
     for label in labels:
         for mode in ("dp", "nodp"):
-            runs = groups.get((label, mode))
-            if not runs:
+            members = groups.get((label, mode))
+            if not members:
                 continue
+            runs = [rows[i] for i in members]
             acc = [r["test_accuracy"] for r in runs]
-            sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            gap = f"{100 * (statistics.fmean(acc) - ref_mean):+.1f} pts" if ref_mean is not None else "-"
-            lines.append(f"{label:<20} {mode:<5} {len(runs):>5} {statistics.fmean(acc):>14.3f} +- {sd:.3f} "
+            # One seed has no spread: said so, never printed as a mean +- 0.
+            spread = f"+- {statistics.stdev(acc):.3f}" if len(acc) > 1 else "(1 seed)"
+            ref = references.get(schedule[members[0]])
+            gap = f"{100 * (statistics.fmean(acc) - statistics.fmean(ref)):+.1f} pts" if ref else "-"
+            lines.append(f"{label:<36} {mode:<5} {','.join(str(r['seed']) for r in runs):>5} {statistics.fmean(acc):>14.3f} {spread:>8} "
                          f"{statistics.fmean(r['test_macro_f1'] for r in runs):>8.3f} {gap:>16} "
                          f"{max(r['max_epsilon'] for r in runs):>7.2f} {statistics.fmean(r['seconds'] for r in runs):>6.0f}")
     return lines
@@ -123,17 +159,20 @@ def plot(rows: list[dict], path: Path) -> None:  # type: ignore[type-arg]
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[str, list[list[float]]] = {}
-    for r in rows:
-        groups.setdefault(f"{method_label(r)} ({'DP' if r['mode'] == 'dp' else 'no DP'})", []).append(r["accuracy_by_round"])
+    for label, r in zip(row_labels(rows), rows):
+        groups.setdefault(f"{label} ({'DP' if r['mode'] == 'dp' else 'no DP'})", []).append(r["accuracy_by_round"])
+    ticks = 0
     for label, curves in sorted(groups.items()):
         a = np.array(curves)
         x = np.arange(1, a.shape[1] + 1)
+        ticks = max(ticks, a.shape[1])
+        label = f"{label}, {len(a)} seed{'s' if len(a) > 1 else ''}"
         mean, sd = a.mean(axis=0), a.std(axis=0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1])
         line, = ax.plot(x, mean, marker="o", label=label, linestyle="--" if "no DP" in label else "-")
         ax.fill_between(x, mean - sd, mean + sd, alpha=0.15, color=line.get_color())
     ax.set_xlabel("round")
     ax.set_ylabel("held-out test accuracy")
-    ax.set_xticks(x)
+    ax.set_xticks(np.arange(1, ticks + 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
