@@ -204,13 +204,13 @@ def _prepare_lm_site(run: RunConfig, settings: SiteSettings, tokenizer: Any, nod
 def prepare_lm_rows(run: RunConfig, settings: SiteSettings, table: LMTable, indices: Sequence[int], *, seed: int,
                  tokenizer: Any, deid: DeidSettings | None = None) -> PreparedSite:
     """A causal-LM site holding the rows ``indices`` of ``table``: its train/validation split (drawn with
-    ``seed``), de-identified (``deid``; None: a simulated run's ``data.deidentify``), encoded with
+    ``seed``), de-identified (``deid``; None: ``deid.site_deid`` with no node_config), encoded with
     ``tokenizer``, each kept row's ledger key. ``prepare_site``'s last step; a benchmark that
     partitions the rows its own way (by topic) calls it with its own ``indices``."""
     from fedtune.common.lm_site import encode_site, lm_site_split
 
     lm_split = lm_site_split(table, indices, val_fraction=settings.val_fraction, seed=seed, site=settings.name)
-    deid = deid if deid is not None else DeidSettings(enabled=run.data.deidentify and settings.simulated)
+    deid = deid if deid is not None else _site_deid(run, settings, {})  # no node_config: a deployed site's [deid] is off
     encoded = encode_site(tokenizer, _deidentified_lm(lm_split, deid, site=settings.name), max_length=run.max_length,
                           template=run.data.template, site=settings.name)
     if deid.enabled:  # the ledger keys the rows as stored (see prepare_site)

@@ -231,6 +231,20 @@ def test_a_causal_lm_site_encodes_redacted_messages_and_keys_the_ledger_by_the_s
     stored = {record_digests([p], [r])[0] for p, r in pairs}
     assert set(site.all_records) <= stored and len(site.train_records) == len(site.lm.train.dataset)
 
+    # A benchmark's own partition (prepare_lm_rows, deid=None) follows site_deid's rule: a simulated site
+    # redacts as data.deidentify says; a deployed one only as its own [deid] (none in an empty node_config).
+    import dataclasses
+
+    from fedtune.client.local import prepare_lm_rows
+    from fedtune.common.lm_site import load_config_lm_table
+
+    table = load_config_lm_table(run.data)
+    for simulated, redacts in ((True, True), (False, False)):
+        settings = dataclasses.replace(site.settings, partition=0 if simulated else None)
+        own = prepare_lm_rows(run, settings, table, range(len(pairs)), seed=0, tokenizer=tokenizer)
+        text = " ".join(tokenizer.decode(ids) for ids in own.lm.train.dataset.tensors[0])
+        assert ("Smith" not in text and "00123456" not in text) == redacts, (simulated, text[:200])
+
 
 def test_a_deployed_site_redacts_what_its_site_toml_names_whatever_the_run_says(tmp_path: Path) -> None:
     from fedtune.client.daemon import load_site_config
