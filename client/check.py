@@ -21,6 +21,7 @@ from fedtune.common.tls import (
 )
 
 from .daemon import SiteConfig
+from .prepare_report import SHOWN_ROWS, row_list
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,6 @@ def _check_data(site: SiteConfig) -> str:
         check_labels(table, list(site.labels))  # names the first row outside the published set
     distinct = len(set(record_digests(table.texts, table.labels)))
     return f"{len(table.labels)} rows ({distinct} distinct records in the ledger's sense), {len(labels)} labels {counts}"
-
-
-# causal-lm: at most this many row numbers are named per problem (never a row's text).
-SHOWN_ROWS = 10
-
-
-def _rows(where: list[str]) -> str:
-    return ", ".join(where[:SHOWN_ROWS]) + (f" and {len(where) - SHOWN_ROWS} more" if len(where) > SHOWN_ROWS else "")
 
 
 def _chat_problem(value: Any) -> str:
@@ -125,9 +118,9 @@ def _lm_table(site: SiteConfig) -> Any:
     convs, blank_prompts, empty_responses, bad = _read_lm_rows(site)
     problems = []
     if blank_prompts:
-        problems.append(f"{len(blank_prompts)} blank prompts in column {site.prompt_column!r} ({_rows(blank_prompts)})")
+        problems.append(f"{len(blank_prompts)} blank prompts in column {site.prompt_column!r} ({row_list(blank_prompts)})")
     if empty_responses:
-        problems.append(f"{len(empty_responses)} empty responses in column {site.response_column!r} ({_rows(empty_responses)})")
+        problems.append(f"{len(empty_responses)} empty responses in column {site.response_column!r} ({row_list(empty_responses)})")
     if bad:
         problems.append(f"{len(bad)} unusable rows: " + "; ".join(bad[:SHOWN_ROWS]))
     rows = len(convs) + len(blank_prompts) + len(empty_responses) + len(bad)
@@ -164,7 +157,7 @@ def _check_lm_data(site: SiteConfig, *, max_length: int = 0) -> str:
         elif len(prompt) + len(response) > max_length:
             truncated += 1
     if no_tokens:
-        raise FedtuneError(f"{site.data_path}: {len(no_tokens)} rows whose prompt or response encodes to no tokens ({_rows(no_tokens)}).")
+        raise FedtuneError(f"{site.data_path}: {len(no_tokens)} rows whose prompt or response encodes to no tokens ({row_list(no_tokens)}).")
     if len(dropped) == rows:
         raise FedtuneError(f"{site.data_path}: every prompt fills max_length {max_length} tokens; no example would train.")
     distinct = len(set(lm_record_digests(table)))
@@ -174,7 +167,7 @@ def _check_lm_data(site: SiteConfig, *, max_length: int = 0) -> str:
             f"{'with the chat template' if chat else 'as plain text'}; tokens per example: median {statistics.median(lengths):g}, "
             f"95th percentile {ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}, max {ordered[-1]}; at max_length {max_length}: "
             f"{truncated} would be truncated (end of the response cut), {len(dropped)} dropped (the prompt alone fills it"
-            + (f": {_rows(dropped)}" if dropped else "") + ")")
+            + (f": {row_list(dropped)}" if dropped else "") + ")")
 
 
 def _check_site_data(site: SiteConfig, *, max_length: int = 0) -> str:

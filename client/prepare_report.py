@@ -6,20 +6,20 @@ Both show counts and row numbers only, like the JSON report they are drawn from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # prepare.py calls write_plot; no import circle at run time
     from .prepare import PrepareReport
 
-# At most this many row numbers are printed per line of the table; the JSON report has them all.
+# At most this many row numbers are named per line (the terminal table; `site check`'s problems), never a
+# row's text; the JSON report has them all.
 SHOWN_ROWS = 10
 
 
-def _rows(numbers: tuple[int, ...] | list[int]) -> str:
-    if not numbers:
-        return ""
-    shown = ", ".join(str(n) for n in numbers[:SHOWN_ROWS])
-    return f"rows {shown}" + (f" and {len(numbers) - SHOWN_ROWS} more" if len(numbers) > SHOWN_ROWS else "")
+def row_list(rows: Sequence[object]) -> str:
+    """The first ``SHOWN_ROWS`` row numbers (or names) and how many more: "3, 8, 12 and 4 more"; "" for none."""
+    more = len(rows) - SHOWN_ROWS
+    return ", ".join(str(n) for n in rows[:SHOWN_ROWS]) + (f" and {more} more" if more > 0 else "")
 
 
 _REASONS = {
@@ -44,7 +44,7 @@ def render(report: PrepareReport, console: Any) -> None:
     for col in ("reason", "rows", "which (input rows)"):
         table.add_column(col)
     for name, numbers in ((k, getattr(r.dropped, k)) for k in _REASONS):
-        table.add_row(_REASONS[name], str(len(numbers)), _rows(numbers))
+        table.add_row(_REASONS[name], str(len(numbers)), f"rows {row_list(numbers)}" if numbers else "")
     table.add_row("[bold]total[/bold]", f"[bold]{r.dropped.total}[/bold]", "")
     console.print(table)
     console.print(f"normalised: {r.normalised} rows changed (NFC, whitespace, {r.control_chars_removed} control or "
@@ -72,11 +72,11 @@ def render(report: PrepareReport, console: Any) -> None:
         console.print(labels)
     what = "texts" if r.task == "classification" else "responses"
     if r.short_rows:
-        console.print(f"[yellow]short[/yellow]: {len(r.short_rows)} {what} under {r.settings.min_words} words ({_rows(r.short_rows)})")
+        console.print(f"[yellow]short[/yellow]: {len(r.short_rows)} {what} under {r.settings.min_words} words (rows {row_list(r.short_rows)})")
     n = r.lengths
     console.print(f"tokens per example ({n.tokenizer}): median {n.median:g}, 95th percentile {n.p95}, max {n.max}; "
                   f"{n.truncated} of {r.output.rows} longer than max_length {n.max_length} (would be truncated"
-                  + (f": {_rows(n.truncated_rows)}" if n.truncated_rows else "") + ")")
+                  + (f": rows {row_list(n.truncated_rows)}" if n.truncated_rows else "") + ")")
     for warning in r.warnings:
         console.print(f"[yellow]warning[/yellow]: {warning}")
 
