@@ -3,8 +3,10 @@
 Accounting is per record, never per file snapshot. A record is one (text, label) row, keyed by
 `fedtune.common.data.record_digests`. Each charge names the *cohort* of records a round (or a
 release of statistics) used; a record's spend is the composition of every charge whose cohort
-contains it, and what a run may still spend is decided by its worst record. Editing a row makes a
-new record that starts at zero while the other rows keep their history; adding rows gives only the
+contains it, and what a run may still spend is decided by its worst record. Editing a row by hand
+makes a new record that starts at zero while the other rows keep their history; a row that
+``fedtune site prepare`` changes (normalised, redacted, or kept in place of its duplicates) is
+*linked* to the rows it came from (`link`), and shares their history; adding rows gives only the
 new rows a fresh start; re-saving, reordering or moving the file changes nothing. Identical rows are
 one record (see `record_digests`: group privacy for a person with several distinct rows is out of
 scope). This is individual privacy accounting (Feldman, Zrnic, "Individual Privacy Accounting via a
@@ -30,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Collection, Iterator, Mapping, Sequence
 
 from fedtune.common.accounting import ACCOUNTANTS, Segment, calibrate_noise_multiplier, epsilon
 from fedtune.common.errors import ConfigError, PrivacyBudgetError
@@ -90,13 +92,19 @@ class LedgerSummary:
                 for r in rows]
 
 
-def _record_set(records: Sequence[str], *, what: str, allow_empty: bool = False) -> frozenset[str]:
+def _record_set(records: Collection[str], *, what: str, allow_empty: bool = False) -> frozenset[str]:
     if isinstance(records, str):  # a lone digest would be read as its characters
         raise ConfigError(f"`records` of {what} must be a sequence of record digests, got the string {records[:40]!r}.")
     unique = frozenset(records)
     if not unique and not allow_empty:
         raise ConfigError(f"`records` of {what} is empty; pass the digests of the records it uses (common.data.record_digests).")
     return unique
+
+
+def _one_digest(record: object, *, what: str) -> str:
+    if not isinstance(record, str) or not record:
+        raise ConfigError(f"{what} must be a record digest (common.data.record_digests), got {record!r}.")
+    return record
 
 
 def _check_accountant(accountant: str | None) -> None:
@@ -121,7 +129,7 @@ class PrivacyLedger:
         state = self._load()
         if records is None:
             return list(state.charges)
-        wanted = _record_set(records, what="charges", allow_empty=True)
+        wanted = state.expand(_record_set(records, what="charges", allow_empty=True))  # linked records' charges too
         touched = {cid for cid, rec in state.cohorts.items() if wanted and (rec is None or not rec.isdisjoint(wanted))}
         return [c for c in state.charges if c.cohort in touched]
 
@@ -169,7 +177,12 @@ class PrivacyLedger:
             return max((state.epsilon(frozenset(j for j in h if j <= i), delta=delta, accountant=accountant)
                         for h in histories if i in h), default=0.0)
 
-        touched_by = {cid: None if rec is None else len(rec.intersection(wanted)) for cid, rec in state.cohorts.items()}
+        # A linked record is touched by a charge to any record of its lineage.
+        lineage = state.lineage() if state.derived else {}
+        linked = [lineage[r] for r in wanted if r in lineage]
+        plain = wanted.difference(lineage) if linked else wanted
+        touched_by = {cid: None if rec is None else len(rec.intersection(plain)) + sum(not rec.isdisjoint(m) for m in linked)
+                      for cid, rec in state.cohorts.items()}
         rows = []
         for i, c in enumerate(state.charges):
             touched = touched_by[c.cohort]
@@ -186,7 +199,42 @@ class PrivacyLedger:
             other_charges=len(state.charges) - len(rows),
         )
 
+    def sources(self, records: Sequence[str]) -> frozenset[str]:
+        """Every record linked with any of ``records`` (their lineages, see `link`), ``records`` excluded."""
+        unique = _record_set(records, what="sources", allow_empty=True)
+        return frozenset(self._load().expand(unique) - unique)
+
     # -- writing -------------------------------------------------------------------------------
+    def link(self, sources_of: Mapping[str, Collection[str]], *, what: str) -> int:
+        """Record that each record of ``sources_of`` was made from its source records; returns the links added.
+
+        Linked records form a *lineage* (links count in both directions): each is charged, from now
+        on, the composition of every charge, past or future, to any record of it. Composing the union
+        of their charges is neither the max of their epsilons (that would lose the spend of a charge
+        only a dropped duplicate took part in) nor the sum (that would count twice a charge they
+        took part in together: the ledger charges identical rows as one record). Both directions,
+        because going back from a cleaned file to the raw one must not reset a record either.
+
+        Written under the lock, atomically, before the derived records exist anywhere (``site
+        prepare`` links, then writes the cleaned file): a crash in between leaves links to records
+        that nothing holds, which cost nothing. Links are never removed.
+
+        Args:
+            sources_of: {record digest: digests of the records it was made from}.
+            what: What made them, for the ledger's audit trail (no text of a record).
+        """
+        clean = {_one_digest(r, what="a linked record"): _record_set(s, what=f"the sources of {r}")
+                 for r, s in sources_of.items()}
+        if not any(s - {r} for r, s in clean.items()):
+            return 0
+        with self._locked() as state:
+            added = state.add_links(clean, what=what, time=time.time())
+        if added:
+            logger.info("privacy ledger %s: %d records linked to the %d records they were made from (%s)",
+                        self.path, len(clean), len(frozenset().union(*clean.values())), what)
+        return added
+
+
     @contextmanager
     def _locked(self) -> Iterator[LedgerState]:
         """Hold an exclusive lock while reading, changing and atomically rewriting the ledger.

@@ -14,6 +14,15 @@ One JSON file in the site's own state folder (format version 2):
                or sums: q = 1, z = sigma / sensitivity, one step per release, clip_norm 0).
     plans      {run: NoisePlan}, the noise calibrated once per run.
     migrations [what was converted from an older format, when, and where its backup is].
+    derived    {record: sorted source records} (version 3, only once there is one): the record was made
+               from those (``site prepare`` normalised, redacted or merged them). Links join records
+               into *lineages* (connected components, in both directions); every record of a lineage
+               is charged the composition of every charge that touched any record of it, so editing a
+               row, or going back to the unedited file, never resets its spend.
+    derivations [when links were added, by what, and how many]: the audit trail of ``derived``.
+
+A ledger with no link is written as version 2, as before, so an older fedtune still reads it; one
+with links is version 3, which an older fedtune refuses rather than reading it without its links.
 
 Version 1 keyed everything by one fingerprint of the whole file. It is migrated conservatively: all
 its charges, of every fingerprint, go to ``all-records``, so no record ever spent less than it did
@@ -29,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from fedtune.common.accounting import ACCOUNTANTS, Segment, epsilon
 from fedtune.common.errors import ConfigError
@@ -42,6 +51,7 @@ ALL_RECORDS = "all-records"
 """The cohort id of charges that apply to every record (those migrated from a version-1 ledger)."""
 KINDS = ("dp-sgd", "statistics")
 _VERSION = 2
+_VERSION_LINKED = 3  # a ledger with lineage links (``derived``): older readers must refuse it, not drop the links
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +116,15 @@ class _Migration:
     charges: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class Derivation:
+    """One batch of lineage links: when, by what (e.g. "site prepare notes.csv -> notes.clean.csv"), how many."""
+
+    time: float
+    what: str
+    links: int
+
+
 @dataclass(kw_only=True)
 class LedgerState:
     """The ledger in memory. ``cohorts[ALL_RECORDS]`` is None: it holds every record."""
@@ -116,6 +135,58 @@ class LedgerState:
     migrations: list[_Migration] = field(default_factory=list)
     v1_bytes: bytes | None = None  # set when read from a version-1 file, to back it up on first write
     sorted_records: dict[str, list[str]] = field(default_factory=dict)  # each cohort as stored: sorting is costly
+    derived: dict[str, frozenset[str]] = field(default_factory=dict)  # record -> the records it was made from
+    derivations: list[Derivation] = field(default_factory=list)
+    _lineage: dict[str, frozenset[str]] | None = field(default=None, repr=False)  # record -> its lineage; built when asked
+
+    def add_links(self, sources_of: dict[str, frozenset[str]], *, what: str, time: float) -> int:
+        """Link each record to the records it was made from (its own digest among them is ignored).
+
+        Links only accumulate: a record linked again keeps its earlier sources too. Returns how many
+        (record, source) links are new.
+        """
+        new = 0
+        for record, sources in sources_of.items():
+            before = self.derived.get(record, frozenset())
+            after = before.union(sources) - {record}
+            if after != before:
+                new += len(after) - len(before)
+                self.derived[record] = after
+        if new:
+            self.derivations.append(Derivation(time=time, what=what, links=new))
+            self._lineage = None
+        return new
+
+    def lineage(self) -> dict[str, frozenset[str]]:
+        """Every linked record -> all records of its lineage (itself included); unlinked records are absent."""
+        if self._lineage is None:
+            parent: dict[str, str] = {}
+
+            def root(x: str) -> str:
+                while parent.setdefault(x, x) != x:
+                    parent[x] = parent[parent[x]]  # path halving keeps long chains cheap
+                    x = parent[x]
+                return x
+
+            for record, sources in self.derived.items():
+                for source in sources:
+                    a, b = root(record), root(source)
+                    if a != b:
+                        parent[a] = b
+            members: dict[str, set[str]] = {}
+            for x in parent:
+                members.setdefault(root(x), set()).add(x)
+            frozen = {r: frozenset(m) for r, m in members.items()}
+            self._lineage = {x: frozen[root(x)] for x in parent}
+        return self._lineage
+
+    def expand(self, records: Iterable[str]) -> set[str]:
+        """``records`` and every record of their lineages."""
+        lineage = self.lineage()
+        out = set(records)
+        for r in [r for r in out if r in lineage]:
+            out |= lineage[r]
+        return out
 
     def add_cohort(self, cid: str, records: frozenset[str]) -> None:
         if cid not in self.cohorts:
@@ -134,8 +205,14 @@ class LedgerState:
         charges = block(((None, asdict(c)) for c in self.charges), "[]")
         plans = block(((run, asdict(p)) for run, p in sorted(self.plans.items())), "{}")
         migrations = block(((None, asdict(m)) for m in self.migrations), "[]")
-        text = (f'{{"version": {_VERSION},\n "charges": {charges},\n "plans": {plans},\n "migrations": {migrations},\n'
-                f' "cohorts": {cohorts}}}\n')
+        linked = ""
+        if self.derived:
+            derived = block(((r, sorted(s)) for r, s in sorted(self.derived.items())), "{}")
+            derivations = block(((None, asdict(d)) for d in self.derivations), "[]")
+            linked = f' "derivations": {derivations},\n "derived": {derived},\n'
+        version = _VERSION_LINKED if self.derived else _VERSION
+        text = (f'{{"version": {version},\n "charges": {charges},\n "plans": {plans},\n "migrations": {migrations},\n'
+                f'{linked} "cohorts": {cohorts}}}\n')
         return text.encode("utf-8")
 
     @classmethod
@@ -149,16 +226,40 @@ class LedgerState:
             charges=[Charge(**c) for c in data["charges"]],
             plans={run: NoisePlan(**p) for run, p in data["plans"].items()},
             migrations=[_Migration(**m) for m in data.get("migrations", [])],
+            derived={r: frozenset(s) for r, s in data.get("derived", {}).items()},
+            derivations=[Derivation(**d) for d in data.get("derivations", [])],
         )
 
     def histories(self, records: Iterable[str]) -> Counter[frozenset[int]]:
         """Distinct records grouped by their history (the indexes of the charges that apply): {history: count}.
 
         Records that share their cohorts share their history, so a dataset of any size has only as
-        many histories as there are distinct patterns of cohort membership.
+        many histories as there are distinct patterns of cohort membership. A linked record's history
+        is the union of the histories of every record of its lineage (see the module docstring).
         """
+        records = set(records)
+        lineage = self.lineage() if self.derived else {}
+        linked = records.intersection(lineage)
+        history = self._charges_by_cohort()
+        out: Counter[frozenset[int]] = Counter()
+        for pattern, members in self._groups(records - linked).items():
+            out[history(pattern)] += len(members)
+        if linked:
+            of: dict[str, frozenset[int]] = {}
+            for pattern, members in self._groups(set().union(*(lineage[r] for r in linked))).items():
+                h = history(pattern)
+                of.update(dict.fromkeys(members, h))
+            by_lineage: dict[frozenset[str], frozenset[int]] = {}
+            for r in linked:
+                if lineage[r] not in by_lineage:
+                    by_lineage[lineage[r]] = frozenset().union(*(of[m] for m in lineage[r]))
+                out[by_lineage[lineage[r]]] += 1
+        return out
+
+    def _groups(self, records: set[str]) -> dict[tuple[str, ...], set[str]]:
+        """``records`` grouped by the cohorts they belong to: {cohort ids: members}."""
         # Refine one group cohort by cohort: set operations in C, never a Python loop over records.
-        groups: dict[tuple[str, ...], set[str]] = {(): set(records)}
+        groups: dict[tuple[str, ...], set[str]] = {(): records}
         for cid, rec in self.cohorts.items():
             if rec is None:
                 continue
@@ -170,15 +271,15 @@ class LedgerState:
                 if len(inside) < len(members):
                     refined[pattern] = members.difference(inside)
             groups = refined
-        patterns = Counter({pattern: len(members) for pattern, members in groups.items() if members})
+        return {pattern: members for pattern, members in groups.items() if members}
+
+    def _charges_by_cohort(self) -> Callable[[tuple[str, ...]], frozenset[int]]:
+        """A function from a pattern of cohorts to its history: their charges and those of ``all-records``."""
         by_cohort: dict[str, list[int]] = {}
         for i, c in enumerate(self.charges):
             by_cohort.setdefault(c.cohort, []).append(i)
-        always = by_cohort.get(ALL_RECORDS, [])
-        out: Counter[frozenset[int]] = Counter()
-        for pattern, count in patterns.items():
-            out[frozenset(always).union(*(by_cohort.get(cid, ()) for cid in pattern))] += count
-        return out
+        always = frozenset(by_cohort.get(ALL_RECORDS, []))
+        return lambda pattern: always.union(*(by_cohort.get(cid, ()) for cid in pattern))
 
     @staticmethod
     def maximal(histories: Iterable[frozenset[int]]) -> list[frozenset[int]]:
@@ -252,9 +353,11 @@ def read_state(raw: bytes, path: Path) -> LedgerState:
         version = data.get("version") if isinstance(data, dict) else None
         if version == 1:
             return _migrate_v1(data, raw, path)
-        if version != _VERSION:
-            raise ConfigError(f"privacy ledger {path} has version {version!r}, expected 1 or {_VERSION}; "
+        if version not in (_VERSION, _VERSION_LINKED):
+            raise ConfigError(f"privacy ledger {path} has version {version!r}, expected 1, {_VERSION} or {_VERSION_LINKED}; "
                               "it was written by another fedtune: upgrade this one.")
+        if version == _VERSION_LINKED and not data.get("derived"):
+            raise KeyError("a version-3 ledger without its `derived` links")  # never read one as if it had none
         return LedgerState.from_json(data)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
         # Never silently reset a ledger: that would forget spent privacy.

@@ -25,6 +25,12 @@ The pipeline, in order (each step's counts go to the report, with row numbers, n
 
 The input file is never written: the cleaned rows go to a new file (refused if it is the input),
 written atomically, and the report beside it.
+
+Privacy ledger. A row that prepare changes, or keeps in place of its duplicates, is a new record to
+the site's ledger (it keys records by content). Before the cleaned file is written, prepare links
+each such record to the input records it came from (`client/prepare_lineage.py`,
+`PrivacyLedger.link`), so the cleaned rows carry the spend of the rows they came from, in every
+budget check after; a crash between the two leaves links to records nothing holds, which cost nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import json
 import logging
 import os
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +70,7 @@ from .prepare_rows import (
 
 if TYPE_CHECKING:  # daemon imports nothing of this module; kept out of the import at run time all the same
     from .daemon import SiteConfig
+    from .ledger import PrivacyLedger
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +279,8 @@ def prepare_file(
     tokenizer_name: str,
     settings: PrepareSettings = PrepareSettings(),
     deid: Deidentify | None = None,
-    spent: Callable[[list[Row]], float] | None = None,
+    ledger: PrivacyLedger | None = None,
+    delta: float | None = None,
     overwrite: bool = False,
     plot: bool = True,
 ) -> PrepareResult:
@@ -286,8 +294,11 @@ def prepare_file(
         tokenizer_name: What the report names as the tokenizer (the model folder).
         settings: Thresholds.
         deid: The site's de-identification step, or None when ``[deid]`` is off.
-        spent: The largest epsilon the input's rows (as read, before normalisation) have already spent
-            in the site's ledger; a positive value is a warning in the report.
+        ledger: The site's privacy ledger: each cleaned record that is not simply its input row is
+            linked in it to the input records it came from, before the cleaned file is written (see
+            the module docstring); None: no ledger (a file that no site trains on yet).
+        delta: The site's delta, at which the report states what the input's rows already spent
+            (required with ``ledger``).
         overwrite: Replace an existing ``out`` that no earlier prepare wrote.
         plot: Write the PNG.
 
@@ -298,6 +309,8 @@ def prepare_file(
     from fedtune.common.io import atomic_write_bytes
 
     source, out = Path(source), Path(out)
+    if ledger is not None and delta is None:
+        raise ConfigError("prepare_file: `delta` is required with `ledger` (the site's [privacy] delta).")
     if source.suffix.lower() not in SUFFIXES:
         raise DataError(f"{source}: unsupported file type {source.suffix!r}; use one of {list(SUFFIXES)}.")
     _check_out(source, out, overwrite)
@@ -306,12 +319,7 @@ def prepare_file(
     total = len(rows) + sum(len(v) for v in reasons.values())
     normalised = sum(1 for r in rows if r.fields != raw_fields(r, columns))
     warnings = []
-    if spent is not None:
-        eps = spent(rows)
-        if eps > 0:
-            warnings.append(f"rows of this file have already spent epsilon {eps:.3f} in the site's privacy ledger; rows "
-                            "that prepare changes (normalised, redacted) are new records to the ledger, with a fresh "
-                            "budget: prepare data before its first training run.")
+    usable = list(rows)  # before deduplication: every row a cleaned one may come from
     deid_counts: dict[str, int] = apply_deid(rows, deid) if deid is not None else {}
     labels_before = _counts(r.label for r in rows) if columns.task == "classification" else {}
     kept, duplicates, conflicts, pairs, several = exact_duplicates(rows, columns.task)
@@ -333,6 +341,8 @@ def prepare_file(
     data = encode_rows(kept, all_columns, columns, out.suffix.lower())
     if before is not None and file_stamp(source, 0).sha256 != before.sha256:
         raise DataError(f"{source} changed while prepare read it; run prepare again.")
+    if ledger is not None and delta is not None:
+        warnings += _link_in_ledger(ledger, delta, usable, kept, [*pairs, *near], columns, f"{source.name} -> {out.name}")
     atomic_write_bytes(out, data)
     report = PrepareReport(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -356,6 +366,23 @@ def prepare_file(
         write_plot(report, plot_path)
     logger.info("prepare: %d of %d rows kept from %s into %s", len(kept), total, source, out)
     return PrepareResult(report, out, rpath, plot_path)
+
+
+def _link_in_ledger(ledger: PrivacyLedger, delta: float, rows: list[Row], kept: list[Row], duplicates: list[Pair],
+                    columns: Columns, what: str) -> list[str]:
+    """Link the cleaned records to their input records in ``ledger``; the report's warning when they had spent."""
+    from .prepare_lineage import row_digests, sources_of
+
+    links = sources_of(rows, kept, duplicates, columns)
+    ledger.link(links, what=f"site prepare {what}")
+    if not ledger.path.exists():
+        return []
+    eps = ledger.spent_epsilon(row_digests(rows, columns, cleaned=False), delta=delta)
+    if eps <= 0:
+        return []
+    return [f"rows of this file have already spent epsilon {eps:.3f} (delta {delta:g}) in the site's privacy ledger; "
+            f"the {len(links)} cleaned rows that prepare changed or kept in place of duplicates are linked there to the "
+            "rows they came from, and keep their spend."]
 
 
 def _counts(labels: Any) -> dict[str, int]:
@@ -399,11 +426,11 @@ def prepare_site(
 ) -> PrepareResult:
     """`fedtune site prepare`: clean the site's data file (``data``: another file) into ``out``.
 
-    ``site`` is the site's `SiteConfig`; its base model's tokenizer measures lengths, its ledger is
-    asked whether the input's rows already spent budget, and ``[deid]`` turns redaction on.
+    ``site`` is the site's `SiteConfig`; its base model's tokenizer measures lengths, its ledger
+    links the cleaned rows to the rows they came from (and says what those spent), and ``[deid]``
+    turns redaction on.
     """
     from fedtune.common.config import ModelConfig
-    from fedtune.common.data import record_digests
 
     source = Path(data) if data is not None else Path(site.data_path)
     where = f"--in {source}" if data is not None else f"data.path {source}"
@@ -426,23 +453,11 @@ def prepare_site(
         path = resolve_base_model(model, task)
         name, tokenizer = str(path), load_lm_tokenizer(path)
 
-    def spent(rows: list[Row]) -> float:
-        from .ledger import PrivacyLedger
-
-        ledger = PrivacyLedger(site.state_dir)
-        if not ledger.path.exists():
-            return 0.0
-        if task == "classification":
-            digests = record_digests([str(r.values.get(columns.text)) for r in rows], [str(r.label) for r in rows])
-        elif not columns.messages:
-            digests = record_digests([str(r.values.get(columns.prompt)) for r in rows],
-                                     [str(r.values.get(columns.response)) for r in rows])
-        else:
-            return 0.0  # chats are keyed by their parsed turns (common.causal_lm.lm_record_digests); not re-derived here
-        return ledger.spent_epsilon(digests, delta=site.delta)
+    from .ledger import PrivacyLedger
 
     return prepare_file(source, Path(out) if out is not None else default_out(source), columns, tokenizer=tokenizer,
-                        tokenizer_name=name, settings=settings, deid=_site_deid(site), spent=spent,
+                        tokenizer_name=name, settings=settings, deid=_site_deid(site),
+                        ledger=PrivacyLedger(site.state_dir), delta=site.delta,
                         overwrite=overwrite, plot=plot)
 
 

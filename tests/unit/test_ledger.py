@@ -447,8 +447,8 @@ def test_a_charge_whose_cohort_is_missing_is_unreadable_not_dropped(tmp_path: Pa
 
 
 def test_ledger_from_a_newer_version_is_refused(tmp_path: Path) -> None:
-    (tmp_path / LEDGER_FILE).write_text(json.dumps({"version": 3}))
-    with pytest.raises(ConfigError, match="version 3"):
+    (tmp_path / LEDGER_FILE).write_text(json.dumps({"version": 4}))
+    with pytest.raises(ConfigError, match="version 4"):
         PrivacyLedger(tmp_path).spent_epsilon(ROWS, delta=DELTA)
 
 

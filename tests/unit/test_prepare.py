@@ -279,7 +279,7 @@ def test_prepare_warns_when_the_input_already_spent_budget(tmp_path: Path) -> No
 
     warnings = prepare_site(site, plot=False).report.warnings
 
-    assert len(warnings) == 1 and f"already spent epsilon {spent:.3f}" in warnings[0] and "fresh budget" in warnings[0]
+    assert len(warnings) == 1 and f"already spent epsilon {spent:.3f}" in warnings[0] and "keep their spend" in warnings[0]
 
 
 def test_the_cli_names_a_bad_in_file_in_one_line_and_leaves_the_data_alone(tmp_path: Path) -> None:

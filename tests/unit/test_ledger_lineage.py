@@ -1,0 +1,75 @@
+"""The privacy ledger's lineage links (`PrivacyLedger.link`): stored, read back, composed, never a reset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedtune.client.ledger import PrivacyLedger
+from fedtune.client.ledger_state import LEDGER_FILE
+from fedtune.common.accounting import Segment
+from fedtune.common.data import record_digests
+from fedtune.common.errors import ConfigError
+
+SEG = Segment(sample_rate=0.01, noise_multiplier=1.0, steps=100)
+DELTA = 1e-5
+A, B, C, D = record_digests(["a", "b", "c", "d"], ["x"] * 4)
+
+
+def _charge(ledger: PrivacyLedger, records: list[str], r: int = 1) -> float:
+    return ledger.charge(records, run="run-1", round=r, segment=SEG, clip_norm=1.0, delta=DELTA, budget_epsilon=100.0)
+
+
+def test_a_ledger_without_links_is_still_written_as_version_2_and_keeps_every_spend(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path)
+    spent = _charge(ledger, [A, B])
+    before = (tmp_path / LEDGER_FILE).read_bytes()
+
+    assert ledger.link({A: [A]}, what="nothing changed") == 0  # a record made from itself only is no link
+
+    assert (tmp_path / LEDGER_FILE).read_bytes() == before and json.loads(before)["version"] == 2
+    assert ledger.spent_epsilon([A], delta=DELTA) == ledger.spent_epsilon([B], delta=DELTA) == spent
+
+
+def test_links_are_stored_as_version_3_read_back_and_counted_both_ways(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path)
+    spent = _charge(ledger, [A])
+
+    assert ledger.link({C: [A, B]}, what="site prepare notes.csv -> notes.clean.csv") == 2
+
+    data = json.loads((tmp_path / LEDGER_FILE).read_text())
+    assert data["version"] == 3 and data["derived"] == {C: sorted([A, B])}
+    assert data["derivations"][0]["what"] == "site prepare notes.csv -> notes.clean.csv"
+    reread = PrivacyLedger(tmp_path)
+    assert reread.spent_epsilon([C], delta=DELTA) == spent  # from its source
+    assert reread.spent_epsilon([B], delta=DELTA) == spent  # B and A are one lineage through C
+    assert reread.spent_epsilon([D], delta=DELTA) == 0.0  # unlinked: a hand-edited row still starts at zero
+    assert [c.cohort for c in reread.charges([C])] == [c.cohort for c in reread.charges([A])]
+    assert reread.sources([C]) == {A, B}
+    later = _charge(reread, [C], r=2)  # a charge to the derived record counts for its sources too
+    assert reread.spent_epsilon([A], delta=DELTA) == later > spent
+
+
+def test_a_version_3_ledger_without_its_links_is_refused_not_read_as_unlinked(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path)
+    _charge(ledger, [A])
+    ledger.link({C: [A]}, what="t")
+    data = json.loads((tmp_path / LEDGER_FILE).read_text())
+    del data["derived"]
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(data))
+
+    with pytest.raises(ConfigError, match="unreadable.*derived"):
+        ledger.spent_epsilon([C], delta=DELTA)
+
+
+def test_the_summary_counts_a_linked_record_under_the_charges_of_its_sources(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path)
+    _charge(ledger, [A, B])
+    ledger.link({C: [A], D: [B]}, what="t")
+
+    summary = ledger.summary([C, D], delta=DELTA)
+
+    assert summary.records == 2 and summary.never_spent == 0 and summary.at_max == 2
+    assert [row.records for row in summary.charges] == [2] and summary.other_charges == 0
