@@ -17,6 +17,11 @@ classify into a class that no longer exists.
 Every refusal names what differs and comes from the coordinator's preflight, before any site is
 asked to train. The adapter's ``fedtune.json`` carries its ``lineage``: every run it descends from,
 oldest first, with the digest of the adapter it left and the largest epsilon its sites reported.
+A lineage entry names that adapter portably (``runA/adapter``, ``runA/checkpoints/round-3``, or the
+folder's name), never by an absolute path of the coordinator's machine: an adapter is handed on,
+and its digest, not its path, says which adapter it was. Each checkpoint's and the final adapter's
+``fedtune.json`` also records the initial adapter (``init_adapter``: its digest and labels), so a
+resumed run takes its labels and lineage from its checkpoint, without the earlier folder.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ class LineageEntry:
 
     Attributes:
         run_id: The run's identity (its ``run.json``; what its sites' ledgers charged under).
-        adapter: The adapter folder the next run started from, as it was found.
+        adapter: The adapter folder the next run started from, named portably (`portable_name`).
         digest: ``sha256:`` of that folder's ``adapter_model.safetensors``.
         epsilon: The largest epsilon any of the run's sites reported (its lifetime spend, as each
             site's ledger counts it); None for a run without DP, or when no record of it was found.
@@ -71,8 +76,32 @@ class LineageEntry:
         eps = data["epsilon"]
         if eps is not None and not isinstance(eps, (int, float)):
             raise ConfigError(f"{where}: a lineage entry's epsilon must be a number or null, got {eps!r}.")
-        return cls(run_id=str(data["run_id"]), adapter=str(data["adapter"]), digest=str(data["digest"]),
+        # An entry written before names were portable held an absolute path: it is not handed on again.
+        return cls(run_id=str(data["run_id"]), adapter=portable_name(str(data["adapter"])), digest=str(data["digest"]),
                    epsilon=None if eps is None else float(eps))
+
+
+def portable_name(folder: str | Path, run_dir: Path | None = None) -> str:
+    """How a lineage names an adapter folder: relative to its run directory's parent (``runA/adapter``,
+    ``runA/checkpoints/round-3``), else its last folder name; never an absolute path.
+
+    ``folder`` may be a name already portable (returned as it is), or an absolute path (of this or
+    another machine: only its last components are kept).
+    """
+    path = Path(folder)
+    if run_dir is not None:
+        try:
+            return str(path.relative_to(run_dir.parent))
+        except ValueError:
+            pass
+    if not path.is_absolute():
+        return str(path)
+    parts = path.parts
+    if len(parts) >= 3 and parts[-2] == "checkpoints":  # runA/checkpoints/round-N
+        return str(Path(*parts[-3:]))
+    if len(parts) >= 2 and parts[-1] == "adapter":  # runA/adapter
+        return str(Path(*parts[-2:]))
+    return path.name or "adapter"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,7 +228,7 @@ def read_earlier_adapter(folder: str | Path) -> EarlierAdapter:
     if run_id is None and run_dir is not None and (run_dir / "run.json").is_file():
         run_id = _read_json(run_dir / "run.json", str(run_dir)).get("run_id")
     ancestors = tuple(LineageEntry.from_json(e, where=f"{where}: {METADATA_FILE} lineage") for e in meta.get("lineage") or [])
-    own = LineageEntry(run_id=str(run_id) if run_id is not None else "unknown", adapter=str(folder),
+    own = LineageEntry(run_id=str(run_id) if run_id is not None else "unknown", adapter=portable_name(folder, run_dir),
                        digest=file_digest(folder / WEIGHTS_FILE), epsilon=_run_epsilon(meta, run_dir, folder))
     return EarlierAdapter(folder=folder, meta=meta, peft=peft, tensors=tensors, run_dir=run_dir, lineage=(*ancestors, own))
 
@@ -214,8 +243,12 @@ def labels_with_earlier(earlier: EarlierAdapter, labels: Sequence[str], *, expli
     Raises:
         ConfigError: an earlier label is missing (removed or renamed), or ``data.labels`` reorders them.
     """
-    old = earlier.labels
-    where = _where(earlier.folder)
+    return labels_after(earlier.labels, labels, explicit=explicit, where=_where(earlier.folder))
+
+
+def labels_after(old: Sequence[str], labels: Sequence[str], *, explicit: bool, where: str) -> list[str]:
+    """`labels_with_earlier` for the earlier labels ``old`` (as a checkpoint records them); ``where`` names the adapter."""
+    old = list(old)
     missing = [lab for lab in old if lab not in labels]
     added = [lab for lab in labels if lab not in old]
     if missing:
@@ -344,12 +377,41 @@ def grown_state(earlier: EarlierAdapter, fresh: Mapping[str, torch.Tensor], *, o
 
 @dataclass(frozen=True, kw_only=True)
 class InitialAdapter:
-    """The initial adapter a run starts from: loaded into its model, and what the run records of it."""
+    """The initial adapter a run starts from: loaded into its model, and what the run records of it.
+
+    ``earlier_labels``: the earlier adapter's labels (a classifier's; empty for a causal LM), which
+    keep their indexes in the run's label set.
+    """
 
     folder: Path
     digest: str
     labels_added: tuple[str, ...]
     lineage: tuple[LineageEntry, ...]
+    earlier_labels: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """What a checkpoint's ``fedtune.json`` records (no path: the file travels with the adapter)."""
+        return {"digest": self.digest, "earlier_labels": list(self.earlier_labels), "labels_added": list(self.labels_added)}
+
+
+def initial_from_metadata(meta: Mapping[str, Any], *, folder: Path, where: str) -> InitialAdapter | None:
+    """The initial adapter as an adapter's ``fedtune.json`` (``meta``) recorded it; None when it records
+    none (written before ``init_adapter`` was recorded). ``folder``: what the run's config names.
+
+    Raises:
+        ConfigError: the record is malformed (naming ``where``).
+    """
+    record = meta.get("init_adapter")
+    if record is None:
+        return None
+    if not isinstance(record, Mapping) or not isinstance(record.get("digest"), str) or not all(
+            isinstance(record.get(k), list) for k in ("earlier_labels", "labels_added")):
+        raise ConfigError(f"{where}: {METADATA_FILE} init_adapter must hold digest, earlier_labels and labels_added, got {record!r}.")
+    lineage = tuple(LineageEntry.from_json(e, where=f"{where}: {METADATA_FILE} lineage") for e in meta.get("lineage") or [])
+    if not lineage or lineage[-1].digest != record["digest"]:
+        raise ConfigError(f"{where}: {METADATA_FILE} lineage does not end with the initial adapter {record['digest']}.")
+    return InitialAdapter(folder=folder, digest=record["digest"], labels_added=tuple(map(str, record["labels_added"])),
+                          lineage=lineage, earlier_labels=tuple(map(str, record["earlier_labels"])))
 
 
 def load_initial_adapter(earlier: EarlierAdapter, bundle: ModelBundle, run: RunConfig, labels: Sequence[str]) -> InitialAdapter:
@@ -384,4 +446,5 @@ def load_initial_adapter(earlier: EarlierAdapter, bundle: ModelBundle, run: RunC
     if added:
         logger.info("init adapter %s: the head grew from %d to %d labels (new: %s)", earlier.folder, old, len(labels), list(added))
     own = earlier.lineage[-1]
-    return InitialAdapter(folder=earlier.folder, digest=own.digest, labels_added=added, lineage=earlier.lineage)
+    return InitialAdapter(folder=earlier.folder, digest=own.digest, labels_added=added, lineage=earlier.lineage,
+                          earlier_labels=tuple(earlier.labels) if run.task == "classification" else ())

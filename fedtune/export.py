@@ -25,7 +25,8 @@ a plain ``BertModel``. A model with a [CLS] head (``pooling = "cls"``) needs nei
 plain ``*ForSequenceClassification``.
 
 Every export also holds ``fedtune.json`` (task, labels, max length, pooling or prompt template,
-the base's reference and config fingerprint, the mode) and ``README.md``: the original model card's
+the base's reference and config fingerprint, the mode, and the lineage: the runs the adapter descends
+from, each adapter named portably and identified by its digest) and ``README.md``: the original model card's
 privacy guarantee and lineage, with the base's path replaced by its reference, and a "How to load"
 section that needs no fedtune. The export is written to a sibling temporary folder, checked for
 absolute paths of this machine, and renamed into place: a failed export leaves nothing under ``out``.
@@ -257,6 +258,10 @@ def _manifest(meta: dict[str, Any], loaded: Any, *, task: str, mode: str, poolin
         out["pooling"] = pooling
     if "round" in meta:
         out["round"] = meta["round"]
+    if meta.get("lineage"):  # an older fedtune recorded each earlier adapter by its absolute path: named portably here
+        from fedtune.common.init_adapter import LineageEntry
+
+        out["lineage"] = [LineageEntry.from_json(e, where=f"{METADATA_FILE} lineage").to_json() for e in meta["lineage"]]
     out["base_model"] = ref.name
     out["base_model_id"] = ref.fingerprint
     out["export"] = {
@@ -278,7 +283,9 @@ def _local_names(adapter: Path, base: Path, meta: dict[str, Any]) -> list[str]:
     folder or a system prefix such as /usr, which a tokenizer's vocabulary may hold as text."""
     from fedtune.common.base_models import cache_root
 
-    names = {str(adapter.resolve()), str(cache_root()), *_base_paths(base, meta)}
+    # The earlier adapters of its lineage, where an older fedtune recorded them by their absolute paths.
+    earlier = [str(e.get("adapter", "")) for e in meta.get("lineage") or [] if isinstance(e, dict)]
+    names = {str(adapter.resolve()), str(cache_root()), *_base_paths(base, meta), *(a for a in earlier if a.startswith("/"))}
     if sys.prefix != sys.base_prefix:  # a virtual environment: a folder of this installation
         names.add(sys.prefix)
     return sorted((n for n in names if n and n != "/"), key=len, reverse=True)

@@ -114,9 +114,20 @@ def _classifier_adapter(root: Path, bert: Path, pooling: str) -> Path:
             if "classifier.modules_to_save" in name:
                 p.copy_(weight if name.endswith("weight") else -weight @ centre)
     folder = root / f"{pooling}-run" / "adapter"
-    save_adapter(model, folder, metadata={"labels": LABELS, "max_length": 16, "base_model": str(bert), "round": 3})
-    (folder / "README.md").write_text(model_card(_card_summary(bert, None), pooling=pooling), encoding="utf-8")
+    save_adapter(model, folder, metadata={"labels": LABELS, "max_length": 16, "base_model": str(bert), "round": 3,
+                                          "lineage": _lineage(root), "init_adapter": {"digest": DIGEST, "earlier_labels": LABELS,
+                                                                                     "labels_added": []}})
+    (folder / "README.md").write_text(model_card(_card_summary(bert, None), pooling=pooling, lineage=_lineage(root)),
+                                      encoding="utf-8")
     return folder
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def _lineage(root: Path) -> list[dict[str, Any]]:
+    """Started from an earlier run's adapter, as an older fedtune recorded it: by the coordinator's absolute path."""
+    return [{"run_id": "1111", "adapter": str(root / "earlier-run" / "adapter"), "digest": DIGEST, "epsilon": 2.25}]
 
 
 def _lm_adapter(root: Path) -> tuple[Path, Path]:
@@ -257,6 +268,26 @@ def test_no_path_of_the_training_machine_in_any_exported_file(exports: Exports) 
     for name in ("mean-adapter", "cls-adapter"):
         assert json.loads((exports.folders[name] / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-bert"
     assert json.loads((exports.folders["lm-adapter"] / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+
+
+def test_the_lineage_travels_with_the_export_named_portably(exports: Exports) -> None:
+    for mode in ("adapter", "merged"):
+        meta = json.loads((exports.folders[f"mean-{mode}"] / "fedtune.json").read_text())
+        assert meta["lineage"] == [{"run_id": "1111", "adapter": "earlier-run/adapter", "digest": DIGEST, "epsilon": 2.25}]
+        assert "| 1111 | `abababababababab` | 2.25 |" in (exports.folders[f"mean-{mode}"] / "README.md").read_text()
+
+
+def test_the_path_check_refuses_a_lineage_path_of_this_machine(exports: Exports, tmp_path: Path) -> None:
+    from fedtune.export import _local_names, check_no_local_paths
+    from fedtune.common.errors import ConfigError
+
+    adapter = exports.adapters["mean"]
+    meta = json.loads((adapter / "fedtune.json").read_text())
+    recorded = {k: v for k, v in meta.items() if k != "base_model"}  # the lineage as the adapter records it, unscrubbed
+    (tmp_path / "fedtune.json").write_text(json.dumps(recorded))
+
+    with pytest.raises(ConfigError, match="earlier-run/adapter, a path of this machine"):
+        check_no_local_paths(tmp_path, _local_names(adapter, exports.bert, meta))
 
 
 def test_export_card_keeps_the_privacy_guarantee_and_lineage_and_needs_no_fedtune(exports: Exports) -> None:

@@ -164,10 +164,37 @@ def test_ffa_refuses_an_adapter_whose_a_is_not_its_seed_derived_one(tiny_model_d
 def test_lineage_carries_the_ancestors_and_adds_the_earlier_run_with_its_digest(earlier_dir: Path) -> None:
     earlier = read_earlier_adapter(earlier_dir)
     digest = "sha256:" + hashlib.sha256((earlier_dir / "adapter_model.safetensors").read_bytes()).hexdigest()
+    # Named portably: the run directory's name and the folder in it, never the coordinator's absolute path (an
+    # ancestor recorded with one by an older fedtune keeps only its last components).
     assert [e.to_json() for e in earlier.lineage] == [
-        {"run_id": "0000", "adapter": "/old/adapter", "digest": "sha256:" + "0" * 64, "epsilon": 1.5},
-        {"run_id": "1111", "adapter": str(earlier_dir.resolve()), "digest": digest, "epsilon": 2.25},
+        {"run_id": "0000", "adapter": "old/adapter", "digest": "sha256:" + "0" * 64, "epsilon": 1.5},
+        {"run_id": "1111", "adapter": f"{earlier_dir.parent.name}/adapter", "digest": digest, "epsilon": 2.25},
     ]
+
+
+def test_a_checkpoint_round_outside_its_run_directory_is_named_by_its_last_folders() -> None:
+    from fedtune.common.init_adapter import portable_name
+
+    assert portable_name("/srv/coordinator/runs/runA/checkpoints/round-3") == "runA/checkpoints/round-3"
+    assert portable_name("/home/ml/adapters/triage-v2") == "triage-v2"
+    assert portable_name("runA/adapter") == "runA/adapter"
+
+
+def test_a_resumed_run_reads_the_initial_adapter_from_its_checkpoints_metadata(earlier_dir: Path, tmp_path: Path) -> None:
+    from fedtune.common.init_adapter import initial_from_metadata
+
+    earlier = read_earlier_adapter(earlier_dir)
+    meta = {"labels": LABELS + ["d"], "lineage": [e.to_json() for e in earlier.lineage],
+            "init_adapter": {"digest": earlier.lineage[-1].digest, "earlier_labels": LABELS, "labels_added": ["d"]}}
+    json.loads(json.dumps(meta))  # as fedtune.json holds it
+
+    init = initial_from_metadata(meta, folder=tmp_path / "gone", where="round-1/fedtune.json")
+
+    assert init is not None and init.lineage == earlier.lineage and init.earlier_labels == tuple(LABELS)
+    assert init.labels_added == ("d",) and init.digest == earlier.lineage[-1].digest
+    assert initial_from_metadata({"labels": LABELS}, folder=tmp_path, where="x") is None  # an older checkpoint: read the folder
+    with pytest.raises(ConfigError, match="lineage does not end with"):
+        initial_from_metadata({**meta, "lineage": meta["lineage"][:1]}, folder=tmp_path, where="x")
 
 
 def test_a_folder_that_is_not_an_adapter_is_refused_naming_what_is_missing(tmp_path: Path) -> None:
