@@ -87,6 +87,38 @@ MASTERCARD_2_SERIES = Pattern("Mastercard 2-series", r"\b(?:222[1-9]|22[3-9]\d|2
 ID_VALUE = r"(?P<id>(?:[A-Z]{1,3}-?)?\d(?:[ -]?\d){3,19})(?![\w-])"
 
 
+# Telephone numbers reserved for fiction, which libphonenumber's validity check refuses (no operator holds
+# them, so they are "possible" but not "valid"): generated data uses them (fedtune's demo files, test
+# fixtures), and so do notes copied from it. Ofcom's drama ranges, as national significant numbers (the
+# digits after 0 or +44; all ten long): mobile 07700 900xxx; London 020 7946 0xxx; Leeds..Manchester
+# 01xx 496 0xxx; Tyneside 0191 498 0xxx; Northern Ireland 028 9649 6xxx; Cardiff 029 2018 0xxx; the
+# fictional area 01632 960xxx; freephone 08081 570xxx; premium rate 0909 879 0xxx; UK-wide 03069 990xxx.
+GB_DRAMA = regex.compile(r"7700900\d{3}|2079460\d{3}|1(?:1[3-8]|[2-6]1)4960\d{3}|1914980\d{3}|2896496\d{3}|2920180\d{3}|"
+                         r"1632960\d{3}|8081570\d{3}|9098790\d{3}|3069990\d{3}")
+GB_INTERNATIONAL = r"(?:\+|00)44[ .-]?(?:\(0\)[ .-]?)?"
+# NANP's 555-0100..0199, the range set aside for fiction, with or without an area code and +1: the only
+# seven-digit numbers looked for (any other seven digits are as likely a dose, a count or a reference).
+NANP_AREA = r"(?:\(\d{3}\) ?|\d{3}[ .-])"
+NANP_FICTION = rf"(?<![\w+])(?P<id>(?:(?:\+?1[ .-]?)?{NANP_AREA})?555[ .-]01\d\d)(?![\w-])"
+NANP_FICTION_INTERNATIONAL = rf"(?<![\w+])(?P<id>\+1[ .-]?{NANP_AREA}555[ .-]01\d\d)(?![\w-])"
+
+
+def _gb_drama(text: str, start: int, end: int) -> bool:
+    return GB_DRAMA.fullmatch("".join(c for c in text[start:end] if c.isdigit())[-10:]) is not None
+
+
+def fiction_phone_recognizers(regions: tuple[str, ...]) -> list[EntityRecognizer]:
+    """Numbers in the ranges reserved for fiction (see ``GB_DRAMA``, ``NANP_FICTION``): international forms
+    whatever ``regions`` are, national ones for their region (GB; US or CA)."""
+    gb_prefix = f"(?:{GB_INTERNATIONAL}|0)" if "GB" in regions else GB_INTERNATIONAL
+    nanp = NANP_FICTION if {"US", "CA"} & set(regions) else NANP_FICTION_INTERNATIONAL
+    return [
+        # 0.6: above a libphonenumber finding (0.4 before context) in the same digits, below a cued account number.
+        GroupRegexRecognizer("PHONE", [rf"(?<![\w+])(?P<id>{gb_prefix}\d(?:[ .-]?\d){{9}})(?![\w-])"], score=0.6, check=_gb_drama),
+        GroupRegexRecognizer("PHONE", [nanp], score=0.6),
+    ]
+
+
 class BlankEnglishEngine(SpacyNlpEngine):
     """spaCy's blank English pipeline: tokens for Presidio's context words, no model to load or download.
 
@@ -235,7 +267,7 @@ def recognizers_for(entities: Iterable[str], regions: Iterable[str]) -> list[Ent
     regions = tuple(regions)
     made: dict[str, list[EntityRecognizer]] = {
         "EMAIL": [OfflineEmailRecognizer(supported_entity="EMAIL")],
-        "PHONE": [CandidatePhoneRecognizer(supported_entity="PHONE", supported_regions=regions)],
+        "PHONE": [CandidatePhoneRecognizer(supported_entity="PHONE", supported_regions=regions), *fiction_phone_recognizers(regions)],
         "DATE": date_recognizers(),
         "POSTAL_CODE": [GroupRegexRecognizer("POSTAL_CODE", [p for r in regions for p in POSTAL_FORMATS.get(r, ())], score=0.6)],
         # Above a phone number's score after Presidio's context boost (0.4 + 0.35 for "number" nearby):

@@ -15,10 +15,13 @@ from fedtune.common.errors import ConfigError
 from tests.deid_corpus import Planted, bad_checksums, generate, iban_valid, luhn_valid
 
 ON = DeidSettings(enabled=True)
-# Recall floors per entity type, set a little below what the seeded corpus measured (the README's table):
-# a planted identifier counts only when exactly it, and nothing else in its sentence, became its tag.
-RECALL_FLOOR = {"EMAIL": 0.75, "PHONE": 0.9, "DATE": 0.85, "POSTAL_CODE": 0.85, "MRN": 0.88, "ACCOUNT": 0.85,
-                "IBAN": 0.95, "CARD": 0.95, "PERSON": 0.65}
+# Recall floors per entity type, set a little below what the seeded corpus measured (the README's table:
+# 0.81 0.81 1.00 0.81 0.87 0.84 0.89 1.00 1.00 for e-mail, person, phone, date, postal, MRN, account, IBAN, card
+# at 100 per type, seed 0): a planted identifier counts only when exactly it, and nothing else in its sentence,
+# became its tag. 100 per type: at 35 a type's figure moved by up to 0.18 with the seed alone.
+PER_TYPE = 100
+RECALL_FLOOR = {"EMAIL": 0.78, "PHONE": 0.97, "DATE": 0.78, "POSTAL_CODE": 0.84, "MRN": 0.81, "ACCOUNT": 0.86,
+                "IBAN": 0.97, "CARD": 0.97, "PERSON": 0.78}
 MAX_FALSE_REDACTIONS = 0  # of the 40 identifier-free sentences (measured 0; the README says 0)
 
 
@@ -37,7 +40,7 @@ def _recall(corpus: list[Planted], texts: list[str]) -> tuple[dict[str, float], 
 
 @pytest.fixture(scope="module")
 def corpus_result() -> tuple[list[Planted], list[str], dict[str, int]]:
-    corpus = generate()
+    corpus = generate(PER_TYPE)  # the default, spelled out: the README names it
     result = deidentify([p.text for p in corpus], ON)
     return corpus, result.texts, result.counts
 
@@ -52,10 +55,28 @@ def test_the_generators_checksums_agree_with_published_valid_numbers() -> None:
 def test_recall_per_entity_type_on_the_planted_corpus_is_above_its_floor(corpus_result) -> None:  # type: ignore[no-untyped-def]
     corpus, texts, counts = corpus_result
     recall, _ = _recall(corpus, texts)
-    assert set(recall) == set(ENTITIES) and len(corpus) >= 300 + 40
+    assert set(recall) == set(ENTITIES) and len(corpus) == 9 * PER_TYPE + 40
     below = {e: round(r, 3) for e, r in recall.items() if r < RECALL_FLOOR[e]}
     assert not below, f"recall below the floor: {below} (floors {RECALL_FLOOR})"
-    assert set(counts) == set(ENTITIES) and all(counts[e] >= recall[e] * 35 for e in ENTITIES)
+    assert set(counts) == set(ENTITIES) and all(counts[e] >= recall[e] * PER_TYPE for e in ENTITIES)
+
+
+def test_the_demo_files_phone_numbers_in_ranges_reserved_for_fiction_are_redacted() -> None:
+    import random
+
+    from fedtune.common.demo_data.generate import _phone  # what the packaged demo files plant
+
+    # Ofcom's drama mobiles (+44 7700 900xxx) and NANP's 555-01xx: libphonenumber calls them invalid.
+    planted = sorted({_phone(random.Random(seed)) for seed in range(60)})
+    assert {p[:4] for p in planted} >= {"+44 ", "0770", "555-", "(212"}, planted
+    out = deidentify([f"Call back on {p}." for p in planted], ON)
+    assert out.texts == ["Call back on <PHONE>."] * len(planted) and out.counts["PHONE"] == len(planted)
+    # Seven bare digits only in 555-0100..0199, the drama digits only after 0 or +44; a region's national form only for it.
+    kept = ["Dose 555-0210 mg.", "Ref 7700 900123.", "Lot 4 7700 900123."]
+    assert deidentify(kept, DeidSettings(enabled=True, entities=("PHONE",))).texts == kept
+    gb_only = DeidSettings(enabled=True, entities=("PHONE",), regions=("GB",))
+    assert deidentify(["Call 555-0150 or +1 (212) 555-0150 or 01632 960123."], gb_only).texts == [
+        "Call 555-0150 or <PHONE> or <PHONE>."]
 
 
 def test_identifier_free_sentences_are_left_alone(corpus_result) -> None:  # type: ignore[no-untyped-def]
