@@ -34,9 +34,9 @@ logger = logging.getLogger(__name__)
 
 # The entity types, in report order.
 ENTITIES = ("EMAIL", "PHONE", "DATE", "POSTAL_CODE", "MRN", "ACCOUNT", "IBAN", "CARD", "PERSON")
-# Phone-number and postal-code formats looked for by default (client.deid_recognizers.POSTAL_FORMATS).
-DEFAULT_REGIONS = ("US", "GB", "CA", "DE", "FR", "NL")
-REGIONS = ("US", "GB", "CA", "DE", "FR", "NL")  # those with postal formats; kept equal to deid_recognizers.REGIONS by a test
+# The regions whose phone-number and postal-code formats are known (those of deid_recognizers.POSTAL_FORMATS,
+# kept equal by a test; not imported from there, which would load Presidio with the settings), all looked for by default.
+REGIONS = ("US", "GB", "CA", "DE", "FR", "NL")
 # Findings below this score are dropped: Presidio's weakest date patterns ("5/10", a pain score) score 0.1-0.2.
 SCORE_THRESHOLD = 0.35
 
@@ -57,7 +57,7 @@ class DeidSettings:
     enabled: bool = False
     entities: tuple[str, ...] = ENTITIES
     replacement: str = "<{entity}>"
-    regions: tuple[str, ...] = DEFAULT_REGIONS
+    regions: tuple[str, ...] = REGIONS
 
     def __post_init__(self) -> None:
         if self.problems():
@@ -214,7 +214,7 @@ def from_node_config(node_config: Mapping[str, Any]) -> DeidSettings:
         return DeidSettings()
     split = lambda key: tuple(s for s in str(node_config.get(key, "")).split(",") if s)  # noqa: E731
     try:
-        return DeidSettings(enabled=True, entities=split("deid-entities"), regions=split("deid-regions") or DEFAULT_REGIONS,
+        return DeidSettings(enabled=True, entities=split("deid-entities"), regions=split("deid-regions") or REGIONS,
                             replacement=str(node_config.get("deid-replacement", "<{entity}>")))
     except ConfigError as err:
         raise ConfigError([f"node-config: {p}" for p in err.problems]) from None

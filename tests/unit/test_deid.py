@@ -129,7 +129,7 @@ def test_bad_settings_name_the_setting_the_value_and_what_is_allowed() -> None:
 def test_regions_name_the_formats_the_recognizers_have() -> None:
     from fedtune.client import deid, deid_recognizers
 
-    assert deid.REGIONS == deid_recognizers.REGIONS and set(deid.DEFAULT_REGIONS) <= set(deid.REGIONS)
+    assert deid.REGIONS == deid_recognizers.REGIONS == DeidSettings().regions
 
 
 def test_it_works_offline_no_socket_and_no_spacy_download(monkeypatch: pytest.MonkeyPatch) -> None:
