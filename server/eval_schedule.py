@@ -57,8 +57,12 @@ class EvalSchedule:
         return np.sort(rng.choice(self.test_size, size=size, replace=False))
 
     def describe(self) -> dict[str, Any]:
-        """What summary.json states about the test figures (``final_sampled``: the summary's is a sample's)."""
-        sample = min(self.settings.sample, self.test_size) if self.settings.sample > 0 else 0
+        """What summary.json states about the test figures (``final_sampled``: the summary's is a sample's).
+
+        ``sample`` 0 and no ``sample_seed``: every tested round used the whole split, as it does when
+        ``evaluation.sample`` is at least the split's size (such a sample is never drawn).
+        """
+        sample = self.settings.sample if 0 < self.settings.sample < self.test_size else 0
         return {
             "every": self.settings.every,
             "sample": sample,

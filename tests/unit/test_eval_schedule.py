@@ -53,7 +53,11 @@ def test_a_sample_as_large_as_the_split_is_the_split() -> None:
 
     assert not any(plan.sampled(r) for r in (1, 2, 3))
     assert len(plan.sample_indices()) == 200
-    assert plan.describe()["sample"] == 200 and plan.describe()["final_sampled"] is False
+    # summary.json says the whole split: no sample (and no sample seed) was ever used.
+    assert plan.describe() == {"every": 1, "sample": 0, "test_examples": 200, "final_full": True, "final_sampled": False,
+                               "final_examples": 200, "sample_seed": None}
+    assert schedule(sample=200, test_size=200).describe()["sample"] == 0
+    assert schedule(sample=199, test_size=200).describe()["sample"] == 199
 
 
 def test_the_sample_is_fixed_by_the_seed_distinct_and_inside_the_split() -> None:
