@@ -34,6 +34,7 @@ from .resume import (
     restore_strategy,
     restored_sites,
     resumed_client_plan,
+    resumed_init_adapter,
     strategy_parts,
     write_identity,
     write_manifest,
@@ -124,8 +125,15 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     labels = run_labels(run.data, table) if not run.causal_lm and (run.simulation or run.data.labels) else []
     if not labels and not run.causal_lm:  # a causal LM has no label set
         raise ConfigError("data.labels is empty: a deployed run needs its label set (fedtune run --labels L1,L2,...).")
-    earlier = _earlier_adapter(run, run_dir, resumed=last is not None)
-    if earlier is not None and not run.causal_lm:  # its labels keep their indexes; new ones follow
+    # Resumed: the initial adapter as the checkpoint records it (its arrays are the checkpoint's); the earlier
+    # folder is read only for a fresh start, or for a checkpoint written before fedtune recorded it.
+    init = resumed_init_adapter(last, run) if last is not None else None
+    earlier = _earlier_adapter(run, run_dir, resumed=last is not None) if init is None else None
+    if init is not None and not run.causal_lm:
+        from fedtune.common.init_adapter import labels_after
+
+        labels = labels_after(init.earlier_labels, labels, explicit=bool(run.data.labels), where="model.init_adapter, as the run's checkpoint records it")
+    elif earlier is not None and not run.causal_lm:  # its labels keep their indexes; new ones follow
         from fedtune.common.init_adapter import labels_with_earlier
 
         labels = labels_with_earlier(earlier, labels, explicit=bool(run.data.labels))
@@ -137,7 +145,6 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     # as every site derives it), so they load with plain PEFT.
     bundle = build_run_model(run, len(labels))
     model = bundle.model
-    init = None
     if earlier is not None:  # checked and loaded before any site is asked anything
         from fedtune.common.init_adapter import load_initial_adapter
 
@@ -182,7 +189,8 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
                                 "base_model": str(resolve_base_model(run.model, run.task)),
                                 # What a later run started from this adapter checks it against, and its lineage.
                                 "run_id": identity.run_id, "simulation": run.simulation, "aggregation": run.federation.aggregation,
-                                "seed": run.seed, "lineage": [e.to_json() for e in init.lineage] if init else []}
+                                "seed": run.seed, "lineage": [e.to_json() for e in init.lineage] if init else [],
+                                **({"init_adapter": init.to_json()} if init else {})}  # what a resume takes, not the folder
     if run.causal_lm:
         metadata["template"] = run.data.template  # how `fedtune generate` renders a prompt, as training did
 

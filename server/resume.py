@@ -40,7 +40,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -56,6 +56,9 @@ from .client_dp_plan import ClientLevelPlan, client_level_epsilon
 from .records import METRICS_FILE, SiteRecord, read_metrics_file
 from .run_format import FORMAT, RUN_FILE, check_run_format, format_problem
 from .server_opt import OptimizerState, ServerOptimizer
+
+if TYPE_CHECKING:
+    from fedtune.common.init_adapter import InitialAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -628,6 +631,30 @@ def begin_run(run_dir: Path, run: RunConfig, *, flower_run_id: int | str) -> tup
                 checkpoint.folder if checkpoint else "its start", done + 1, metrics.dropped,
                 ", ".join(map(str, changes)) or "none")
     return identity, ResumePoint(checkpoint=checkpoint, metrics=metrics, changes=tuple(changes))
+
+
+def resumed_init_adapter(checkpoint: Checkpoint, run: RunConfig) -> InitialAdapter | None:
+    """The initial adapter (``model.init_adapter``) of a resumed run, as its checkpoint's ``fedtune.json``
+    records it: its digest, its labels and the lineage. The arrays are the checkpoint's, so the earlier
+    folder is not needed (it may have been moved since the run started). None when the run has no
+    initial adapter, or the checkpoint was written before fedtune recorded it (then the folder is read).
+
+    Raises:
+        ConfigError: the record is malformed.
+    """
+    if not run.model.init_adapter:
+        return None
+    from fedtune.common.init_adapter import initial_from_metadata
+    from fedtune.common.model import METADATA_FILE
+
+    path = checkpoint.folder / METADATA_FILE  # listed in the manifest: checked with the checkpoint
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is unreadable ({err}).") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path} holds a JSON {type(meta).__name__}, not an object.")
+    return initial_from_metadata(meta, folder=Path(run.model.init_adapter).expanduser().resolve(), where=str(path))
 
 
 def restored_sites(checkpoint: Checkpoint | None) -> dict[str, SiteRecord]:

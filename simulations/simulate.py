@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 from fedtune.common.config import RunConfig
@@ -26,10 +27,12 @@ def backend_config(num_sites: int) -> dict:  # type: ignore[type-arg]
     }
 
 
-def preflight(run: RunConfig) -> None:
+def preflight(run: RunConfig, *, resume: bool = False) -> None:
     """Check the model folder, the data and the split before any process starts.
 
-    Errors then reach the user as one clear line, not as a failure inside a Ray worker.
+    Errors then reach the user as one clear line, not as a failure inside a Ray worker. A resumed
+    run (``resume``) does not read its earlier adapter: its checkpoint holds the arrays and records
+    the labels and lineage (``server/resume.py``), and the folder may have moved since.
     """
     from fedtune.common.data import check_labels
     from fedtune.common.model import resolve_base_model
@@ -40,7 +43,8 @@ def preflight(run: RunConfig) -> None:
         from fedtune.common.lm_site import load_config_lm_table, simulated_lm_split
 
         simulated_lm_split(load_config_lm_table(run.data), run.data, num_sites=run.federation.sites, seed=run.seed)
-        _check_init_adapter(run, [])
+        if not resume:
+            _check_init_adapter(run, [])
         return
     table = load_config_table(run.data)
     labels = run_labels(run.data, table)
@@ -48,7 +52,8 @@ def preflight(run: RunConfig) -> None:
     if len(labels) < 2:
         raise ConfigError(f"{table.source}: found only the label(s) {labels}; classification needs at least 2.")
     simulated_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
-    _check_init_adapter(run, labels)
+    if not resume:
+        _check_init_adapter(run, labels)
 
 
 def _check_init_adapter(run: RunConfig, labels: list[str]) -> None:
@@ -98,6 +103,7 @@ def continue_site_ledgers(earlier_sites: Path, run_dir: Path, *, sites: int, bud
                     if records is not None:
                         into.sorted_records[cid] = state.sorted_records.get(cid) or sorted(records)
             into.charges.extend(c for c in state.charges if c not in into.charges)  # idempotent: a rerun adds nothing
+            into.add_links(state.derived, what=f"the earlier run's {name}", time=time.time())  # lineages, if any (site prepare)
             if name == own:  # its noise plans (keyed by the earlier run's id): a record of how it was planned
                 for run, plan in state.plans.items():
                     into.plans.setdefault(run, plan)
@@ -149,7 +155,7 @@ def run_simulation(run: RunConfig, *, resume: bool = False, ray_address: str | N
     from fedtune.client.app import build_client_app
     from fedtune.server.app import build_server_app, resolve_run_dir
 
-    preflight(run)
+    preflight(run, resume=resume)
     run_dir = resolve_run_dir(run, 0)
     if not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "run.json").exists()):
         raise ConfigError(f"run directory {run_dir} already holds a run; continue it with `fedtune simulate --resume {run_dir}` "

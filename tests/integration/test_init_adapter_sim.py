@@ -137,9 +137,38 @@ def test_the_adapter_and_its_card_carry_the_lineage(runs: dict[str, Path]) -> No
     summary_a = json.loads((runs["A"] / "summary.json").read_text())
     digest = "sha256:" + hashlib.sha256((runs["A"] / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
     meta = json.loads((runs["B"] / "adapter" / "fedtune.json").read_text())
-    assert meta["lineage"] == [{"run_id": run_a, "adapter": str((runs["A"] / "adapter").resolve()), "digest": digest,
-                                "epsilon": summary_a["max_epsilon"]}]
+    # Named portably (its run directory's name and folder), never by the coordinator's absolute path: the digest says which.
+    assert meta["lineage"] == [{"run_id": run_a, "adapter": "A/adapter", "digest": digest, "epsilon": summary_a["max_epsilon"]}]
+    assert str(runs["root"]) not in (runs["B"] / "adapter" / "fedtune.json").read_text().replace(meta["base_model"], "")
     card = (runs["B"] / "adapter" / "README.md").read_text()
     assert "## Lineage" in card
     assert f"| {run_a} | `{digest.removeprefix('sha256:')[:16]}` | {epsilon_upper(summary_a['max_epsilon'])} |" in card
     assert "## Lineage" not in (runs["A"] / "adapter" / "README.md").read_text()
+
+
+def test_a_resumed_run_takes_labels_and_lineage_from_its_checkpoint_not_the_moved_earlier_folder(runs: dict[str, Path]) -> None:
+    """B, resumed for a second round after A's adapter folder was moved away: the checkpoint holds the arrays,
+    and its fedtune.json the labels, the lineage and the initial adapter's digest (server/resume.py)."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from fedtune.cli import main
+
+    resumed = runs["root"] / "B-resumed"
+    shutil.copytree(runs["B"], resumed)  # B itself stays as the other tests read it
+    moved = runs["A"] / "adapter.moved"
+    (runs["A"] / "adapter").rename(moved)
+    try:
+        result = CliRunner().invoke(main, ["simulate", "--resume", str(resumed), "--rounds", "2",
+                                           "--allow-change", "federation.rounds"])
+    finally:
+        moved.rename(runs["A"] / "adapter")
+
+    assert result.exit_code == 0, result.output[-3000:]
+    before = json.loads((runs["B"] / "adapter" / "fedtune.json").read_text())
+    after = json.loads((resumed / "adapter" / "fedtune.json").read_text())
+    assert (after["labels"], after["lineage"], after["init_adapter"]) == (before["labels"], before["lineage"], before["init_adapter"])
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["init_adapter"]["digest"] == before["init_adapter"]["digest"] == before["lineage"][-1]["digest"]
+    assert [json.loads(line)["round"] for line in (resumed / "metrics.jsonl").read_text().splitlines()] == [1, 2]
