@@ -37,6 +37,10 @@ _FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
 _RAY_PRINT_HANDLER = "ray_print_logs"
 _RAY_FILE_HANDLER = "fedtune_log_file"
 _forwarded: list[Any] = []  # the open log file the actors' output is written to, closed by run_console
+# What init_ray changed in this process, put back when run_console exits: environment variables as they
+# were (None: unset), and Ray's print handler set aside while the actors' output goes to the log file.
+_saved_env: dict[str, str | None] = {}
+_saved_print_handlers: list[tuple[str, Any]] = []
 
 
 @contextmanager
@@ -89,7 +93,7 @@ def run_console(run_dir: Path, *, verbose: bool = False) -> Iterator[Path]:
         try:
             yield path
         finally:
-            _stop_forwarding()
+            _restore_ray_settings()
             logging.captureWarnings(False)
             ray_logger.handlers = saved_ray
             fedtune_logger.removeHandler(own)
@@ -115,13 +119,15 @@ def init_ray(*, address: str | None, num_cpus: int, log_file: Path | None, verbo
     Connecting to a cluster, Ray refuses a CPU count (the cluster's nodes declare theirs).
 
     Unless ``verbose``, the actors' forwarded output goes to ``log_file`` instead of the terminal.
+    What it changes in this process (PYTHONPATH, Ray's colour prefix, where forwarded output goes)
+    ``run_console`` puts back on exit.
     """
     import ray
 
-    pythonpath = os.pathsep.join(sys.path)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PYTHONPATH"] = pythonpath
+    # From PYTHONPATH as it was before any init_ray of this run_console: a second call must not append again.
+    before = _saved_env["PYTHONPATH"] if "PYTHONPATH" in _saved_env else os.environ.get("PYTHONPATH")
+    pythonpath = os.pathsep.join([*sys.path, *([before] if before else [])])
+    _set_env("PYTHONPATH", pythonpath)
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}, "log_to_driver": True,
                               "logging_level": logging.INFO}
     if address:
@@ -181,13 +187,15 @@ def _forward_actor_output(log_file: Path) -> None:
     _stop_forwarding()
     out = log_file.open("a", encoding="utf-8")
     _forwarded.append(out)
-    os.environ["RAY_COLOR_PREFIX"] = "0"  # read by Ray at each line: no terminal colour codes in a file
+    _set_env("RAY_COLOR_PREFIX", "0")  # read by Ray at each line: no terminal colour codes in a file
 
     def write(data: dict[str, Any]) -> None:
         # Ray's own formatting (actor name and pid prefix; autoscaler status reduced to its events).
         print_worker_logs(data, out)
         out.flush()
 
+    if not _saved_print_handlers:
+        _saved_print_handlers.extend(pair for pair in dispatcher.handlers if pair[0] == _RAY_PRINT_HANDLER)
     dispatcher.remove_handler(_RAY_PRINT_HANDLER)
     dispatcher.add_handler(_RAY_FILE_HANDLER, write)
 
@@ -200,3 +208,31 @@ def _stop_forwarding() -> None:
     dispatcher.remove_handler(_RAY_FILE_HANDLER)
     while _forwarded:
         _forwarded.pop().close()
+
+
+def _set_env(key: str, value: str) -> None:
+    _saved_env.setdefault(key, os.environ.get(key))
+    os.environ[key] = value
+
+
+def _restore_ray_settings() -> None:
+    """Undo what init_ray did to this process, so a later run (or the caller) starts from what it had.
+
+    Ray's print handler goes back only while Ray is still initialised (a cluster connection Flower did
+    not shut down): ``ray.shutdown`` removes it itself, and the next ``ray.init`` adds a fresh one.
+    """
+    _stop_forwarding()
+    if _saved_print_handlers:
+        import ray
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        if ray.is_initialized() and not any(name == _RAY_PRINT_HANDLER for name, _ in dispatcher.handlers):
+            for name, handler in _saved_print_handlers:
+                dispatcher.add_handler(name, handler)
+        _saved_print_handlers.clear()
+    for key, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_env.clear()
