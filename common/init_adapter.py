@@ -26,7 +26,6 @@ resumed run takes its labels and lineage from its checkpoint, without the earlie
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import OrderedDict
@@ -38,6 +37,7 @@ import torch
 
 from .config import CLASSIFIER_TARGET_MODULES, RunConfig
 from .errors import ConfigError, UpdateError
+from .io import file_sha256
 from .model import METADATA_FILE, ModelBundle, base_model_id, check_adapter_state, ffa_lora_a, model_fingerprint, uses_ffa
 
 logger = logging.getLogger(__name__)
@@ -171,11 +171,8 @@ def _run_dir_of(folder: Path) -> Path | None:
 
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return f"sha256:{h.hexdigest()}"
+    """``sha256:<hex>`` of a file, as a lineage records an adapter's weights."""
+    return f"sha256:{file_sha256(path)}"
 
 
 def _run_epsilon(meta: Mapping[str, Any], run_dir: Path | None, folder: Path) -> float | None:
@@ -188,14 +185,11 @@ def _run_epsilon(meta: Mapping[str, Any], run_dir: Path | None, folder: Path) ->
     if folder.name == "adapter" and (run_dir / "summary.json").is_file():
         value = _read_json(run_dir / "summary.json", str(run_dir)).get("max_epsilon")
         return None if value is None else float(value)
-    metrics = run_dir / "metrics.jsonl"
-    if "round" in meta and metrics.is_file():  # an older checkpoint: its round's line
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and row.get("round") == meta["round"] and row.get("max_epsilon") is not None:
+    if "round" in meta:  # an older checkpoint: its round's line (the one reader of metrics.jsonl)
+        from .metrics_file import read_metrics_file
+
+        for row in read_metrics_file(run_dir).lines:
+            if row["round"] == meta["round"] and row.get("max_epsilon") is not None:
                 return float(row["max_epsilon"])
     return None
 

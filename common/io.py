@@ -8,6 +8,7 @@ then trained (ext4 and XFS make no promise about a rename's durability without i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -118,6 +119,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, hex, read in 1 MiB blocks (a model's weights never enter memory whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_bytes(path: Path) -> bytes:

@@ -49,7 +49,8 @@ from flwr.serverapp.strategy import Strategy
 from fedtune import __version__
 from fedtune.common.config import RunConfig, load_toml
 from fedtune.common.errors import ConfigError, UpdateError
-from fedtune.common.io import atomic_write_bytes, atomic_write_json, fsync_dir
+from fedtune.common.init_adapter import WEIGHTS_FILE
+from fedtune.common.io import atomic_write_bytes, atomic_write_json, file_sha256, fsync_dir
 
 from .client_dp import ClientDPState, ClientLevelDP
 from .client_dp_plan import ClientLevelPlan, client_level_epsilon
@@ -66,7 +67,7 @@ REQUEST_FILE = "resume-request.json"
 STATE_FILE = "resume-state.json"
 OPTIMIZER_FILE = "server-opt.safetensors"
 MANIFEST_FILE = "complete.json"
-ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_FILE = WEIGHTS_FILE  # the PEFT weights of a checkpoint: the file an --init-adapter folder is read from too
 
 # Settings a resumed run can never change, even when named in --allow-change, and why.
 _FIXED_PREFIXES: dict[str, str] = {
@@ -367,17 +368,9 @@ def checkpoint_files(state: RoundState, optimizer: OptimizerState | None) -> dic
     return files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path, *, server_round: int, run_id: str) -> None:
     """complete.json, last: the checkpoint counts from the moment this file exists whole."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(folder.iterdir())
              if p.is_file() and p.name != MANIFEST_FILE}
     atomic_write_json(folder / MANIFEST_FILE, {"format": FORMAT, "round": server_round, "run_id": run_id, "files": files,
                                                "time": time.time()})
@@ -410,7 +403,7 @@ def read_checkpoint(folder: Path, *, server_round: int, run_id: str) -> Checkpoi
             file = folder / name
             if not file.is_file():
                 raise ConfigError(f"{file} is missing")
-            if file.stat().st_size != meta["bytes"] or _sha256(file) != meta["sha256"]:
+            if file.stat().st_size != meta["bytes"] or file_sha256(file) != meta["sha256"]:
                 raise ConfigError(f"{file} is not the file the manifest lists (size or SHA-256 differs)")
         state = RoundState.from_json(json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
     except (KeyError, TypeError, ValueError, AttributeError) as err:

@@ -11,9 +11,13 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.common.config import RunConfig
 from fedtune.common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedtune.common.init_adapter import EarlierAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +31,9 @@ def backend_config(num_sites: int) -> dict:  # type: ignore[type-arg]
     }
 
 
-def preflight(run: RunConfig, *, resume: bool = False) -> None:
-    """Check the model folder, the data and the split before any process starts.
+def preflight(run: RunConfig, *, resume: bool = False) -> EarlierAdapter | None:
+    """Check the model folder, the data and the split before any process starts; returns the earlier
+    adapter (``model.init_adapter``) as read and checked, None without one.
 
     Errors then reach the user as one clear line, not as a failure inside a Ray worker. A resumed
     run (``resume``) does not read its earlier adapter: its checkpoint holds the arrays and records
@@ -43,23 +48,20 @@ def preflight(run: RunConfig, *, resume: bool = False) -> None:
         from fedtune.common.lm_site import load_config_lm_table, simulated_lm_split
 
         simulated_lm_split(load_config_lm_table(run.data), run.data, num_sites=run.federation.sites, seed=run.seed)
-        if not resume:
-            _check_init_adapter(run, [])
-        return
+        return None if resume else _check_init_adapter(run, [])
     table = load_config_table(run.data)
     labels = run_labels(run.data, table)
     check_labels(table, labels)
     if len(labels) < 2:
         raise ConfigError(f"{table.source}: found only the label(s) {labels}; classification needs at least 2.")
     simulated_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
-    if not resume:
-        _check_init_adapter(run, labels)
+    return None if resume else _check_init_adapter(run, labels)
 
 
-def _check_init_adapter(run: RunConfig, labels: list[str]) -> None:
+def _check_init_adapter(run: RunConfig, labels: list[str]) -> EarlierAdapter | None:
     """Refuse an earlier adapter that does not fit the run (``common/init_adapter.py``) before any site starts."""
     if not run.model.init_adapter:
-        return
+        return None
     from fedtune.common.init_adapter import check_fits, labels_with_earlier, read_earlier_adapter
 
     earlier = read_earlier_adapter(run.model.init_adapter)
@@ -70,6 +72,7 @@ def _check_init_adapter(run: RunConfig, labels: list[str]) -> None:
         raise ConfigError(f"model.init_adapter {earlier.folder} comes from a simulation, but its run directory's site ledgers "
                           "(RUN_DIR/sites) are not beside it: this run's sites could not continue them, and would count their "
                           "records' spend from zero. Give the adapter folder inside its run directory.")
+    return earlier
 
 
 def continue_site_ledgers(earlier_sites: Path, run_dir: Path, *, sites: int, budget_epsilon: float, delta: float) -> Path:
@@ -155,15 +158,12 @@ def run_simulation(run: RunConfig, *, resume: bool = False, ray_address: str | N
     from fedtune.client.app import build_client_app
     from fedtune.server.app import build_server_app, resolve_run_dir
 
-    preflight(run, resume=resume)
+    earlier = preflight(run, resume=resume)  # read once here: the ledgers below need only what preflight read
     run_dir = resolve_run_dir(run, 0)
     if not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "run.json").exists()):
         raise ConfigError(f"run directory {run_dir} already holds a run; continue it with `fedtune simulate --resume {run_dir}` "
                           "or choose another --out.")
-    if run.model.init_adapter and not resume:  # before any site starts: its ledger must count the earlier runs
-        from fedtune.common.init_adapter import read_earlier_adapter
-
-        earlier = read_earlier_adapter(run.model.init_adapter)
+    if earlier is not None:  # before any site starts: its ledger must count the earlier runs (not on resume)
         if earlier.site_ledgers is not None:
             continue_site_ledgers(earlier.site_ledgers, run_dir, sites=run.federation.sites,
                                   budget_epsilon=run.privacy.target_epsilon if run.privacy.enabled else math.inf,

@@ -117,13 +117,13 @@ def site_prepare(config_path: Path, data: Path | None, out: Path | None, task: s
 
     from fedtune.client.daemon import load_site_config
     from fedtune.client.near_dup import NearDupSettings
-    from fedtune.client.prepare import PrepareSettings, prepare_site
+    from fedtune.client.prepare import PrepareSettings, prepare_site_data
     from fedtune.client.prepare_report import render
 
     offline_env()
     config = load_site_config(config_path)
     settings = PrepareSettings(near_dup=NearDupSettings(threshold=near_dup_threshold), max_length=max_length or 0)
-    result = prepare_site(config, data=data, out=out, task=task, settings=settings, overwrite=overwrite)
+    result = prepare_site_data(config, data=data, out=out, task=task, settings=settings, overwrite=overwrite)
     render(result.report, Console())
     click.echo(f"cleaned: {result.out}\nreport: {result.report_path}" + (f"\nplot: {result.plot_path}" if result.plot_path else ""))
     if result.out.resolve() != config.data_path.resolve():

@@ -11,7 +11,7 @@ import pytest
 
 from fedtune.client.check import check_prepared
 from fedtune.client.daemon import load_site_config
-from fedtune.client.prepare import Columns, PrepareSettings, default_out, prepare_file, prepare_site, report_path
+from fedtune.client.prepare import Columns, PrepareSettings, default_out, prepare_file, prepare_site_data, report_path
 from fedtune.common.data import load_table
 from fedtune.common.errors import ConfigError, DataError
 
@@ -176,11 +176,11 @@ def test_a_bad_in_path_names_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "exports" / "notes-2026.csv"
 
     with pytest.raises(DataError, match=f"--in {missing}: no such file"):
-        prepare_site(site, data=missing)
+        prepare_site_data(site, data=missing)
     with pytest.raises(DataError, match=r"--in .*notes\.txt: unsupported file type '\.txt'"):
         bad = tmp_path / "notes.txt"
         bad.write_text("text,label\n", encoding="utf-8")
-        prepare_site(site, data=bad)
+        prepare_site_data(site, data=bad)
 
 
 def test_site_check_warns_when_the_data_changed_since_prepare(tmp_path: Path) -> None:
@@ -188,7 +188,7 @@ def test_site_check_warns_when_the_data_changed_since_prepare(tmp_path: Path) ->
     site = load_site_config(_site(tmp_path, raw))
     assert check_prepared(site) is None  # no report: site check prints no line for it
 
-    result = prepare_site(site, plot=False)  # the site's own tokenizer (the packaged MiniLM)
+    result = prepare_site_data(site, plot=False)  # the site's own tokenizer (the packaged MiniLM)
     on_raw = check_prepared(site)
     cleaned_site = load_site_config(_site(tmp_path, result.out))
     unchanged = check_prepared(cleaned_site)
@@ -257,7 +257,7 @@ def test_a_site_with_deid_enabled_prepares_redacted_rows(tmp_path: Path) -> None
             (THIRD, "orthopedics")]
     site = load_site_config(_site(tmp_path, _write_csv(tmp_path / "notes.csv", rows), '\n[deid]\nenabled = true\n'))
 
-    result = prepare_site(site, plot=False)  # client/deid.py, as the site's training path runs it
+    result = prepare_site_data(site, plot=False)  # client/deid.py, as the site's training path runs it
 
     assert result.report.deid.enabled and result.report.deid.counts.get("EMAIL") == 2
     assert result.report.dropped.exact_duplicate == (2,)
@@ -277,7 +277,7 @@ def test_prepare_warns_when_the_input_already_spent_budget(tmp_path: Path) -> No
                                                  clip_norm=1.0, delta=site.delta, budget_epsilon=100.0)
     assert spent > 0
 
-    warnings = prepare_site(site, plot=False).report.warnings
+    warnings = prepare_site_data(site, plot=False).report.warnings
 
     assert len(warnings) == 1 and f"already spent epsilon {spent:.3f}" in warnings[0] and "keep their spend" in warnings[0]
 

@@ -15,7 +15,7 @@ import pytest
 from fedtune.client.check import site_record_digests
 from fedtune.client.daemon import load_site_config
 from fedtune.client.ledger import PrivacyLedger
-from fedtune.client.prepare import Columns, prepare_file, prepare_site
+from fedtune.client.prepare import Columns, prepare_file, prepare_site_data
 from fedtune.common.accounting import RDP_ORDERS, Segment
 from fedtune.common.causal_lm import LMDataSettings, lm_record_digests, load_lm_table
 from fedtune.common.data import load_table, record_digests
@@ -68,7 +68,7 @@ def test_rows_that_prepare_normalises_or_redacts_keep_their_spend_in_the_budget_
     spent = _charge(ledger, site_record_digests(site), SEG_1, run="run-1", delta=site.delta)
     assert spent == pytest.approx(_dp_accounting_epsilon([SEG_1], site.delta), rel=1e-6)
 
-    result = prepare_site(site, plot=False)
+    result = prepare_site_data(site, plot=False)
 
     cleaned = load_site_config(_site(tmp_path, result.out, '\n[deid]\nenabled = true\n'))
     records = site_record_digests(cleaned)  # the training path's keys of the cleaned file
@@ -97,7 +97,7 @@ def test_a_row_kept_in_place_of_duplicates_carries_the_composed_spend_of_all_of_
     _charge(ledger, [digests[0], digests[3]], SEG_1, run="run-1", delta=site.delta)
     _charge(ledger, [digests[1], digests[2], digests[3]], SEG_2, run="run-2", delta=site.delta)
 
-    result = prepare_site(site, plot=False)
+    result = prepare_site_data(site, plot=False)
 
     assert result.report.dropped.exact_duplicate == (2,) and result.report.dropped.near_duplicate == (3,)
     kept = record_digests([CHEST], ["cardiology"])[0]  # row 1 is unchanged, but now stands for rows 2 and 3 too
@@ -111,7 +111,7 @@ def test_a_row_kept_in_place_of_duplicates_carries_the_composed_spend_of_all_of_
 def test_going_back_to_the_raw_file_after_training_on_the_cleaned_one_resets_nothing(tmp_path: Path) -> None:
     raw = _write_csv(tmp_path / "notes.csv", [(CHEST + "  ", "cardiology"), (KNEE, "orthopedics")])
     site = load_site_config(_site(tmp_path, raw))
-    result = prepare_site(site, plot=False)
+    result = prepare_site_data(site, plot=False)
     ledger = PrivacyLedger(site.state_dir)
     spent = _charge(ledger, site_record_digests(load_site_config(_site(tmp_path, result.out))), SEG_2, run="run-1",
                     delta=site.delta)
@@ -174,7 +174,7 @@ def test_a_file_prepared_before_any_training_links_nothing_that_costs(tmp_path: 
     raw = _write_csv(tmp_path / "notes.csv", [(CHEST + " ", "cardiology"), (KNEE, "orthopedics")])
     site = load_site_config(_site(tmp_path, raw))
 
-    result = prepare_site(site, plot=False)
+    result = prepare_site_data(site, plot=False)
 
     ledger = PrivacyLedger(site.state_dir)
     cleaned = site_record_digests(load_site_config(_site(tmp_path, result.out)))
