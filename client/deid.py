@@ -5,7 +5,8 @@ Microsoft Presidio's analyzer (pattern recognizers; e-mail, phone via Google's l
 with its ISO 13616 mod-97 check, card numbers with the Luhn check, dates) and by fedtune's own
 recognizers where Presidio has none or needs a model (medical record and account numbers by the
 words before them, postal codes by region, person names by titles, cue words and a name
-gazetteer): ``client/deid_recognizers.py``. Nothing is downloaded and no model is loaded.
+gazetteer, phone numbers in the ranges reserved for fiction that libphonenumber calls invalid):
+``client/deid_recognizers.py``. Nothing is downloaded and no model is loaded.
 
 What it is not: a guarantee. Pattern recognizers miss what has no pattern (a name without a title,
 cue or known first name; an identifier without its cue word); DP-SGD is what bounds what the
