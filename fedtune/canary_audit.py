@@ -15,7 +15,10 @@ Scores (higher = more likely included):
 
 - black-box: minus the cross-entropy loss of the final adapter (``RUN_DIR/adapter``) on the canary;
 - white-box: sum over rounds t of <theta_t - theta_{t-1}, -g_i / ||g_i||>, g_i the gradient of the
-  canary's loss at theta_{t-1} with respect to the exchanged adapter tensors, theta_t the global
+  canary's loss at theta_t (the round's result, which the coordinator holds too; at theta_{t-1} the
+  bound of the non-DP control was 0.54 against 1.30 at theta_t, with 20 local epochs a round: the
+  start's gradient of a canary not yet fitted points less along what fitting it moved) with respect
+  to the exchanged adapter tensors, theta_t the global
   adapter after round t (``RUN_DIR/checkpoints/round-t``; theta_0 the initial adapter every process
   derives from the seed). Those are what the coordinator publishes, a function of the per-site
   updates it receives; with ``--sites 1`` and FedAvg (no server optimiser, no client-level DP) theta_t
@@ -61,7 +64,7 @@ _GRAD_BATCH = 32
 _WORDS, _LETTERS = 8, "abcdefghijklmnopqrstuvwxyz"
 WHITE_BOX_SOURCE = (
     "per-round global adapter updates theta_t - theta_{t-1} (RUN_DIR/checkpoints/round-t), projected on each canary's "
-    "unit loss gradient at theta_{t-1}; exactly the canary site's update as the coordinator receives it when the run has "
+    "unit loss gradient at theta_t; exactly the canary site's update as the coordinator receives it when the run has "
     "one site and plain FedAvg"
 )
 
@@ -192,7 +195,7 @@ def white_box_scores(run_dir: Path, canaries: list[Canary]) -> np.ndarray:
         saved = load_file(str(run_dir / "checkpoints" / f"round-{t}" / "adapter_model.safetensors"))
         current = {k: saved[k].float() for k in names}
         update = [(current[k] - previous[k].float()).reshape(-1).double() for k in names]
-        load_adapter_state(model, dict(previous))
+        load_adapter_state(model, dict(current))  # the gradient at the round's result (module docstring)
         for start in range(0, len(dataset), _GRAD_BATCH):
             batch = [x[start : start + _GRAD_BATCH] for x in dataset.tensors]
             for param in params:
