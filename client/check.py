@@ -48,125 +48,65 @@ def _check_data(site: SiteConfig) -> str:
     return f"{len(table.labels)} rows ({distinct} distinct records in the ledger's sense), {len(labels)} labels {counts}"
 
 
-def _chat_problem(value: Any) -> str:
-    """Why a messages cell is not a chat, without quoting it (``parse_conversation``'s errors quote the value)."""
-    import json
-
-    from fedtune.common.causal_lm import ROLES
-
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return "is not a JSON list of messages"
-    if not isinstance(value, list) or not value:
-        return "is not a non-empty list of {role, content} messages"
-    for i, item in enumerate(value, start=1):
-        if not isinstance(item, dict) or item.get("role") not in ROLES:
-            return f"message {i}: role must be one of {list(ROLES)}"
-        if not isinstance(item.get("content"), str) or not item["content"].strip():
-            return f"message {i}: content must be non-blank text"
-    return "must end with the assistant's answer, after a user message"
-
-
-def _read_lm_rows(site: SiteConfig) -> tuple[list[Any], list[str], list[str], list[str]]:
-    """Every row of a causal-lm site's file: (conversations, blank-prompt rows, empty-response rows,
-    other bad rows with the reason), read through the training path's readers and rules."""
-    from fedtune.common.causal_lm import ChatMessage, parse_conversation
-    from fedtune.common.data import MISSING, read_records
-
-    chats = site.messages_column
-    columns = [chats] if chats else [site.prompt_column, site.response_column]
-    convs: list[Any] = []
-    blank_prompts: list[str] = []
-    empty_responses: list[str] = []
-    bad: list[str] = []
-    for where, values in read_records(site.data_path, columns):
-        row = where.removeprefix(f"{site.data_path} ")
-        if chats:
-            try:
-                convs.append(parse_conversation(values[chats], where, chats))
-            except FedtuneError:
-                bad.append(f"{row}: column {chats!r} {_chat_problem(values[chats])}")
-            continue
-        prompt, response = values[site.prompt_column], values[site.response_column]
-        if isinstance(response, int) and not isinstance(response, bool):
-            response = str(response)  # as the training path reads it
-        if prompt is MISSING or prompt is None or (isinstance(prompt, str) and not prompt.strip()):
-            blank_prompts.append(row)
-        elif not isinstance(prompt, str):
-            bad.append(f"{row}: column {site.prompt_column!r} holds {type(prompt).__name__}, not text")
-        elif response is MISSING or response is None or (isinstance(response, str) and not response.strip()):
-            empty_responses.append(row)
-        elif not isinstance(response, str):
-            bad.append(f"{row}: column {site.response_column!r} holds {type(response).__name__}, not text")
-        else:
-            convs.append((ChatMessage("user", prompt), ChatMessage("assistant", response)))
-    return convs, blank_prompts, empty_responses, bad
-
-
 def _lm_table(site: SiteConfig) -> Any:
-    """A causal-lm site's examples (an ``LMTable``), read as training reads them.
+    """A causal-lm site's examples (an ``LMTable``), read by the training path's reader.
 
     Raises:
         DataError: naming the file, how many rows are unusable and why, and their row numbers, never
             their text: ``site check`` and ``site ledger`` print it, and the training path's own
-            messages (``load_lm_table``) quote the values they refuse.
+            messages (``load_lm_table``) quote the values they refuse, so every row's problem is
+            collected unquoted (``common.data.RowProblem``) rather than raised.
     """
-    from fedtune.common.causal_lm import LMTable
+    from fedtune.common.causal_lm import LMDataSettings, load_lm_table
+    from fedtune.common.data import RowProblem
 
-    convs, blank_prompts, empty_responses, bad = _read_lm_rows(site)
-    problems = []
-    if blank_prompts:
-        problems.append(f"{len(blank_prompts)} blank prompts in column {site.prompt_column!r} ({row_list(blank_prompts)})")
-    if empty_responses:
-        problems.append(f"{len(empty_responses)} empty responses in column {site.response_column!r} ({row_list(empty_responses)})")
-    if bad:
-        problems.append(f"{len(bad)} unusable rows: " + "; ".join(bad[:SHOWN_ROWS]))
-    rows = len(convs) + len(blank_prompts) + len(empty_responses) + len(bad)
-    if not rows:
-        raise DataError(f"{site.data_path}: no data rows.")
+    problems: list[RowProblem] = []
+    settings = LMDataSettings(prompt_column=site.prompt_column, response_column=site.response_column,
+                              messages_column=site.messages_column)
+    table = load_lm_table(site.data_path, settings, problems=problems)
     if problems:
-        raise DataError(f"{site.data_path}: {rows} rows; " + "; ".join(problems) + ". Training refuses the file until every row "
-                        "has a prompt and a response: fill or remove those rows.")
-    return LMTable(conversations=convs, source=str(site.data_path), from_messages=bool(site.messages_column))
+        def row(p: RowProblem) -> str:
+            return p.where.removeprefix(f"{site.data_path} ")
+
+        blank = {c: [row(p) for p in problems if p.blank and p.column == c] for c in (site.prompt_column, site.response_column)}
+        bad = [f"{row(p)}: column {p.column!r} {p.reason}" for p in problems if not p.blank]
+        found = [f"{len(rows)} {what} in column {column!r} ({row_list(rows)})"
+                 for what, column in (("blank prompts", site.prompt_column), ("empty responses", site.response_column))
+                 if (rows := blank[column])]
+        if bad:
+            found.append(f"{len(bad)} unusable rows: " + "; ".join(bad[:SHOWN_ROWS]))
+        raise DataError(f"{site.data_path}: {len(table) + len(problems)} rows; " + "; ".join(found) + ". Training refuses "
+                        "the file until every row has a prompt and a response: fill or remove those rows.")
+    return table
 
 
 def _check_lm_data(site: SiteConfig, *, max_length: int = 0) -> str:
     """Rows, empty responses and token lengths against ``max_length`` (0: the causal-lm default),
-    with the site's base model's tokenizer. Only counts and row numbers are printed, never text."""
+    with the site's base model's tokenizer, encoded by the training path's ``encode_lm``. Only counts
+    and row numbers are printed, never text."""
     import statistics
 
-    from fedtune.common.causal_lm import example_ids, use_chat, lm_record_digests, load_lm_tokenizer
+    from fedtune.common.causal_lm import encode_lm, lm_record_digests, load_lm_tokenizer, use_chat
     from fedtune.common.config import TASK_MAX_LENGTH, ModelConfig
+    from fedtune.common.data import RowProblem
     from fedtune.common.model import resolve_base_model
 
     max_length = max_length or TASK_MAX_LENGTH["causal-lm"]
     table = _lm_table(site)
-    convs, rows = table.conversations, len(table)
     tokenizer = load_lm_tokenizer(resolve_base_model(ModelConfig(base_model=str(site.base_model or "")), "causal-lm"))
     chat = use_chat(tokenizer, "auto", needed=bool(site.messages_column))
-    lengths, truncated, dropped, no_tokens = [], 0, [], []
-    for row, conv in enumerate(convs, start=1):
-        prompt, response = example_ids(tokenizer, conv, chat)
-        if not prompt or not response:
-            no_tokens.append(f"row {row}")
-        lengths.append(len(prompt) + len(response))
-        if len(prompt) >= max_length:
-            dropped.append(f"row {row}")
-        elif len(prompt) + len(response) > max_length:
-            truncated += 1
+    no_tokens: list[RowProblem] = []
+    encoded = encode_lm(tokenizer, table, max_length=max_length, template="auto", problems=no_tokens)
     if no_tokens:
-        raise FedtuneError(f"{site.data_path}: {len(no_tokens)} rows whose prompt or response encodes to no tokens ({row_list(no_tokens)}).")
-    if len(dropped) == rows:
-        raise FedtuneError(f"{site.data_path}: every prompt fills max_length {max_length} tokens; no example would train.")
+        rows = [p.where.removeprefix(f"{table.source} ") for p in no_tokens]
+        raise FedtuneError(f"{site.data_path}: {len(rows)} rows whose prompt or response encodes to no tokens ({row_list(rows)}).")
     distinct = len(set(lm_record_digests(table)))
     columns = f"chats in {site.messages_column!r}" if site.messages_column else f"{site.prompt_column!r} -> {site.response_column!r}"
-    ordered = sorted(lengths)
-    return (f"causal-lm: {rows} rows ({distinct} distinct records in the ledger's sense), {columns}, rendered "
+    lengths, dropped = sorted(encoded.lengths), [f"row {r}" for r in encoded.dropped_rows]
+    return (f"causal-lm: {len(table)} rows ({distinct} distinct records in the ledger's sense), {columns}, rendered "
             f"{'with the chat template' if chat else 'as plain text'}; tokens per example: median {statistics.median(lengths):g}, "
-            f"95th percentile {ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}, max {ordered[-1]}; at max_length {max_length}: "
-            f"{truncated} would be truncated (end of the response cut), {len(dropped)} dropped (the prompt alone fills it"
+            f"95th percentile {lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]}, max {lengths[-1]}; at max_length {max_length}: "
+            f"{encoded.truncated} would be truncated (end of the response cut), {len(dropped)} dropped (the prompt alone fills it"
             + (f": {row_list(dropped)}" if dropped else "") + ")")
 
 

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .config import LoraSettings
-from .data import load_table, read_records, record_digests
+from .data import RowProblem, load_table, read_records, record_digests
 from .errors import ConfigError, DataError
 from .lora_rank import site_lora_alpha
 from .model import ADAPTER_NAME, ModelBundle, top_layer_indices, adapter_state, freeze_lora_a
@@ -97,23 +97,37 @@ class LMTable:
         return len(self.conversations)
 
 
-def load_lm_table(path: str | Path, settings: LMDataSettings = LMDataSettings()) -> LMTable:
+def load_lm_table(path: str | Path, settings: LMDataSettings = LMDataSettings(), *,
+                  problems: list[RowProblem] | None = None) -> LMTable:
     """Load causal-LM examples from CSV, JSON Lines or Parquet (see :class:`LMDataSettings`).
+
+    ``problems``: if given, every bad row is appended to it (``common.data.RowProblem``: where and why,
+    never the value) and left out of the table, instead of raising on the first; a prompt/response
+    row's blank prompt or response has ``blank`` set. What makes the whole file unreadable still raises.
 
     Raises:
         DataError: naming the file, row, column and value, for everything ``common.data.load_table``
             refuses, and for a chat that is not a list of {role, content} ending with an assistant turn.
     """
-    problems = settings.problems()
-    if problems:
-        raise ConfigError(problems)
+    config_problems = settings.problems()
+    if config_problems:
+        raise ConfigError(config_problems)
     if not settings.messages_column:
-        table = load_table(path, text_column=settings.prompt_column, label_column=settings.response_column)
+        table = load_table(path, text_column=settings.prompt_column, label_column=settings.response_column, problems=problems)
         convs = [(ChatMessage("user", p), ChatMessage("assistant", r)) for p, r in zip(table.texts, table.labels)]
         return LMTable(conversations=convs, source=table.source, from_messages=False)
     column = settings.messages_column
-    convs = [parse_conversation(values[column], where, column) for where, values in read_records(path, [column])]
-    if not convs:
+    convs, refused = [], 0
+    for where, values in read_records(path, [column]):
+        chat = read_chat(values[column])
+        if isinstance(chat, ChatFault):
+            if problems is None:
+                raise DataError(f"{where}: column {column!r}{chat.message}.")
+            problems.append(RowProblem(where, column, chat.reason))
+            refused += 1
+        else:
+            convs.append(chat)
+    if not convs and not refused:
         raise DataError(f"{path}: no data rows; expected one chat per row in column {column!r}.")
     return LMTable(conversations=convs, source=str(path), from_messages=True)
 
@@ -123,29 +137,61 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def parse_conversation(value: Any, where: str, column: str) -> Conversation:
+@dataclass(frozen=True)
+class ChatFault:
+    """Why a messages cell is not a chat, in two wordings of one rule.
+
+    Attributes:
+        reason: Never quoting the cell (``fedtune site check`` prints it, and it must not print data).
+        message: The training path's words after "column 'x'", quoting the cell (the site's own log).
+    """
+
+    reason: str
+    message: str
+
+
+_ENDS = "must end with the assistant's answer, after a user message"
+
+
+def read_chat(value: Any) -> Conversation | ChatFault:
+    """The chat in one messages cell (a list of {role, content}, or a JSON string of one), or why it is not one."""
     if isinstance(value, str):  # a CSV cell holding the JSON list
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
-            raise DataError(f"{where}: column {column!r} is not a JSON list of messages ({err.msg}): {_short(value)}.") from None
+            return ChatFault("is not a JSON list of messages", f" is not a JSON list of messages ({err.msg}): {_short(value)}")
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: column {column!r} must be a non-empty list of {{role, content}} messages, got {_short(value)}.")
+        return ChatFault("is not a non-empty list of {role, content} messages",
+                         f" must be a non-empty list of {{role, content}} messages, got {_short(value)}")
     messages = []
     for i, item in enumerate(value, start=1):
         role = item.get("role") if isinstance(item, dict) else None
         content = item.get("content") if isinstance(item, dict) else None
         if role not in ROLES:
-            raise DataError(f"{where}: column {column!r} message {i}: role must be one of {list(ROLES)}, got {_short(item)}.")
+            why = f"message {i}: role must be one of {list(ROLES)}"
+            return ChatFault(why, f" {why}, got {_short(item)}")
         if not isinstance(content, str) or not content.strip():
-            raise DataError(f"{where}: column {column!r} message {i}: content must be non-blank text, got {_short(item)}.")
+            why = f"message {i}: content must be non-blank text"
+            return ChatFault(why, f" {why}, got {_short(item)}")
         messages.append(ChatMessage(role, content))
     if messages[-1].role != "assistant":
-        raise DataError(f"{where}: column {column!r}: the last message is the response trained on and must be the "
-                        f"assistant's, got role {messages[-1].role!r}.")
+        return ChatFault(_ENDS, f": the last message is the response trained on and must be the assistant's, "
+                                f"got role {messages[-1].role!r}")
     if not any(m.role == "user" for m in messages[:-1]):
-        raise DataError(f"{where}: column {column!r}: no user message before the assistant's answer.")
+        return ChatFault(_ENDS, ": no user message before the assistant's answer")
     return tuple(messages)
+
+
+def parse_conversation(value: Any, where: str, column: str) -> Conversation:
+    """The chat in one messages cell (:func:`read_chat`).
+
+    Raises:
+        DataError: naming ``where``, ``column`` and the value, when it is not one.
+    """
+    chat = read_chat(value)
+    if isinstance(chat, ChatFault):
+        raise DataError(f"{where}: column {column!r}{chat.message}.")
+    return chat
 
 
 def lm_record_digests(table: LMTable) -> list[str]:
@@ -215,34 +261,50 @@ class EncodedLM:
     Attributes:
         truncated: Examples kept with the end of their response cut at max_length.
         dropped_rows: 1-based rows left out because their prompt alone fills max_length.
+        lengths: Every row's tokens (prompt + response) before truncation, in table order, dropped rows
+            included: what ``fedtune site check`` reports against max_length.
     """
 
     dataset: TensorDataset
     truncated: int
     dropped_rows: tuple[int, ...] = field(default=())
+    lengths: tuple[int, ...] = field(default=())
 
     @property
     def examples(self) -> int:
         return len(self.dataset)
 
 
-def encode_lm(tokenizer: Any, table: LMTable, *, max_length: int, template: str = "auto") -> EncodedLM:
+def encode_lm(tokenizer: Any, table: LMTable, *, max_length: int, template: str = "auto",
+              problems: list[RowProblem] | None = None) -> EncodedLM:
     """Tokenize ``table`` for training and evaluation (see the module docstring for the rules).
 
+    ``problems``: if given, a row whose prompt or response encodes to no tokens is appended to it
+    (a ``RowProblem`` naming the row, never its text) and left out, instead of raising; and when
+    such rows leave no example, the result has an empty dataset rather than raising. Its
+    ``dropped_rows`` then do not list them: such a result is for reports, not for training.
+
     Raises:
-        DataError: if no example keeps a response token (naming the file, max_length, the longest prompt).
+        DataError: if a row encodes to no tokens (without ``problems``), or no example keeps a response
+            token (naming the file, max_length, the longest prompt).
         ConfigError: if chats need a chat template the tokenizer lacks, or ``max_length`` < 2.
     """
     if max_length < 2:
         raise ConfigError(f"model.max_length must be >= 2 for a causal LM (a prompt and a response token), got {max_length}.")
     chat = use_chat(tokenizer, template, needed=table.from_messages)
     rows: list[tuple[list[int], int]] = []  # (ids, prompt length)
-    truncated, dropped, longest_prompt = 0, [], 0
+    truncated, dropped, longest_prompt, lengths, refused = 0, [], 0, [], 0
     for row, conv in enumerate(table.conversations, start=1):
         prompt, response = example_ids(tokenizer, conv, chat)
         longest_prompt = max(longest_prompt, len(prompt))
+        lengths.append(len(prompt) + len(response))
         if not prompt or not response:
-            raise DataError(f"{table.source} row {row}: the {'prompt' if not prompt else 'response'} encodes to no tokens.")
+            part = "prompt" if not prompt else "response"
+            if problems is None:
+                raise DataError(f"{table.source} row {row}: the {part} encodes to no tokens.")
+            problems.append(RowProblem(f"{table.source} row {row}", part, "encodes to no tokens"))
+            refused += 1
+            continue
         if len(prompt) >= max_length:
             dropped.append(row)
             continue
@@ -251,13 +313,13 @@ def encode_lm(tokenizer: Any, table: LMTable, *, max_length: int, template: str 
             truncated += 1
             ids = ids[:max_length]
         rows.append((ids, len(prompt)))
-    if not rows:
+    if not rows and not refused:
         raise DataError(f"{table.source}: every example's prompt fills model.max_length = {max_length} tokens "
                         f"(longest prompt: {longest_prompt}); raise model.max_length.")
     if truncated or dropped:
         logger.warning("%s: %d of %d examples truncated to %d tokens, %d dropped (prompt alone fills it; rows %s)",
                        table.source, truncated, len(table), max_length, len(dropped), dropped[:10])
-    width = max(len(ids) for ids, _ in rows)
+    width = max((len(ids) for ids, _ in rows), default=1)
     pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -266,7 +328,8 @@ def encode_lm(tokenizer: Any, table: LMTable, *, max_length: int, template: str 
         input_ids[i, : len(ids)] = torch.tensor(ids)
         mask[i, : len(ids)] = 1
         labels[i, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
-    return EncodedLM(dataset=TensorDataset(input_ids, mask, labels), truncated=truncated, dropped_rows=tuple(dropped))
+    return EncodedLM(dataset=TensorDataset(input_ids, mask, labels), truncated=truncated, dropped_rows=tuple(dropped),
+                     lengths=tuple(lengths))
 
 
 def response_token_losses(model: torch.nn.Module, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

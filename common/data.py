@@ -17,6 +17,11 @@ Size. Files are read a record at a time, and a record (a CSV row with its quoted
 a Parquet value) longer than `MAX_RECORD_CHARS` is refused, naming the file and row, after reading at most
 that much of it: a file with one gigabyte-long row (a missing closing quote, a file without line breaks)
 never gets into memory whole.
+
+Reporting without quoting. The loaders stop at the first bad row with a message that quotes its value (the
+operator's own log, where the value helps). Given a ``problems`` list they instead collect every bad row as a
+`RowProblem` (where and why, never the value) and go on: ``fedtune site check`` prints those, and it must never
+print training text. Both modes apply the same rules, so site check refuses exactly the rows training refuses.
 """
 
 from __future__ import annotations
@@ -49,6 +54,23 @@ _Record = tuple[str, dict[str, Any]]
 MISSING: Any = object()
 _UTF8_HINT = ("files exported as Latin-1 or Windows-1252 must be re-saved as UTF-8, e.g. "
               "`iconv -f WINDOWS-1252 -t UTF-8 FILE > FILE.utf8` (fedtune does not guess encodings; see common/data.py)")
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """One row a loader refuses, described without its value (see the module docstring).
+
+    Attributes:
+        where: The file and row, as messages name it ("notes.csv row 3 (line 5)").
+        column: The column at fault.
+        reason: Why, never quoting the value: "holds list, not text".
+        blank: The value is missing, null or blank (as opposed to present but unusable).
+    """
+
+    where: str
+    column: str
+    reason: str
+    blank: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,7 @@ def load_table(
     text_column: str = "text",
     label_column: str = "label",
     extra_columns: Sequence[str] = (),
+    problems: list[RowProblem] | None = None,
 ) -> TextTable:
     """Load a site's labeled texts from `.csv`, `.jsonl`/`.json` (JSON Lines) or `.parquet`.
 
@@ -99,6 +122,9 @@ def load_table(
         label_column: Column holding the label. A label is kept exactly as stored; an empty or
             whitespace-only label counts as missing.
         extra_columns: More columns to keep as strings in `TextTable.columns`, with the same rules as labels.
+        problems: If given, a bad row (blank text, missing label, wrong type) is appended to it as a `RowProblem`
+            (one per row: its first bad column) and left out of the table, instead of raising; what makes the whole
+            file unreadable (see Raises) still raises.
 
     Returns:
         The table, with `source` set to `str(path)`.
@@ -112,12 +138,25 @@ def load_table(
     texts: list[str] = []
     labels: list[str] = []
     extras: dict[str, list[str]] = {name: [] for name in extra_columns}
-    for where, values in read_records(path, [text_column, label_column, *extra_columns]):
-        texts.append(_as_text(values[text_column], where, text_column))
-        labels.append(_as_value(values[label_column], where, label_column))
-        for name, column in extras.items():
-            column.append(_as_value(values[name], where, name))
-    if not texts:
+    refused = 0
+    columns = [text_column, label_column, *extras]
+    for where, values in read_records(path, columns):
+        row: list[str] = []
+        for i, column in enumerate(columns):
+            try:
+                row.append((_as_text if i == 0 else _as_value)(values[column], where, column))
+            except DataError:
+                if problems is None:
+                    raise
+                problems.append(_unquoted(where, column, values[column]))
+                refused += 1
+                break
+        else:
+            texts.append(row[0])
+            labels.append(row[1])
+            for name, value in zip(extras, row[2:]):
+                extras[name].append(value)
+    if not texts and not refused:
         raise DataError(f"{path}: no data rows; expected one row per labeled text.")
     logger.debug("Loaded %d rows with %d distinct labels from %s", len(texts), len(set(labels)), path)
     return TextTable(texts=texts, labels=labels, source=str(path), columns=extras)
@@ -231,6 +270,16 @@ def _framed(value: str) -> bytes:
     # surrogates ("\ud800"), which strict UTF-8 cannot encode.
     data = value.encode("utf-8", "surrogatepass")
     return len(data).to_bytes(8, "big") + data
+
+
+def _unquoted(where: str, column: str, value: Any) -> RowProblem:
+    """Why `_as_text` / `_as_value` refused ``value``, in words that do not quote it."""
+    blank = _blank(value)
+    return RowProblem(where, column, "is empty" if blank else f"holds {type(value).__name__}, not text", blank=blank)
+
+
+def _blank(value: Any) -> bool:
+    return value is MISSING or value is None or (isinstance(value, str) and not value.strip())
 
 
 def _as_text(value: Any, where: str, column: str) -> str:
