@@ -171,6 +171,7 @@ def test_truncation_cuts_the_response_end_and_drops_examples_whose_prompt_fills_
     assert dropped == enc.dropped_rows and dropped  # rows 1, 2, 3, 5 here
     assert enc.truncated == sum(1 for p, t in zip(prompt_lens, total_lens) if p < max_length < t)
     assert enc.examples == len(PAIRS) - len(dropped)
+    assert enc.lengths == tuple(total_lens)  # every row's untruncated tokens, dropped rows included (site check's figures)
     ids, mask, labels = enc.dataset.tensors
     assert ids.shape[1] <= max_length
     assert bool(((labels != IGNORE).sum(dim=1) >= 1).all())  # every kept example keeps a response token
@@ -201,6 +202,49 @@ def test_a_bad_chat_is_refused_naming_file_row_column_and_value(tmp_path: Path, 
     path = _write_jsonl(tmp_path / "chats.jsonl", [{"messages": good}, {"messages": messages}])
     with pytest.raises(DataError, match=r"chats.jsonl " + message):
         load_lm_table(path, LMDataSettings(messages_column="messages"))
+
+
+def test_collecting_mode_names_every_bad_chat_by_row_and_reason_without_quoting_it(tmp_path: Path) -> None:
+    from fedtune.common.data import RowProblem
+
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
+    bad = [[{"role": "user", "content": "zebra"}, {"role": "bot", "content": "quokka"}],
+           [{"role": "user", "content": "zebra"}, {"role": "assistant", "content": "  "}],
+           [{"role": "user", "content": "zebra"}], [{"role": "system", "content": "zebra"}, {"role": "assistant", "content": "quokka"}],
+           [], "zebra quokka"]
+    path = _write_jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in [good, *bad, good]])
+    problems: list[RowProblem] = []
+
+    table = load_lm_table(path, LMDataSettings(messages_column="messages"), problems=problems)
+
+    assert len(table) == 2 and table.conversations[0] == table.conversations[1]
+    assert [(p.where, p.column, p.reason) for p in problems] == [
+        (f"{path} row {row} (line {row})", "messages", reason) for row, reason in [
+            (2, "message 2: role must be one of ['system', 'user', 'assistant']"), (3, "message 2: content must be non-blank text"),
+            (4, "must end with the assistant's answer, after a user message"),
+            (5, "must end with the assistant's answer, after a user message"),
+            (6, "is not a non-empty list of {role, content} messages"), (7, "is not a JSON list of messages")]]
+    assert "zebra" not in repr(problems) and "quokka" not in repr(problems)
+
+
+def test_collecting_mode_names_rows_that_encode_to_no_tokens_and_leaves_them_out(tiny_lms) -> None:  # type: ignore[no-untyped-def]
+    from fedtune.common.causal_lm import ChatMessage, LMTable
+    from fedtune.common.data import RowProblem
+
+    tok = load_lm_tokenizer(tiny_lms["gpt2"])  # plain, no <s>: an empty prompt has no token
+    pair = (ChatMessage("user", "bank card lost"), ChatMessage("assistant", "call us"))
+    empty = (ChatMessage("user", ""), ChatMessage("assistant", "call us"))
+    table = LMTable(conversations=[pair, empty, pair], source="mem", from_messages=False)
+    problems: list[RowProblem] = []
+
+    enc = encode_lm(tok, table, max_length=32, template="plain", problems=problems)
+
+    assert problems == [RowProblem("mem row 2", "prompt", "encodes to no tokens")]
+    assert enc.examples == 2 and enc.lengths == (6, 3, 6)  # 3 + 2 words + </s>; the empty prompt's 0 + 2 + </s>
+    with pytest.raises(DataError, match="mem row 2: the prompt encodes to no tokens"):
+        encode_lm(tok, table, max_length=32, template="plain")
+    only_empty = LMTable(conversations=[empty], source="mem", from_messages=False)
+    assert encode_lm(tok, only_empty, max_length=32, template="plain", problems=[]).examples == 0  # reported, not raised
 
 
 def test_prompt_response_columns_are_configurable_and_checked(tmp_path: Path) -> None:

@@ -579,3 +579,47 @@ def test_fingerprint_changes_when_any_row_content_changes(texts, labels):
 def test_fingerprint_keeps_text_and_label_boundary():
     # Execute / Assert
     assert fingerprint(make_table(["c"], texts=["ab"])) != fingerprint(make_table(["bc"], texts=["a"]))
+
+
+# -- collecting mode (site check): every bad row, by number and reason, never its value -------------------------
+
+
+def test_collecting_mode_names_every_row_training_refuses_without_quoting_any_value(tmp_path):
+    # Prepare: a distinctive word in each bad value, so a quoted value would be found.
+    from fedtune.common.data import RowProblem
+
+    rows = [{"text": "Fever.", "label": "x"}, {"text": "  ", "label": "x"}, {"text": "Cough.", "label": 1.5},
+            {"text": "Rash.", "label": 3}, {"text": ["zebrafinch"], "label": "y"}, {"text": "Itch."},
+            {"text": "Pain.", "label": {"quokka": 1}}]
+    path = write_jsonl(tmp_path / "notes.jsonl", rows)
+    # Independent oracle: which rows the raising loader refuses, each in a file of its own.
+    refused_alone = []
+    for i, row in enumerate(rows, start=1):
+        try:
+            load_table(write_jsonl(tmp_path / f"row{i}.jsonl", [row]))
+        except DataError:
+            refused_alone.append(i)
+
+    # Execute
+    problems: list[RowProblem] = []
+    table = load_table(path, problems=problems)
+
+    # Assert
+    assert [p.where for p in problems] == [f"{path} row {i} (line {i})" for i in refused_alone] == \
+        [f"{path} row {i} (line {i})" for i in (2, 3, 5, 6, 7)]
+    assert [(p.column, p.reason, p.blank) for p in problems] == [
+        ("text", "is empty", True), ("label", "holds float, not text", False), ("text", "holds list, not text", False),
+        ("label", "is empty", True), ("label", "holds dict, not text", False)]
+    assert table.texts == ["Fever.", "Rash."] and table.labels == ["x", "3"]  # the good rows, as training reads them
+    assert not any(word in repr(problems) for word in ("1.5", "zebrafinch", "quokka"))
+    with pytest.raises(DataError, match=r"row 2 \(line 2\): text in column 'text' is empty or whitespace-only: '  '"):
+        load_table(path)  # without a list: the first, quoted, as before
+
+
+def test_collecting_mode_still_refuses_an_unreadable_file_and_an_empty_one(tmp_path):
+    with pytest.raises(DataError, match=r"missing column\(s\) \['label'\]"):
+        load_table(write_csv(tmp_path / "a.csv", [{"text": "A.", "tag": "x"}]), problems=[])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no data rows"):
+        load_table(empty, problems=[])

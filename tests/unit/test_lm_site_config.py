@@ -320,6 +320,23 @@ def test_site_check_counts_empty_responses_naming_rows_not_text(tmp_path: Path, 
     assert not any(word in data.detail for word in LEAKS), data.detail
 
 
+def test_site_check_names_every_bad_row_of_every_kind_at_once_without_text(tmp_path: Path, tiny_llama: Path) -> None:
+    rows: list[dict[str, Any]] = [{"prompt": p, "response": r} for p, r in ROWS]
+    rows[1]["prompt"] = " "
+    rows[4]["response"] = ""
+    rows[7]["prompt"] = {"triage": "zebrafinch"}
+    rows[11]["response"] = 2.5  # a number that is not an integer: training refuses it too
+    rows[12]["response"] = 7  # an integer is read as the text "7", as training reads it
+
+    data = _checks(_lm_site(tmp_path, tiny_llama, rows))["data"]
+
+    assert not data.ok
+    assert ("30 rows; 1 blank prompts in column 'prompt' (row 2 (line 2)); 1 empty responses in column 'response' (row 5 (line 5)); "
+            "2 unusable rows: row 8 (line 8): column 'prompt' holds dict, not text; row 12 (line 12): column 'response' holds "
+            "float, not text. Training refuses") in data.detail
+    assert not any(word in data.detail for word in LEAKS) and "2.5" not in data.detail, data.detail
+
+
 def test_site_check_names_the_file_and_the_missing_column(tmp_path: Path, tiny_llama: Path) -> None:
     data = _checks(_lm_site(tmp_path, tiny_llama, [{"prompt": p, "response": r} for p, r in ROWS], data='response_column = "summary"\n'))["data"]
 
