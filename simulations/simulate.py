@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,9 +32,24 @@ def backend_config(num_sites: int) -> dict:  # type: ignore[type-arg]
     }
 
 
-def preflight(run: RunConfig, *, resume: bool = False) -> EarlierAdapter | None:
-    """Check the model folder, the data and the split before any process starts; returns the earlier
-    adapter (``model.init_adapter``) as read and checked, None without one.
+@dataclass(frozen=True)
+class Preflight:
+    """A run that passed :func:`preflight`, and what it read: given to :func:`run_simulation`, nothing is read twice.
+
+    Attributes:
+        run: The run checked.
+        resume: Whether it was checked as a resumed run.
+        earlier: The earlier adapter (``model.init_adapter``) as read and checked; None without one, or on a resume.
+    """
+
+    run: RunConfig
+    resume: bool
+    earlier: EarlierAdapter | None
+
+
+def preflight(run: RunConfig, *, resume: bool = False) -> Preflight:
+    """Check the model folder, the data and the split before any process starts; returns what was
+    checked, with the earlier adapter (``model.init_adapter``) as read.
 
     Errors then reach the user as one clear line, not as a failure inside a Ray worker. A resumed
     run (``resume``) does not read its earlier adapter: its checkpoint holds the arrays and records
@@ -48,14 +64,14 @@ def preflight(run: RunConfig, *, resume: bool = False) -> EarlierAdapter | None:
         from fedtune.common.lm_site import load_config_lm_table, simulated_lm_split
 
         simulated_lm_split(load_config_lm_table(run.data), run.data, num_sites=run.federation.sites, seed=run.seed)
-        return None if resume else _check_init_adapter(run, [])
+        return Preflight(run=run, resume=resume, earlier=None if resume else _check_init_adapter(run, []))
     table = load_config_table(run.data)
     labels = run_labels(run.data, table)
     check_labels(table, labels)
     if len(labels) < 2:
         raise ConfigError(f"{table.source}: found only the label(s) {labels}; classification needs at least 2.")
     simulated_split(table, run.data, num_sites=run.federation.sites, seed=run.seed)
-    return None if resume else _check_init_adapter(run, labels)
+    return Preflight(run=run, resume=resume, earlier=None if resume else _check_init_adapter(run, labels))
 
 
 def _check_init_adapter(run: RunConfig, labels: list[str]) -> EarlierAdapter | None:
@@ -137,8 +153,11 @@ def continue_site_ledgers(earlier_sites: Path, run_dir: Path, *, sites: int, bud
     return marker
 
 
-def run_simulation(run: RunConfig, *, resume: bool = False, ray_address: str | None = None, verbose: bool = False) -> Path:
+def run_simulation(run: RunConfig, *, resume: bool = False, ray_address: str | None = None, verbose: bool = False,
+                   checked: Preflight | None = None) -> Path:
     """Run a whole federated simulation; returns the run directory.
+
+    ``checked``: this run's :func:`preflight`, if the caller already ran it (None: it runs here).
 
     ``resume``: continue the run in ``run.out`` (``fedtune simulate --resume`` has left the request
     that the coordinator checks, see ``server/resume.py``) instead of refusing a used directory.
@@ -158,7 +177,11 @@ def run_simulation(run: RunConfig, *, resume: bool = False, ray_address: str | N
     from fedtune.client.app import build_client_app
     from fedtune.server.app import build_server_app, resolve_run_dir
 
-    earlier = preflight(run, resume=resume)  # read once here: the ledgers below need only what preflight read
+    if checked is None:
+        checked = preflight(run, resume=resume)
+    elif checked.run != run or checked.resume != resume:
+        raise ValueError("run_simulation: `checked` is the preflight of another run (or resume flag); pass this run's.")
+    earlier = checked.earlier  # read once: the ledgers below need only what preflight read
     run_dir = resolve_run_dir(run, 0)
     if not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "run.json").exists()):
         raise ConfigError(f"run directory {run_dir} already holds a run; continue it with `fedtune simulate --resume {run_dir}` "

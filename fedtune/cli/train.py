@@ -62,12 +62,13 @@ def simulate(config_file: str | None, ray_address: str | None, verbose: bool, **
         check_reachable(ray_address)
     flags["fail_sites"] = parse_fail_sites(flags.pop("fail_sites"))
     resume, run = _resume_or_resolve(config_file, flags, simulation=True)
+    checked = None
     if not resume:
         from fedtune.common.io import check_writable
         from fedtune.simulations.simulate import preflight
 
         try:
-            preflight(run)  # a bad flag or data file is reported before the run directory is created
+            checked = preflight(run)  # a bad flag or data file is reported before the run directory is created
         except ConfigError as err:  # e.g. model.base_model: named with --base-model, or the file, that gave it
             problems = with_flags(err.problems, flags)
             if config_file and not flags.get("base_model"):
@@ -76,7 +77,7 @@ def simulate(config_file: str | None, ray_address: str | None, verbose: bool, **
         check_writable(Path(run.out).resolve(), what="run directory (--out)")
     from fedtune.simulations.simulate import run_simulation
 
-    run_dir = run_simulation(run, resume=bool(resume), ray_address=ray_address, verbose=verbose)
+    run_dir = run_simulation(run, resume=bool(resume), ray_address=ray_address, verbose=verbose, checked=checked)
     print_summary(run_dir)
 
 

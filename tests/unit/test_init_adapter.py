@@ -299,3 +299,31 @@ def test_the_init_adapter_flag_reaches_the_preflight_and_its_refusal_names_the_d
 def test_other_adapted_layers_are_refused_naming_both(tiny_model_dir: Path, earlier_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"adapts the layers \[0, 1\]; this run's lora.top_layers = 1 adapts \[1\]"):
         check_fits(read_earlier_adapter(earlier_dir), _run(tiny_model_dir, lora={"top_layers": 1}), LABELS)
+
+
+def test_simulate_reads_the_earlier_adapter_once_from_flag_to_run(
+        tiny_model_dir: Path, earlier_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import fedtune.common.init_adapter as init_adapter
+    from fedtune.cli import main
+
+    reads: list[Path] = []
+    real = init_adapter.read_earlier_adapter
+
+    def counted(folder):  # type: ignore[no-untyped-def]  # a spy: the real reader, counted
+        reads.append(Path(folder))
+        return real(folder)
+
+    monkeypatch.setattr(init_adapter, "read_earlier_adapter", counted)
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f"row {i},{'abc'[i % 3]}\n" for i in range(60)))
+    out = tmp_path / "runB"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")  # run_simulation stops at the used directory, after the preflight, before any process
+
+    result = CliRunner().invoke(main, ["simulate", "--init-adapter", str(earlier_dir), "--data", str(data), "--base-model",
+                                       str(tiny_model_dir), "--max-length", "16", "--out", str(out)])
+
+    assert result.exit_code != 0 and "already holds a run" in result.output, result.output
+    assert reads == [earlier_dir], "the CLI's preflight read it; run_simulation took what it read"
