@@ -27,6 +27,7 @@ from .eval_schedule import EvalSchedule, scheduled_test
 from .records import RunRecorder
 from .robust import robust_strategy
 from .resume import (
+    INIT_TEST_KEY,
     RoundState,
     begin_run,
     checkpoint_arrays,
@@ -35,6 +36,7 @@ from .resume import (
     restored_sites,
     resumed_client_plan,
     resumed_init_adapter,
+    resumed_init_score,
     strategy_parts,
     write_identity,
     write_manifest,
@@ -215,8 +217,14 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     def max_epsilon() -> float | None:
         return max((s.epsilon for s in recorder.sites.values()), default=0.0) if run.privacy.enabled else None
 
-    # The initial adapter's score on the held-out test set, before any training: the earlier adapter's.
-    init_score = test_fn(initial) if init is not None and test_fn is not None and last is None else None
+    # The initial adapter's score on the held-out test set, before any training: the earlier adapter's. Measured once,
+    # by the first session, and kept in every checkpoint: a resumed run's arrays are no longer the initial adapter.
+    if last is not None:
+        init_score = resumed_init_score(last) if init is not None else None
+    else:
+        init_score = test_fn(initial) if init is not None and test_fn is not None else None
+    if init_score is not None:
+        metadata[INIT_TEST_KEY] = dataclasses.asdict(init_score)
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         # Everything a resume needs goes into the checkpoint's folder; complete.json, written last, makes it count.

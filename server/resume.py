@@ -61,6 +61,8 @@ from .server_opt import OptimizerState, ServerOptimizer
 if TYPE_CHECKING:
     from fedtune.common.init_adapter import InitialAdapter
 
+    from .rounds import TestScore
+
 logger = logging.getLogger(__name__)
 
 REQUEST_FILE = "resume-request.json"
@@ -638,6 +640,47 @@ def resumed_init_adapter(checkpoint: Checkpoint, run: RunConfig) -> InitialAdapt
     if not run.model.init_adapter:
         return None
     from fedtune.common.init_adapter import initial_from_metadata
+
+    meta, where = _checkpoint_metadata(checkpoint)
+    return initial_from_metadata(meta, folder=Path(run.model.init_adapter).expanduser().resolve(), where=where)
+
+
+INIT_TEST_KEY = "init_adapter_test"
+"""The checkpoint ``fedtune.json`` key of the initial adapter's held-out test score (``TestScore`` as a dict)."""
+
+
+def resumed_init_score(checkpoint: Checkpoint) -> TestScore | None:
+    """The initial adapter's held-out test score, as the run's first session measured it before round 1.
+
+    A resumed run cannot measure it again: its arrays are the checkpoint's, no longer the initial
+    adapter's. The first session writes it into every checkpoint's ``fedtune.json`` (``INIT_TEST_KEY``),
+    so each resume carries it on. None when the run recorded none (no initial adapter, no test set, or a
+    checkpoint written before fedtune recorded it).
+
+    Raises:
+        ConfigError: the record is not a test score (naming the file and what it holds).
+    """
+    from .rounds import TestScore
+
+    meta, where = _checkpoint_metadata(checkpoint)
+    record = meta.get(INIT_TEST_KEY)
+    if record is None:
+        return None
+    names = {f.name for f in dataclasses.fields(TestScore)}
+    numbers = isinstance(record, dict) and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                                               for k, v in record.items() if k != "sampled")
+    if not numbers or not {"accuracy", "macro_f1", "loss"} <= set(record) <= names or not isinstance(record.get("loss"), (int, float)):
+        raise ConfigError(f"{where}: {INIT_TEST_KEY} must be a test score with the keys {sorted(names)} (numbers or null; "
+                          f"loss a number), got {record!r}.")
+    return TestScore(**record)
+
+
+def _checkpoint_metadata(checkpoint: Checkpoint) -> tuple[dict[str, Any], str]:
+    """A checkpoint's ``fedtune.json`` and its path, for messages.
+
+    Raises:
+        ConfigError: unreadable, or not a JSON object.
+    """
     from fedtune.common.model import METADATA_FILE
 
     path = checkpoint.folder / METADATA_FILE  # listed in the manifest: checked with the checkpoint
@@ -647,7 +690,7 @@ def resumed_init_adapter(checkpoint: Checkpoint, run: RunConfig) -> InitialAdapt
         raise ConfigError(f"{path} is unreadable ({err}).") from None
     if not isinstance(meta, dict):
         raise ConfigError(f"{path} holds a JSON {type(meta).__name__}, not an object.")
-    return initial_from_metadata(meta, folder=Path(run.model.init_adapter).expanduser().resolve(), where=str(path))
+    return meta, str(path)
 
 
 def restored_sites(checkpoint: Checkpoint | None) -> dict[str, SiteRecord]:

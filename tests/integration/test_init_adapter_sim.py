@@ -171,4 +171,6 @@ def test_a_resumed_run_takes_labels_and_lineage_from_its_checkpoint_not_the_move
     assert (after["labels"], after["lineage"], after["init_adapter"]) == (before["labels"], before["lineage"], before["init_adapter"])
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["init_adapter"]["digest"] == before["init_adapter"]["digest"] == before["lineage"][-1]["digest"]
+    # The initial adapter's test score, measured by B's first session, is kept across the resume (checkpoint fedtune.json).
+    assert summary["init_adapter"]["test"] == json.loads((runs["B"] / "summary.json").read_text())["init_adapter"]["test"] is not None
     assert [json.loads(line)["round"] for line in (resumed / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -478,3 +478,32 @@ def test_a_run_directory_that_cannot_take_the_probe_is_refused(tmp_path: Path) -
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env={**os.environ})
     assert f"REFUSED run directory (out) {tmp_path / 'run'} is not writable" in out.stdout, out.stdout + out.stderr
     assert "LEFT []" in out.stdout  # the probe is removed
+
+
+def test_a_resumed_run_keeps_the_initial_adapter_s_test_score_its_first_session_measured(tmp_path: Path) -> None:
+    """The score goes into each checkpoint's fedtune.json as server/app.py writes it (a dict of TestScore, JSON),
+    and a resume reads it back unchanged: its own arrays are the checkpoint's, no longer the initial adapter."""
+    import dataclasses
+
+    from fedtune.common.model import METADATA_FILE
+    from fedtune.server.resume import INIT_TEST_KEY, Checkpoint, resumed_init_score
+    from fedtune.server.rounds import TestScore
+
+    measured = TestScore(accuracy=0.625, macro_f1=0.5, loss=0.875, examples=40, sampled=True)
+    state = RoundState(round=1, run_id="r", labels=("a", "b"), line={}, sites={}, bytes_up=0, bytes_down=0, seconds=0.0)
+
+    def checkpoint(meta: dict[str, Any] | str) -> Checkpoint:
+        folder = tmp_path / f"round-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / METADATA_FILE).write_text(meta if isinstance(meta, str) else json.dumps(meta), encoding="utf-8")
+        return Checkpoint(round=1, folder=folder, state=state)
+
+    assert resumed_init_score(checkpoint({"labels": ["a"], INIT_TEST_KEY: dataclasses.asdict(measured)})) == measured
+    assert resumed_init_score(checkpoint({"labels": ["a"]})) is None  # none measured, or written before it was recorded
+    lm = TestScore(accuracy=None, macro_f1=None, loss=2.5, perplexity=12.182493960703473, examples=8)
+    assert resumed_init_score(checkpoint({INIT_TEST_KEY: dataclasses.asdict(lm)})) == lm
+    for bad in ({"accuracy": "0.6", "macro_f1": 0.5, "loss": 0.8}, {"accuracy": 0.6, "loss": 0.8}, [0.6]):
+        with pytest.raises(ConfigError, match=rf"round-\d+/fedtune.json: {INIT_TEST_KEY} must be a test score"):
+            resumed_init_score(checkpoint({INIT_TEST_KEY: bad}))
+    with pytest.raises(ConfigError, match="is unreadable"):
+        resumed_init_score(checkpoint("{"))
