@@ -718,7 +718,7 @@ def bank_message(label: str, ambiguous: bool, rng: random.Random) -> str:
 # Clinical notes -> one-line summaries (the causal-LM demo, `--task causal-lm`)
 # --------------------------------------------------------------------------------------------------
 
-SUMMARY_ROWS = 160  # few rows: the demo finishes in minutes on 2 cores
+SUMMARY_ROWS = 400  # DP-SGD cost is per step, not per row: more rows only lower the noise (smaller q)
 # specialty -> (what the note says, how the summary says it). The summary is a fixed rewrite of the
 # note's facts (age, sex, complaint, duration, history, where it goes), so a model can learn it.
 SUMMARY_COMPLAINTS: dict[str, list[tuple[str, str]]] = {
@@ -783,7 +783,7 @@ def clinical_summary(rng: random.Random) -> tuple[str, str, str]:
     chest pressure | 3 days | history: osteoarthritis | refer: cardiology"; "history: none" when the
     note names none): every row teaches the same format, so a few DP-SGD steps already move the model
     (the shared format gives the sites' clipped per-example gradients a common direction), and notes
-    of one or two sentences keep an example within 112 tokens with SmolLM2's chat template (106 at most).
+    of one or two sentences keep an example within 112 tokens with SmolLM2's chat template (109 at most).
     """
     specialty = rng.choice(CLINICAL_LABELS)
     age = rng.randint(18, 92)
