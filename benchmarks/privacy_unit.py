@@ -178,7 +178,7 @@ def run_point(point: GridPoint, args: argparse.Namespace, data: str) -> dict[str
     sampling_rng = random.Random(point.seed)
     noise_rng = np.random.default_rng(point.seed)
     prepared: dict[int, Any] = {}
-    epsilon, site_z, norms, clipped, sampled_counts, train_sizes = 0.0, 0.0, [], 0, [], []
+    epsilon, site_z, norms, clipped, sampled_counts, train_sizes = 0.0, [], [], 0, [], []
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(1, args.rounds + 1):
             if plan is not None:
@@ -197,7 +197,8 @@ def run_point(point: GridPoint, args: argparse.Namespace, data: str) -> dict[str
                 load_adapter_state(model, global_state)
                 privacy, _ = train_round(model, dataset, site=site, run=run, run_id="privacy-unit", server_round=rnd,
                                          num_rounds=args.rounds, seed=point.seed * 10**7 + rnd * 10**4 + pid)
-                epsilon, site_z = max(epsilon, privacy.epsilon), max(site_z, privacy.noise_multiplier)
+                epsilon = max(epsilon, privacy.epsilon)
+                site_z.append(privacy.noise_multiplier)
                 state = {k: v.detach().double().numpy() for k, v in adapter_state(model).items()}
                 delta = update_delta(state, global_np)
                 result = clip_update(delta, args.client_clip_norm)  # only its norm is used outside the client unit
@@ -224,7 +225,10 @@ def run_point(point: GridPoint, args: argparse.Namespace, data: str) -> dict[str
         "max_length": run.max_length, "learning_rate": run.learning_rate, "data": data,
         "train_rows_per_site_min": min(train_sizes, default=None), "train_rows_per_site_max": max(train_sizes, default=None),
         "sites_sampled": sampled_counts,
-        "noise_multiplier": plan.noise_multiplier if plan else (site_z if point.unit == "sample" else 0.0),
+        # A site first sampled in round r plans its noise for the R - r + 1 rounds left (its ledger), so
+        # sample-level z varies by site: the largest and the smallest used.
+        "noise_multiplier": plan.noise_multiplier if plan else max(site_z, default=0.0),
+        "noise_multiplier_min": plan.noise_multiplier if plan else min(site_z, default=0.0),
         "client_clip_norm": args.client_clip_norm if plan else None,
         "epsilon": plan.epsilon if plan else (epsilon if point.unit == "sample" else None),
         "delta": args.delta if point.unit != "none" else None,
