@@ -1,8 +1,8 @@
 """Which unit of privacy learns at which scale: sample-level DP at each site vs client-level DP-FedAvg vs N sites.
 
     python benchmarks/privacy_unit.py [--sites 10,100,1000] [--units sample,client,none] [--seeds 0,1]
-        [--rounds 10] [--sites-per-round 50] [--examples-per-round 64] [--batch-size 64] [--scale 16]
-        [--epsilon 8] [--delta 1e-5] [--client-clip-norm 1.0] [--eval-sample 1000] [--out benchmarks/out/privacy-unit]
+        [--rounds 5] [--sites-per-round 20] [--examples-per-round 32] [--batch-size 32] [--scale 16]
+        [--epsilon 8] [--delta 1e-5] [--client-clip-norm 1.0] [--eval-sample 500] [--out benchmarks/out/privacy-unit]
         [--plot docs/img/privacy-unit.png]
 
 The SAME data (the demo generator at --scale 16: 24,000 notes, about 17 training rows a site at
@@ -27,8 +27,9 @@ Why in one process rather than `fedtune simulate`: the same site code (`client.l
 / `train_round`: the split, the site's ledger, Poisson sampling, Opacus DP-SGD) and the same
 coordinator math (`server.client_dp_plan.plan_client_level`, `poisson_sample`,
 `server.client_dp.dp_fedavg_aggregate`, `server.aggregation.update_delta`), without Ray, a process
-per message and a warm-up and a federated validation of all 1,000 sites, which cost more than the
-training here (see docs/scale.md). `fedtune simulate --no-dp --client-dp --sites N
+per message, the warm-up and the federated validation of every site (about 3 minutes a run at
+1,000 sites even with a 1M-parameter model, docs/scale.md); the defaults are the measured figure's
+(docs/privacy-unit.md). `fedtune simulate --no-dp --client-dp --sites N
 --fraction-train K/N` runs the `client` unit in the real engine.
 
 Prints a table (N, unit, rows/site, sites/round, z, test accuracy over seeds, epsilon), appends one
@@ -279,15 +280,15 @@ def main() -> None:
     parser.add_argument("--sites", default="10,100,1000")
     parser.add_argument("--units", default=",".join(UNITS))
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--sites-per-round", type=int, default=50, help="K: sites per round (expected, for client-level DP)")
-    parser.add_argument("--examples-per-round", type=int, default=64, help="examples each sampled site processes per round")
-    parser.add_argument("--batch-size", type=int, default=64, help="expected logical batch B (q = min(1, B / n))")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sites-per-round", type=int, default=20, help="K: sites per round (expected, for client-level DP)")
+    parser.add_argument("--examples-per-round", type=int, default=32, help="examples each sampled site processes per round")
+    parser.add_argument("--batch-size", type=int, default=32, help="expected logical batch B (q = min(1, B / n))")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--client-clip-norm", type=float, default=1.0, help="C of client-level DP")
-    parser.add_argument("--eval-sample", type=int, default=1000, help="held-out examples tested (0: all)")
+    parser.add_argument("--eval-sample", type=int, default=500, help="held-out examples tested (0: all)")
     parser.add_argument("--scale", type=int, default=16)
     parser.add_argument("--data", help="a CSV instead of the scaled demo")
     parser.add_argument("--results", type=Path, help="summarize and plot these JSON lines only (no runs)")
