@@ -216,8 +216,10 @@ def prepare_lm_rows(run: RunConfig, settings: SiteSettings, table: LMTable, indi
     if deid.enabled:  # the ledger keys the rows as stored (see prepare_site)
         import dataclasses
 
-        encoded = dataclasses.replace(encoded, train_records=_kept_digests(lm_split.train, encoded.train.dropped_rows),
-                                      val_records=_kept_digests(lm_split.val, encoded.val.dropped_rows) if encoded.val else [])
+        from fedtune.common.lm_site import kept_digests
+
+        encoded = dataclasses.replace(encoded, train_records=kept_digests(lm_split.train, encoded.train),
+                                      val_records=kept_digests(lm_split.val, encoded.val) if encoded.val else [])
     return PreparedSite(settings=settings, examples=SiteExamples(train_texts=[], train_labels=[], val_texts=[], val_labels=[]),
                         train_records=encoded.train_records, val_records=encoded.val_records, lm=encoded)
 
@@ -235,14 +237,6 @@ def _deidentified_lm(split: LMSplit, deid: DeidSettings, *, site: str) -> LMSpli
     _log_deid(site, len(split.train) + len(split.val), train_result.rows_changed + val_result.rows_changed,
               {e: train_result.counts[e] + val_result.counts[e] for e in train_result.counts})
     return LMSplit(train=train, val=val)
-
-
-def _kept_digests(table: LMTable, dropped_rows: Sequence[int]) -> list[str]:
-    """``lm_record_digests`` of the rows encoding kept (``dropped_rows``: 1-based rows of ``table``)."""
-    from fedtune.common.causal_lm import lm_record_digests
-
-    dropped = set(dropped_rows)
-    return [d for row, d in enumerate(lm_record_digests(table), start=1) if row not in dropped]
 
 
 def train_round(

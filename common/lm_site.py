@@ -104,7 +104,11 @@ class EncodedSite:
     val_records: list[str]
 
 
-def _kept_digests(table: LMTable, encoded: EncodedLM) -> list[str]:
+def kept_digests(table: LMTable, encoded: EncodedLM) -> list[str]:
+    """``lm_record_digests`` of the rows of ``table`` that ``encoded`` kept (aligned with its dataset).
+
+    ``table`` is the one the ledger keys, which may differ from the one encoded (a site that de-identifies
+    encodes the redacted rows but keys the rows as stored); the rows are the same either way."""
     dropped = set(encoded.dropped_rows)  # 1-based rows of this table
     return [d for row, d in enumerate(lm_record_digests(table), start=1) if row not in dropped]
 
@@ -131,8 +135,8 @@ def encode_site(tokenizer: Any, split: LMSplit, *, max_length: int, template: st
         len(val.dropped_rows) if val else len(split.val),
     )
     return EncodedSite(
-        train=train, val=val, train_records=_kept_digests(split.train, train),
-        val_records=_kept_digests(split.val, val) if val else [],
+        train=train, val=val, train_records=kept_digests(split.train, train),
+        val_records=kept_digests(split.val, val) if val else [],
     )
 
 
