@@ -6,7 +6,7 @@ import datetime as dt
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from cryptography import x509
 
@@ -23,6 +23,9 @@ from fedtune.common.tls import (
 from .daemon import SiteConfig
 from .prepare_report import SHOWN_ROWS, row_list
 
+if TYPE_CHECKING:
+    from fedtune.common.data import RowProblem
+
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -32,10 +35,26 @@ class CheckResult:
     warning: bool = False  # ok, but the operator should act (e.g. the data changed since `site prepare`)
 
 
-def _check_data(site: SiteConfig) -> str:
-    from fedtune.common.data import label_set, load_table, record_digests
+def _table(site: SiteConfig) -> Any:
+    """A classification site's rows (a ``TextTable``), read by the training path's reader.
 
-    table = load_table(site.data_path, text_column=site.text_column, label_column=site.label_column)
+    Raises:
+        DataError: naming every unusable row by number and reason, never its value (``_unusable_rows``).
+    """
+    from fedtune.common.data import RowProblem, load_table
+
+    problems: list[RowProblem] = []
+    table = load_table(site.data_path, text_column=site.text_column, label_column=site.label_column, problems=problems)
+    if problems:
+        raise _unusable_rows(site, len(table), problems, {site.text_column: "blank texts", site.label_column: "missing labels"},
+                             fix="every row has a text and a label")
+    return table
+
+
+def _check_data(site: SiteConfig) -> str:
+    from fedtune.common.data import label_set, record_digests
+
+    table = _table(site)
     labels = label_set(table.labels)
     counts = {lab: table.labels.count(lab) for lab in labels}
     if len(labels) < 2:
@@ -48,14 +67,33 @@ def _check_data(site: SiteConfig) -> str:
     return f"{len(table.labels)} rows ({distinct} distinct records in the ledger's sense), {len(labels)} labels {counts}"
 
 
+def _unusable_rows(site: SiteConfig, kept: int, problems: Sequence[RowProblem], blank: Mapping[str, str], *, fix: str) -> DataError:
+    """The rows a reader refused (``kept``: the rows it accepted), by number and reason, never their values.
+
+    ``site check`` and ``site ledger`` print it, while the training path's own messages quote the values they
+    refuse: so the readers run in their collecting mode here (``common.data.RowProblem``). ``blank``: column ->
+    what its blank cells are called ("blank prompts"); every other problem is an unusable row."""
+    def row(p: RowProblem) -> str:
+        return p.where.removeprefix(f"{site.data_path} ")
+
+    found = []
+    for column, what in blank.items():
+        rows = [row(p) for p in problems if p.blank and p.column == column]
+        if rows:
+            found.append(f"{len(rows)} {what} in column {column!r} ({row_list(rows)})")
+    bad = [f"{row(p)}: column {p.column!r} {p.reason}" for p in problems if not (p.blank and p.column in blank)]
+    if bad:
+        found.append(f"{len(bad)} unusable rows: " + "; ".join(bad[:SHOWN_ROWS]))
+    return DataError(f"{site.data_path}: {kept + len(problems)} rows; " + "; ".join(found) + f". Training refuses the file until "
+                     f"{fix}: fill or remove those rows.")
+
+
 def _lm_table(site: SiteConfig) -> Any:
     """A causal-lm site's examples (an ``LMTable``), read by the training path's reader.
 
     Raises:
         DataError: naming the file, how many rows are unusable and why, and their row numbers, never
-            their text: ``site check`` and ``site ledger`` print it, and the training path's own
-            messages (``load_lm_table``) quote the values they refuse, so every row's problem is
-            collected unquoted (``common.data.RowProblem``) rather than raised.
+            their text (``_unusable_rows``).
     """
     from fedtune.common.causal_lm import LMDataSettings, load_lm_table
     from fedtune.common.data import RowProblem
@@ -65,18 +103,8 @@ def _lm_table(site: SiteConfig) -> Any:
                               messages_column=site.messages_column)
     table = load_lm_table(site.data_path, settings, problems=problems)
     if problems:
-        def row(p: RowProblem) -> str:
-            return p.where.removeprefix(f"{site.data_path} ")
-
-        blank = {c: [row(p) for p in problems if p.blank and p.column == c] for c in (site.prompt_column, site.response_column)}
-        bad = [f"{row(p)}: column {p.column!r} {p.reason}" for p in problems if not p.blank]
-        found = [f"{len(rows)} {what} in column {column!r} ({row_list(rows)})"
-                 for what, column in (("blank prompts", site.prompt_column), ("empty responses", site.response_column))
-                 if (rows := blank[column])]
-        if bad:
-            found.append(f"{len(bad)} unusable rows: " + "; ".join(bad[:SHOWN_ROWS]))
-        raise DataError(f"{site.data_path}: {len(table) + len(problems)} rows; " + "; ".join(found) + ". Training refuses "
-                        "the file until every row has a prompt and a response: fill or remove those rows.")
+        blank = {} if site.messages_column else {site.prompt_column: "blank prompts", site.response_column: "empty responses"}
+        raise _unusable_rows(site, len(table), problems, blank, fix="every row has a prompt and a response")
     return table
 
 
@@ -122,11 +150,11 @@ def _check_site_data(site: SiteConfig, *, max_length: int = 0) -> str:
 
 def site_record_digests(site: SiteConfig) -> list[str]:
     """The privacy ledger's keys of the site's rows, for every task its policy allows."""
-    from fedtune.common.data import load_table, record_digests
+    from fedtune.common.data import record_digests
 
     records: list[str] = []
     if "classification" in site.policy.allowed_tasks:
-        table = load_table(site.data_path, text_column=site.text_column, label_column=site.label_column)
+        table = _table(site)  # a bad row is named by its number, never quoted
         records += record_digests(table.texts, table.labels)
     if "causal-lm" in site.policy.allowed_tasks:
         from fedtune.common.causal_lm import lm_record_digests
