@@ -69,9 +69,9 @@ def test_non_dp_positive_control_finds_a_large_lower_bound(tiny_model_dir: Path,
     assert summary["sites"][0]["examples"] == round_significant(len(own.train_texts) + len(included))
     # The attack works: memorised random labels are told apart far beyond chance. Perfect guesses on
     # 2 x 50 canaries would give about 3.0; scores unrelated to inclusion give 0 in at least 95% of
-    # runs; this run measured 1.39 black-box (38 of 40 right) and 0.54 white-box (18 of 20 right; of all
-    # 100 it gets 66 right, the black-box 80). The white-box attack is the weaker one here: it projects
-    # each round's update, 20 local epochs of a site, on the canary's gradient at the round's start only.
+    # runs; this run measured 1.39 black-box (38 of 40 right) and, with each canary's gradient at the round's
+    # result theta_t, 1.30 white-box (0.54 when it was taken at the round's start theta_{t-1}: 20 local epochs
+    # a round move a canary's gradient; fedtune/canary_audit.py's docstring).
     assert not result.dp and result.epsilon is None
     assert result.black_box.epsilon_lower_bound > 0.5, result.to_json()
     assert result.white_box is not None and result.white_box.canaries == CANARIES
