@@ -182,18 +182,6 @@ def read_chat(value: Any) -> Conversation | ChatFault:
     return tuple(messages)
 
 
-def parse_conversation(value: Any, where: str, column: str) -> Conversation:
-    """The chat in one messages cell (:func:`read_chat`).
-
-    Raises:
-        DataError: naming ``where``, ``column`` and the value, when it is not one.
-    """
-    chat = read_chat(value)
-    if isinstance(chat, ChatFault):
-        raise DataError(f"{where}: column {column!r}{chat.message}.")
-    return chat
-
-
 def lm_record_digests(table: LMTable) -> list[str]:
     """The privacy ledger's key per example (``common.data.record_digests``): a prompt/response row is
     keyed as a (text, label) row would be; a chat by its turns before the answer, and the answer."""
