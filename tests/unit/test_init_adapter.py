@@ -186,7 +186,7 @@ def test_a_resumed_run_reads_the_initial_adapter_from_its_checkpoints_metadata(e
     earlier = read_earlier_adapter(earlier_dir)
     meta = {"labels": LABELS + ["d"], "lineage": [e.to_json() for e in earlier.lineage],
             "init_adapter": {"digest": earlier.lineage[-1].digest, "earlier_labels": LABELS, "labels_added": ["d"]}}
-    json.loads(json.dumps(meta))  # as fedtune.json holds it
+    meta = json.loads(json.dumps(meta))  # as fedtune.json holds it (lists, not tuples)
 
     init = initial_from_metadata(meta, folder=tmp_path / "gone", where="round-1/fedtune.json")
 
