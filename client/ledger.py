@@ -227,13 +227,16 @@ class PrivacyLedger:
                  for r, s in sources_of.items()}
         if not any(s - {r} for r, s in clean.items()):
             return 0
+        if self.path.exists():  # links only accumulate: when all are there already, a rerun need not rewrite the file
+            derived = self._load().derived
+            if all(s - {r} <= derived.get(r, frozenset()) for r, s in clean.items()):
+                return 0
         with self._locked() as state:
             added = state.add_links(clean, what=what, time=time.time())
         if added:
             logger.info("privacy ledger %s: %d records linked to the %d records they were made from (%s)",
                         self.path, len(clean), len(frozenset().union(*clean.values())), what)
         return added
-
 
     @contextmanager
     def _locked(self) -> Iterator[LedgerState]:

@@ -378,9 +378,9 @@ def _link_in_ledger(ledger: PrivacyLedger, delta: float, rows: list[Row], kept: 
     eps = ledger.spent_epsilon(row_digests(rows, columns, cleaned=False), delta=delta)
     if eps <= 0:
         return []
-    return [f"rows of this file have already spent epsilon {eps:.3f} (delta {delta:g}) in the site's privacy ledger; "
-            f"the {len(links)} cleaned rows that prepare changed or kept in place of duplicates are linked there to the "
-            "rows they came from, and keep their spend."]
+    kept_spend = (f"the {len(links)} cleaned rows that prepare changed or kept in place of duplicates are linked there to the "
+                  "rows they came from, and keep their spend." if links else "prepare changed no row, so every row keeps its spend.")
+    return [f"rows of this file have already spent epsilon {eps:.3f} (delta {delta:g}) in the site's privacy ledger; " + kept_spend]
 
 
 def _counts(labels: Any) -> dict[str, int]:

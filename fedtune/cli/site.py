@@ -111,7 +111,9 @@ def site_prepare(config_path: Path, data: Path | None, out: Path | None, task: s
 
     Normalises text (Unicode NFC, whitespace, control characters), drops empty rows, exact and near
     duplicates and rows whose text has conflicting labels, and reports label balance, rare labels, short
-    texts and token lengths. Writes OUT, OUT.prepare.json (counts and row numbers, no text) and OUT.prepare.png.
+    texts and token lengths. Writes OUT, OUT.prepare.json (counts and row numbers, no text) and OUT.prepare.png,
+    and first links the cleaned rows to the rows they came from in the site's privacy ledger (its state
+    folder), so cleaning never gives a row a fresh budget.
     """
     from rich.console import Console
 

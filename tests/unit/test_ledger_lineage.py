@@ -73,3 +73,17 @@ def test_the_summary_counts_a_linked_record_under_the_charges_of_its_sources(tmp
 
     assert summary.records == 2 and summary.never_spent == 0 and summary.at_max == 2
     assert [row.records for row in summary.charges] == [2] and summary.other_charges == 0
+
+
+def test_linking_again_what_is_linked_leaves_the_file_untouched(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path)
+    _charge(ledger, [A])
+    assert ledger.link({C: [A, B]}, what="first prepare") == 2
+    path = tmp_path / LEDGER_FILE
+    before, stat = path.read_bytes(), path.stat()
+
+    assert ledger.link({C: [A]}, what="a rerun of prepare") == 0  # a subset of what is there already
+
+    assert path.read_bytes() == before and path.stat().st_ino == stat.st_ino  # an atomic rewrite would be a new inode
+    assert ledger.link({C: [D]}, what="a new source") == 1
+    assert path.stat().st_ino != stat.st_ino
