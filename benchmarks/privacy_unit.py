@@ -44,7 +44,6 @@ import json
 import math
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -304,13 +303,10 @@ def main() -> None:
         plot(summary, args.plot, title=title)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    data = args.data
-    if not data:
-        folder = args.out / f"demo-x{args.scale}"
-        if not (folder / "clinical_triage.csv").exists():
-            subprocess.run([sys.executable, str(HERE.parent / "common" / "demo_data" / "generate.py"), "--scale", str(args.scale),
-                            "--out-dir", str(folder)], check=True, capture_output=True)
-        data = str(folder / "clinical_triage.csv")
+    sys.path.insert(0, str(HERE))
+    from scale import scaled_demo  # a sibling script, not a package
+
+    data = args.data or scaled_demo(args.out, args.scale)
     from fedtune.common.config import from_flat
     from fedtune.common.sitedata import load_config_table, simulated_split
 

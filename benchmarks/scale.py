@@ -43,6 +43,15 @@ HERE = Path(__file__).resolve().parent
 SAMPLE_SECONDS = 0.5
 
 
+def scaled_demo(out: Path, scale: int) -> str:
+    """The clinical demo data with ``scale`` times the rows per hospital, generated once into OUT/demo-xSCALE/."""
+    folder = out / f"demo-x{scale}"
+    if not (folder / "clinical_triage.csv").exists():
+        subprocess.run([sys.executable, str(HERE.parent / "common" / "demo_data" / "generate.py"), "--scale", str(scale),
+                        "--out-dir", str(folder)], check=True, capture_output=True)
+    return str(folder / "clinical_triage.csv")
+
+
 def tree_rss(pid: int) -> int | None:
     """Resident bytes of ``pid`` and all its descendants now (None without psutil)."""
     try:
@@ -161,13 +170,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.config_file = write_overrides(args.set, args.out / f"overrides-{stamp}.toml") if args.set else None
-    data = args.data
-    if not data:
-        folder = args.out / f"demo-x{args.scale}"
-        if not (folder / "clinical_triage.csv").exists():
-            subprocess.run([sys.executable, str(HERE.parent / "common" / "demo_data" / "generate.py"), "--scale", str(args.scale),
-                            "--out-dir", str(folder)], check=True, capture_output=True)
-        data = str(folder / "clinical_triage.csv")
+    data = args.data or scaled_demo(args.out, args.scale)
     model = None
     if args.model == "tiny":
         from fedtune.common.tiny import make_tiny_bert
