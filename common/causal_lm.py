@@ -251,12 +251,15 @@ class EncodedLM:
         dropped_rows: 1-based rows left out because their prompt alone fills max_length.
         lengths: Every row's tokens (prompt + response) before truncation, in table order, dropped rows
             included: what ``fedtune site check`` reports against max_length.
+        refused_rows: 1-based rows left out, in collecting mode only, because their prompt or response
+            encodes to no tokens (``problems``); like ``dropped_rows``, not in ``dataset``.
     """
 
     dataset: TensorDataset
     truncated: int
     dropped_rows: tuple[int, ...] = field(default=())
     lengths: tuple[int, ...] = field(default=())
+    refused_rows: tuple[int, ...] = field(default=())
 
     @property
     def examples(self) -> int:
@@ -269,8 +272,8 @@ def encode_lm(tokenizer: Any, table: LMTable, *, max_length: int, template: str 
 
     ``problems``: if given, a row whose prompt or response encodes to no tokens is appended to it
     (a ``RowProblem`` naming the row, never its text) and left out, instead of raising; and when
-    such rows leave no example, the result has an empty dataset rather than raising. Its
-    ``dropped_rows`` then do not list them: such a result is for reports, not for training.
+    such rows leave no example, the result has an empty dataset rather than raising. They are
+    listed in ``refused_rows``, not ``dropped_rows``: such a result is for reports, not for training.
 
     Raises:
         DataError: if a row encodes to no tokens (without ``problems``), or no example keeps a response
@@ -281,7 +284,7 @@ def encode_lm(tokenizer: Any, table: LMTable, *, max_length: int, template: str 
         raise ConfigError(f"model.max_length must be >= 2 for a causal LM (a prompt and a response token), got {max_length}.")
     chat = use_chat(tokenizer, template, needed=table.from_messages)
     rows: list[tuple[list[int], int]] = []  # (ids, prompt length)
-    truncated, dropped, longest_prompt, lengths, refused = 0, [], 0, [], 0
+    truncated, dropped, longest_prompt, lengths, refused = 0, [], 0, [], []
     for row, conv in enumerate(table.conversations, start=1):
         prompt, response = example_ids(tokenizer, conv, chat)
         longest_prompt = max(longest_prompt, len(prompt))
@@ -291,7 +294,7 @@ def encode_lm(tokenizer: Any, table: LMTable, *, max_length: int, template: str 
             if problems is None:
                 raise DataError(f"{table.source} row {row}: the {part} encodes to no tokens.")
             problems.append(RowProblem(f"{table.source} row {row}", part, "encodes to no tokens"))
-            refused += 1
+            refused.append(row)
             continue
         if len(prompt) >= max_length:
             dropped.append(row)
@@ -317,7 +320,7 @@ def encode_lm(tokenizer: Any, table: LMTable, *, max_length: int, template: str 
         mask[i, : len(ids)] = 1
         labels[i, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
     return EncodedLM(dataset=TensorDataset(input_ids, mask, labels), truncated=truncated, dropped_rows=tuple(dropped),
-                     lengths=tuple(lengths))
+                     lengths=tuple(lengths), refused_rows=tuple(refused))
 
 
 def response_token_losses(model: torch.nn.Module, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,7 +109,7 @@ def kept_digests(table: LMTable, encoded: EncodedLM) -> list[str]:
 
     ``table`` is the one the ledger keys, which may differ from the one encoded (a site that de-identifies
     encodes the redacted rows but keys the rows as stored); the rows are the same either way."""
-    dropped = set(encoded.dropped_rows)  # 1-based rows of this table
+    dropped = {*encoded.dropped_rows, *encoded.refused_rows}  # 1-based rows of this table, none of them in the dataset
     return [d for row, d in enumerate(lm_record_digests(table), start=1) if row not in dropped]
 
 

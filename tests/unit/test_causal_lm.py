@@ -241,6 +241,14 @@ def test_collecting_mode_names_rows_that_encode_to_no_tokens_and_leaves_them_out
 
     assert problems == [RowProblem("mem row 2", "prompt", "encodes to no tokens")]
     assert enc.examples == 2 and enc.lengths == (6, 3, 6)  # 3 + 2 words + </s>; the empty prompt's 0 + 2 + </s>
+    # The ledger's keys stay aligned with the dataset: the refused row is not among them.
+    from fedtune.common.causal_lm import lm_record_digests
+    from fedtune.common.lm_site import kept_digests
+
+    distinct = LMTable(conversations=[pair, empty, (ChatMessage("user", "card stolen"), ChatMessage("assistant", "call us"))],
+                       source="mem", from_messages=False)
+    enc = encode_lm(tok, distinct, max_length=32, template="plain", problems=[])
+    assert enc.refused_rows == (2,) and kept_digests(distinct, enc) == [lm_record_digests(distinct)[i] for i in (0, 2)]
     with pytest.raises(DataError, match="mem row 2: the prompt encodes to no tokens"):
         encode_lm(tok, table, max_length=32, template="plain")
     only_empty = LMTable(conversations=[empty], source="mem", from_messages=False)
