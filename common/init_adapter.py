@@ -37,7 +37,7 @@ import torch
 
 from .config import CLASSIFIER_TARGET_MODULES, RunConfig
 from .errors import ConfigError, UpdateError
-from .io import file_sha256
+from .io import file_sha256, read_json_object
 from .model import METADATA_FILE, ModelBundle, base_model_id, check_adapter_state, ffa_lora_a, model_fingerprint, uses_ffa
 
 logger = logging.getLogger(__name__)
@@ -150,14 +150,6 @@ def _where(folder: Path) -> str:
     return f"model.init_adapter (--init-adapter) {folder}"
 
 
-def _read_json(path: Path, where: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{where}: {path.name} is unreadable or not JSON ({err}).") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {path.name} holds a JSON {type(data).__name__}, not an object.")
-    return data
 
 
 def _run_dir_of(folder: Path) -> Path | None:
@@ -183,7 +175,7 @@ def _run_epsilon(meta: Mapping[str, Any], run_dir: Path | None, folder: Path) ->
     if run_dir is None:
         return None
     if folder.name == "adapter" and (run_dir / "summary.json").is_file():
-        value = _read_json(run_dir / "summary.json", str(run_dir)).get("max_epsilon")
+        value = read_json_object(run_dir / "summary.json", str(run_dir)).get("max_epsilon")
         return None if value is None else float(value)
     if "round" in meta:  # an older checkpoint: its round's line (the one reader of metrics.jsonl)
         from .metrics_file import read_metrics_file
@@ -210,8 +202,8 @@ def read_earlier_adapter(folder: str | Path) -> EarlierAdapter:
     for name in (PEFT_CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE):
         if not (folder / name).is_file():
             raise ConfigError(f"{where} has no {name}; give an earlier fedtune run's adapter/ or checkpoints/round-N/ folder.")
-    meta = _read_json(folder / METADATA_FILE, where)
-    peft = _read_json(folder / PEFT_CONFIG_FILE, where)
+    meta = read_json_object(folder / METADATA_FILE, where)
+    peft = read_json_object(folder / PEFT_CONFIG_FILE, where)
     try:
         with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -220,7 +212,7 @@ def read_earlier_adapter(folder: str | Path) -> EarlierAdapter:
     run_dir = _run_dir_of(folder)
     run_id = meta.get("run_id")
     if run_id is None and run_dir is not None and (run_dir / "run.json").is_file():
-        run_id = _read_json(run_dir / "run.json", str(run_dir)).get("run_id")
+        run_id = read_json_object(run_dir / "run.json", str(run_dir)).get("run_id")
     ancestors = tuple(LineageEntry.from_json(e, where=f"{where}: {METADATA_FILE} lineage") for e in meta.get("lineage") or [])
     own = LineageEntry(run_id=str(run_id) if run_id is not None else "unknown", adapter=portable_name(folder, run_dir),
                        digest=file_digest(folder / WEIGHTS_FILE), epsilon=_run_epsilon(meta, run_dir, folder))

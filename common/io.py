@@ -160,6 +160,17 @@ def read_toml(path: Path, *, what: str, missing_hint: str = "") -> dict[str, Any
         raise ConfigError(f"{what} {path} is not valid TOML: {err}.") from None
 
 
+def read_json_object(path: Path, where: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; ConfigError naming ``where`` and the file otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{where}: {path.name} is unreadable or not JSON ({err}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {path.name} holds a JSON {type(data).__name__}, not an object.")
+    return data
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 

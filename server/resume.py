@@ -681,16 +681,11 @@ def _checkpoint_metadata(checkpoint: Checkpoint) -> tuple[dict[str, Any], str]:
     Raises:
         ConfigError: unreadable, or not a JSON object.
     """
+    from fedtune.common.io import read_json_object
     from fedtune.common.model import METADATA_FILE
 
     path = checkpoint.folder / METADATA_FILE  # listed in the manifest: checked with the checkpoint
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path} is unreadable ({err}).") from None
-    if not isinstance(meta, dict):
-        raise ConfigError(f"{path} holds a JSON {type(meta).__name__}, not an object.")
-    return meta, str(path)
+    return read_json_object(path, str(checkpoint.folder)), str(path)
 
 
 def restored_sites(checkpoint: Checkpoint | None) -> dict[str, SiteRecord]:
