@@ -24,7 +24,7 @@ from typing import Any
 from fedtune.common.errors import ConfigError
 from fedtune.common.io import append_jsonl, atomic_write_bytes, atomic_write_json
 from fedtune.common.messages import TrainReply, ValidationStats
-from fedtune.common.metrics_file import METRICS_FILE, MetricsFile, read_metrics_file  # noqa: F401 (re-exported: server code reads them here)
+from fedtune.common.metrics_file import METRICS_FILE, read_metrics_file  # noqa: F401 (re-exported: server code reads them here)
 
 logger = logging.getLogger(__name__)
 
