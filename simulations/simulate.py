@@ -24,8 +24,12 @@ logger = logging.getLogger(__name__)
 
 
 def backend_config(num_sites: int) -> dict:  # type: ignore[type-arg]
-    """One CPU per simulated site (Flower's default of 2 would run one site at a time on 2 cores)."""
-    cpus = os.cpu_count() or 1
+    """One CPU per simulated site (Flower's default of 2 would run one site at a time on 2 cores).
+
+    The cores counted are those this process may run on (``taskset``, a cpuset), not the machine's: a
+    run pinned to one core of two would otherwise start two sites that share it.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": max(1, min(cpus, num_sites)), "include_dashboard": False},
