@@ -247,9 +247,11 @@ class AuditResult:
     mean_loss_non_members: float
     overlap: int
     roc_png: str | None = None
+    attack: str = "loss"  # "rmia": fedtune/audit_rmia.py
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "attack": self.attack,
             "auc": self.auc.to_json(),
             "tpr_at_fpr": [row.to_json() for row in self.low_fpr],
             "roc_png": self.roc_png,

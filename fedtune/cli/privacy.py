@@ -113,9 +113,19 @@ def report(run_dir: Path) -> None:
 @click.option("--resamples", type=click.IntRange(min=1), default=1000, show_default=True, help="Bootstrap resamples for the 95% intervals.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subsample and the bootstrap.")
 @click.option("--base-model", type=click.Path(file_okay=False), help="Base model folder (default: the one the run used).")
+@click.option("--attack", type=click.Choice(["loss", "rmia"]), default="loss", show_default=True,
+              help="loss: loss threshold; rmia: RMIA offline (needs --reference and --population).")
+@click.option("--reference", "references", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="RMIA: a finished run dir (adapter/) trained like RUN_DIR on other rows of the same distribution, none "
+                   "of them audited or in --population. Repeatable; each costs one training run.")
+@click.option("--population", type=click.Path(dir_okay=False, path_type=Path),
+              help="RMIA: labeled rows z of the same distribution that no model trained on, disjoint from both sets.")
+@click.option("--rmia-a", type=float, help="RMIA's offline correction a in [0, 1]: Pr(x) = ((1+a) mean_ref + 1-a) / 2 [0.3].")
+@click.option("--rmia-gamma", type=float, help="RMIA's threshold gamma > 0 on LR(x, z) [1].")
 def audit(run_dir: Path, members: Path, non_members: Path, json_out: Path | None, text_column: str, label_column: str,
-          max_examples: int | None, resamples: int, seed: int, base_model: str | None) -> None:
-    """Membership-inference audit of RUN_DIR/adapter: the loss-threshold attack (Yeom et al. 2018).
+          max_examples: int | None, resamples: int, seed: int, base_model: str | None, attack: str,
+          references: tuple[Path, ...], population: Path | None, rmia_a: float | None, rmia_gamma: float | None) -> None:
+    """Membership-inference audit of RUN_DIR/adapter: the loss-threshold attack (Yeom et al. 2018), or RMIA.
 
     Scores each example by minus its loss under the final adapter and reports how well that tells
     --members (training data) from --non-members: ROC AUC (95% bootstrap interval) and TPR at 0.1%
@@ -123,16 +133,41 @@ def audit(run_dir: Path, members: Path, non_members: Path, json_out: Path | None
     non-members; draws the ROC curve on log-log axes (RUN_DIR/audit-roc.png). AUC 0.5 and TPR = FPR
     are chance. A weak attack finding nothing is not a proof of privacy; the DP guarantee is the
     proof, the audit a sanity check (`fedtune audit-canary` gives an epsilon lower bound).
+
+    --attack rmia (Zarifzadeh et al. 2024, offline): a stronger attack that asks whether the run raised
+    x's probability more than that of population rows z, relative to reference models that never saw
+    x: score(x) = fraction of --population rows z with (Pr(x|run)/Pr(x)) / (Pr(z|run)/Pr(z)) > gamma,
+    Pr(.) from the --reference runs. Each --reference is a finished run directory trained with the
+    target's settings (same base model and labels) on other rows of the same distribution that
+    exclude the members, non-members and population: one full training run per reference (1 works,
+    2-4 are better). ROC curve: RUN_DIR/audit-rmia-roc.png.
     """
     from fedtune.audit import ROC_FILE, run_audit
     from fedtune.server.run_format import check_run_format
 
     offline_env()
     check_run_format(run_dir, action="audit it")
-    result = run_audit(run_dir, members=members, non_members=non_members, text_column=text_column,
-                       label_column=label_column, max_examples=max_examples, resamples=resamples, seed=seed,
-                       base_model=base_model, roc_png=run_dir / ROC_FILE)
-    out = result.to_json()
+    if attack == "rmia":
+        from fedtune.audit_rmia import ROC_FILE as RMIA_ROC, RmiaSettings, run_rmia_audit
+
+        settings = RmiaSettings(**{k: v for k, v in (("a", rmia_a), ("gamma", rmia_gamma)) if v is not None})
+        for ref in references:
+            check_run_format(ref, action="use it as a --reference")
+        rmia = run_rmia_audit(run_dir, members=members, non_members=non_members, references=references, population=population,
+                              settings=settings, text_column=text_column, label_column=label_column, max_examples=max_examples,
+                              resamples=resamples, seed=seed, base_model=base_model, roc_png=run_dir / RMIA_ROC)
+        result, out = rmia.result, rmia.to_json()
+        click.echo(f"attack RMIA (offline): {len(references)} reference run(s), {rmia.population} population rows, "
+                   f"a {settings.a:g}, gamma {settings.gamma:g}")
+    else:
+        given = [flag for flag, value in (("--reference", references), ("--population", population), ("--rmia-a", rmia_a),
+                                          ("--rmia-gamma", rmia_gamma)) if value not in (None, ())]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply to --attack rmia, got --attack {attack}; add --attack rmia or drop them.")
+        result = run_audit(run_dir, members=members, non_members=non_members, text_column=text_column,
+                           label_column=label_column, max_examples=max_examples, resamples=resamples, seed=seed,
+                           base_model=base_model, roc_png=run_dir / ROC_FILE)
+        out = result.to_json()
     top = _least_protected_site(run_dir)
     if top is not None:
         out["dp_tpr_bound"] = {f"{row.fpr:g}": _dp_tpr_bound(top, row.fpr) for row in result.low_fpr}
