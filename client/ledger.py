@@ -112,6 +112,12 @@ def _check_accountant(accountant: str | None) -> None:
         raise ConfigError(f"`accountant` must be one of {list(ACCOUNTANTS)} or None, got {accountant!r}.")
 
 
+def _spent(state: LedgerState, records: frozenset[str], *, delta: float, accountant: str | None) -> float:
+    """The largest epsilon (at ``delta``) any of ``records`` has spent in ``state``; 0.0 for none."""
+    histories = state.maximal(state.histories(records))
+    return max((state.epsilon(h, delta=delta, accountant=accountant) for h in histories), default=0.0)
+
+
 class PrivacyLedger:
     """Reads and appends to ``<state_dir>/privacy-ledger.json``; every method takes record digests."""
 
@@ -141,10 +147,7 @@ class PrivacyLedger:
         charges are thus reported with PRV, not re-computed with the looser RDP.
         """
         _check_accountant(accountant)
-        unique = _record_set(records, what="spent_epsilon", allow_empty=True)
-        state = self._load()
-        histories = state.maximal(state.histories(unique))
-        return max((state.epsilon(h, delta=delta, accountant=accountant) for h in histories), default=0.0)
+        return _spent(self._load(), _record_set(records, what="spent_epsilon", allow_empty=True), delta=delta, accountant=accountant)
 
     def plan(self, run: str) -> NoisePlan | None:
         return self._load().plans.get(run)
@@ -223,20 +226,36 @@ class PrivacyLedger:
             sources_of: {record digest: digests of the records it was made from}.
             what: What made them, for the ledger's audit trail (no text of a record).
         """
+        return self._link(sources_of, what=what)[0]
+
+    def link_and_spent(self, sources_of: Mapping[str, Collection[str]], records: Sequence[str], *, what: str, delta: float,
+                       accountant: str | None = None) -> tuple[int, float]:
+        """`link`, then `spent_epsilon` of ``records`` on the ledger as the link left it: (links added, epsilon).
+
+        ``site prepare``'s pair, from one read of the ledger: the epsilon is taken from the state the
+        link read (and, when it added links, wrote under the lock), not from a second read of the file.
+        """
+        _check_accountant(accountant)
+        unique = _record_set(records, what="spent_epsilon", allow_empty=True)
+        added, state = self._link(sources_of, what=what)
+        return added, _spent(self._load() if state is None else state, unique, delta=delta, accountant=accountant)
+
+    def _link(self, sources_of: Mapping[str, Collection[str]], *, what: str) -> tuple[int, LedgerState | None]:
+        """`link`'s work; also the ledger's state as it read it (None: nothing to link, nothing read)."""
         clean = {_one_digest(r, what="a linked record"): _record_set(s, what=f"the sources of {r}")
                  for r, s in sources_of.items()}
         if not any(s - {r} for r, s in clean.items()):
-            return 0
+            return 0, None
         if self.path.exists():  # links only accumulate: when all are there already, a rerun need not rewrite the file
-            derived = self._load().derived
-            if all(s - {r} <= derived.get(r, frozenset()) for r, s in clean.items()):
-                return 0
+            read = self._load()
+            if all(s - {r} <= read.derived.get(r, frozenset()) for r, s in clean.items()):
+                return 0, read
         with self._locked() as state:
             added = state.add_links(clean, what=what, time=time.time())
         if added:
             logger.info("privacy ledger %s: %d records linked to the %d records they were made from (%s)",
                         self.path, len(clean), len(frozenset().union(*clean.values())), what)
-        return added
+        return added, state  # as written, under the lock
 
     @contextmanager
     def _locked(self) -> Iterator[LedgerState]:

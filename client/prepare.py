@@ -372,10 +372,8 @@ def _link_in_ledger(ledger: PrivacyLedger, delta: float, rows: list[Row], kept: 
     from .prepare_lineage import row_digests, sources_of
 
     links = sources_of(rows, kept, duplicates, columns)
-    ledger.link(links, what=f"site prepare {what}")
-    if not ledger.path.exists():
-        return []
-    eps = ledger.spent_epsilon(row_digests(rows, columns, cleaned=False), delta=delta)
+    # One read of the ledger serves both: the spend is that of the ledger as the link left it (no ledger: none).
+    _, eps = ledger.link_and_spent(links, row_digests(rows, columns, cleaned=False), what=f"site prepare {what}", delta=delta)
     if eps <= 0:
         return []
     kept_spend = (f"the {len(links)} cleaned rows that prepare changed or kept in place of duplicates are linked there to the "

@@ -108,6 +108,37 @@ def test_a_row_kept_in_place_of_duplicates_carries_the_composed_spend_of_all_of_
         pytest.approx(both, rel=1e-6)
 
 
+def test_prepare_reads_the_ledger_once_for_its_links_and_the_spend_it_reports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    import fedtune.client.ledger as ledger_module
+
+    raw = _write_csv(tmp_path / "notes.csv", [(CHEST + "  ", "cardiology"), (KNEE, "orthopedics")])
+    site = load_site_config(_site(tmp_path, raw))
+    _charge(PrivacyLedger(site.state_dir), site_record_digests(site), SEG_1, run="run-1", delta=site.delta)
+    reads: list[Path] = []
+    real = ledger_module.read_state
+
+    def counted(raw_bytes, path):  # type: ignore[no-untyped-def]  # a spy: the real reader, counted
+        reads.append(Path(path))
+        return real(raw_bytes, path)
+
+    monkeypatch.setattr(ledger_module, "read_state", counted)
+
+    first = prepare_site_data(site, plot=False)
+    links_added = len(reads)
+    reads.clear()
+    again = prepare_site_data(site, plot=False)  # the links are there already: nothing to write
+
+    expected = _dp_accounting_epsilon([SEG_1], site.delta)
+    for result in (first, again):
+        [warning] = [w for w in result.report.warnings if "already spent epsilon" in w]
+        assert float(re.search(r"spent epsilon ([0-9.]+)", warning).group(1)) == pytest.approx(expected, abs=1e-3)  # type: ignore[union-attr]
+    assert links_added == 2, "one read to see the links are missing, one under the lock to add them; the spend reuses it"
+    assert len(reads) == 1, "the links are all there: one read serves the check and the spend"
+
+
 def test_going_back_to_the_raw_file_after_training_on_the_cleaned_one_resets_nothing(tmp_path: Path) -> None:
     raw = _write_csv(tmp_path / "notes.csv", [(CHEST + "  ", "cardiology"), (KNEE, "orthopedics")])
     site = load_site_config(_site(tmp_path, raw))
