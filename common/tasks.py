@@ -139,11 +139,7 @@ def score_examples(model: torch.nn.Module, dataset: TensorDataset, *, batch_size
     return ExampleScores(losses=np.concatenate(losses), probabilities=np.concatenate(probs))
 
 
-@torch.no_grad()
 def predict_proba(model: torch.nn.Module, dataset: TensorDataset, *, batch_size: int = 64) -> np.ndarray:
-    model.eval()
-    out = []
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        _, logits = forward_loss(model, batch)
-        out.append(torch.softmax(logits, dim=-1).numpy())
-    return np.concatenate(out)
+    """Each example's class probabilities (shape (n, K)), in dataset order: :func:`score_examples`' pass,
+    so `fedtune predict`, serving and the review score a text alike."""
+    return score_examples(model, dataset, batch_size=batch_size).probabilities

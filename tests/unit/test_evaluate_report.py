@@ -161,6 +161,35 @@ def test_score_examples_gives_each_rows_loss_and_probabilities_for_the_review_an
     np.testing.assert_array_equal(per_example_losses(model, dataset, batch_size=3), scores.losses)  # the audit's losses are these
 
 
+def test_predict_proba_gives_what_its_own_loop_gave_and_restores_the_training_mode(tiny_model_dir: Path) -> None:
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import AutoTokenizer
+
+    from fedtune.common.tasks import encode, forward_loss, predict_proba
+    from tests.unit.lora_models import lora_model
+
+    labels = ["cardio", "neuro", "onco"]
+    texts = ["chest pain", "a much longer note about a headache that started two days ago", "back", "no complaints today",
+             "knee swollen after a fall"]
+    model = lora_model(tiny_model_dir, 3)
+    dataset = encode(AutoTokenizer.from_pretrained(str(tiny_model_dir)), texts, [labels[0]] * len(texts), labels, max_length=32)
+    model.eval()
+    with torch.no_grad():  # the loop predict_proba ran before it shared score_examples' pass (batches of 2, 2 and 1)
+        before = np.concatenate([torch.softmax(forward_loss(model, batch)[1], dim=-1).numpy()
+                                 for batch in DataLoader(dataset, batch_size=2)])
+        alone = torch.cat([torch.softmax(model(input_ids=dataset.tensors[0][i:i + 1],
+                                               attention_mask=dataset.tensors[1][i:i + 1]).logits, dim=-1) for i in range(len(texts))])
+    model.train()
+
+    probs = predict_proba(model, dataset, batch_size=2)
+
+    assert probs.dtype == before.dtype and np.array_equal(probs, before), "bit for bit what the old loop returned"
+    np.testing.assert_allclose(probs, alone.numpy(), atol=1e-6)  # each row alone, at full padded width
+    assert not np.allclose(probs, probs[:1]), "the rows differ: the comparison could fail"
+    assert model.training, "the caller's training mode is restored"
+
+
 ERRORS = (Misclassified(row=3, text='says "no", then, =SUM(A1)\nnew line', true_label="cardio", predicted_label="neuro",
                         score=0.75, true_label_score=0.125),
           Misclassified(row=9, text="Ünïcode – ok", true_label="onco", predicted_label="cardio", score=0.5, true_label_score=0.25))
