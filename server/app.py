@@ -109,12 +109,14 @@ def resolve_run_dir(run: RunConfig, run_id: int) -> Path:
     return Path(run.out or f"runs/run-{run_id}").resolve()
 
 
-def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
+def run_server(grid: Grid, run: RunConfig, *, run_id: int, earlier: EarlierAdapter | None = None) -> Path:
     """Run every round of a federated run, or the rounds left of a resumed one; returns the run directory.
 
     The run directory must take a durable write before anything starts (a ConfigError names it).
     A directory that holds a run is continued only on a `--resume` request (`server/resume.py`):
     from its last complete checkpoint, under the run's first identity, with its label set.
+    ``earlier``: ``model.init_adapter`` as the caller already read it (``fedtune simulate``'s
+    preflight), so the folder is read once; None: read here when the run needs it (deployment).
     """
     started = time.perf_counter()
     run_dir = resolve_run_dir(run, run_id)
@@ -130,7 +132,7 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     # Resumed: the initial adapter as the checkpoint records it (its arrays are the checkpoint's); the earlier
     # folder is read only for a fresh start, or for a checkpoint written before fedtune recorded it.
     init = resumed_init_adapter(last, run) if last is not None else None
-    earlier = _earlier_adapter(run, run_dir, resumed=last is not None) if init is None else None
+    earlier = _earlier_adapter(run, run_dir, resumed=last is not None, read=earlier) if init is None else None
     if init is not None and not run.causal_lm:
         from fedtune.common.init_adapter import labels_after
 
@@ -355,17 +357,23 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int) -> Path:
     return run_dir
 
 
-def _earlier_adapter(run: RunConfig, run_dir: Path, *, resumed: bool) -> EarlierAdapter | None:
+def _earlier_adapter(run: RunConfig, run_dir: Path, *, resumed: bool, read: EarlierAdapter | None = None) -> EarlierAdapter | None:
     """The earlier adapter ``model.init_adapter`` names (None: a fresh start), read before anything starts.
 
-    A simulation from an earlier simulation must have its sites' ledgers continued first (``fedtune
-    simulate`` does it): the coordinator refuses to start one whose sites would count from zero.
+    ``read``: the folder as the caller already read it (the simulation's preflight); it is not read
+    again, and it is checked here as a folder read here would be. A simulation from an earlier
+    simulation must have its sites' ledgers continued first (``fedtune simulate`` does it): the
+    coordinator refuses to start one whose sites would count from zero.
     """
     if not run.model.init_adapter:
+        if read is not None:
+            raise ValueError(f"an earlier adapter ({read.folder}) was given for a run without model.init_adapter.")
         return None
     from fedtune.common.init_adapter import CONTINUED_LEDGERS_FILE, read_earlier_adapter
 
-    earlier = read_earlier_adapter(run.model.init_adapter)
+    if read is not None and read.folder != Path(run.model.init_adapter).expanduser().resolve():
+        raise ValueError(f"the earlier adapter given ({read.folder}) is not this run's model.init_adapter ({run.model.init_adapter}).")
+    earlier = read if read is not None else read_earlier_adapter(run.model.init_adapter)
     if run.simulation and earlier.simulated and not resumed and not (run_dir / CONTINUED_LEDGERS_FILE).is_file():
         raise ConfigError(f"model.init_adapter {earlier.folder} comes from a simulation whose sites' ledgers this run's simulated "
                           f"sites must continue; start it with `fedtune simulate` (which does that and writes "
@@ -373,15 +381,19 @@ def _earlier_adapter(run: RunConfig, run_dir: Path, *, resumed: bool) -> Earlier
     return earlier
 
 
-def build_server_app(run_config: dict[str, Any] | None = None) -> ServerApp:
-    """The ServerApp; ``run_config`` (flat) is injected when the runtime passes none (``fedtune simulate``)."""
+def build_server_app(run_config: dict[str, Any] | None = None, *, earlier: EarlierAdapter | None = None) -> ServerApp:
+    """The ServerApp; ``run_config`` (flat) is injected when the runtime passes none (``fedtune simulate``).
+
+    ``earlier``: ``model.init_adapter`` as ``fedtune simulate``'s preflight read it (the engine runs
+    this app in the same process), so the coordinator does not read the folder a second time.
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         if run_config:
             context.run_config.update(run_config)
-        run_server(grid, from_flat(dict(context.run_config)), run_id=context.run_id)
+        run_server(grid, from_flat(dict(context.run_config)), run_id=context.run_id, earlier=earlier)
 
     return server_app
 

@@ -211,7 +211,7 @@ def run_simulation(run: RunConfig, *, resume: bool = False, ray_address: str | N
         # setting as a --run-config string. Revisit when Flower removes it.
         warnings.simplefilter("ignore", DeprecationWarning)
         flwr_run_simulation(
-            server_app=build_server_app(flat),
+            server_app=build_server_app(flat, earlier=earlier),  # read once, by the preflight
             client_app=build_client_app(flat),
             num_supernodes=run.federation.sites,
             backend_config=config,

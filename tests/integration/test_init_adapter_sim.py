@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,8 @@ def _config(tiny: Path, data: Path, out: Path, **extra: dict) -> RunConfig:  # t
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import fedtune.common.init_adapter as init_adapter
     from fedtune.simulations.simulate import run_simulation
 
     root = tmp_path_factory.mktemp("init-adapter-sim")
@@ -49,9 +51,22 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     run_a = run_simulation(_config(tiny_model_dir, data, root / "A", privacy={"target_epsilon": 2.0}))
     # B: a larger lifetime target (the sites have spent A's share of it), exact validation statistics so
     # its first round's validation can be compared with `fedtune evaluate`.
-    run_b = run_simulation(_config(tiny_model_dir, data, root / "B", model={"init_adapter": str(run_a / "adapter")},
-                                   privacy={"target_epsilon": 4.0, "statistics": "clear"}))
-    return {"A": run_a, "B": run_b, "data": data, "root": root}
+    reads: list[Path] = []
+    real = init_adapter.read_earlier_adapter
+
+    def counted(folder):  # type: ignore[no-untyped-def]  # a spy: the real reader, counted
+        reads.append(Path(folder))
+        return real(folder)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(init_adapter, "read_earlier_adapter", counted)
+        run_b = run_simulation(_config(tiny_model_dir, data, root / "B", model={"init_adapter": str(run_a / "adapter")},
+                                       privacy={"target_epsilon": 4.0, "statistics": "clear"}))
+    return {"A": run_a, "B": run_b, "data": data, "root": root, "reads": reads}
+
+
+def test_the_earlier_adapter_is_read_once_by_the_preflight_and_not_again_by_the_coordinator(runs: dict[str, Any]) -> None:
+    assert runs["reads"] == [runs["A"] / "adapter"], "the preflight read it; the ServerApp took what it read"
 
 
 def _evaluate(adapter: Path, texts: list[str], labels: list[str], folder: Path) -> dict:  # type: ignore[type-arg]

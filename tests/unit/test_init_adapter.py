@@ -327,3 +327,42 @@ def test_simulate_reads_the_earlier_adapter_once_from_flag_to_run(
 
     assert result.exit_code != 0 and "already holds a run" in result.output, result.output
     assert reads == [earlier_dir], "the CLI's preflight read it; run_simulation took what it read"
+
+
+def test_the_coordinator_reads_the_earlier_adapter_once_and_checks_one_it_was_given_as_its_own(
+        tiny_model_dir: Path, earlier_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import fedtune.common.init_adapter as init_adapter
+    from fedtune.server.app import _earlier_adapter
+
+    reads: list[Path] = []
+    real = init_adapter.read_earlier_adapter
+
+    def counted(folder):  # type: ignore[no-untyped-def]  # a spy: the real reader, counted
+        reads.append(Path(folder))
+        return real(folder)
+
+    monkeypatch.setattr(init_adapter, "read_earlier_adapter", counted)
+    deployed = from_dict({**_run(tiny_model_dir, model={"init_adapter": str(earlier_dir)}).to_dict(), "simulation": False})
+
+    # Deployment: no preflight, so the coordinator reads the folder itself, once.
+    read = _earlier_adapter(deployed, tmp_path, resumed=False)
+    assert reads == [earlier_dir] and read is not None and read.folder == earlier_dir
+
+    # Simulation: the preflight's read is taken as it is, and still checked: a simulated earlier run's
+    # sites' ledgers must have been continued (the marker) before the coordinator starts.
+    simulated = _run(tiny_model_dir, model={"init_adapter": str(earlier_dir)})
+    assert _earlier_adapter(simulated, tmp_path, resumed=False, read=read) is read
+    from_simulation = dataclasses.replace(read, meta={**read.meta, "simulation": True})
+    with pytest.raises(ConfigError, match=CONTINUED_LEDGERS_FILE):
+        _earlier_adapter(simulated, tmp_path, resumed=False, read=from_simulation)
+    (tmp_path / CONTINUED_LEDGERS_FILE).write_text("{}")
+    assert _earlier_adapter(simulated, tmp_path, resumed=False, read=from_simulation) is from_simulation
+    assert reads == [earlier_dir], "nothing was read again"
+
+    # A read of another folder, or for a run without an earlier adapter, is a caller's mistake.
+    with pytest.raises(ValueError, match="not this run's model.init_adapter"):
+        _earlier_adapter(simulated, tmp_path, resumed=False, read=dataclasses.replace(read, folder=tmp_path))
+    with pytest.raises(ValueError, match="without model.init_adapter"):
+        _earlier_adapter(_run(tiny_model_dir), tmp_path, resumed=False, read=read)
