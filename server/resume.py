@@ -39,6 +39,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -346,6 +347,18 @@ class Checkpoint:
     round: int
     folder: Path
     state: RoundState
+
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        """Its ``fedtune.json``, read once: a resumed run takes its initial adapter and that adapter's test score from it.
+
+        Raises:
+            ConfigError: unreadable, or not a JSON object.
+        """
+        from fedtune.common.io import read_json_object
+        from fedtune.common.model import METADATA_FILE
+
+        return read_json_object(self.folder / METADATA_FILE, str(self.folder))  # listed in the manifest: checked with the checkpoint
 
     def optimizer_state(self) -> OptimizerState | None:
         """The server optimiser's state, or None when the run has none."""
@@ -676,16 +689,14 @@ def resumed_init_score(checkpoint: Checkpoint) -> TestScore | None:
 
 
 def _checkpoint_metadata(checkpoint: Checkpoint) -> tuple[dict[str, Any], str]:
-    """A checkpoint's ``fedtune.json`` and its path, for messages.
+    """A checkpoint's ``fedtune.json`` (read once per checkpoint: `Checkpoint.metadata`) and its path, for messages.
 
     Raises:
         ConfigError: unreadable, or not a JSON object.
     """
-    from fedtune.common.io import read_json_object
     from fedtune.common.model import METADATA_FILE
 
-    path = checkpoint.folder / METADATA_FILE  # listed in the manifest: checked with the checkpoint
-    return read_json_object(path, str(checkpoint.folder)), str(path)
+    return checkpoint.metadata, str(checkpoint.folder / METADATA_FILE)
 
 
 def restored_sites(checkpoint: Checkpoint | None) -> dict[str, SiteRecord]:

@@ -507,3 +507,39 @@ def test_a_resumed_run_keeps_the_initial_adapter_s_test_score_its_first_session_
             resumed_init_score(checkpoint({INIT_TEST_KEY: bad}))
     with pytest.raises(ConfigError, match="is unreadable"):
         resumed_init_score(checkpoint("{"))
+
+
+def test_a_resumed_run_reads_its_checkpoints_fedtune_json_once_for_the_initial_adapter_and_its_score(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import fedtune.common.io as io
+    from fedtune.common.model import METADATA_FILE
+    from fedtune.server.resume import INIT_TEST_KEY, Checkpoint, resumed_init_adapter, resumed_init_score
+    from fedtune.server.rounds import TestScore
+
+    digest = "sha256:" + "1" * 64
+    measured = TestScore(accuracy=0.5, macro_f1=0.25, loss=1.5, examples=20)
+    folder = tmp_path / "round-1"
+    folder.mkdir()
+    (folder / METADATA_FILE).write_text(json.dumps({
+        "labels": ["a", "b"], "lineage": [{"run_id": "A", "adapter": "A/adapter", "digest": digest, "epsilon": 1.0}],
+        "init_adapter": {"digest": digest, "earlier_labels": ["a"], "labels_added": ["b"]},
+        INIT_TEST_KEY: dataclasses.asdict(measured)}), encoding="utf-8")
+    state = RoundState(round=1, run_id="r", labels=("a", "b"), line={}, sites={}, bytes_up=0, bytes_down=0, seconds=0.0)
+    checkpoint = Checkpoint(round=1, folder=folder, state=state)
+    reads: list[Path] = []
+    real = io.read_json_object
+
+    def counted(path, where):  # type: ignore[no-untyped-def]  # a spy: the real reader, counted
+        reads.append(Path(path))
+        return real(path, where)
+
+    monkeypatch.setattr(io, "read_json_object", counted)
+    run = from_dict({"model": {"init_adapter": str(tmp_path / "A" / "adapter")}})
+
+    init = resumed_init_adapter(checkpoint, run)
+    score = resumed_init_score(checkpoint)
+
+    assert init is not None and init.digest == digest and init.labels_added == ("b",) and score == measured
+    assert reads == [folder / METADATA_FILE], "one read of the checkpoint's fedtune.json serves both"
