@@ -41,7 +41,7 @@ def _table(site: SiteConfig) -> Any:
     Raises:
         DataError: naming every unusable row by number and reason, never its value (``_unusable_rows``).
     """
-    from fedtune.common.data import RowProblem, load_table
+    from fedtune.common.data import load_table
 
     problems: list[RowProblem] = []
     table = load_table(site.data_path, text_column=site.text_column, label_column=site.label_column, problems=problems)
@@ -96,7 +96,6 @@ def _lm_table(site: SiteConfig) -> Any:
             their text (``_unusable_rows``).
     """
     from fedtune.common.causal_lm import LMDataSettings, load_lm_table
-    from fedtune.common.data import RowProblem
 
     problems: list[RowProblem] = []
     settings = LMDataSettings(prompt_column=site.prompt_column, response_column=site.response_column,
@@ -116,7 +115,6 @@ def _check_lm_data(site: SiteConfig, *, max_length: int = 0) -> str:
 
     from fedtune.common.causal_lm import encode_lm, lm_record_digests, load_lm_tokenizer, use_chat
     from fedtune.common.config import TASK_MAX_LENGTH, ModelConfig
-    from fedtune.common.data import RowProblem
     from fedtune.common.model import resolve_base_model
 
     max_length = max_length or TASK_MAX_LENGTH["causal-lm"]

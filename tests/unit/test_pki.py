@@ -141,7 +141,7 @@ def test_private_keys_are_0600_and_certificates_0644_whatever_the_umask(tmp_path
 
 
 def test_refuses_to_overwrite_and_names_the_file(tmp_path: Path) -> None:
-    paths = init_certificates(tmp_path)
+    init_certificates(tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.iterdir()}
 
     with pytest.raises(ConfigError, match="ca.key already exists") as info:

@@ -369,7 +369,8 @@ class SecureGrid(InProcessGrid):
         return sorted(self.sites)
 
 
-def test_under_secure_aggregation_the_optimizer_steps_from_the_secagg_mean(stub_sites: dict[int, Any], tmp_path: Path) -> None:
+@pytest.mark.usefixtures("stub_sites")  # imported above: the fixed-update sites (its value is not needed here)
+def test_under_secure_aggregation_the_optimizer_steps_from_the_secagg_mean(tmp_path: Path) -> None:
     # Prepare: three sites that always send the same adapter; FedAvgM with eta 0.5, beta 0.9
     nodes = [11, 22, 33]
     rng = np.random.default_rng(0)
