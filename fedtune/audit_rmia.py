@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from fedtune.audit import DEFAULT_RESAMPLES, DEFAULT_SEED, AuditResult
 from fedtune.common.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def rmia_scores(
 class RmiaAudit:
     """``fedtune audit --attack rmia``: the audit's figures (``fedtune.audit.AuditResult``) and RMIA's inputs."""
 
-    result: Any  # fedtune.audit.AuditResult, attack "rmia"
+    result: AuditResult  # attack "rmia"
     references: tuple[str, ...]
     population: int
     settings: RmiaSettings
@@ -245,8 +246,8 @@ def run_rmia_audit(
     text_column: str = "text",
     label_column: str = "label",
     max_examples: int | None = None,
-    resamples: int = 1000,
-    seed: int = 0,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
     base_model: str | None = None,
     roc_png: Path | None = None,
 ) -> RmiaAudit:
@@ -259,8 +260,8 @@ def run_rmia_audit(
         DataError: a missing or empty data file, a label outside the run's label set, or population rows
             that are also members or non-members (the counts are named), each named with its flag.
     """
-    from fedtune.audit import (DEFAULT_CONFIDENCE, DEFAULT_FPRS, AuditResult, _flagged, _subsample, auc, bootstrap_ci, plot_roc,
-                               tpr_at_low_fpr)
+    # The loss attack's own file handling and figures: the two attacks read the same files the same way.
+    from fedtune.audit import DEFAULT_CONFIDENCE, DEFAULT_FPRS, _flagged, _subsample, auc, bootstrap_ci, plot_roc, tpr_at_low_fpr
     from fedtune.audit_stats import MIN_FALSE_POSITIVES
     from fedtune.common.data import check_labels, load_table
 
