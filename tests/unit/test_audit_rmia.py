@@ -220,3 +220,21 @@ def test_cli_rmia_without_reference_and_reference_without_rmia_name_the_flags(tm
     assert no_ref.exit_code == 2 and "--attack rmia needs at least one --reference" in no_ref.output
     assert stray.exit_code == 2 and "--reference, --rmia-a only apply to --attack rmia" in stray.output
     assert bad_a.exit_code == 2 and "--rmia-a must be in [0, 1]" in bad_a.output and "got 2.0" in bad_a.output
+
+
+def test_population_sharing_rows_with_the_audited_sets_is_refused_with_counts(tmp_path: Path) -> None:
+    from fedtune.audit_rmia import run_rmia_audit
+
+    target, ref = _fake_run(tmp_path / "target", ["a", "b"]), _fake_run(tmp_path / "ref", ["a", "b"])
+    members = tmp_path / "m.csv"
+    members.write_text("text,label\none,a\ntwo,b\nthree,a\n", encoding="utf-8")
+    non_members = tmp_path / "n.csv"
+    non_members.write_text("text,label\nfour,a\nfive,b\n", encoding="utf-8")
+    population = tmp_path / "p.csv"
+    # "two" and "three" are members, "five" a non-member; ("four", "b") differs from the non-member ("four", "a").
+    population.write_text("text,label\ntwo,b\nthree,a\nfive,b\nfour,b\nsix,a\n", encoding="utf-8")
+
+    with pytest.raises(DataError, match="2 distinct .* also in --members and 1 in --non-members"):
+        run_rmia_audit(target, members=members, non_members=non_members, references=[ref], population=population)
+    with pytest.raises(ConfigError, match="needs --population FILE"):
+        run_rmia_audit(target, members=members, non_members=non_members, references=[ref], population=None)
