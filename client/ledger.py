@@ -29,6 +29,7 @@ import fcntl
 import logging
 import math
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -182,9 +183,10 @@ class PrivacyLedger:
 
         # A linked record is touched by a charge to any record of its lineage.
         lineage = state.lineage() if state.derived else {}
-        linked = [lineage[r] for r in wanted if r in lineage]
+        linked = Counter(lineage[r] for r in wanted if r in lineage)  # {lineage: its records among wanted}: each tested once
         plain = wanted.difference(lineage) if linked else wanted
-        touched_by = {cid: None if rec is None else len(rec.intersection(plain)) + sum(not rec.isdisjoint(m) for m in linked)
+        touched_by = {cid: None if rec is None
+                      else len(rec.intersection(plain)) + sum(n for m, n in linked.items() if not rec.isdisjoint(m))
                       for cid, rec in state.cohorts.items()}
         rows = []
         for i, c in enumerate(state.charges):

@@ -173,11 +173,12 @@ class LedgerState:
                     a, b = root(record), root(source)
                     if a != b:
                         parent[a] = b
+            roots = {x: root(x) for x in list(parent)}  # once per record: root() is the costly step
             members: dict[str, set[str]] = {}
-            for x in parent:
-                members.setdefault(root(x), set()).add(x)
-            frozen = {r: frozenset(m) for r, m in members.items()}
-            self._lineage = {x: frozen[root(x)] for x in parent}
+            for x, r in roots.items():
+                members.setdefault(r, set()).add(x)
+            frozen = {r: frozenset(m) for r, m in members.items()}  # one object per lineage, shared by its records
+            self._lineage = {x: frozen[r] for x, r in roots.items()}
         return self._lineage
 
     def expand(self, records: Iterable[str]) -> set[str]:
@@ -245,15 +246,15 @@ class LedgerState:
         for pattern, members in self._groups(records - linked).items():
             out[history(pattern)] += len(members)
         if linked:
+            # Once per lineage, not per record of it: records of one lineage share its history, and a
+            # lineage of many merged duplicates would otherwise be walked once for each of them.
+            per_lineage = Counter(lineage[r] for r in linked)  # the lineage's own frozenset: hashed once
             of: dict[str, frozenset[int]] = {}
-            for pattern, members in self._groups(set().union(*(lineage[r] for r in linked))).items():
+            for pattern, members in self._groups(set().union(*per_lineage)).items():
                 h = history(pattern)
                 of.update(dict.fromkeys(members, h))
-            by_lineage: dict[frozenset[str], frozenset[int]] = {}
-            for r in linked:
-                if lineage[r] not in by_lineage:
-                    by_lineage[lineage[r]] = frozenset().union(*(of[m] for m in lineage[r]))
-                out[by_lineage[lineage[r]]] += 1
+            for lin, n in per_lineage.items():
+                out[frozenset().union(*(of[m] for m in lin))] += n
         return out
 
     def _groups(self, records: set[str]) -> dict[tuple[str, ...], set[str]]:

@@ -87,3 +87,25 @@ def test_linking_again_what_is_linked_leaves_the_file_untouched(tmp_path: Path) 
     assert path.read_bytes() == before and path.stat().st_ino == stat.st_ino  # an atomic rewrite would be a new inode
     assert ledger.link({C: [D]}, what="a new source") == 1
     assert path.stat().st_ino != stat.st_ino
+
+
+def test_records_of_one_lineage_each_count_once_beside_two_other_lineages_and_a_plain_record(tmp_path: Path) -> None:
+    """Histories and the summary take each lineage once (not once per record of it) and still count its every record."""
+    dp_accounting = pytest.importorskip("dp_accounting")
+    from fedtune.common.accounting import RDP_ORDERS
+
+    E, F, G, H = record_digests(["e", "f", "g", "h"], ["x"] * 4)
+    ledger = PrivacyLedger(tmp_path)
+    _charge(ledger, [A, B, C, E])  # run 1: the raw rows
+    ledger.link({D: [A, B, C], F: [E]}, what="three duplicates kept as D; E cleaned into F")  # lineages {A,B,C,D}, {E,F}
+    _charge(ledger, [D, F, G], r=2)  # run 2: the cleaned file (G is a new row, in no lineage)
+
+    wanted = [A, B, C, D, E, G, H]  # 4 of one lineage, 1 of another, 1 plain record, 1 never charged
+    summary = ledger.summary(wanted, delta=DELTA)
+
+    acc = dp_accounting.rdp.RdpAccountant(orders=list(RDP_ORDERS))  # both charges, composed by an independent accountant
+    acc.compose(dp_accounting.PoissonSampledDpEvent(SEG.sample_rate, dp_accounting.GaussianDpEvent(SEG.noise_multiplier)), 2 * SEG.steps)
+    assert ledger.spent_epsilon(wanted, delta=DELTA) == pytest.approx(acc.get_epsilon(DELTA), rel=1e-6)
+    assert summary.records == 7 and summary.at_max == 5 and summary.never_spent == 1  # A, B, C, D, E both; G one; H none
+    # Run 1 touched A, B, C, E directly and D through its lineage; run 2 touched D, G and (through theirs) A, B, C, E.
+    assert [row.records for row in summary.charges] == [5, 6] and summary.other_charges == 0
