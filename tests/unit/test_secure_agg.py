@@ -353,12 +353,7 @@ def test_a_site_above_the_max_weight_refuses_before_training_so_spends_no_budget
     with pytest.raises(SecureAggregationError, match="secure-agg:max-weight"):
         secure_train_round(grid, _messages(nodes, initial, config), server_round=1, expected=initial,
                            settings=SecureAggConfig(enabled=True, max_weight=10), timeout=60)
-    charges = [
-        charge
-        for path in (tmp_path / "run").rglob("privacy-ledger.json")
-        for entry in PrivacyLedger(path.parent).summary().values()
-        for charge in entry.get("charges", [])
-    ]
+    charges = [charge for path in (tmp_path / "run").rglob("privacy-ledger.json") for charge in PrivacyLedger(path.parent).charges()]
     assert charges == [], "no site was charged for a round it refused"
     refused = [m for m in grid.replies if m.has_error()]
     assert refused and all(_code(m) is RefusalCode.SECURE_AGG_MAX_WEIGHT for m in refused)
