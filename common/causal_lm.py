@@ -24,6 +24,8 @@ training did.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import math
@@ -323,14 +325,37 @@ def encode_lm(tokenizer: Any, table: LMTable, *, max_length: int, template: str 
                      lengths=tuple(lengths), refused_rows=tuple(refused))
 
 
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model under any Opacus/PEFT wrappers takes transformers' ``logits_to_keep`` (most causal
+    LMs of transformers 5 do); one that does not computes every position's logits, as before."""
+    inner = getattr(model, "_module", model)  # Opacus's GradSampleModule
+    get_base = getattr(inner, "get_base_model", None)  # PEFT
+    base = get_base() if callable(get_base) else inner
+    return _forward_takes(type(base), "logits_to_keep")
+
+
+@functools.cache
+def _forward_takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
+
+
 def response_token_losses(model: torch.nn.Module, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: the sum of its response tokens' cross-entropy, and how many there are."""
     input_ids, attention_mask, labels = batch
     if attention_mask.numel():  # drop padding columns no example of this batch uses (right padding)
         width = max(1, int(attention_mask.sum(dim=1).max()))
         input_ids, attention_mask, labels = input_ids[:, :width], attention_mask[:, :width], labels[:, :width]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     targets = labels[:, 1:]  # the token at t is predicted from the logits at t - 1
+    # The LM head (hidden x vocabulary, a fifth of SmolLM2's forward pass) and its softmax are needed only
+    # where a response token is predicted: keep the batch's last positions from its earliest such one.
+    # Exact: the kept logits are the same numbers, the dropped ones never reached the loss.
+    wanted = (targets != IGNORE).any(dim=0).nonzero()
+    first = int(wanted[0]) if len(wanted) else targets.shape[1]
+    kwargs: dict[str, Any] = {}
+    if first > 0 and _keeps_logits(model):
+        kwargs["logits_to_keep"] = input_ids.shape[1] - first
+        targets = targets[:, first:]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
     keep = targets != IGNORE
     # Selecting the kept positions before the softmax gives every other logit an exactly zero
     # gradient (a masked multiply would not, were a padded logit ever inf or NaN).

@@ -310,6 +310,30 @@ def test_loss_is_the_mean_over_each_examples_response_tokens_then_over_examples(
     assert float((all_tokens - oracle).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_lm_head_runs_only_from_the_batchs_first_response_position(tiny_lms, pairs_file, kind) -> None:  # type: ignore[no-untyped-def]
+    from opacus import GradSampleModule
+
+    model = _lora_model(tiny_lms[kind], double=True).eval()
+    ids, mask, labels = encode_lm(load_lm_tokenizer(tiny_lms[kind]), load_lm_table(pairs_file), max_length=32).dataset.tensors
+    long_prompts = [i for i in range(len(ids)) if int((labels[i] != IGNORE).nonzero()[0]) >= 3]
+    assert len(long_prompts) >= 2
+    ids, mask, labels = ids[long_prompts], mask[long_prompts], labels[long_prompts]
+    width = int(mask.sum(dim=1).max())
+    first_target = int((labels[:, 1:] != IGNORE).any(dim=0).nonzero()[0])  # logits at t predict the token at t + 1
+    assert first_target > 0, "the fixture's prompts must be long enough for this test to mean anything"
+    head = model.get_output_embeddings()
+    seen: list[int] = []
+    handle = head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            lm_loss(model, (ids, mask, labels))
+            lm_loss(GradSampleModule(model), (ids, mask, labels))  # through Opacus's wrapper as in DP-SGD
+    finally:
+        handle.remove()
+    assert seen == [width - first_target] * 2
+
+
 def test_padding_ids_never_change_any_examples_loss(tiny_lms, pairs_file) -> None:  # type: ignore[no-untyped-def]
     model = _lora_model(tiny_lms["llama"], double=True).eval()
     ids, mask, labels = encode_lm(load_lm_tokenizer(tiny_lms["llama"]), load_lm_table(pairs_file), max_length=32).dataset.tensors
