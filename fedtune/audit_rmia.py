@@ -276,7 +276,10 @@ def run_rmia_audit(
               for flag, path in paths.items()}
     sides = {flag: _subsample(table, max_examples, seed) for flag, table in tables.items()}
     rows = {flag: set(zip(*side)) for flag, side in sides.items()}
-    in_m, in_n = len(rows["--population"] & rows["--members"]), len(rows["--population"] & rows["--non-members"])
+    # Against the whole files, not their --max-examples samples: a member left out of the audited
+    # sample was still trained on, and as a population row it would raise Pr(z|theta) all the same.
+    whole = {flag: set(zip(tables[flag].texts, tables[flag].labels)) for flag in ("--members", "--non-members")}
+    in_m, in_n = len(rows["--population"] & whole["--members"]), len(rows["--population"] & whole["--non-members"])
     if in_m or in_n:
         # A population row the target trained on raises Pr(z|theta) and hides real members; refuse rather than guess.
         raise DataError(f"--population {population}: {in_m} distinct (text, label) rows are also in --members and {in_n} in "

@@ -238,3 +238,21 @@ def test_population_sharing_rows_with_the_audited_sets_is_refused_with_counts(tm
         run_rmia_audit(target, members=members, non_members=non_members, references=[ref], population=population)
     with pytest.raises(ConfigError, match="needs --population FILE"):
         run_rmia_audit(target, members=members, non_members=non_members, references=[ref], population=None)
+
+
+def test_population_row_of_a_member_left_out_of_the_sample_is_still_refused(tmp_path: Path) -> None:
+    from fedtune.audit_rmia import run_rmia_audit
+
+    target, ref = _fake_run(tmp_path / "target", ["a", "b"]), _fake_run(tmp_path / "ref", ["a", "b"])
+    members = tmp_path / "m.csv"
+    members.write_text("text,label\n" + "".join(f"m{i},a\n" for i in range(20)), encoding="utf-8")
+    non_members = tmp_path / "n.csv"
+    non_members.write_text("text,label\nfour,a\nfive,b\n", encoding="utf-8")
+    population = tmp_path / "p.csv"
+    population.write_text("text,label\n" + "".join(f"m{i},a\n" for i in range(10, 20)), encoding="utf-8")
+
+    # --max-examples 2, seed 1 audits members m4 and m18 and keeps population rows m11 and m12 (random.sample by
+    # hand): the samples share no row, yet both population rows are trained-on members and must be refused.
+    with pytest.raises(DataError, match="2 distinct .* also in --members and 0 in --non-members"):
+        run_rmia_audit(target, members=members, non_members=non_members, references=[ref], population=population,
+                       max_examples=2, seed=1)
