@@ -93,6 +93,17 @@ def main() -> None:
     default_out = Path(__file__).resolve().parent / "out" / "audit-rmia" if rmia else Path(tempfile.mkdtemp(prefix="fedtune-audit-"))
     root = args.out or default_out
     root.mkdir(parents=True, exist_ok=True)
+    # Finished runs in root are reused (below); runs made with other settings would be audited against this
+    # call's members and non-members without a word, so a folder holds the runs of one set of settings only.
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    stamp = root / "settings.json"
+    if not stamp.is_file() and any(root.glob("*/summary.json")):
+        raise SystemExit(f"{root} holds finished runs but no settings.json saying how they were made; give another --out, "
+                         f"or write {json.dumps(settings)} there if they were made with these settings.")
+    if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) != settings:
+        raise SystemExit(f"{root} holds runs made with {stamp.read_text(encoding='utf-8').strip()}, not {json.dumps(settings)}; "
+                         "give another --out or empty that folder.")
+    stamp.write_text(json.dumps(settings) + "\n", encoding="utf-8")
     data = demo_slice(root, args.rows)
 
     # Members and non-members exactly as the runs split them (same seed, same config).
