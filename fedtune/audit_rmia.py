@@ -177,18 +177,14 @@ class RmiaAudit:
 
 
 def _adapter_meta(run: Path, flag: str) -> dict[str, Any]:
-    import json
-
+    from fedtune.common.io import read_json_object
     from fedtune.common.model import METADATA_FILE
 
     adapter = run / "adapter"
     if not adapter.is_dir():
         raise ConfigError(f"{flag} {run}: no adapter/ folder there; it must be a finished fedtune run directory.")
-    try:
-        meta = json.loads((adapter / METADATA_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{flag} {run}: cannot read adapter/{METADATA_FILE} ({type(err).__name__}); was it written by fedtune?") from None
-    if not isinstance(meta, dict) or meta.get("task", "classification") != "classification" or "labels" not in meta:
+    meta = read_json_object(adapter / METADATA_FILE, f"{flag} {run}/adapter")
+    if meta.get("task", "classification") != "classification" or "labels" not in meta:
         raise ConfigError(f"{flag} {run}: adapter/{METADATA_FILE} is not a classification adapter's (no labels); "
                           "RMIA needs each model's probability of the true label.")
     return meta
