@@ -301,21 +301,28 @@ def test_other_adapted_layers_are_refused_naming_both(tiny_model_dir: Path, earl
         check_fits(read_earlier_adapter(earlier_dir), _run(tiny_model_dir, lora={"top_layers": 1}), LABELS)
 
 
-def test_simulate_reads_the_earlier_adapter_once_from_flag_to_run(
-        tiny_model_dir: Path, earlier_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from click.testing import CliRunner
-
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The folders ``read_earlier_adapter`` is called with from here on: a spy around the real reader."""
     import fedtune.common.init_adapter as init_adapter
-    from fedtune.cli import main
 
-    reads: list[Path] = []
+    calls: list[Path] = []
     real = init_adapter.read_earlier_adapter
 
-    def counted(folder):  # type: ignore[no-untyped-def]  # a spy: the real reader, counted
-        reads.append(Path(folder))
+    def counted(folder):  # type: ignore[no-untyped-def]
+        calls.append(Path(folder))
         return real(folder)
 
     monkeypatch.setattr(init_adapter, "read_earlier_adapter", counted)
+    return calls
+
+
+def test_simulate_reads_the_earlier_adapter_once_from_flag_to_run(
+        tiny_model_dir: Path, earlier_dir: Path, tmp_path: Path, reads: list[Path]) -> None:
+    from click.testing import CliRunner
+
+    from fedtune.cli import main
+
     data = tmp_path / "data.csv"
     data.write_text("text,label\n" + "".join(f"row {i},{'abc'[i % 3]}\n" for i in range(60)))
     out = tmp_path / "runB"
@@ -330,20 +337,11 @@ def test_simulate_reads_the_earlier_adapter_once_from_flag_to_run(
 
 
 def test_the_coordinator_reads_the_earlier_adapter_once_and_checks_one_it_was_given_as_its_own(
-        tiny_model_dir: Path, earlier_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model_dir: Path, earlier_dir: Path, tmp_path: Path, reads: list[Path]) -> None:
     import dataclasses
 
-    import fedtune.common.init_adapter as init_adapter
     from fedtune.server.app import _earlier_adapter
 
-    reads: list[Path] = []
-    real = init_adapter.read_earlier_adapter
-
-    def counted(folder):  # type: ignore[no-untyped-def]  # a spy: the real reader, counted
-        reads.append(Path(folder))
-        return real(folder)
-
-    monkeypatch.setattr(init_adapter, "read_earlier_adapter", counted)
     deployed = from_dict({**_run(tiny_model_dir, model={"init_adapter": str(earlier_dir)}).to_dict(), "simulation": False})
 
     # Deployment: no preflight, so the coordinator reads the folder itself, once.
