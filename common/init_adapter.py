@@ -150,8 +150,6 @@ def _where(folder: Path) -> str:
     return f"model.init_adapter (--init-adapter) {folder}"
 
 
-
-
 def _run_dir_of(folder: Path) -> Path | None:
     if folder.name == "adapter":
         candidate = folder.parent
