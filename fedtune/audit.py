@@ -274,16 +274,29 @@ def membership_scores(
 
     pos = -_as_scores(member_losses, "member losses")
     neg = -_as_scores(non_member_losses, "non-member losses")
+    return scored_result(pos, neg, method=METHOD.format(confidence=confidence, resamples=resamples, seed=seed, min_fp=MIN_FALSE_POSITIVES),
+                         mean_losses=(float(-pos.mean()), float(-neg.mean())), resamples=resamples, seed=seed,
+                         confidence=confidence, overlap=overlap, fprs=fprs, roc_png=roc_png)
+
+
+def scored_result(
+    pos: np.ndarray, neg: np.ndarray, *, method: str, mean_losses: tuple[float, float], resamples: int, seed: int,
+    confidence: float = DEFAULT_CONFIDENCE, overlap: int = 0, fprs: tuple[float, ...] = DEFAULT_FPRS,
+    roc_png: Path | None = None, attack: str = "loss", roc_title: str = "Loss-threshold membership inference",
+) -> AuditResult:
+    """Any attack's figures from its member and non-member scores (higher: more likely a member):
+    bootstrap AUC, TPR at each of ``fprs`` with exact intervals, and the ROC drawn at ``roc_png``."""
     return AuditResult(
         auc=bootstrap_ci(auc, pos, neg, resamples=resamples, confidence=confidence, seed=seed),
         low_fpr=tuple(tpr_at_low_fpr(pos, neg, fpr, confidence=confidence) for fpr in fprs),
         members=int(pos.size),
         non_members=int(neg.size),
-        method=METHOD.format(confidence=confidence, resamples=resamples, seed=seed, min_fp=MIN_FALSE_POSITIVES),
-        mean_loss_members=float(-pos.mean()),
-        mean_loss_non_members=float(-neg.mean()),
+        method=method,
+        mean_loss_members=mean_losses[0],
+        mean_loss_non_members=mean_losses[1],
         overlap=overlap,
-        roc_png=str(plot_roc(pos, neg, roc_png)) if roc_png is not None else None,
+        roc_png=str(plot_roc(pos, neg, roc_png, title=roc_title)) if roc_png is not None else None,
+        attack=attack,
     )
 
 

@@ -257,7 +257,7 @@ def run_rmia_audit(
             that are also members or non-members (the counts are named), each named with its flag.
     """
     # The loss attack's own file handling and figures: the two attacks read the same files the same way.
-    from fedtune.audit import DEFAULT_CONFIDENCE, DEFAULT_FPRS, _flagged, _subsample, auc, bootstrap_ci, plot_roc, tpr_at_low_fpr
+    from fedtune.audit import DEFAULT_CONFIDENCE, _flagged, _subsample, scored_result
     from fedtune.audit_stats import MIN_FALSE_POSITIVES
     from fedtune.common.data import check_labels, load_table
 
@@ -313,17 +313,12 @@ def run_rmia_audit(
     pos, neg = scored.scores[:n_m], scored.scores[n_m:]
     logger.info("audit (rmia): %d members, %d non-members, %d population, %d references", pos.size, neg.size,
                 probs["--population"].size, len(references))
-    result = AuditResult(
-        auc=bootstrap_ci(auc, pos, neg, resamples=resamples, seed=seed),
-        low_fpr=tuple(tpr_at_low_fpr(pos, neg, fpr) for fpr in DEFAULT_FPRS),
-        members=int(pos.size), non_members=int(neg.size),
+    result = scored_result(
+        pos, neg, resamples=resamples, seed=seed, overlap=overlap, roc_png=roc_png, attack="rmia",
+        roc_title="RMIA membership inference (offline)",
         method=METHOD.format(population=probs["--population"].size, gamma=settings.gamma, references=len(references),
                              a=settings.a, confidence=DEFAULT_CONFIDENCE, resamples=resamples, seed=seed, min_fp=MIN_FALSE_POSITIVES),
-        mean_loss_members=float(np.mean(-np.log(probs["--members"]))),
-        mean_loss_non_members=float(np.mean(-np.log(probs["--non-members"]))),
-        overlap=overlap,
-        roc_png=str(plot_roc(pos, neg, roc_png, title="RMIA membership inference (offline)")) if roc_png is not None else None,
-        attack="rmia",
+        mean_losses=(float(np.mean(-np.log(probs["--members"]))), float(np.mean(-np.log(probs["--non-members"])))),
     )
     return RmiaAudit(result=result, references=tuple(str(r) for r in references), population=int(probs["--population"].size),
                      settings=settings)
