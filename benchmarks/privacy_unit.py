@@ -157,6 +157,7 @@ def run_point(point: GridPoint, args: argparse.Namespace, data: str) -> dict[str
         "privacy.enabled": point.unit == "sample", "privacy.target_epsilon": args.epsilon, "privacy.delta": args.delta,
         "client_dp.enabled": point.unit == "client", "client_dp.target_epsilon": args.epsilon,
         "client_dp.delta": args.delta, "client_dp.clip_norm": args.client_clip_norm,
+        **({} if point.unit == "sample" else {"train.learning_rate": args.plain_learning_rate}),
     })
     started = time.perf_counter()
     torch.manual_seed(point.seed)
@@ -287,6 +288,8 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--client-clip-norm", type=float, default=1.0, help="C of client-level DP")
+    parser.add_argument("--plain-learning-rate", type=float, default=0.01,
+                        help="learning rate of the runs without DP-SGD (no DP, client-level); docs/privacy-unit.md used 0.01")
     parser.add_argument("--eval-sample", type=int, default=500, help="held-out examples tested (0: all)")
     parser.add_argument("--scale", type=int, default=16)
     parser.add_argument("--data", help="a CSV instead of the scaled demo")

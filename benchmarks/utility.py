@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--partition", default="dirichlet:0.5")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epsilon", type=float, default=8.0)
-    parser.add_argument("--learning-rates", default="0,0.02", help="0 means each mode's default (0.05 with DP, 0.01 without)")
+    parser.add_argument("--learning-rates", default="0,0.02", help="0 means fedtune's default (0.05 in both modes; 0.01 without DP before it changed)")
     parser.add_argument("--batch-sizes", default="256")
     parser.add_argument("--real-rows", type=int, default=3000)
     parser.add_argument("--real-labels", default=DEFAULT_REAL_LABELS)

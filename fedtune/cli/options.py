@@ -81,8 +81,7 @@ def run_options(f: Any) -> Any:
     """Options shared by every command that starts a federated run; [defaults] come from the config."""
     from fedtune.common.config import (
         AGGREGATION_SYNTAX,
-        DP_LEARNING_RATE,
-        PLAIN_LEARNING_RATE,
+        LEARNING_RATE,
         SERVER_OPTIMIZERS,
         TASK_MAX_LENGTH,
         TASKS,
@@ -106,7 +105,7 @@ def run_options(f: Any) -> Any:
         click.option("--rounds", type=int, help=f"Federated rounds [{d.federation.rounds}]."),
         click.option("--local-epochs", type=float, help=f"Local passes over each site's data per round [{d.train.local_epochs:g}]."),
         click.option("--batch-size", type=int, help=f"Expected logical batch; Poisson sampling rate q = min(1, batch/n) [{d.train.batch_size}]."),
-        click.option("--learning-rate", type=float, help=f"Learning rate [{DP_LEARNING_RATE:g} with DP, {PLAIN_LEARNING_RATE:g} with --no-dp]."),
+        click.option("--learning-rate", type=float, help=f"Learning rate [{LEARNING_RATE:g}]."),
         click.option("--epsilon", type=float, help=f"Target epsilon per site, reached after the planned rounds [{d.privacy.target_epsilon:g}]."),
         click.option("--delta", type=float, help=f"delta of each site's (epsilon, delta) guarantee [{d.privacy.delta:g}]."),
         click.option("--clip-norm", type=float, help=f"Per-example gradient clip norm C [{d.privacy.clip_norm:g}]."),
