@@ -279,6 +279,9 @@ def run_server(grid: Grid, run: RunConfig, *, run_id: int, earlier: EarlierAdapt
         failure=FailureRule(min_sites=0 if client_plan is not None else run.federation.min_sites,
                             resume_command=f"fedtune {'simulate' if run.simulation else 'run'} --resume {run_dir}"),
         warm_up=run.federation.sites if run.simulation else 0,
+        # Without DP-SGD the sites' epsilon is that of the DP-released validation statistics only:
+        # the plain label would read as a guarantee on training.
+        epsilon_label="max-epsilon" if run.privacy.enabled else "stats-epsilon",
     )
     load_adapter_state(model, final.to_torch_state_dict())
     save_adapter(model, run_dir / "adapter", metadata={**metadata, "round": run.federation.rounds, "epsilon": max_epsilon()})

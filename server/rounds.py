@@ -274,6 +274,7 @@ def run_rounds(
     totals: RoundTotals | None = None,
     failure: FailureRule | None = None,
     warm_up: int = 0,
+    epsilon_label: str = "max-epsilon",
 ) -> tuple[ArrayRecord, RoundTotals]:
     """Run rounds ``start_round``..``num_rounds``; returns the final global adapter and the bytes exchanged.
 
@@ -372,7 +373,7 @@ def run_rounds(
         recorder.note_round(line)
         checkpoint(server_round, arrays)
         recorder.append_round(line)
-        echo(_round_line(line, num_rounds))
+        echo(_round_line(line, num_rounds, epsilon_label))
     if validate:
         totals.final_validation = _final_validation(grid, strategy, num_rounds, arrays, instructions, timeout, totals, recorder, names)
     return arrays, totals
@@ -431,7 +432,7 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _round_line(line: dict, num_rounds: int) -> str:  # type: ignore[type-arg]
+def _round_line(line: dict, num_rounds: int, epsilon_label: str = "max-epsilon") -> str:  # type: ignore[type-arg]
     sample = f"(sample {line['test_examples']})" if line.get("test_sampled") else ""  # never mistaken for the full figure
     test = f"  test-accuracy{sample} {line['test_accuracy']:.3f}" if line["test_accuracy"] is not None else ""
     if line.get("test_perplexity") is not None:  # a causal LM
@@ -446,7 +447,7 @@ def _round_line(line: dict, num_rounds: int) -> str:  # type: ignore[type-arg]
         f"round {line['round']}/{num_rounds}  sites {line['sites_replied']}/{line['sites_sampled']}"
         f"{' (' + missing + ')' if missing else ''}{train}"
         f"{val}{test}"
-        f"  max-epsilon {_fmt(line['max_epsilon'], '.2f')}"
+        f"  {epsilon_label} {_fmt(line['max_epsilon'], '.2f')}"
         f"  up {line['bytes_up'] / 1e3:.0f} kB  down {line['bytes_down'] / 1e3:.0f} kB  {line['seconds']:.1f}s"
     )
 
