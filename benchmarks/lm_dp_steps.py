@@ -1,6 +1,6 @@
 """How fast one site's causal-LM adapter learns under DP-SGD, step by step. Prints figures, asserts nothing.
 
-    python benchmarks/lm_dp_steps.py [--data CSV] [--train-rows 180] [--test 16] [--generate 8]
+    python benchmarks/lm_dp_steps.py [--data CSV] [--rows 0] [--train-rows 180] [--test 16] [--generate 8]
         [--steps 27] [--chunks 3] [--batch 16] [--rank 4] [--alpha 2] [--top-layers 6] [--targets q_proj,v_proj]
         [--ffa] [--learning-rate 0.05] [--clip-norm 0.01] [--epsilon 8 | --no-dp] [--max-length 112]
 
@@ -10,7 +10,8 @@ training (``client.train.train_local``: Poisson sampling and Opacus DP-SGD over 
 response-token losses) with the noise calibrated to --epsilon (delta 1e-5) over all --steps. The steps
 run in --chunks calls, as a site runs rounds (a fresh AdamW each), and after each the held-out
 perplexity, ROUGE-L of greedy answers to the first --generate test prompts, one answer and the CPU
-seconds are printed. Rows are shuffled with seed 0; the first --test are held out. --data defaults to the
+seconds are printed. The first --rows rows of --data (0: all) are shuffled with seed 0; the first
+--test are held out. --data defaults to the
 packaged demo set (common/demo_data/clinical_summaries.csv); `python common/demo_data/generate.py
 --scale 5 --out-dir DIR` writes five times as many rows of the same kind.
 """
@@ -28,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=HERE.parent / "common" / "demo_data" / "clinical_summaries.csv")
+    parser.add_argument("--rows", type=int, default=0, help="use the first N rows of --data (0: all)")
     parser.add_argument("--train-rows", type=int, default=180)
     parser.add_argument("--test", type=int, default=16)
     parser.add_argument("--generate", type=int, default=8)
@@ -61,6 +63,8 @@ def main() -> None:
     path = default_causal_lm()
     tokenizer = load_lm_tokenizer(path)
     table = load_lm_table(args.data)
+    if args.rows:
+        table = subset(table, range(min(args.rows, len(table))), f"the first {args.rows} rows")
     order = list(range(len(table)))
     random.Random(0).shuffle(order)
     test = subset(table, order[: args.test], "test rows")

@@ -718,7 +718,7 @@ def bank_message(label: str, ambiguous: bool, rng: random.Random) -> str:
 # Clinical notes -> one-line summaries (the causal-LM demo, `--task causal-lm`)
 # --------------------------------------------------------------------------------------------------
 
-SUMMARY_ROWS = 400  # DP-SGD cost is per step, not per row: more rows only lower the noise (smaller q)
+SUMMARY_ROWS = 1200  # DP-SGD cost is per step, not per row: more rows only lower the noise (smaller q)
 # specialty -> (what the note says, how the summary says it). The summary is a fixed rewrite of the
 # note's facts (age, sex, complaint, duration, history, where it goes), so a model can learn it.
 SUMMARY_COMPLAINTS: dict[str, list[tuple[str, str]]] = {
@@ -733,7 +733,7 @@ SUMMARY_COMPLAINTS: dict[str, list[tuple[str, str]]] = {
     "neurology": [
         ("complains of a severe headache with sensitivity to light", "severe headache with photophobia"),
         ("has sudden weakness on the {side} side", "sudden {side}-sided weakness"),
-        ("had a seizure lasting about two minutes, now drowsy", "seizure, now drowsy"),
+        ("had a seizure lasting about two minutes, now drowsy", "a seizure and drowsiness"),
         ("reports the room spinning, worse when turning the head", "positional vertigo"),
         ("has numbness and tingling in the {side} hand", "numbness of the {side} hand"),
         ("is confused and cannot recall recent events", "acute confusion"),
@@ -755,12 +755,12 @@ SUMMARY_COMPLAINTS: dict[str, list[tuple[str, str]]] = {
         ("reports night sweats, cough and weight loss", "night sweats, cough and weight loss"),
     ],
     "orthopedics": [
-        ("fell and has {joint} pain, unable to bear weight", "{joint} pain after a fall, not weight bearing"),
+        ("fell and has {joint} pain, unable to bear weight", "{joint} pain after a fall and unable to bear weight"),
         ("twisted the {joint} playing sport and heard a pop", "{joint} twisting injury with a pop"),
         ("has low back pain radiating down the {side} leg", "low back pain radiating to the {side} leg"),
         ("reports swelling and bruising of the {joint} after a fall", "{joint} swelling and bruising after a fall"),
         ("has a stiff, aching {joint}, worse in the mornings", "morning stiffness of the {joint}"),
-        ("cannot raise the {side} arm after a fall", "unable to raise the {side} arm after a fall"),
+        ("cannot raise the {side} arm after a fall", "inability to raise the {side} arm after a fall"),
     ],
 }
 SUMMARY_DURATIONS = [
@@ -779,11 +779,14 @@ SUMMARY_INSTRUCTION = "Summarise this triage note in one line."
 def clinical_summary(rng: random.Random) -> tuple[str, str, str]:
     """(prompt, response, specialty): a short triage note and its one-line summary.
 
-    The summary has one rigid shape, five fields in a fixed order joined by " | " ("39M | exertional
-    chest pressure | 3 days | history: osteoarthritis | refer: cardiology"; "history: none" when the
-    note names none): every row teaches the same format, so a few DP-SGD steps already move the model
-    (the shared format gives the sites' clipped per-example gradients a common direction), and notes
-    of one or two sentences keep an example within 112 tokens with SmolLM2's chat template (109 at most).
+    The summary is one sentence of a fixed shape ("39-year-old man with exertional chest pressure for
+    3 days; history of osteoarthritis; refer to cardiology."; "no relevant history" when the note names
+    none): every row teaches the same shape, so a few DP-SGD steps already move the model (the shared
+    shape gives the sites' clipped per-example gradients a common direction). It is plain English on
+    purpose: an earlier shape of fields joined by " | " was far from what the instruction-tuned base
+    writes, and under DP the adapter learned the separator's frequency before the fields, so greedy
+    answers repeated it (docs/generative.md). Notes of one or two sentences keep an example within
+    112 tokens with SmolLM2's chat template.
     """
     specialty = rng.choice(CLINICAL_LABELS)
     age = rng.randint(18, 92)
@@ -796,9 +799,9 @@ def clinical_summary(rng: random.Random) -> tuple[str, str, str]:
                       f"Patient, {'male' if male else 'female'}, {age},"])
     history = rng.choice(HISTORY) if rng.random() < 0.6 else ""
     note = f"{who} {note_phrase} {said}." + (f" History of {history}." if history else "")
-    fields = [f"{age}{'M' if male else 'F'}", summary_phrase, short.removeprefix("for "),
-              f"history: {history or 'none'}", f"refer: {specialty}"]
-    return f"{SUMMARY_INSTRUCTION}\n{note}", " | ".join(fields), specialty
+    summary = (f"{age}-year-old {'man' if male else 'woman'} with {summary_phrase} {short}; "
+               f"{f'history of {history}' if history else 'no relevant history'}; refer to {specialty}.")
+    return f"{SUMMARY_INSTRUCTION}\n{note}", summary, specialty
 
 
 def build_summaries(n: int, rng: random.Random) -> list[tuple[str, str, str]]:
