@@ -31,7 +31,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -44,6 +44,7 @@ DEFAULT_CONFIDENCE = 0.95
 DEFAULT_SEED = 0
 DEFAULT_FPRS = (0.001, 0.01)
 ROC_FILE = "audit-roc.png"
+Attack = Literal["loss", "rmia"]  # the membership attacks `fedtune audit --attack` runs
 METHOD = (
     "loss-threshold membership inference (Yeom et al. 2018): score = -cross-entropy loss of the final "
     "global adapter on each labeled example; AUC is rank-based (Mann-Whitney U, ties count half), its "
@@ -247,7 +248,7 @@ class AuditResult:
     mean_loss_non_members: float
     overlap: int
     roc_png: str | None = None
-    attack: str = "loss"  # "rmia": fedtune/audit_rmia.py
+    attack: Attack = "loss"  # "rmia": fedtune/audit_rmia.py
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -282,7 +283,7 @@ def membership_scores(
 def scored_result(
     pos: np.ndarray, neg: np.ndarray, *, method: str, mean_losses: tuple[float, float], resamples: int, seed: int,
     confidence: float = DEFAULT_CONFIDENCE, overlap: int = 0, fprs: tuple[float, ...] = DEFAULT_FPRS,
-    roc_png: Path | None = None, attack: str = "loss", roc_title: str = "Loss-threshold membership inference",
+    roc_png: Path | None = None, attack: Attack = "loss", roc_title: str = "Loss-threshold membership inference",
 ) -> AuditResult:
     """Any attack's figures from its member and non-member scores (higher: more likely a member):
     bootstrap AUC, TPR at each of ``fprs`` with exact intervals, and the ROC drawn at ``roc_png``."""
