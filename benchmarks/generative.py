@@ -339,7 +339,7 @@ def _ghost_matches_hooks(model: Any, dataset: Any, run: Any, args: argparse.Name
     plan = StepPlan(sample_rate=min(1.0, args.batch / len(dataset)), steps=1)
     train = TrainConfig(batch_size=args.batch, physical_batch_size=args.physical, learning_rate=1.0, optimizer="sgd")
     out: dict[str, float] = {}
-    for name, clip in (("", run.privacy.clip_norm), ("_small_clip", run.privacy.clip_norm / 100)):
+    for name, clip in (("", run.clip_norm), ("_small_clip", run.clip_norm / 100)):
         dp = DPSettings(noise_multiplier=0.0, clip_norm=clip)
         load_adapter_state(model, start)
         hooked = train_local(model, dataset, train=train, plan=plan, dp=dp, seed=7, loss_fn=task_loss(run.task))
@@ -376,7 +376,7 @@ def _throughput_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     train = dataclasses.replace(run.train, batch_size=args.batch, physical_batch_size=args.physical)
     q = min(1.0, args.batch / len(dataset))
-    dp = None if args.worker == "plain" else DPSettings(noise_multiplier=1.0, clip_norm=run.privacy.clip_norm)
+    dp = None if args.worker == "plain" else DPSettings(noise_multiplier=1.0, clip_norm=run.clip_norm)
 
     def go(steps: int, seed: int) -> int:
         plan = StepPlan(sample_rate=q, steps=steps)

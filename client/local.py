@@ -262,7 +262,7 @@ def train_round(
     privacy = run.privacy
     settings = site.settings
     policy = settings.policy
-    policy.check_run(dp=privacy.enabled, target_epsilon=privacy.target_epsilon, clip_norm=privacy.clip_norm,
+    policy.check_run(dp=privacy.enabled, target_epsilon=privacy.target_epsilon, clip_norm=run.clip_norm,
                      steps=plan.steps, sample_rate=plan.sample_rate)
     dp: DPSettings | None = None
     epsilon_spent = 0.0
@@ -291,12 +291,12 @@ def train_round(
             run=run_id,
             round=server_round,
             segment=Segment(sample_rate=plan.sample_rate, noise_multiplier=z, steps=plan.steps),
-            clip_norm=privacy.clip_norm,
+            clip_norm=run.clip_norm,
             delta=settings.delta,
             budget_epsilon=settings.budget_epsilon,
             accountant=privacy.accountant,
         )
-        dp = DPSettings(noise_multiplier=z, clip_norm=privacy.clip_norm)
+        dp = DPSettings(noise_multiplier=z, clip_norm=run.clip_norm)
         # The site's guarantee is the max over all its records: a row that is both in the training
         # and the validation split (a duplicate) carries both kinds of charge.
         epsilon_spent = max(epsilon_spent, ledger.spent_epsilon(site.all_records, delta=settings.delta))

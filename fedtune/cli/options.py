@@ -83,6 +83,7 @@ def run_options(f: Any) -> Any:
         AGGREGATION_SYNTAX,
         LEARNING_RATE,
         SERVER_OPTIMIZERS,
+        TASK_CLIP_NORM,
         TASK_MAX_LENGTH,
         TASKS,
         RunConfig,
@@ -108,7 +109,8 @@ def run_options(f: Any) -> Any:
         click.option("--learning-rate", type=float, help=f"Learning rate [{LEARNING_RATE:g}]."),
         click.option("--epsilon", type=float, help=f"Target epsilon per site, reached after the planned rounds [{d.privacy.target_epsilon:g}]."),
         click.option("--delta", type=float, help=f"delta of each site's (epsilon, delta) guarantee [{d.privacy.delta:g}]."),
-        click.option("--clip-norm", type=float, help=f"Per-example gradient clip norm C [{d.privacy.clip_norm:g}]."),
+        click.option("--clip-norm", type=float, help=f"Per-example gradient clip norm C [{TASK_CLIP_NORM['classification']:g} for classification, "
+                     f"{TASK_CLIP_NORM['causal-lm']:g} for causal-lm]."),
         click.option("--accountant", type=click.Choice(["rdp", "prv"]), help=f"Privacy accountant: RDP or PRV (tighter) [{d.privacy.accountant}]."),
         click.option("--no-dp", is_flag=True, default=False, help="Train WITHOUT differential privacy (baselines only)."),
         click.option("--client-dp", is_flag=True, default=False, help="Add client-level DP at the coordinator (DP-FedAvg: clip each site's update, add noise)."),

@@ -52,6 +52,7 @@ def test_the_summary_carries_test_and_base_perplexity_and_each_site_is_within_it
         assert 0 < site["epsilon"] <= TARGET_EPSILON
         assert site["epsilon"] == pytest.approx(TARGET_EPSILON, rel=0.01), "calibrated to land on the target after the planned rounds"
         assert site["statistics"] == "dp" and site["steps"] > 0
+        assert site["clip_norm"] == 0.01, "causal-lm's default C (the run sets none), applied at the site"
         ledger = PrivacyLedger(lm_run["run"] / "sites" / site["site"])
         assert {c.kind for c in ledger.charges()} == {"dp-sgd", "statistics"}
         assert len({c.round for c in ledger.charges() if c.kind == "dp-sgd"}) == 2

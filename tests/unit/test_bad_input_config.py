@@ -127,7 +127,7 @@ def test_a_site_toml_section_that_is_not_a_table_is_named(tmp_path: Path) -> Non
         (["--rounds", "0"], "federation.rounds must be >= 1, got 0 (set by --rounds)"),
         (["--fraction-train", "0"], "federation.fraction_train must be in (0, 1], got 0.0 (set by --fraction-train)"),
         (["--fraction-train", "1.5"], "federation.fraction_train must be in (0, 1], got 1.5 (set by --fraction-train)"),
-        (["--clip-norm", "0"], "privacy.clip_norm must be > 0, got 0.0 (set by --clip-norm)"),
+        (["--clip-norm", "-0.5"], "privacy.clip_norm must be > 0 (or 0: the task's default), got -0.5 (set by --clip-norm)"),
         (["--clip-norm", "inf"], "privacy.clip_norm must be finite"),
         (["--client-dp-clip-norm", "-1"], "client_dp.clip_norm must be > 0, got -1.0 (set by --client-dp-clip-norm)"),
         (["--client-dp-epsilon", "0"], "client_dp.target_epsilon must be > 0, got 0.0 (set by --client-dp-epsilon)"),
@@ -152,7 +152,7 @@ def test_out_of_range_config_keys_are_named_with_the_file(tmp_path: Path) -> Non
                       "[federation]\nrounds = 0\nfraction_train = 0\n")
     out = _refused(_fedtune("simulate", "--config", config, "--out", tmp_path / "run"))
     for expected in ("privacy.target_epsilon must be > 0, got 0.0", "privacy.delta must be in (0, 1), got 1.0",
-                     "privacy.clip_norm must be > 0, got -2.0", "lora.rank must be in [1, 512], got 0",
+                     "privacy.clip_norm must be > 0 (or 0: the task's default), got -2.0", "lora.rank must be in [1, 512], got 0",
                      "federation.rounds must be >= 1, got 0", "federation.fraction_train must be in (0, 1], got 0.0"):
         assert f"{config}: {expected}" in out, expected
     assert "(set by" not in out  # the file set them, not a flag

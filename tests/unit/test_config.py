@@ -17,11 +17,11 @@ def test_defaults_are_the_documented_demo() -> None:
 
 def test_every_problem_is_reported_in_one_error() -> None:
     with pytest.raises(ConfigError) as info:
-        from_dict({"privacy": {"delta": 2, "clip_norm": 0, "nosuch": 1}, "federation": {"rounds": "x"}, "bogus": 1})
+        from_dict({"privacy": {"delta": 2, "clip_norm": -1, "nosuch": 1}, "federation": {"rounds": "x"}, "bogus": 1})
     text = str(info.value)
     assert len(info.value.problems) == 5
     assert "privacy.delta must be in (0, 1), got 2.0" in text
-    assert "privacy.clip_norm must be > 0, got 0.0" in text
+    assert "privacy.clip_norm must be > 0 (or 0: the task's default), got -1.0" in text
     assert "unknown key privacy.nosuch" in text and "unknown key 'bogus'" in text
     assert "federation.rounds must be an integer, got 'x'" in text
 
@@ -82,3 +82,16 @@ def test_shipped_scenarios_and_pyproject_app_config_load() -> None:
     # `flwr run` only accepts overrides of declared keys: declare every key, with fedtune's defaults.
     assert flat == RunConfig().to_flat()
     assert from_flat(flat) == RunConfig()
+
+
+def test_the_clip_norm_defaults_per_task_and_an_explicit_one_wins_over_any_layering() -> None:
+    # A fresh causal-LM adapter's per-example gradients have norm ~0.02: C = 1 would clip nothing
+    # (docs/generative.md), so its default is 0.01; the classifier's stays 1.
+    assert RunConfig().clip_norm == 1.0
+    assert from_dict({"task": "causal-lm"}).clip_norm == 0.01
+    # The task may come after the rest (a config file, then --task): the default follows the final task.
+    assert from_dict({"task": "causal-lm"}, base=from_dict({"privacy": {"target_epsilon": 3.0}})).clip_norm == 0.01
+    assert from_dict({"task": "causal-lm", "privacy": {"clip_norm": 0.5}}).clip_norm == 0.5
+    assert from_dict({"task": "causal-lm"}, base=from_dict({"privacy": {"clip_norm": 2.0}})).clip_norm == 2.0
+    # The setting itself stays 0 ("the task's default") in config.toml, as learning_rate and max_length do.
+    assert from_dict({"task": "causal-lm"}).to_dict()["privacy"]["clip_norm"] == 0.0
