@@ -725,6 +725,19 @@ class RunConfig:
         """The configured learning rate, or :data:`LEARNING_RATE` when it is 0 (the default)."""
         return self.train.learning_rate if self.train.learning_rate > 0 else LEARNING_RATE
 
+    def effective(self) -> RunConfig:
+        """This config with each "0: the default" setting replaced by the value a run uses.
+
+        Two configs whose runs train alike compare equal this way, even when one was written before a
+        default moved to a sentinel (``privacy.clip_norm`` was 1.0, it is now 0: the task's C).
+        """
+        return dataclasses.replace(
+            self,
+            model=dataclasses.replace(self.model, max_length=self.max_length),
+            privacy=dataclasses.replace(self.privacy, clip_norm=self.clip_norm),
+            train=dataclasses.replace(self.train, learning_rate=self.learning_rate),
+        )
+
     def sections(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if dataclasses.is_dataclass(getattr(self, f.name))}
 

@@ -350,13 +350,14 @@ def load_sweep(path: Path, *, out: Path, preflight: bool = True) -> SweepPlan:
 # ---- running -------------------------------------------------------------------------------------
 
 def is_done(cell: Cell) -> bool:
-    """A finished run of this very config: its summary exists and the config it started with is the cell's."""
+    """A finished run of this very config: its summary exists and the config it started with trains as
+    the cell's does (defaults resolved, so a default's new spelling does not redo finished runs)."""
     from fedtune.common.config import load_toml
 
     if not (cell.run_dir / "summary.json").is_file() or not cell.config_file.is_file():
         return False
     try:
-        return load_toml(cell.config_file) == cell.config
+        return load_toml(cell.config_file).effective() == cell.config.effective()
     except ConfigError:
         return False
 

@@ -225,6 +225,23 @@ def test_a_changed_config_is_another_run_and_a_tampered_one_is_redone(tmp_path: 
     assert tampered.ran == [p.cells[0].name], "a run whose recorded config differs from the cell's is not reused"
 
 
+def test_a_run_recorded_with_a_default_s_old_spelling_is_kept_and_a_changed_effective_value_is_redone(tmp_path: Path) -> None:
+    # privacy.clip_norm was written 1.0 before 0 came to mean "the task's C" (1 for classification):
+    # the run trained alike, so it is reused; a recorded C of 0.5 trained otherwise and is redone.
+    grid = {"seed": [0, 1]}
+    p = plan(grid, tmp_path)
+    run_sweep(p, runner=FakeSimulate(), echo=lambda _: None)
+    for cell, clip in zip(p.cells, ("1.0", "0.5")):
+        text = cell.config_file.read_text()
+        assert "clip_norm = 0.0" in text
+        cell.config_file.write_text(text.replace("clip_norm = 0.0", f"clip_norm = {clip}", 1))
+    again = FakeSimulate()
+
+    run_sweep(plan(grid, tmp_path), runner=again, echo=lambda _: None)
+
+    assert again.ran == [p.cells[1].name]
+
+
 def test_a_run_s_name_depends_on_its_explicit_settings_only(tmp_path: Path) -> None:
     from fedtune.sweep import explicit_settings
 
