@@ -6,24 +6,13 @@ is 0.05 in both modes; a weaker reference would flatter every federated method.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from fedtune.common.config import from_flat
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from tests.benchmark_module import load_benchmark
 
 def _bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("aggregation_study_bench", ROOT / "benchmarks" / "aggregation_study.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("aggregation_study.py", "aggregation_study_bench")
 
 
 @pytest.mark.parametrize(("method", "mode", "fixed", "expected"), [

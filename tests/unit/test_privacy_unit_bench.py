@@ -5,25 +5,19 @@ No model runs here: the benchmark's runs are measured by the benchmark itself.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from fedtune.client.train import StepPlan
 from fedtune.common.config import TrainConfig
+from tests.benchmark_module import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("privacy_unit_bench", ROOT / "benchmarks" / "privacy_unit.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("privacy_unit.py", "privacy_unit_bench")
 
 
 def test_grid_covers_every_seed_before_the_next_and_scales_local_work_to_rows_per_site() -> None:
