@@ -5,15 +5,11 @@ No model runs here: the benchmark's runs are measured by the benchmark itself.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from fedtune.client.train import StepPlan
 from fedtune.common.config import TrainConfig
 from tests.benchmark_module import load_benchmark
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():  # type: ignore[no-untyped-def]
