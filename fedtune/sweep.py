@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -351,15 +351,20 @@ def load_sweep(path: Path, *, out: Path, preflight: bool = True) -> SweepPlan:
 
 def is_done(cell: Cell) -> bool:
     """A finished run of this very config: its summary exists and the config it started with trains as
-    the cell's does (defaults resolved, so a default's new spelling does not redo finished runs)."""
+    the cell's does (defaults resolved, so a default's new spelling does not redo finished runs).
+
+    Where the run wrote (``out``) is not compared: the run is found by its name under the sweep's folder,
+    so a sweep folder moved elsewhere (kept in a repository, copied off a cluster) resumes.
+    """
     from fedtune.common.config import load_toml
 
     if not (cell.run_dir / "summary.json").is_file() or not cell.config_file.is_file():
         return False
     try:
-        return load_toml(cell.config_file).effective() == cell.config.effective()
+        recorded = replace(load_toml(cell.config_file), out=cell.config.out)
     except ConfigError:
         return False
+    return recorded.effective() == cell.config.effective()
 
 
 # The runs in progress: Ctrl-C reaches only the sweep's main thread, which ends them (they run in their own sessions).

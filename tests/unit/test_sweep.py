@@ -242,6 +242,20 @@ def test_a_run_recorded_with_a_default_s_old_spelling_is_kept_and_a_changed_effe
     assert again.ran == [p.cells[1].name]
 
 
+def test_a_moved_sweep_folder_resumes_without_redoing_its_runs(tmp_path: Path) -> None:
+    # A sweep kept in a repository or copied off a cluster: its recorded configs name the old folder.
+    grid = {"seed": [0, 1]}
+    run_sweep(plan(grid, tmp_path), runner=FakeSimulate(), echo=lambda _: None)
+    (tmp_path / "sweep").rename(tmp_path / "moved")
+    moved = plan_sweep({"grid": grid}, out=tmp_path / "moved", preflight=False)
+    assert all(str(tmp_path / "sweep") in c.config_file.read_text() for c in moved.cells)
+    again = FakeSimulate()
+
+    rows = run_sweep(moved, runner=again, echo=lambda _: None)
+
+    assert again.ran == [] and [r.status for r in rows] == ["done", "done"]
+
+
 def test_a_run_s_name_depends_on_its_explicit_settings_only(tmp_path: Path) -> None:
     from fedtune.sweep import explicit_settings
 
