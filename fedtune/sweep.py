@@ -422,11 +422,15 @@ Runner = Callable[[Cell, Path, "float | None"], tuple[str, str]]
 
 
 def run_sweep(plan: SweepPlan, *, jobs: int = 1, run_timeout: float | None = None, retries: int = 0,
-              runner: Runner = simulate_subprocess, echo: Callable[[str], None] = print) -> list[RunRow]:
+              start_within: float | None = None, runner: Runner = simulate_subprocess,
+              echo: Callable[[str], None] = print) -> list[RunRow]:
     """Run every cell that is not done (``jobs`` at a time); the CSV is rewritten after each run.
 
     ``retries``: start a failed run again (from round 1) up to this many times before recording it as
     failed; a transient failure (Ray's node timing out at start-up on a loaded machine) is the reason.
+    ``start_within``: start no run (nor retry) later than this many seconds after the sweep began; the
+    runs in progress finish, the rest stay pending for the next invocation (a time-boxed allocation, a
+    machine needed for something else at a known hour).
     ``runner`` starts one run (default: a ``fedtune simulate`` subprocess) and returns its status and error.
     """
     from fedtune.common.config import dump_toml
@@ -441,9 +445,14 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, run_timeout: float | None = Non
     lock = threading.Lock()
     write_csv(plan, outcome)
 
+    deadline = None if start_within is None else time.monotonic() + start_within
+
     def one(cell: Cell) -> tuple[Cell, str, str, float]:
         started = time.perf_counter()
+        status, error = "pending", "not started: past the sweep's start window"
         for attempt in range(retries + 1):
+            if deadline is not None and time.monotonic() > deadline:
+                break
             if cell.run_dir.exists():  # half-finished: redo it from round 1 (see the module docstring)
                 shutil.rmtree(cell.run_dir)
             dump_toml(cell.config, cell.config_file)
@@ -466,7 +475,8 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, run_timeout: float | None = Non
             with lock:
                 outcome[cell.name] = (status, error)
                 write_csv(plan, outcome)
-            echo(f"[{count}/{len(todo)}] {status:<7} {seconds:6.0f} s  {cell.name}" + (f"  ({error})" if error else ""))
+            if status != "pending":
+                echo(f"[{count}/{len(todo)}] {status:<7} {seconds:6.0f} s  {cell.name}" + (f"  ({error})" if error else ""))
     except BaseException:  # Ctrl-C: start nothing more, end the runs in progress (their folders are redone next time)
         pool.shutdown(wait=False, cancel_futures=True)
         with _LIVE_LOCK:
@@ -475,6 +485,8 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, run_timeout: float | None = Non
             _kill_group(proc)
         raise
     pool.shutdown()
+    if waiting := sum(status == "pending" for status, _ in outcome.values()):
+        echo(f"{waiting} runs not started: past --start-within {start_within:g} s; run the same command again to go on")
     return collect_rows(plan, outcome)
 
 

@@ -22,8 +22,14 @@ from fedtune.cli.root import main, offline_env
               help="Stop a run (recorded as 'timeout') after this many seconds; 0: no limit.")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
               help="Start a failed run again up to this many times (e.g. Ray timing out at start-up on a busy machine).")
+@click.option("--start-within", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Start no run later than this many seconds after the sweep began (the runs in progress finish; "
+                   "the rest wait for the next invocation); 0: no limit.")
 @click.option("--dry-run", is_flag=True, help="Check the sweep file and list the runs (done or to run); run nothing.")
-def sweep(config_file: Path, out: Path | None, jobs: int, run_timeout: float, retries: int, dry_run: bool) -> None:
+@click.option("--report", is_flag=True,
+              help="Write sweep.csv, the plots and the table from the runs done so far; run nothing.")
+def sweep(config_file: Path, out: Path | None, jobs: int, run_timeout: float, retries: int, start_within: float,
+          dry_run: bool, report: bool) -> None:
     """Run a grid of `fedtune simulate` runs: one CSV row per run, plots, and a table over seeds.
 
     Every grid key and value, and every cell of the grid, is checked (did-you-mean for a misspelt
@@ -31,7 +37,10 @@ def sweep(config_file: Path, out: Path | None, jobs: int, run_timeout: float, re
     and the sweep goes on. Bands and intervals are 95% Student-t intervals of the mean over seeds.
     """
     offline_env()
-    from fedtune.sweep import is_done, load_sweep, print_table, run_sweep
+    from fedtune.sweep import collect_rows, is_done, load_sweep, print_table, run_sweep, write_csv
+
+    if dry_run and report:
+        raise click.UsageError("--dry-run and --report each run nothing; give one of them.")
 
     out = out or Path("runs") / f"sweep-{config_file.stem}"
     plan = load_sweep(config_file, out=out)
@@ -43,13 +52,20 @@ def sweep(config_file: Path, out: Path | None, jobs: int, run_timeout: float, re
             click.echo(f"{state:<21} {cell.name}  " + " ".join(f"{k}={v}" for k, v in cell.values))
         click.echo(f"{len(plan.cells)} runs: {done} done, {len(plan.cells) - done} to run; results would go to {plan.csv_path}")
         return
-    rows = run_sweep(plan, jobs=jobs, run_timeout=run_timeout or None, retries=retries, echo=click.echo)
+    if report:
+        write_csv(plan)
+        rows = collect_rows(plan)
+    else:
+        rows = run_sweep(plan, jobs=jobs, run_timeout=run_timeout or None, retries=retries,
+                         start_within=start_within or None, echo=click.echo)
     from fedtune.sweep_plots import plot_sweep
 
     plots = plot_sweep(rows, plan.out)
     print_table(rows)
-    failed = [r for r in rows if r.status != "done"]
-    click.echo(f"results: {plan.csv_path}" + "".join(f"\nplot: {p}" for p in plots))
+    failed = [r for r in rows if r.status in ("failed", "timeout")]
+    pending = sum(r.status == "pending" for r in rows)
+    click.echo(f"results: {plan.csv_path}" + "".join(f"\nplot: {p}" for p in plots)
+               + (f"\n{pending} of {len(rows)} runs not run yet: run the sweep again to go on" if pending else ""))
     if failed:
         click.echo(f"{len(failed)} of {len(rows)} runs did not finish (status and error in the CSV, output in {plan.out / 'logs'}); "
                    "run the same command again to retry them.", err=True)

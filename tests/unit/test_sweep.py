@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 import tomllib
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from fedtune.common.config import dump_toml
 from fedtune.common.errors import ConfigError
 from fedtune.sweep import (
     Cell,
@@ -256,6 +258,26 @@ def test_a_moved_sweep_folder_resumes_without_redoing_its_runs(tmp_path: Path) -
     assert again.ran == [] and [r.status for r in rows] == ["done", "done"]
 
 
+class SlowSimulate(FakeSimulate):
+    def __call__(self, cell: Cell, log: Path, timeout: float | None) -> tuple[str, str]:
+        time.sleep(0.3)
+        return super().__call__(cell, log, timeout)
+
+
+def test_no_run_starts_past_the_start_window_and_the_next_invocation_goes_on(tmp_path: Path) -> None:
+    grid = {"seed": [0, 1, 2]}
+    first, lines = SlowSimulate(), []
+
+    rows = run_sweep(plan(grid, tmp_path), start_within=0.1, runner=first, echo=lines.append)
+
+    assert len(first.ran) == 1 and [r.status for r in rows] == ["done", "pending", "pending"]
+    assert [r["status"] for r in read_csv(tmp_path / "sweep" / "sweep.csv")] == ["done", "pending", "pending"]
+    assert lines[-1].startswith("2 runs not started: past --start-within 0.1 s")
+    rest = FakeSimulate()
+    run_sweep(plan(grid, tmp_path), runner=rest, echo=lambda _: None)
+    assert sorted(first.ran + rest.ran) == sorted(c.name for c in plan(grid, tmp_path).cells)
+
+
 def test_a_run_s_name_depends_on_its_explicit_settings_only(tmp_path: Path) -> None:
     from fedtune.sweep import explicit_settings
 
@@ -448,3 +470,26 @@ def test_dry_run_lists_the_runs_and_runs_nothing(tmp_path: Path) -> None:
     assert result.output.count("to run ") == 4 and "4 runs: 0 done, 4 to run" in result.output
     assert "privacy.target_epsilon=none seed=1" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_report_tabulates_the_done_runs_and_runs_nothing(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fedtune.cli import main
+
+    sweep_file = tmp_path / "sweep.toml"
+    sweep_file.write_text('[federation]\nrounds = 2\n[grid]\nprivacy.target_epsilon = [8, "none"]\nseed = [0, 1]\n')
+    plan_ = plan_sweep(tomllib.loads(sweep_file.read_text()), out=tmp_path / "out", preflight=False)
+    runner = FakeSimulate()
+    for cell in plan_.cells[:3]:  # three runs done, as a sweep stopped part-way leaves them
+        cell.config_file.parent.mkdir(parents=True, exist_ok=True)
+        dump_toml(cell.config, cell.config_file)
+        runner(cell, tmp_path / "log.txt", None)
+
+    result = CliRunner().invoke(main, ["sweep", "--config", str(sweep_file), "--out", str(tmp_path / "out"), "--report"])
+
+    assert result.exit_code == 0, result.output
+    table = read_csv(tmp_path / "out" / "sweep.csv")
+    assert [r["status"] for r in table] == ["done"] * 3 + ["pending"]
+    assert not (tmp_path / "out" / "logs").exists(), "nothing was started"
+    assert "1 of 4 runs not run yet" in result.output and "2/2" in result.output and "1/2" in result.output
