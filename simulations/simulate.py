@@ -23,16 +23,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def backend_config(num_sites: int) -> dict:  # type: ignore[type-arg]
-    """One CPU per simulated site (Flower's default of 2 would run one site at a time on 2 cores).
+def backend_config(num_sites: int, *, cluster: bool = False) -> dict:  # type: ignore[type-arg]
+    """The usable cores shared out among the simulated sites: as many sites at once as there are cores,
+    and, with fewer sites than cores, several cores a site (Flower's default of 2 CPUs a site would run
+    one site at a time on 2 cores; 1 a site would leave 60 of 64 cores idle with 4 sites).
 
-    The cores counted are those this process may run on (``taskset``, a cpuset), not the machine's: a
-    run pinned to one core of two would otherwise start two sites that share it.
+    A site's CPUs are its threads: Ray sets OMP_NUM_THREADS to them in the site's worker, and torch
+    takes its thread count from it. The cores counted are those this process may run on (``taskset``,
+    a cpuset), not the machine's: a run pinned to one core of two would otherwise start two sites
+    that share it. On an existing Ray cluster (``cluster``) a site takes one CPU: this machine's cores
+    say nothing of the nodes', and a site wider than a node would fit nowhere.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_site = 1 if cluster else max(1, cpus // max(1, num_sites))
     return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": max(1, min(cpus, num_sites)), "include_dashboard": False},
+        "client_resources": {"num_cpus": per_site, "num_gpus": 0.0},
+        "init_args": {"num_cpus": max(1, min(cpus, num_sites * per_site)), "include_dashboard": False},
     }
 
 
@@ -201,7 +207,7 @@ def run_simulation(run: RunConfig, *, resume: bool = False, ray_address: str | N
     flat["out"] = str(run_dir)
     from .console import init_ray, run_console
 
-    config = backend_config(run.federation.sites)
+    config = backend_config(run.federation.sites, cluster=ray_address is not None)
     with run_console(run_dir, verbose=verbose) as log_file, warnings.catch_warnings():
         init_ray(address=ray_address, num_cpus=config["init_args"]["num_cpus"], log_file=log_file, verbose=verbose)
         # Flower 1.42 marks run_simulation deprecated in favour of `flwr run` (its notice goes to log.txt).
