@@ -12,6 +12,7 @@ Each cell is one ``fedtune simulate`` in its own subprocess: a run that crashes 
 sweep records the failure and goes on. Layout under the sweep's folder::
 
     sweep.csv                 one row per run (grid values, test metrics, max epsilon, bytes, seconds, status)
+    summary.md                the table over seeds (mean, std, 95% t-interval per setting) in Markdown
     runs/NAME/                the run directory (``fedtune simulate --out``)
     runs/NAME.toml            the config the run was started with
     logs/NAME.log             its console output
@@ -580,29 +581,54 @@ def summarize(rows: Sequence[RunRow], *, over: str = "seed") -> list[SettingSumm
     return out
 
 
-def print_table(rows: Sequence[RunRow]) -> None:
-    """Mean +- std and the 95% t-interval of the test metric per setting, over seeds."""
-    from rich.console import Console
-    from rich.table import Table
-
+def summary_table(rows: Sequence[RunRow]) -> tuple[str, list[str], int, list[list[str]]]:
+    """The table over seeds as text cells (for the terminal and for ``summary.md``): its title, its
+    columns, how many of them name the setting (the grid keys but seed), and a row per setting."""
     metric = primary_metric(rows)
     summaries = summarize(rows)
-    table = Table(title=f"{metric.replace('_', ' ')} per setting over seeds: mean +- std (sample), 95% t-interval of the mean")
-    for key, _ in (summaries[0].setting if summaries else ()):
-        table.add_column(key.rsplit(".", 1)[-1])  # the CSV has the full names
+    title = f"{metric.replace('_', ' ')} per setting over seeds: mean +- std (sample), 95% t-interval of the mean"
+    columns = [key.rsplit(".", 1)[-1] for key, _ in (summaries[0].setting if summaries else ())]  # the CSV has the full names
+    keys = len(columns)
     failed = any(s.failed for s in summaries)
-    for col in ("done/runs", *(["failed"] if failed else []), metric.replace("test_", ""), "95% CI", "macro-F1", "max epsilon", "s/run"):
-        table.add_column(col, justify="right")
+    columns += ["done/runs", *(["failed"] if failed else []), metric.replace("test_", ""), "95% CI", "macro-F1", "max epsilon", "s/run"]
 
     def fmt(s: Spread | None, digits: int = 3) -> str:
         if s is None:
             return "-"
         return f"{s.mean:.{digits}f}" + (f" +- {s.std:.{digits}f}" if s.std is not None else "")
 
+    cells = []
     for s in summaries:
         ci = "-" if s.metric is None or s.metric.low is None else f"[{s.metric.low:.3f}, {s.metric.high:.3f}]"
         done = s.metric.n if s.metric else 0
-        table.add_row(*(v for _, v in s.setting), f"{done}/{s.runs}", *([str(s.failed)] if failed else []),
-                      fmt(s.metric), ci, fmt(s.macro_f1), fmt(s.max_epsilon), fmt(s.seconds, 0))
+        cells.append([*(v for _, v in s.setting), f"{done}/{s.runs}", *([str(s.failed)] if failed else []),
+                      fmt(s.metric), ci, fmt(s.macro_f1), fmt(s.max_epsilon), fmt(s.seconds, 0)])
+    return title, columns, keys, cells
+
+
+def print_table(rows: Sequence[RunRow]) -> None:
+    """Mean +- std and the 95% t-interval of the test metric per setting, over seeds."""
+    from rich.console import Console
+    from rich.table import Table
+
+    title, columns, keys, cells = summary_table(rows)
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i < keys else "right")
+    for row in cells:
+        table.add_row(*row)
     # Not a terminal (a log file, a pipe): wide enough that a row stays on one line.
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def write_markdown(rows: Sequence[RunRow], out_dir: Path) -> Path:
+    """``summary.md``: the table over seeds in Markdown, to paste into a paper or a README."""
+    from fedtune.common.io import atomic_write_bytes
+
+    title, columns, keys, cells = summary_table(rows)
+    lines = [f"{title}.", "", "| " + " | ".join(columns) + " |",
+             "|" + "|".join("---" if i < keys else "---:" for i in range(len(columns))) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells]
+    path = Path(out_dir) / "summary.md"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return path

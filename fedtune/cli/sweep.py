@@ -37,7 +37,7 @@ def sweep(config_file: Path, out: Path | None, jobs: int, run_timeout: float, re
     and the sweep goes on. Bands and intervals are 95% Student-t intervals of the mean over seeds.
     """
     offline_env()
-    from fedtune.sweep import collect_rows, is_done, load_sweep, print_table, run_sweep, write_csv
+    from fedtune.sweep import collect_rows, is_done, load_sweep, print_table, run_sweep, write_csv, write_markdown
 
     if dry_run and report:
         raise click.UsageError("--dry-run and --report each run nothing; give one of them.")
@@ -61,10 +61,11 @@ def sweep(config_file: Path, out: Path | None, jobs: int, run_timeout: float, re
     from fedtune.sweep_plots import plot_sweep
 
     plots = plot_sweep(rows, plan.out)
+    markdown = write_markdown(rows, plan.out)
     print_table(rows)
     failed = [r for r in rows if r.status in ("failed", "timeout")]
     pending = sum(r.status == "pending" for r in rows)
-    click.echo(f"results: {plan.csv_path}" + "".join(f"\nplot: {p}" for p in plots)
+    click.echo(f"results: {plan.csv_path}\ntable: {markdown}" + "".join(f"\nplot: {p}" for p in plots)
                + (f"\n{pending} of {len(rows)} runs not run yet: run the sweep again to go on" if pending else ""))
     if failed:
         click.echo(f"{len(failed)} of {len(rows)} runs did not finish (status and error in the CSV, output in {plan.out / 'logs'}); "

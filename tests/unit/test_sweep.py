@@ -408,6 +408,24 @@ def test_the_table_prints_mean_std_and_interval(tmp_path: Path, capsys: pytest.C
     assert f"0.665 +- {s.std:.3f}" in out and f"[{s.low:.3f}, {s.high:.3f}]" in out and "2/2" in out
 
 
+def test_the_markdown_table_has_a_row_per_setting_over_its_seeds(tmp_path: Path) -> None:
+    from fedtune.sweep import write_markdown
+
+    grid = {"privacy.target_epsilon": [8, "none"], "data.partition": ["iid", "dirichlet:0.5"], "seed": [0, 1, 2]}
+    rows = run_sweep(plan(grid, tmp_path), runner=FakeSimulate(), echo=lambda _: None)
+
+    lines = write_markdown(rows, tmp_path).read_text().splitlines()
+
+    header, rule, *body = lines[2:]
+    assert header.split(" | ")[:3] == ["| target_epsilon", "partition", "done/runs"]
+    assert rule.startswith("|---|---|---:|")
+    assert len(body) == 4 and all(line.count("|") == header.count("|") for line in body)
+    # FakeSimulate: 0.5 + 0.01 seed + 0.16 with DP at epsilon 8; mean and sample std over seeds 0-2 by hand
+    dp_iid = next(line for line in body if line.startswith("| 8.0 | iid |"))
+    half = stats.t.ppf(0.975, 2) * 0.01 / math.sqrt(3)
+    assert "| 3/3 | 0.670 +- 0.010 |" in dp_iid and f"[{0.67 - half:.3f}, {0.67 + half:.3f}]" in dp_iid
+
+
 def test_plots_are_written_for_done_runs(tmp_path: Path) -> None:
     from fedtune.sweep_plots import FILES, plot_sweep
 
@@ -493,3 +511,4 @@ def test_report_tabulates_the_done_runs_and_runs_nothing(tmp_path: Path) -> None
     assert [r["status"] for r in table] == ["done"] * 3 + ["pending"]
     assert not (tmp_path / "out" / "logs").exists(), "nothing was started"
     assert "1 of 4 runs not run yet" in result.output and "2/2" in result.output and "1/2" in result.output
+    assert "| 2/2 |" in (tmp_path / "out" / "summary.md").read_text()
