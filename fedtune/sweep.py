@@ -495,7 +495,8 @@ def collect_rows(plan: SweepPlan, outcome: Mapping[str, tuple[str, str]] | None 
     """A row per cell from what is on disk: done runs read their summary and metrics; others are pending or failed."""
     rows = []
     for cell in plan.cells:
-        setting = tuple((key, _csv_value(key, cell.config)) for key in plan.keys)
+        # The value each run trains with ("0: the default" resolved), so the CSV says lr 0.05, not 0.0.
+        setting = tuple((key, _csv_value(key, cell.config.effective())) for key in plan.keys)
         if is_done(cell):
             rows.append(_done_row(cell, setting))
             continue

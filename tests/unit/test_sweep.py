@@ -278,6 +278,15 @@ def test_no_run_starts_past_the_start_window_and_the_next_invocation_goes_on(tmp
     assert sorted(first.ran + rest.ran) == sorted(c.name for c in plan(grid, tmp_path).cells)
 
 
+def test_the_csv_shows_the_value_a_run_trains_with_not_the_default_s_sentinel(tmp_path: Path) -> None:
+    # One grid pins the learning rate, the other leaves it at 0 ("the default": 0.05, as the README says).
+    p = plan_sweep({"grid": [{"train.learning_rate": [0.01]}, {"privacy.target_epsilon": [8]}]}, out=tmp_path / "sweep", preflight=False)
+
+    run_sweep(p, runner=FakeSimulate(), echo=lambda _: None)
+
+    assert [r["train.learning_rate"] for r in read_csv(tmp_path / "sweep" / "sweep.csv")] == ["0.01", "0.05"]
+
+
 def test_a_run_s_name_depends_on_its_explicit_settings_only(tmp_path: Path) -> None:
     from fedtune.sweep import explicit_settings
 
