@@ -15,8 +15,12 @@ from fedtune.sweep import EPSILON_KEY, NO_DP, RunRow, Spread, primary_metric, t_
 FILES = ("metric_vs_epsilon.png", "metric_by_round.png", "epsilon_by_round.png")
 
 
-def _label(setting: Sequence[tuple[str, str]]) -> str:
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in setting) or "all runs"
+def labels(settings: Sequence[Sequence[tuple[str, str]]]) -> list[str]:
+    """A legend label per setting naming only the keys whose values differ between the settings (a key
+    that is the same on every line says nothing and only lengthens the legend)."""
+    keys = [k for k, _ in settings[0]] if settings else []
+    varying = [k for k in keys if len({dict(s).get(k) for s in settings}) > 1]
+    return [", ".join(f"{k.rsplit('.', 1)[-1]}={dict(s)[k]}" for k in varying) or "all runs" for s in settings]
 
 
 def _without(row: RunRow, *keys: str) -> tuple[tuple[str, str], ...]:
@@ -53,7 +57,10 @@ def plot_sweep(rows: Sequence[RunRow], out_dir: Path) -> list[Path]:
     for row in done:
         lines.setdefault(_without(row, EPSILON_KEY, "seed"), []).append(row)
     epsilons: set[float] = set()
-    for setting, group in lines.items():
+    # One colour per setting, its DP curve and its no-DP level alike (a no-DP-only setting, such as a
+    # centralized reference, gets its own rather than the first curve's).
+    for i, (group, label) in enumerate(zip(lines.values(), labels(list(lines)))):
+        color = f"C{i % 10}"
         by_eps: dict[float, list[float]] = {}
         plain: list[float] = []
         for row in group:
@@ -67,17 +74,15 @@ def plot_sweep(rows: Sequence[RunRow], out_dir: Path) -> list[Path]:
                 x = float(eps) if eps is not None else row.metric("max_epsilon")
                 if x is not None:
                     by_eps.setdefault(x, []).append(value)
-        color = None
         if by_eps:
             xs = sorted(by_eps)
             epsilons.update(xs)
-            color = _band(ax, xs, [t_interval(by_eps[x]) for x in xs], label=_label(setting)).get_color()
+            _band(ax, xs, [t_interval(by_eps[x]) for x in xs], label=label, color=color)
         if plain:
             s = t_interval(plain)
-            line = ax.axhline(s.mean, linestyle="--", linewidth=1.2, color=color,
-                              label=f"{_label(setting)}, no DP" if by_eps else f"{_label(setting)} (no DP)")
+            ax.axhline(s.mean, linestyle="--", linewidth=1.2, color=color, label=f"{label}, no DP" if by_eps else f"{label} (no DP)")
             if s.low is not None:
-                ax.axhspan(s.low, s.high, color=line.get_color(), alpha=0.10, linewidth=0)
+                ax.axhspan(s.low, s.high, color=color, alpha=0.10, linewidth=0)
     if len(epsilons) > 1 and min(epsilons) > 0:
         ax.set_xscale("log")
         ax.minorticks_off()  # label the swept epsilons only
@@ -96,7 +101,7 @@ def plot_sweep(rows: Sequence[RunRow], out_dir: Path) -> list[Path]:
         settings.setdefault(_without(row, "seed"), []).append(row)
     for file, field, ylabel in ((FILES[1], "metric", name), (FILES[2], "max_epsilon", "max epsilon over sites")):
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        for setting, group in settings.items():
+        for group, label in zip(settings.values(), labels(list(settings))):
             by_round: dict[int, list[float]] = {}
             for row in group:
                 for point in row.rounds:
@@ -105,7 +110,7 @@ def plot_sweep(rows: Sequence[RunRow], out_dir: Path) -> list[Path]:
                         by_round.setdefault(point.round, []).append(value)
             if by_round:
                 xs = sorted(by_round)
-                _band(ax, [float(x) for x in xs], [t_interval(by_round[x]) for x in xs], label=_label(setting))
+                _band(ax, [float(x) for x in xs], [t_interval(by_round[x]) for x in xs], label=label)
         ax.set(xlabel="after round", ylabel=ylabel, title=f"{ylabel} per round: mean over seeds, band: 95% t-interval")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:

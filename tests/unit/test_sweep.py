@@ -448,6 +448,20 @@ def test_plots_are_written_for_done_runs(tmp_path: Path) -> None:
     assert plot_sweep([RunRow(name="x", setting=(), status="failed", run_dir="")], tmp_path / "none") == []
 
 
+def test_legend_labels_name_only_the_keys_that_differ_between_lines() -> None:
+    from fedtune.sweep_plots import labels
+
+    central = (("federation.sites", "1"), ("train.learning_rate", "0.01"), ("data.partition", "iid"))
+    iid = (("federation.sites", "4"), ("train.learning_rate", "0.05"), ("data.partition", "iid"))
+    skewed = (("federation.sites", "4"), ("train.learning_rate", "0.05"), ("data.partition", "dirichlet:0.5"))
+
+    assert labels([central, iid, skewed]) == ["sites=1, learning_rate=0.01, partition=iid",
+                                              "sites=4, learning_rate=0.05, partition=iid",
+                                              "sites=4, learning_rate=0.05, partition=dirichlet:0.5"]
+    assert labels([iid, skewed]) == ["partition=iid", "partition=dirichlet:0.5"]
+    assert labels([iid]) == ["all runs"] and labels([]) == []
+
+
 def test_rounds_are_read_from_metrics(tmp_path: Path) -> None:
     p = plan({"seed": [0]}, tmp_path, federation={"rounds": 2})
 
