@@ -19,6 +19,7 @@ from scipy import stats
 
 from fedtune.common.config import dump_toml
 from fedtune.common.errors import ConfigError
+from fedtune.common.io import atomic_write_json
 from fedtune.sweep import (
     Cell,
     RoundPoint,
@@ -171,10 +172,12 @@ class FakeSimulate:
         (cell.run_dir / "metrics.jsonl").write_text("".join(
             json.dumps({"round": r, "test_accuracy": accuracy * r / rounds, "max_epsilon": run.privacy.target_epsilon * r / rounds}) + "\n"
             for r in range(1, rounds + 1)))
-        (cell.run_dir / "summary.json").write_text(json.dumps({
+        # Atomically, as `fedtune simulate` writes it: the sweep's main thread rewrites the CSV (reading every
+        # summary) while its worker thread is already running the next cell.
+        atomic_write_json(cell.run_dir / "summary.json", {
             "dp": run.privacy.enabled, "max_epsilon": run.privacy.target_epsilon if run.privacy.enabled else None,
             "test": {"accuracy": accuracy, "macro_f1": accuracy - 0.05}, "bytes_up": 1000, "bytes_down": 2000,
-            "seconds": 3.5, "rounds": rounds}))
+            "seconds": 3.5, "rounds": rounds})
         return "done", ""
 
 
