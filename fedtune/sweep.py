@@ -525,18 +525,19 @@ def _done_row(cell: Cell, setting: tuple[tuple[str, str], ...]) -> RunRow:
                   metrics=tuple((k, figures[k]) for k in CSV_METRICS), rounds=tuple(rounds))
 
 
-def write_csv(plan: SweepPlan, outcome: Mapping[str, tuple[str, str]] | None = None) -> Path:
-    """Rewrite ``sweep.csv`` from the run directories (atomically: a crash leaves the last whole file)."""
+def write_csv(plan: SweepPlan, outcome: Mapping[str, tuple[str, str]] | None = None) -> list[RunRow]:
+    """Rewrite ``sweep.csv`` from the run directories (atomically: a crash leaves the last whole file); returns its rows."""
     from fedtune.common.io import atomic_write_bytes
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["name", *plan.keys, "status", *CSV_METRICS, "run_dir", "error"])
-    for row in collect_rows(plan, outcome):
+    rows = collect_rows(plan, outcome)
+    for row in rows:
         figures = ["" if row.metric(k) is None else f"{row.metric(k):.6g}" for k in CSV_METRICS]
         writer.writerow([row.name, *(v for _, v in row.setting), row.status, *figures, row.run_dir, row.error])
     atomic_write_bytes(plan.csv_path, buffer.getvalue().encode("utf-8"))
-    return plan.csv_path
+    return rows
 
 
 # ---- figures over seeds --------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def sweep(config_file: Path, out: Path | None, jobs: int, run_timeout: float, re
     and the sweep goes on. Bands and intervals are 95% Student-t intervals of the mean over seeds.
     """
     offline_env()
-    from fedtune.sweep import collect_rows, is_done, load_sweep, print_table, run_sweep, write_csv, write_markdown
+    from fedtune.sweep import is_done, load_sweep, print_table, run_sweep, write_csv, write_markdown
 
     if dry_run and report:
         raise click.UsageError("--dry-run and --report each run nothing; give one of them.")
@@ -53,8 +53,7 @@ def sweep(config_file: Path, out: Path | None, jobs: int, run_timeout: float, re
         click.echo(f"{len(plan.cells)} runs: {done} done, {len(plan.cells) - done} to run; results would go to {plan.csv_path}")
         return
     if report:
-        write_csv(plan)
-        rows = collect_rows(plan)
+        rows = write_csv(plan)
     else:
         rows = run_sweep(plan, jobs=jobs, run_timeout=run_timeout or None, retries=retries,
                          start_within=start_within or None, echo=click.echo)
